@@ -1,0 +1,661 @@
+"""
+LLaMA2 in plain PyTorch, readable top to bottom, and able to load the official weights.
+
+    tokens (B, T)
+      -> tok_embeddings                                   (B, T, dim)
+      -> n_layers x [ h = h + attention(attention_norm(h))     # RoPE, grouped-query attention
+                      h = h + feed_forward(ffn_norm(h)) ]      # SwiGLU
+      -> norm -> output                                   (B, T, vocab_size)
+
+The parameter names are Meta's (`tok_embeddings`, `layers.N.attention.wq`, `feed_forward.w1`, ...), so
+Meta's `consolidated.NN.pth` shards load by identity; HF checkpoints go through one small, visible key map.
+
+Context extension (LongLoRA) changes two things only:
+  * RoPE positions are divided by `rope_scaling` (linear position interpolation): with factor 8 a
+    model trained on 4096 positions sees 32768 tokens as positions 0, 0.125, 0.25, ... < 4096;
+  * training may use a sparse attention pattern (S²-Attn or SF-Attn, see attention.py) selected by
+    `ModelArgs.attn`; evaluation and generation use full attention.
+
+Usage:
+    python model.py --preset tiny                      # build a random tiny model and run it (no weights needed)
+    python model.py --model /path/to/llama-2-7b-hf --prompt "The capital of France is"
+
+    model = Transformer.from_pretrained("/path/to/llama-2-7b")   # Meta, HF or this project's layout
+    logits = model(tokens)                  # (B, T, vocab_size)
+    logits, loss = model(tokens, targets)   # targets == -100 are ignored
+"""
+
+import argparse
+import glob
+import json
+import math
+import os
+import sys
+from dataclasses import asdict, dataclass, fields
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from attention import attention
+
+
+# ----------------------------------------------------------------------------------------------------
+# Configuration
+
+
+@dataclass
+class ModelArgs:
+    dim: int = 4096
+    n_layers: int = 32
+    n_heads: int = 32
+    n_kv_heads: Optional[int] = None  # None = n_heads (no grouped-query attention)
+    vocab_size: int = 32000
+    multiple_of: int = 256  # SwiGLU hidden size is rounded up to a multiple of this
+    ffn_dim_multiplier: Optional[float] = None
+    ffn_hidden_dim: Optional[int] = None  # set explicitly by HF configs (`intermediate_size`)
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: float = 1.0  # linear position interpolation factor; 1.0 = none
+    max_seq_len: int = 4096  # the context the weights are meant for (after scaling)
+    tie_embeddings: bool = False  # output shares tok_embeddings.weight (some small HF models)
+    # Attention used by forward() without a KV cache; see attention.py.
+    attn: str = "full"  # "full" | "s2" (LongLoRA) | "sf" (SinkLoRA)
+    group_size: Optional[int] = None  # None = a quarter of the sequence, LongLoRA's ratio
+    sink_tokens: int = 4  # global tokens of "sf"
+    shift_wrap: bool = False  # the paper's cyclic roll (leaks future tokens; ablation only)
+
+    def __post_init__(self):
+        if self.n_kv_heads is None:
+            self.n_kv_heads = self.n_heads
+        if self.dim % self.n_heads:
+            raise ValueError(f"dim {self.dim} is not divisible by n_heads {self.n_heads}")
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(f"n_heads {self.n_heads} is not a multiple of n_kv_heads {self.n_kv_heads}")
+        if (self.dim // self.n_heads) % 2:
+            raise ValueError(f"head dim {self.dim // self.n_heads} must be even for RoPE")
+        if self.rope_scaling < 1.0:
+            raise ValueError(f"rope_scaling must be >= 1, got {self.rope_scaling}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    @property
+    def hidden_dim(self) -> int:
+        """SwiGLU width, computed the way Meta did: 2/3 of 4*dim, times a multiplier, rounded up."""
+        if self.ffn_hidden_dim is not None:
+            return self.ffn_hidden_dim
+        hidden = int(2 * (4 * self.dim) / 3)
+        if self.ffn_dim_multiplier is not None:
+            hidden = int(self.ffn_dim_multiplier * hidden)
+        return self.multiple_of * ((hidden + self.multiple_of - 1) // self.multiple_of)
+
+
+# Official shapes (hidden_dim: 11008 / 13824 / 28672) and small models for tests and the CPU demo.
+PRESETS = {
+    "llama2-7b": dict(dim=4096, n_layers=32, n_heads=32),
+    "llama2-13b": dict(dim=5120, n_layers=40, n_heads=40),
+    "llama2-70b": dict(dim=8192, n_layers=80, n_heads=64, n_kv_heads=8, ffn_dim_multiplier=1.3, multiple_of=4096),
+    "demo": dict(dim=192, n_layers=4, n_heads=6, vocab_size=2048, multiple_of=32, max_seq_len=256),
+    "tiny": dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=256, multiple_of=32, max_seq_len=128),
+}
+
+
+def preset(name: str, **overrides) -> ModelArgs:
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+    return ModelArgs(**{**PRESETS[name], **overrides})
+
+
+# ----------------------------------------------------------------------------------------------------
+# Building blocks
+
+
+class RMSNorm(nn.Module):
+    """x / rms(x) * weight. No mean subtraction and no bias, unlike LayerNorm; computed in fp32."""
+
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return xf.type_as(x) * self.weight
+
+
+def rope_angles(positions: torch.Tensor, head_dim: int, theta: float, scaling: float = 1.0):
+    """cos and sin of the rotation angles, each (T, head_dim/2), in fp32.
+
+    Pair i of a head (dimensions 2i and 2i+1) turns at frequency theta^(-2i/head_dim). Linear position
+    interpolation divides the positions by `scaling`, so every angle stays within what the model saw
+    during pre-training.
+    """
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device).float() / head_dim))
+    angles = torch.outer(positions.float() / scaling, inv_freq)  # (T, head_dim/2)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate each pair (x[2i], x[2i+1]) of x (B, T, H, D) by its angle. Real arithmetic, Meta's layout.
+
+    This is Meta's complex multiplication (x0 + i*x1) * (cos + i*sin) written with real numbers, which
+    keeps the model free of complex tensors (they break some collectives and exporters).
+    """
+    xf = x.float().unflatten(-1, (-1, 2))  # (B, T, H, D/2, 2)
+    x0, x1 = xf[..., 0], xf[..., 1]  # (B, T, H, D/2)
+    cos, sin = cos[:, None, :], sin[:, None, :]  # (T, 1, D/2): broadcast over batch and heads
+    out = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)  # (B, T, H, D/2, 2)
+    return out.flatten(-2).type_as(x)
+
+
+def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
+    """(B, T, H_kv, D) -> (B, T, H_kv * n_rep, D): query head h uses key/value head h // n_rep."""
+    return x if n_rep == 1 else x.repeat_interleave(n_rep, dim=2)
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs, layer_id: int):
+        super().__init__()
+        self.args = args  # shared with the model, so switching args.attn switches every layer
+        self.layer_id = layer_id
+        self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
+        self.wq = nn.Linear(args.dim, args.n_heads * args.head_dim, bias=False)
+        self.wk = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
+        self.wv = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
+        self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
+
+    def rotate(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        cos, sin = rope_angles(positions, self.head_dim, self.args.rope_theta, self.args.rope_scaling)
+        return apply_rope(x, cos, sin)
+
+    def forward(self, x, positions, lengths=None, cache=None):
+        B, T, _ = x.shape
+        q = self.wq(x).view(B, T, self.n_heads, self.head_dim)  # (B, T, H, D)
+        k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)  # (B, T, H_kv, D)
+        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)  # (B, T, H_kv, D)
+        if cache is not None:
+            # Incremental decoding: the cache decides which past keys the new queries see (and when
+            # to rotate them, see sample.py's sink cache), so it receives q and k before RoPE.
+            y = cache.attend(self.layer_id, q, k, v, positions, self.rotate)
+        else:
+            q, k = self.rotate(q, positions), self.rotate(k, positions)
+            a = self.args
+            y = attention(q, k, v, mode=a.attn, group_size=a.group_size, sink_tokens=a.sink_tokens,
+                          wrap=a.shift_wrap, lengths=lengths)  # (B, T, H, D)
+        return self.wo(y.reshape(B, T, self.n_heads * self.head_dim))
+
+
+class FeedForward(nn.Module):
+    """SwiGLU: w2(silu(w1 x) * w3 x)."""
+
+    def __init__(self, dim: int, hidden_dim: int):
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden_dim, bias=False)  # gate
+        self.w2 = nn.Linear(hidden_dim, dim, bias=False)  # down
+        self.w3 = nn.Linear(dim, hidden_dim, bias=False)  # up
+
+    def forward(self, x):
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, args: ModelArgs, layer_id: int):
+        super().__init__()
+        self.attention_norm = RMSNorm(args.dim, args.norm_eps)
+        self.attention = Attention(args, layer_id)
+        self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
+        self.feed_forward = FeedForward(args.dim, args.hidden_dim)
+
+    def forward(self, x, positions, lengths=None, cache=None):
+        h = x + self.attention(self.attention_norm(x), positions, lengths, cache)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+# ----------------------------------------------------------------------------------------------------
+# KV cache for generation
+
+
+class KVCache:
+    """Preallocated keys and values of every layer, written at [pos : pos+T] as in Meta's reference.
+
+    A cache decides what the new queries attend to. This one keeps everything, so decoding token by
+    token gives the same logits as one full forward. sample.py adds caches that evict tokens (H₂O,
+    attention sinks) with the same `attend` method.
+    """
+
+    def __init__(self, args: ModelArgs, batch_size: int, max_len: int, device=None, dtype=torch.float32):
+        shape = (batch_size, max_len, args.n_kv_heads, args.head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(args.n_layers)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(args.n_layers)]
+        self.max_len = max_len
+        self.pos = 0  # number of tokens already in the cache; advanced by Transformer.forward
+
+    def attend(self, layer_id, q, k, v, positions, rotate):
+        B, T, H, D = q.shape
+        if self.pos + T > self.max_len:
+            raise ValueError(f"KV cache holds {self.max_len} tokens; cannot add {T} after {self.pos}")
+        q, k = rotate(q, positions), rotate(k, positions)
+        self.k[layer_id][:B, self.pos:self.pos + T] = k
+        self.v[layer_id][:B, self.pos:self.pos + T] = v
+        keys = self.k[layer_id][:B, :self.pos + T]  # (B, S, H_kv, D), S = pos + T
+        values = self.v[layer_id][:B, :self.pos + T]
+        n_rep = H // keys.shape[2]
+        qt, kt, vt = q.transpose(1, 2), repeat_kv(keys, n_rep).transpose(1, 2), repeat_kv(values, n_rep).transpose(1, 2)
+        # New query t sits at absolute position pos + t and may see keys 0 .. pos + t.
+        mask = torch.ones(T, self.pos + T, dtype=torch.bool, device=q.device).tril(diagonal=self.pos)
+        y = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask)  # (B, H, T, D)
+        return y.transpose(1, 2)  # (B, T, H, D)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The model
+
+
+class Transformer(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
+        self.layers = nn.ModuleList(TransformerBlock(args, i) for i in range(args.n_layers))
+        self.norm = RMSNorm(args.dim, args.norm_eps)
+        self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
+        if args.tie_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+        self.gradient_checkpointing = False  # recompute each block in backward (train.py turns it on)
+        self.tokenizer = None  # set by from_pretrained when a tokenizer.model sits next to the weights
+        self.init_weights()
+
+    def init_weights(self):
+        """GPT-style init for training from scratch: N(0, 0.02), residual projections scaled down by depth."""
+        for name, p in self.named_parameters():
+            if name.endswith("norm.weight"):
+                nn.init.ones_(p)
+            else:
+                std = 0.02 / math.sqrt(2 * self.args.n_layers) if name.endswith(("wo.weight", "w2.weight")) else 0.02
+                nn.init.normal_(p, mean=0.0, std=std)
+
+    def forward(self, tokens, targets=None, *, lengths=None, cache=None):
+        """tokens (B, T) -> logits (B, T, vocab_size); with targets (B, T) also the mean cross-entropy.
+
+        lengths (B,): valid tokens per row when rows are right-padded (padded keys are never attended).
+        cache: a KVCache; the tokens continue the sequence already in it.
+        """
+        B, T = tokens.shape
+        start = cache.pos if cache is not None else 0
+        positions = torch.arange(start, start + T, device=tokens.device)
+        h = self.tok_embeddings(tokens)  # (B, T, dim)
+        for layer in self.layers:
+            if self.gradient_checkpointing and self.training:
+                h = torch.utils.checkpoint.checkpoint(layer, h, positions, lengths, None, use_reentrant=False)
+            else:
+                h = layer(h, positions, lengths, cache)
+        if cache is not None:
+            cache.pos += T
+        logits = self.output(self.norm(h))  # (B, T, vocab_size)
+        if targets is None:
+            return logits
+        loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
+        return logits, loss
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())  # tied weights are counted once
+
+    # ------------------------------------------------------------------------------------------------
+    # Loading and saving
+
+    @classmethod
+    def from_pretrained(cls, path, dtype=None, device=None, **overrides) -> "Transformer":
+        """Load Meta (`params.json` + `consolidated.NN.pth`), HF (`config.json` + `*.safetensors`) or
+        this project's layout (`params.json` + `model.safetensors`). Strict: a missing, unexpected or
+        mis-shaped tensor raises CheckpointError naming it. `overrides` replace ModelArgs fields.
+
+        The model is built on the meta device and the checkpoint's tensors are assigned into it one at a
+        time (memory-mapped, converted to dtype/device as they arrive), so loading needs about one copy
+        of the weights in RAM, not two.
+        """
+        args, state = read_checkpoint(path)
+        args = ModelArgs(**{**asdict(args), **overrides})
+        with torch.device("meta"):
+            model = cls(args)
+        expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+        if args.tie_embeddings:
+            expected.pop("output.weight")
+        check_state_dict(state, expected, path)
+        state = {k: v.to(device=device, dtype=dtype if v.is_floating_point() and dtype else v.dtype) for k, v in state.items()}
+        if args.tie_embeddings:
+            state["output.weight"] = state["tok_embeddings.weight"]
+        model.load_state_dict(state, strict=True, assign=True)
+        if args.tie_embeddings:  # assign=True replaced the shared parameter: tie it again
+            model.output.weight = model.tok_embeddings.weight
+        tok = find_tokenizer(path)
+        model.tokenizer = Tokenizer(tok) if tok else None
+        return model
+
+    def save_pretrained(self, out_dir, tokenizer_path=None):
+        """This project's layout: Meta's names and a params.json, the tensors in one safetensors file."""
+        from safetensors.torch import save_file
+
+        os.makedirs(out_dir, exist_ok=True)
+        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        if self.args.tie_embeddings:
+            state.pop("output.weight")
+        atomic_write(os.path.join(out_dir, "model.safetensors"), lambda f: save_file(state, f, metadata={"format": "pt"}))
+        params = json.dumps(asdict(self.args), indent=2)
+        atomic_write(os.path.join(out_dir, "params.json"), lambda f: open(f, "w").write(params))
+        if tokenizer_path:
+            data = open(tokenizer_path, "rb").read()
+            atomic_write(os.path.join(out_dir, "tokenizer.model"), lambda f: open(f, "wb").write(data))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Checkpoint formats
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be loaded; the message is one line that names the problem."""
+
+
+def atomic_write(path, write_fn):
+    """Call write_fn(tmp_path), then rename over `path`: a killed run never leaves a half-written file."""
+    tmp = f"{path}.tmp.{os.getpid()}"
+    try:
+        write_fn(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def check_state_dict(state, expected, where):
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing:
+        raise CheckpointError(f"{where}: missing tensor {missing[0]}" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+    if unexpected:
+        raise CheckpointError(f"{where}: unexpected tensor {unexpected[0]}" + (f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else ""))
+    for k, shape in expected.items():
+        if tuple(state[k].shape) != shape:
+            raise CheckpointError(f"{where}: tensor {k} has shape {tuple(state[k].shape)}, the model expects {shape}")
+
+
+def read_checkpoint(path):
+    """(ModelArgs, state dict in Meta's names) from any supported directory."""
+    if not os.path.exists(path):
+        raise CheckpointError(f"{path}: no such file or directory")
+    if not os.path.isdir(path):
+        raise CheckpointError(f"{path}: expected a directory holding a checkpoint")
+    has = lambda name: os.path.exists(os.path.join(path, name))
+    if glob.glob(os.path.join(path, "consolidated.*.pth")):
+        return read_meta(path)
+    if has("params.json") and has("model.safetensors"):
+        return read_own(path)
+    if has("config.json"):
+        return read_hf(path)
+    if has("params.json"):
+        raise CheckpointError(f"{path}: params.json but no consolidated.NN.pth shards or model.safetensors")
+    if glob.glob(os.path.join(path, "*.safetensors")):
+        raise CheckpointError(f"{path}: safetensors files but no config.json")
+    raise CheckpointError(f"{path}: not a checkpoint directory (expected Meta's params.json + consolidated.NN.pth, "
+                          "or HF's config.json + *.safetensors)")
+
+
+def _read_json(path):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path}: cannot read JSON ({e})") from None
+
+
+def read_own(path):
+    params = _read_json(os.path.join(path, "params.json"))
+    known = {f.name for f in fields(ModelArgs)}
+    unknown = sorted(set(params) - known)
+    if unknown:
+        raise CheckpointError(f"{path}/params.json: unknown field {unknown[0]}")
+    return ModelArgs(**params), _read_safetensors([os.path.join(path, "model.safetensors")])
+
+
+def read_meta(path):
+    """Meta's layout. Model-parallel shards split each matrix across files; merge them back.
+
+    Row-parallel layers were split on their input (dim 1): tok_embeddings, wo, w2. Every other matrix was
+    split on its output (dim 0). 1-D tensors (the norms) are replicated: take shard 0's.
+    """
+    params_path = os.path.join(path, "params.json")
+    if not os.path.exists(params_path):
+        raise CheckpointError(f"{path}: consolidated.NN.pth shards but no params.json")
+    params = _read_json(params_path)
+    files = sorted(glob.glob(os.path.join(path, "consolidated.*.pth")))
+    # Shards are numbered 00 .. N-1: a gap means a missing file, which would silently mis-merge.
+    for i, f in enumerate(files):
+        if os.path.basename(f) != f"consolidated.{i:02d}.pth":
+            raise CheckpointError(f"{path}: missing shard consolidated.{i:02d}.pth ({len(files)} shards found)")
+    shards = []
+    for f in files:
+        try:
+            shards.append(torch.load(f, map_location="cpu", mmap=True, weights_only=True))
+        except Exception as e:  # a truncated or foreign file: say which one
+            raise CheckpointError(f"{f}: cannot read shard ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+    state = {}
+    for key in shards[0]:
+        if key == "rope.freqs":  # a derived buffer some Meta checkpoints carry
+            continue
+        parts = [s.get(key) for s in shards]
+        if any(p is None for p in parts):
+            raise CheckpointError(f"{path}: tensor {key} is missing from shard {parts.index(None):02d}")
+        if parts[0].ndim == 1 or len(parts) == 1:
+            state[key] = parts[0]
+        else:
+            dim = 1 if key == "tok_embeddings.weight" or key.endswith(("attention.wo.weight", "feed_forward.w2.weight")) else 0
+            state[key] = torch.cat(parts, dim=dim)
+    for i, s in enumerate(shards[1:], 1):
+        extra = sorted(set(s) - set(shards[0]))
+        if extra:
+            raise CheckpointError(f"{path}: unexpected tensor {extra[0]} in shard {i:02d}")
+    vocab = params.get("vocab_size", -1)
+    if vocab is None or vocab <= 0:  # Meta's params.json says -1: the tokenizer decides; read it off the weights
+        vocab = state["tok_embeddings.weight"].shape[0] if "tok_embeddings.weight" in state else 32000
+    args = ModelArgs(
+        dim=params["dim"], n_layers=params["n_layers"], n_heads=params["n_heads"],
+        n_kv_heads=params.get("n_kv_heads"), vocab_size=vocab, multiple_of=params.get("multiple_of", 256),
+        ffn_dim_multiplier=params.get("ffn_dim_multiplier"), norm_eps=params.get("norm_eps", 1e-5),
+        rope_theta=params.get("rope_theta", 10000.0), rope_scaling=params.get("rope_scaling", 1.0),
+        max_seq_len=params.get("max_seq_len", 4096),
+    )
+    # params.json does not say how many shards there were; a lost last shard shows up as short matrices.
+    wq = state.get("layers.0.attention.wq.weight")
+    if wq is not None and wq.shape[0] < args.dim:
+        raise CheckpointError(f"{path}: layers.0.attention.wq.weight has {wq.shape[0]} rows but params.json says dim "
+                              f"{args.dim}: a consolidated.NN.pth shard is missing ({len(files)} found)")
+    return args, state
+
+
+# HF's names, one regular expression-free table: Meta name pattern <- HF name pattern.
+HF_KEYS = {
+    "tok_embeddings.weight": "model.embed_tokens.weight",
+    "norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+    "layers.{}.attention.wq.weight": "model.layers.{}.self_attn.q_proj.weight",
+    "layers.{}.attention.wk.weight": "model.layers.{}.self_attn.k_proj.weight",
+    "layers.{}.attention.wv.weight": "model.layers.{}.self_attn.v_proj.weight",
+    "layers.{}.attention.wo.weight": "model.layers.{}.self_attn.o_proj.weight",
+    "layers.{}.feed_forward.w1.weight": "model.layers.{}.mlp.gate_proj.weight",
+    "layers.{}.feed_forward.w2.weight": "model.layers.{}.mlp.down_proj.weight",
+    "layers.{}.feed_forward.w3.weight": "model.layers.{}.mlp.up_proj.weight",
+    "layers.{}.attention_norm.weight": "model.layers.{}.input_layernorm.weight",
+    "layers.{}.ffn_norm.weight": "model.layers.{}.post_attention_layernorm.weight",
+}
+
+
+def hf_key_map(n_layers):
+    """{HF name: Meta name} for every tensor of a model with n_layers layers."""
+    out = {}
+    for meta, hf in HF_KEYS.items():
+        if "{}" in meta:
+            out.update({hf.format(i): meta.format(i) for i in range(n_layers)})
+        else:
+            out[hf] = meta
+    return out
+
+
+def hf_to_meta_qk(w, n_heads):
+    """Undo HF's q/k row permutation. HF's RoPE rotates halves (d, d + D/2) of each head where Meta rotates
+    adjacent pairs (2i, 2i+1); HF's converter reordered the rows of wq and wk so the two agree."""
+    out_dim, in_dim = w.shape
+    return w.view(n_heads, 2, out_dim // n_heads // 2, in_dim).transpose(1, 2).reshape(out_dim, in_dim)
+
+
+def meta_to_hf_qk(w, n_heads):
+    """The inverse of hf_to_meta_qk: Meta's rows in HF's rotate-half order (used by exports)."""
+    out_dim, in_dim = w.shape
+    return w.view(n_heads, out_dim // n_heads // 2, 2, in_dim).transpose(1, 2).reshape(out_dim, in_dim)
+
+
+def hf_config_to_args(cfg, where="config.json") -> ModelArgs:
+    if cfg.get("model_type", "llama") != "llama":
+        raise CheckpointError(f"{where}: model_type {cfg.get('model_type')!r} is not llama")
+    if cfg.get("hidden_act", "silu") != "silu" or cfg.get("attention_bias") or cfg.get("mlp_bias"):
+        raise CheckpointError(f"{where}: only LLaMA's silu activation without biases is supported")
+    n_heads = cfg["num_attention_heads"]
+    if cfg.get("head_dim") not in (None, cfg["hidden_size"] // n_heads):
+        raise CheckpointError(f"{where}: head_dim {cfg['head_dim']} != hidden_size / num_attention_heads")
+    # transformers 4.x writes rope_theta + rope_scaling; 5.x writes rope_parameters holding both.
+    rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type not in ("default", "linear"):
+        raise CheckpointError(f"{where}: rope type {rope_type!r} is not supported (only linear interpolation)")
+    return ModelArgs(
+        dim=cfg["hidden_size"], n_layers=cfg["num_hidden_layers"], n_heads=n_heads,
+        n_kv_heads=cfg.get("num_key_value_heads") or n_heads, vocab_size=cfg["vocab_size"],
+        ffn_hidden_dim=cfg["intermediate_size"], norm_eps=cfg.get("rms_norm_eps", 1e-6),
+        rope_theta=rope.get("rope_theta", cfg.get("rope_theta", 10000.0)),
+        rope_scaling=float(rope.get("factor", 1.0)) if rope_type == "linear" else 1.0,
+        max_seq_len=cfg.get("max_position_embeddings", 4096),
+        tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+    )
+
+
+def read_hf(path):
+    args = hf_config_to_args(_read_json(os.path.join(path, "config.json")), f"{path}/config.json")
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.exists(index):
+        names = sorted(set(_read_json(index)["weight_map"].values()))
+        files = [os.path.join(path, n) for n in names]
+        for f in files:
+            if not os.path.exists(f):
+                raise CheckpointError(f"{path}: missing shard {os.path.basename(f)} named in model.safetensors.index.json")
+    else:
+        files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
+        if not files:
+            raise CheckpointError(f"{path}: config.json but no *.safetensors weights")
+    hf_state = _read_safetensors(files)
+    names = hf_key_map(args.n_layers)
+    state = {}
+    for k, v in hf_state.items():
+        if k.endswith("rotary_emb.inv_freq"):  # a derived buffer old HF checkpoints carry
+            continue
+        if k not in names:
+            raise CheckpointError(f"{path}: unexpected tensor {k}")
+        meta = names[k]
+        if meta.endswith("attention.wq.weight"):
+            v = hf_to_meta_qk(v, args.n_heads)
+        elif meta.endswith("attention.wk.weight"):
+            v = hf_to_meta_qk(v, args.n_kv_heads)
+        state[meta] = v
+    if args.tie_embeddings:
+        state.pop("output.weight", None)
+    return args, state
+
+
+def _read_safetensors(files):
+    """Tensors from safetensors files, read lazily (memory-mapped) one at a time."""
+    from safetensors import safe_open
+
+    state = {}
+    for f in files:
+        try:
+            with safe_open(f, framework="pt", device="cpu") as sf:
+                for k in sf.keys():
+                    state[k] = sf.get_tensor(k)
+        except Exception as e:  # truncated or corrupt file
+            raise CheckpointError(f"{f}: cannot read safetensors file ({str(e).splitlines()[0]})") from None
+    return state
+
+
+# ----------------------------------------------------------------------------------------------------
+# Tokenizer
+
+
+class Tokenizer:
+    """LLaMA's sentencepiece tokenizer: encode(text) -> ids with BOS, decode(ids) -> text."""
+
+    def __init__(self, model_path: str):
+        import sentencepiece as spm
+
+        if not os.path.isfile(model_path):
+            raise FileNotFoundError(f"{model_path}: no such tokenizer file")
+        self.sp = spm.SentencePieceProcessor(model_file=model_path)
+        self.path = model_path
+        self.vocab_size = self.sp.vocab_size()
+        self.bos_id, self.eos_id, self.pad_id = self.sp.bos_id(), self.sp.eos_id(), self.sp.pad_id()
+
+    def encode(self, text: str, bos: bool = True, eos: bool = False) -> list:
+        return [self.bos_id] * bos + self.sp.encode(text) + [self.eos_id] * eos
+
+    def decode(self, ids) -> str:
+        return self.sp.decode(list(ids))
+
+
+def find_tokenizer(path) -> Optional[str]:
+    """tokenizer.model next to the weights, or in the parent folder (Meta's download puts it there)."""
+    for cand in (os.path.join(path, "tokenizer.model"), os.path.join(os.path.dirname(os.path.abspath(path)), "tokenizer.model")):
+        if os.path.isfile(cand):
+            return cand
+    return None
+
+
+# ----------------------------------------------------------------------------------------------------
+# A small CLI: inspect a checkpoint, or smoke-test a preset with random weights.
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="Load a LLaMA2 checkpoint (or build a preset) and run one forward pass.")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--model", help="checkpoint directory: Meta, HF or this project's layout")
+    src.add_argument("--preset", default="tiny", choices=sorted(PRESETS), help="random-weight model of a named shape (default: tiny)")
+    p.add_argument("--prompt", default="Hello", help="text to run through the model (needs a tokenizer.model for --model)")
+    p.add_argument("--seed", type=int, default=0, help="seed for the random preset weights and tokens")
+    a = p.parse_args(argv)
+    torch.manual_seed(a.seed)
+    try:
+        if a.model:
+            model = Transformer.from_pretrained(a.model)
+        else:
+            model = Transformer(preset(a.preset))
+    except (CheckpointError, FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    args = model.args
+    print(f"model: {a.model or a.preset}: {model.num_params() / 1e6:.2f}M parameters, dim {args.dim}, "
+          f"{args.n_layers} layers, {args.n_heads} heads ({args.n_kv_heads} kv), ffn {args.hidden_dim}, "
+          f"vocab {args.vocab_size}, rope theta {args.rope_theta:g} scaling {args.rope_scaling:g}, context {args.max_seq_len}")
+    if model.tokenizer is not None:
+        ids = model.tokenizer.encode(a.prompt)
+    else:  # no tokenizer: random token ids stand in for the prompt
+        ids = torch.randint(0, args.vocab_size, (8,)).tolist()
+    with torch.no_grad():
+        logits = model(torch.tensor([ids]))
+    top = logits[0, -1].float().softmax(-1).topk(5)
+    show = (lambda i: repr(model.tokenizer.decode([i]))) if model.tokenizer else str
+    print(f"{len(ids)} prompt tokens -> logits {tuple(logits.shape)}; next-token top 5: " +
+          ", ".join(f"{show(i)} {p:.3f}" for p, i in zip(top.values.tolist(), top.indices.tolist())))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,232 @@
+"""model.py against independent references: HF transformers' LlamaForCausalLM, Meta's shard layout,
+and the model itself without a KV cache."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import ROOT, stdlib_text
+from model import (CheckpointError, KVCache, ModelArgs, PRESETS, Tokenizer, Transformer, main, preset)
+
+import transformers  # a test requirement (requirements-test.txt), the independent reference
+
+TOL = 1e-4  # max abs logit difference vs HF in fp32 (observed ~1e-6; different op order)
+
+HF_CASES = {
+    # name: (LlamaConfig kwargs, save kwargs)
+    "gqa_untied": (dict(num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False), {}),
+    "mha_tied": (dict(num_attention_heads=4, num_key_value_heads=4, tie_word_embeddings=True), {}),
+    "linear_rope_scaling_theta": (dict(num_attention_heads=8, num_key_value_heads=2, tie_word_embeddings=False,
+                                       rope_theta=50000.0, rope_scaling={"rope_type": "linear", "factor": 4.0}),
+                                  {"max_shard_size": "40KB"}),  # a sharded save with an index
+}
+
+
+def make_hf_model(tmp_path, name, seed=0):
+    cfg_kw, save_kw = HF_CASES[name]
+    torch.manual_seed(seed)
+    cfg = transformers.LlamaConfig(hidden_size=64, intermediate_size=192, num_hidden_layers=2, vocab_size=300,
+                                   max_position_embeddings=256, rms_norm_eps=1e-5, **cfg_kw)
+    hf = transformers.LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():  # HF's init leaves norms at 1 and weights tiny: make every tensor matter
+        for n, p in hf.named_parameters():
+            p.copy_(1 + 0.3 * torch.randn_like(p) if "norm" in n else 0.2 * torch.randn_like(p))
+    d = tmp_path / name
+    hf.save_pretrained(d, **save_kw)
+    return hf, d
+
+
+def hf_logits(hf, tokens):
+    with torch.no_grad():
+        return hf(tokens).logits
+
+
+@pytest.mark.parametrize("name", list(HF_CASES))
+def test_logits_equal_hf_transformers(tmp_path, name):
+    hf, d = make_hf_model(tmp_path, name)
+    if "max_shard_size" in HF_CASES[name][1]:
+        assert (d / "model.safetensors.index.json").exists(), "the sharded case must really be sharded"
+    model = Transformer.from_pretrained(str(d)).eval()
+    tokens = torch.randint(0, 300, (2, 40), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ours = model(tokens)
+    assert ours.shape == (2, 40, 300)
+    assert (ours - hf_logits(hf, tokens)).abs().max().item() <= TOL
+
+
+def test_loss_ignores_minus_100_and_matches_hf(tmp_path):
+    hf, d = make_hf_model(tmp_path, "gqa_untied")
+    model = Transformer.from_pretrained(str(d)).eval()
+    tokens = torch.randint(0, 300, (2, 24))
+    targets = torch.roll(tokens, -1, dims=1)
+    targets[:, :10] = -100  # e.g. a masked prompt
+    with torch.no_grad():
+        _, loss = model(tokens, targets)
+        logits = hf(tokens).logits
+    ref = torch.nn.functional.cross_entropy(logits[:, 10:].reshape(-1, 300), targets[:, 10:].reshape(-1))
+    assert abs(loss.item() - ref.item()) < 1e-5
+
+
+def write_meta_shards(model: Transformer, out, n_shards: int, multiple_of: int = 32):
+    """Split a model the way Meta's model-parallel code did, written independently of model.read_meta."""
+    os.makedirs(out, exist_ok=True)
+    sd = model.state_dict()
+    row_parallel = ("tok_embeddings.weight", "attention.wo.weight", "feed_forward.w2.weight")  # split on input
+    shards = [{} for _ in range(n_shards)]
+    for k, v in sd.items():
+        for i in range(n_shards):
+            if v.ndim == 1:
+                shards[i][k] = v.clone()
+            elif k.endswith(row_parallel):
+                shards[i][k] = v.chunk(n_shards, dim=1)[i].clone()
+            else:
+                shards[i][k] = v.chunk(n_shards, dim=0)[i].clone()
+    for i, s in enumerate(shards):
+        torch.save(s, os.path.join(out, f"consolidated.{i:02d}.pth"))
+    a = model.args
+    params = {"dim": a.dim, "n_layers": a.n_layers, "n_heads": a.n_heads, "n_kv_heads": a.n_kv_heads,
+              "multiple_of": multiple_of, "norm_eps": a.norm_eps, "vocab_size": -1}  # FFN: 2/3 * 4 * 64 -> 192
+    (out / "params.json").write_text(json.dumps(params))
+
+
+def test_meta_two_shards_load_to_the_same_logits_as_hf(tmp_path):
+    hf, d = make_hf_model(tmp_path, "gqa_untied")
+    src = Transformer.from_pretrained(str(d))
+    write_meta_shards(src, tmp_path / "meta", n_shards=2)
+    meta = Transformer.from_pretrained(str(tmp_path / "meta")).eval()
+    assert meta.args.vocab_size == 300 and meta.args.hidden_dim == 192
+    tokens = torch.randint(0, 300, (1, 33))
+    with torch.no_grad():
+        assert (meta(tokens) - hf_logits(hf, tokens)).abs().max().item() <= TOL
+
+
+def test_own_checkpoint_round_trip(tmp_path, sp_model):
+    torch.manual_seed(0)
+    model = Transformer(preset("tiny", rope_scaling=2.0, max_seq_len=256)).eval()
+    model.save_pretrained(tmp_path / "ck", tokenizer_path=sp_model)
+    back = Transformer.from_pretrained(str(tmp_path / "ck")).eval()
+    assert back.args == model.args
+    assert isinstance(back.tokenizer, Tokenizer)
+    tokens = torch.randint(0, 256, (2, 20))
+    with torch.no_grad():
+        assert torch.equal(model(tokens), back(tokens))
+
+
+@pytest.mark.parametrize("n_kv_heads", [4, 2, 1])
+def test_kv_cache_decoding_equals_full_forward(n_kv_heads):
+    torch.manual_seed(0)
+    model = Transformer(preset("tiny", n_kv_heads=n_kv_heads, rope_scaling=2.0)).eval()
+    tokens = torch.randint(0, 256, (2, 30))
+    with torch.no_grad():
+        full = model(tokens)
+        cache = KVCache(model.args, batch_size=2, max_len=30)
+        steps = [model(tokens[:, :7], cache=cache)]  # a prefill chunk, then one token at a time
+        steps += [model(tokens[:, t:t + 1], cache=cache) for t in range(7, 30)]
+    assert (torch.cat(steps, dim=1) - full).abs().max().item() < 1e-5
+
+
+def test_presets_match_the_official_shapes():
+    ffn = {"llama2-7b": 11008, "llama2-13b": 13824, "llama2-70b": 28672}
+    for name, hidden in ffn.items():
+        assert preset(name).hidden_dim == hidden
+    assert preset("llama2-70b").n_kv_heads == 8
+    with torch.device("meta"):
+        n = Transformer(preset("llama2-7b")).num_params()
+    assert 6.7e9 < n < 6.8e9  # LLaMA2-7B has 6.74B parameters
+
+
+def test_tokenizer_round_trips_real_text(sp_model):
+    tok = Tokenizer(sp_model)
+    text = stdlib_text(("json/__init__.py",))  # not in the tokenizer's training text
+    text += "\nnon-ASCII falls back to bytes: ∑ ü 你好 🙂, digits split: 1234567\n"
+    ids = tok.encode(text, bos=True, eos=True)
+    assert ids[0] == tok.bos_id and ids[-1] == tok.eos_id
+    assert tok.decode(ids) == text
+    assert all(0 <= i < tok.vocab_size for i in ids)
+    digits = tok.encode("1234567", bos=False)
+    assert len(digits) >= 7  # split_digits: every digit is its own piece
+
+
+def test_rope_scaling_divides_positions():
+    """Linear interpolation: position p with factor s turns by the same angle as position p / s."""
+    from model import rope_angles
+
+    c1, s1 = rope_angles(torch.arange(0, 64, 4), 16, 10000.0, scaling=4.0)
+    c2, s2 = rope_angles(torch.arange(0, 16), 16, 10000.0, scaling=1.0)
+    assert torch.allclose(c1, c2) and torch.allclose(s1, s2)
+
+
+# ---- bad input: one clear line, non-zero exit ------------------------------------------------------
+
+
+def run_cli(path, capsys):
+    capsys.readouterr()  # drop what building the fixture printed (HF's progress bars)
+    code = main(["--model", str(path)])
+    err = capsys.readouterr().err.strip()
+    return code, err
+
+
+def corrupt(tmp_path, kind):
+    hf, d = make_hf_model(tmp_path, "linear_rope_scaling_theta")
+    if kind == "missing_hf_shard":
+        os.remove(sorted(d.glob("model-*.safetensors"))[0])
+    elif kind == "truncated_safetensors":
+        f = sorted(d.glob("model-*.safetensors"))[-1]
+        data = f.read_bytes()
+        f.write_bytes(data[: len(data) // 2])
+    elif kind == "wrong_shape":
+        from safetensors.torch import load_file, save_file
+        f = sorted(d.glob("model-*.safetensors"))[0]
+        sd = load_file(f)
+        k = sorted(sd)[0]
+        sd[k] = torch.zeros(3, 5)
+        save_file(sd, f, metadata={"format": "pt"})
+    elif kind == "missing_config":
+        os.remove(d / "config.json")
+    elif kind == "unknown_format":
+        shutil.rmtree(d)
+        d.mkdir()
+        (d / "weights.bin").write_bytes(b"\0" * 10)
+    elif kind in ("missing_meta_shard", "missing_params"):
+        src = Transformer.from_pretrained(str(d))
+        d = tmp_path / "meta"
+        write_meta_shards(src, d, n_shards=2)
+        os.remove(d / ("consolidated.01.pth" if kind == "missing_meta_shard" else "params.json"))
+    elif kind == "missing_dir":
+        d = tmp_path / "nowhere"
+    return d
+
+
+BAD = {
+    "missing_hf_shard": "missing shard",
+    "truncated_safetensors": "cannot read safetensors",
+    "wrong_shape": "has shape (3, 5)",
+    "missing_config": "no config.json",
+    "unknown_format": "not a checkpoint directory",
+    "missing_meta_shard": "shard is missing",
+    "missing_params": "no params.json",
+    "missing_dir": "no such file or directory",
+}
+
+
+@pytest.mark.parametrize("kind", list(BAD))
+def test_bad_checkpoint_gives_one_clear_line(tmp_path, capsys, kind):
+    d = corrupt(tmp_path, kind)
+    code, err = run_cli(d, capsys)
+    assert code != 0
+    assert len(err.splitlines()) == 1 and err.startswith("error:"), err
+    assert BAD[kind] in err, err
+    with pytest.raises(CheckpointError):
+        Transformer.from_pretrained(str(d))
+
+
+def test_cli_runs_a_preset_and_fails_cleanly_as_a_process(tmp_path):
+    ok = subprocess.run([sys.executable, "model.py", "--preset", "tiny"], cwd=ROOT, capture_output=True, text=True)
+    assert ok.returncode == 0 and "logits (1, 8, 256)" in ok.stdout, ok.stderr
+    bad = subprocess.run([sys.executable, "model.py", "--model", str(tmp_path)], cwd=ROOT, capture_output=True, text=True)
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr and bad.stderr.count("\n") == 1, bad.stderr
