@@ -1,0 +1,319 @@
+"""
+LoRA for context extension (LongLoRA's "LoRA+"), written out by hand: adapters, merge, export.
+
+The idea. Fine-tuning changes each weight matrix W (out x in) by some ΔW. LoRA bets that ΔW has low
+rank and writes it as a product of two thin matrices, ΔW = (α/r)·B·A, B (out x r), A (r x in), r ≪ in.
+Only A and B train; W stays frozen. For LLaMA2-7B with r=8 on wq wk wv wo that is 65.5k numbers per
+matrix, 8.4M in all, 0.12% of the model's 6.74B, so gradients and optimizer state are tiny.
+
+LongLoRA's finding ("LoRA+"). LoRA alone extends the context poorly: 7B at 32k tokens reaches PG19
+perplexity 11.44 with LoRA on the attention projections, 8.12 when the token embeddings and every
+RMSNorm train as well, 8.08 with full fine-tuning. Embeddings and norms are ~2% of 7B's parameters, so
+`mark_trainable` turns them on by default (not `output`, which the paper leaves frozen).
+
+What this file gives you:
+
+    model = Transformer.from_pretrained("llama-2-7b", dtype=torch.bfloat16)
+    apply_lora(model, r=8, alpha=16)         # wq wk wv wo become LoRALinear; logits unchanged
+    mark_trainable(model)                    # LoRA + tok_embeddings + norms train, the rest is frozen
+    ... train (train.py) ...
+    save_adapter(model, "out/adapter", ctx=32768)      # adapter.safetensors + adapter_config.json
+    load_adapter(Transformer.from_pretrained("llama-2-7b"), "out/adapter")  # the fine-tuned model again
+    merged = merge_lora(model.state_dict(), model.lora_config)  # plain state dict, W + (α/r)·B·A
+
+Export from the command line (HF layout loads in `transformers`; PEFT layout loads in `peft`):
+
+    python lora.py merge --base llama-2-7b --adapter out/adapter --out llama-2-7b-32k            # HF layout
+    python lora.py merge --base llama-2-7b --adapter out/adapter --out llama-2-7b-32k --format meta
+    python lora.py peft  --base llama-2-7b --adapter out/adapter --out llama-2-7b-32k-peft
+"""
+
+import argparse
+import json
+import math
+import os
+import shutil
+import sys
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from model import (CheckpointError, ModelArgs, RMSNorm, Transformer, atomic_write, find_tokenizer, meta_to_hf_qk)
+
+# Linear layers that can carry LoRA: the attention projections (LongLoRA's default), the SwiGLU
+# matrices, and the output head.
+TARGETS = ("wq", "wk", "wv", "wo", "w1", "w2", "w3", "output")
+DEFAULT_TARGETS = ("wq", "wk", "wv", "wo")
+ADAPTER_WEIGHTS = "adapter.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
+# The ModelArgs fields that decide the tensor shapes (and rope_theta, which decides what the weights mean):
+# an adapter only fits a base model that agrees on all of them.
+BASE_FIELDS = ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "hidden_dim", "tie_embeddings", "rope_theta")
+
+
+# ----------------------------------------------------------------------------------------------------
+# The LoRA layer
+
+
+class LoRALinear(nn.Module):
+    """A frozen linear layer plus a trainable low-rank update.
+
+        x (..., in)
+        │
+        ├─────────────────► W (out, in), frozen ────────────────────┐
+        │                                                           ▼
+        └─► dropout ─► A (r, in) ─► B (out, r) ─► · α/r ──────────► (+) ──► y (..., out)
+                         A·x (..., r)   B·A·x (..., out)
+
+        y = W·x + (α/r)·B·A·x
+
+    Shapes for LLaMA2-7B's wq with r=8: W (4096, 4096) = 16.8M frozen numbers; A (8, 4096) and
+    B (4096, 8) = 65.5k trainable ones.
+
+    * B starts at zero, so a fresh LoRALinear computes exactly W·x: training starts from the base model.
+      A starts Kaiming-uniform (as nn.Linear and PEFT do) so the gradient of B is not zero either.
+    * Dropout is applied to the LoRA branch's input only; the frozen path sees x untouched.
+    * The module owns the base `weight` parameter itself (composition, as in torchtune) rather than
+      wrapping the nn.Linear, so the state-dict key stays `layers.0.attention.wq.weight` and a merged
+      state dict loads into a plain Transformer unchanged.
+    * dtype: A and B are fp32 even when W is bf16. They are the parameters the optimizer updates, and
+      AdamW's tiny steps vanish in bf16 rounding (bf16 has 8 bits of mantissa). The LoRA branch is
+      computed in fp32 and cast to x's dtype before the sum, so the output dtype is the base dtype.
+    """
+
+    def __init__(self, weight: nn.Parameter, r: int = 8, alpha: float = 16, dropout: float = 0.0):
+        super().__init__()
+        if r < 1:
+            raise ValueError(f"LoRA rank r must be >= 1, got {r}")
+        out_features, in_features = weight.shape
+        self.weight = weight  # the very same Parameter object: tied weights stay tied, devices stay put
+        self.r, self.alpha, self.scale = r, alpha, alpha / r
+        # Created next to the base weight: after from_pretrained (meta device + assign=True) that is the
+        # real device; on a model still on the meta device they stay on meta until reset_lora_parameters().
+        self.lora_a = nn.Parameter(torch.empty(r, in_features, device=weight.device, dtype=torch.float32))
+        self.lora_b = nn.Parameter(torch.empty(out_features, r, device=weight.device, dtype=torch.float32))
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        if weight.device.type != "meta":
+            self.reset_lora_parameters()
+
+    def reset_lora_parameters(self):
+        nn.init.kaiming_uniform_(self.lora_a, a=math.sqrt(5))  # uniform(±1/sqrt(in)), nn.Linear's default
+        nn.init.zeros_(self.lora_b)
+
+    def forward(self, x):
+        y = F.linear(x, self.weight)  # (..., out), the frozen path
+        h = self.dropout(x).to(self.lora_a.dtype)  # (..., in) in fp32
+        lora = F.linear(F.linear(h, self.lora_a), self.lora_b)  # (..., r) -> (..., out); never forms B·A
+        return y + (self.scale * lora).to(y.dtype)
+
+    def extra_repr(self):
+        out_features, in_features = self.weight.shape
+        return f"in={in_features}, out={out_features}, r={self.r}, alpha={self.alpha:g}"
+
+
+def apply_lora(model: Transformer, r: int = 8, alpha: float = 16, dropout: float = 0.0,
+               targets=DEFAULT_TARGETS) -> Transformer:
+    """Replace every nn.Linear named in `targets` by a LoRALinear, in place. The logits do not change.
+
+    Defaults are LongLoRA's: r=8, α=16, dropout 0, the four attention projections. Records the settings
+    in `model.lora_config` (save_adapter and merge_lora read them there).
+    """
+    targets = tuple(targets)
+    bad = [t for t in targets if t not in TARGETS]
+    if bad or not targets:
+        raise ValueError(f"unknown LoRA target {bad[0] if bad else '(none)'!r}; choose from {', '.join(TARGETS)}")
+    if getattr(model, "lora_config", None) is not None:
+        raise ValueError("the model already has LoRA layers; apply_lora once per model")
+    if "output" in targets and model.args.tie_embeddings:
+        raise ValueError("cannot put LoRA on `output` when it is tied to tok_embeddings")
+    for name, module in list(model.named_modules()):
+        for child_name, child in list(module.named_children()):
+            if child_name in targets and isinstance(child, nn.Linear):
+                setattr(module, child_name, LoRALinear(child.weight, r, alpha, dropout))
+    # What trains besides the LoRA matrices; mark_trainable sets it, save_adapter reads it.
+    model.lora_config = dict(r=r, alpha=alpha, dropout=dropout, targets=list(targets), embed=False, norms=False)
+    return model
+
+
+def lora_modules(model):
+    """(name, LoRALinear) pairs, e.g. ("layers.0.attention.wq", ...)."""
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, LoRALinear)]
+
+
+def mark_trainable(model: Transformer, embed: bool = True, norms: bool = True):
+    """Freeze everything but the LoRA matrices and, by default, tok_embeddings and every RMSNorm
+    (LongLoRA's LoRA+). Returns (n_trainable, n_total); see `trainable_summary` for a printable line.
+
+    The dtypes are left alone: with a bf16 base, the embedding and the norms train in bf16 unless the
+    training loop keeps fp32 master weights (train.py's business).
+    """
+    if getattr(model, "lora_config", None) is None:
+        raise ValueError("the model has no LoRA layers; call apply_lora(model) first")
+    model.requires_grad_(False)
+    for _, m in lora_modules(model):
+        m.lora_a.requires_grad_(True)
+        m.lora_b.requires_grad_(True)
+    if embed:
+        model.tok_embeddings.weight.requires_grad_(True)
+    if norms:
+        for m in model.modules():
+            if isinstance(m, RMSNorm):
+                m.weight.requires_grad_(True)
+    model.lora_config.update(embed=embed, norms=norms)
+    params = {id(p): p for p in model.parameters()}.values()  # a tied weight counts once
+    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+
+
+def trainable_summary(model) -> str:
+    """e.g. 'trainable: 16.78M LoRA + 131.08M embed/norm = 147.9M of 6.89B parameters (2.15%)'."""
+    params = {id(p): (n, p) for n, p in model.named_parameters()}.values()
+    lora = sum(p.numel() for n, p in params if p.requires_grad and n.endswith(("lora_a", "lora_b")))
+    other = sum(p.numel() for n, p in params if p.requires_grad and not n.endswith(("lora_a", "lora_b")))
+    total = sum(p.numel() for _, p in params)
+    fmt = lambda n: f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.2f}M" if n >= 1e6 else f"{n / 1e3:.1f}k"
+    return (f"trainable: {fmt(lora)} LoRA + {fmt(other)} embed/norm = {fmt(lora + other)} "
+            f"of {fmt(total)} parameters ({100 * (lora + other) / total:.2f}%)")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Merge: W' = W + (α/r)·B·A
+
+
+def merge_lora(state_dict: dict, alpha_over_r) -> dict:
+    """A plain state dict (no lora_a / lora_b keys) from a LoRA model's state dict. Pure: inputs untouched.
+
+    alpha_over_r: the scale α/r as a number, or a dict holding "r" and "alpha" (model.lora_config or an
+    adapter_config.json). The product is computed in fp32 and cast back to W's dtype, so a bf16 model is
+    rounded once, not once per term.
+    """
+    if isinstance(alpha_over_r, dict):
+        scale = alpha_over_r["alpha"] / alpha_over_r["r"]
+    else:
+        scale = float(alpha_over_r)
+    out = {}
+    for key, w in state_dict.items():
+        if key.endswith((".lora_a", ".lora_b")):
+            continue
+        prefix = key[: -len("weight")]
+        a, b = state_dict.get(prefix + "lora_a"), state_dict.get(prefix + "lora_b")
+        if key.endswith(".weight") and (a is not None or b is not None):
+            if a is None or b is None:
+                raise ValueError(f"{prefix}lora_{'a' if a is None else 'b'} is missing: cannot merge {key}")
+            if (b.shape[0], a.shape[1]) != tuple(w.shape) or a.shape[0] != b.shape[1]:
+                raise ValueError(f"cannot merge {key} {tuple(w.shape)} with B {tuple(b.shape)} · A {tuple(a.shape)}")
+            w = (w.float() + scale * (b.float() @ a.float())).to(w.dtype)  # (out, r) @ (r, in) -> (out, in)
+        out[key] = w
+    stray = [k for k in state_dict if k.endswith((".lora_a", ".lora_b")) and k[:-len("lora_a")] + "weight" not in state_dict]
+    if stray:
+        raise ValueError(f"{stray[0]} has no base weight to merge into")
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------
+# Adapter files: adapter.safetensors (the trained tensors) + adapter_config.json (how to rebuild)
+
+
+def base_shapes(args: ModelArgs) -> dict:
+    return {f: getattr(args, f) for f in BASE_FIELDS}
+
+
+def adapter_state(model) -> dict:
+    """The tensors an adapter holds: every lora_a / lora_b, plus tok_embeddings and the norms if they trained."""
+    cfg = model.lora_config
+    keep = lambda k: (k.endswith((".lora_a", ".lora_b")) or (cfg["embed"] and k == "tok_embeddings.weight")
+                      or (cfg["norms"] and k.endswith("norm.weight")))
+    return {k: v for k, v in model.state_dict().items() if keep(k)}
+
+
+def save_adapter(model: Transformer, out_dir, *, ctx: int, extra: dict | None = None):
+    """Write `adapter.safetensors` and `adapter_config.json` into out_dir (atomically, file by file).
+
+    ctx: the context length the model was fine-tuned for (becomes max_seq_len when loaded).
+    extra: free-form JSON-able notes (train.py puts its arguments here).
+    """
+    from safetensors.torch import save_file
+
+    model = getattr(model, "_orig_mod", model)  # a torch.compile'd model: save the real one's names
+    cfg = getattr(model, "lora_config", None)
+    if cfg is None:
+        raise ValueError("the model has no LoRA layers; nothing to save as an adapter")
+    state = adapter_state(model)
+    # A parameter that trained but is not saved would be silently lost: refuse instead.
+    saved = set(state)
+    lost = [n for n, p in model.named_parameters() if p.requires_grad and n not in saved]
+    if lost:
+        raise ValueError(f"parameter {lost[0]} is trainable but an adapter does not store it; "
+                         "use mark_trainable(model, embed=..., norms=...) to say what trains")
+    config = dict(
+        format="longlora-adapter", r=cfg["r"], alpha=cfg["alpha"], dropout=cfg["dropout"], targets=cfg["targets"],
+        embed=cfg["embed"], norms=cfg["norms"], base=base_shapes(model.args),
+        rope_scaling=model.args.rope_scaling, max_seq_len=int(ctx), extra=extra or {},
+    )
+    os.makedirs(out_dir, exist_ok=True)
+    tensors = {k: v.detach().contiguous().cpu() for k, v in state.items()}
+    atomic_write(os.path.join(out_dir, ADAPTER_WEIGHTS), lambda f: save_file(tensors, f, metadata={"format": "pt"}))
+    text = json.dumps(config, indent=2)
+    atomic_write(os.path.join(out_dir, ADAPTER_CONFIG), lambda f: open(f, "w").write(text + "\n"))
+
+
+def read_adapter(adapter_dir):
+    """(config dict, {name: tensor}) from an adapter directory; ValueError/FileNotFoundError on bad input."""
+    from safetensors.torch import load_file
+
+    cfg_path, w_path = os.path.join(adapter_dir, ADAPTER_CONFIG), os.path.join(adapter_dir, ADAPTER_WEIGHTS)
+    for p in (cfg_path, w_path):
+        if not os.path.isfile(p):
+            raise FileNotFoundError(f"{adapter_dir}: no {os.path.basename(p)} (not an adapter directory)")
+    try:
+        with open(cfg_path) as f:
+            cfg = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"{cfg_path}: cannot read JSON ({e})") from None
+    if cfg.get("format") != "longlora-adapter":
+        hint = " (a PEFT adapter? this reads adapters written by save_adapter)" if "peft_type" in cfg else ""
+        raise ValueError(f"{cfg_path}: not an adapter written by lora.py{hint}")
+    try:
+        tensors = load_file(w_path)
+    except Exception as e:
+        raise ValueError(f"{w_path}: cannot read safetensors file ({str(e).splitlines()[0]})") from None
+    return cfg, tensors
+
+
+def load_adapter(model: Transformer, adapter_dir) -> Transformer:
+    """Turn a base model into the fine-tuned one, in place: apply LoRA as recorded, set rope_scaling and
+    max_seq_len, load the adapter's tensors strictly, and mark the same parameters trainable (so training
+    can resume). Refuses, with a one-line ValueError, an adapter that does not fit this base model.
+    """
+    cfg, tensors = read_adapter(adapter_dir)
+    where = os.path.join(adapter_dir, ADAPTER_CONFIG)
+    ours = base_shapes(model.args)
+    for field, value in cfg["base"].items():
+        if field not in ours:
+            raise ValueError(f"{where}: unknown base field {field!r}")
+        if ours[field] != value:
+            raise ValueError(f"adapter {adapter_dir} was trained on a base model with {field}={value}, "
+                             f"this one has {field}={ours[field]}")
+    have = getattr(model, "lora_config", None)
+    if have is None:
+        apply_lora(model, r=cfg["r"], alpha=cfg["alpha"], dropout=cfg["dropout"], targets=cfg["targets"])
+    else:  # the model already has LoRA layers: they must be the same ones
+        for field in ("r", "alpha", "targets"):
+            if have[field] != cfg[field]:
+                raise ValueError(f"adapter {adapter_dir} has {field}={cfg[field]}, the model's LoRA has {have[field]}")
+    mark_trainable(model, embed=cfg["embed"], norms=cfg["norms"])
+    expected = {k: v for k, v in adapter_state(model).items()}
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    if missing or unexpected:
+        what, names = ("missing tensor", missing) if missing else ("unexpected tensor", unexpected)
+        raise ValueError(f"adapter {adapter_dir}: {what} {names[0]}" + (f" (and {len(names) - 1} more)" if len(names) > 1 else ""))
+    for k, v in tensors.items():
+        if tuple(v.shape) != tuple(expected[k].shape):
+            raise ValueError(f"adapter {adapter_dir}: tensor {k} has shape {tuple(v.shape)}, the model expects {tuple(expected[k].shape)}")
+    with torch.no_grad():
+        for k, p in expected.items():
+            p.copy_(tensors[k])  # into the existing parameter: keeps its device and dtype (fp32 LoRA is exact)
+    model.args.rope_scaling = float(cfg["rope_scaling"])
+    model.args.max_seq_len = int(cfg["max_seq_len"])
+    return model
