@@ -1,8 +1,84 @@
 """Attention for long-context fine-tuning: full, S²-Attn (LongLoRA) and SF-Attn (SinkLoRA).
 
-(First working version: full attention via SDPA and the readable reference path for every mode.
-The grouped SDPA and FlashAttention-2 paths follow.)
+Fine-tuning LLaMA2 to a longer context needs attention over long sequences, whose cost grows with T².
+LongLoRA's idea: during training, let each query look only inside its own group of g tokens (g = T/4
+by default), which costs about a quarter of causal full attention, and shift the groups of half of the
+heads by g/2 so that information still flows from group to group. SinkLoRA adds a few "sink" tokens
+(the first tokens of the sequence) that every query sees, as the attention-sink observation suggests.
+At inference the model uses ordinary full attention over the whole extended context.
+
+Which keys each query sees, for T=16 tokens, g=8 and 2 sinks ('#' visible, '.' hidden; one row per
+query i, one column per key j; h is the head; `python attention.py` draws this for any T and g):
+
+       full              s2 h<H/2          s2 h>=H/2         s2 wrap h>=H/2    sf h<H/2          sf h>=H/2
+     0 #...............  #...............  #...............  #...........####  #...............  #...............
+     1 ##..............  ##..............  ##..............  ##..........####  ##..............  ##..............
+     2 ###.............  ###.............  ###.............  ###.........####  ###.............  ###.............
+     3 ####............  ####............  ####............  ####........####  ####............  ####............
+     4 #####...........  #####...........  ....#...........  ....#...........  #####...........  ##..#...........
+     5 ######..........  ######..........  ....##..........  ....##..........  ######..........  ##..##..........
+     6 #######.........  #######.........  ....###.........  ....###.........  #######.........  ##..###.........
+     7 ########........  ########........  ....####........  ....####........  ########........  ##..####........
+     8 #########.......  ........#.......  ....#####.......  ....#####.......  ##......#.......  ##..#####.......
+     9 ##########......  ........##......  ....######......  ....######......  ##......##......  ##..######......
+    10 ###########.....  ........###.....  ....#######.....  ....#######.....  ##......###.....  ##..#######.....
+    11 ############....  ........####....  ....########....  ....########....  ##......####....  ##..########....
+    12 #############...  ........#####...  ............#...  ............#...  ##......#####...  ##..........#...
+    13 ##############..  ........######..  ............##..  ............##..  ##......######..  ##..........##..
+    14 ###############.  ........#######.  ............###.  ............###.  ##......#######.  ##..........###.
+    15 ################  ........########  ............####  ............####  ##......########  ##..........####
+
+The rules, for query i and key j (always j <= i, except in the wrap ablation):
+  * full: every earlier key.
+  * s2 (S²-Attn): heads 0..H/2-1 see their group, ⌊i/g⌋ = ⌊j/g⌋; heads H/2..H-1 see groups shifted by half
+    a group, ⌊(i+g/2)/g⌋ = ⌊(j+g/2)/g⌋, so the first and the last half-group are segments of their own.
+    This is what LongLoRA's FlashAttention-2 training path computes; nothing wraps around.
+  * s2 with wrap=True: the paper's Algorithm 1, which rolls the shifted heads by g/2 (torch.roll) before
+    cutting groups. The last half-group and the first one then share a group and, causality being taken in
+    the rolled order, the first g/2 queries of the shifted heads SEE THE LAST g/2 TOKENS OF THE SEQUENCE,
+    i.e. the future (rows 0-3, keys 12-15 above). Kept only to reproduce the paper's ablation.
+  * sf (SF-Attn, our reading of SinkLoRA, whose code does not include it): s2 without wrap, plus the first
+    `sink_tokens` positions of the sequence visible to every query of every head (causally: a query at
+    i < sink_tokens sees the sinks j <= i only). The shifted groups stay in their own positions.
+
+The ablation of the SinkLoRA paper is two knobs: the mode chooses the sinks (s2: none, whatever
+`sink_tokens` says; sf: `sink_tokens` of them) and `wrap` chooses the paper's roll for the shifted heads:
+
+    s2 (paper, with roll)      attention(..., mode="s2", wrap=True)
+    s2 without the roll        attention(..., mode="s2")                 (the default s2)
+    s2 + sinks (with roll)     attention(..., mode="sf", wrap=True)
+    sf                         attention(..., mode="sf")                 (sink_tokens=4 by default)
+    and sf with sink_tokens=0 is exactly s2.
+
+Group size: `group_size=None` means LongLoRA's ratio g = T/4, rounded down to an even number (half a
+group must be a whole number of tokens), so it follows T; pass an int for a fixed g (it must be even,
+2 <= g <= T). If T is not a multiple of g the last group is shorter.
+
+Padding: `lengths` (B,) gives the number of real tokens of each row (right padding). Keys at
+j >= lengths[b] are never attended and the outputs at padded query positions are zeros. Causality
+already keeps real queries away from right padding, except in the wrap ablation, where it matters.
+
+Three implementations of the same function, all tested against the dense pattern:
+  * "reference": the pattern as a (H, T, T) boolean mask, a matmul and a softmax in fp32. The
+    specification; O(T²) memory, for tests and reading.
+  * "sdpa": F.scaled_dot_product_attention on each group, with the groups folded into the batch
+    dimension; every call is a plain causal attention (is_causal=True), so no mask is built and the
+    fused kernel skips the blocks above the diagonal. A group that also sees earlier keys (the sinks,
+    or the wrapped tail) gets them prepended to its keys, and as many placeholder queries prepended to
+    its queries, whose outputs are dropped: then "causal" over the longer sequence is exactly "all the
+    prepended keys plus the causal group".
+  * "flash": FlashAttention-2's flash_attn_varlen_func on packed sequences, one sequence per (row,
+    group), with separate query and key boundaries (cu_seqlens) when keys are prepended; its causal
+    mask is aligned to the bottom right, which is what a group with prepended keys needs. Padding is
+    handled by cutting each row at its length, so batches with padding and several rows are right.
+backend="auto" picks flash when flash-attn is installed and q is fp16/bf16 on CUDA, sdpa otherwise.
+
+Usage:
+    from attention import attention
+    y = attention(q, k, v, mode="s2")                  # q (B, T, H, D), k, v (B, T, H_kv, D)
+    python attention.py --T 16 --group-size 8          # draw the patterns
 """
+import argparse
 import math
 
 import torch
@@ -12,97 +88,333 @@ MODES = ("full", "s2", "sf")
 BACKENDS = ("auto", "reference", "sdpa", "flash")
 
 
-def resolve_group_size(mode, T, group_size):
-    """The group size g used for a sequence of T tokens (None for "full")."""
+# ----------------------------------------------------------------------------- the specification
+
+def resolve_group_size(mode, T, group_size=None):
+    """The group size g used for T tokens: LongLoRA's T/4 (made even) when group_size is None."""
     if mode == "full":
         return None
     if group_size is None:
-        # LongLoRA's ratio: g = T/4, rounded down to an even number so that half a group is whole
-        g = 2 * (T // 8)
+        g = 2 * (T // 8)  # T/4 rounded down to an even number
         if g < 2:
-            raise ValueError(f"mode {mode!r} with the default group size T//4 needs T >= 8, got T={T}; pass group_size")
+            raise ValueError(f"mode {mode!r} with the default group size T/4 needs T >= 8, got T={T}; pass group_size")
         return g
     g = int(group_size)
     if g < 2:
-        raise ValueError(f"group_size must be >= 2, got {g}")
+        raise ValueError(f"group_size must be at least 2, got {g}")
     if g > T:
         raise ValueError(f"group_size {g} is larger than the sequence length T={T}")
     if g % 2:
-        raise ValueError(f"group_size must be even for mode {mode!r} (half the heads shift by g/2), got {g}")
+        raise ValueError(f"group_size must be even for mode {mode!r} (half of the heads shift by g/2), got {g}")
     return g
 
 
 def attention_pattern(mode, T, H, *, group_size=None, sink_tokens=4, wrap=False):
-    """(H, T, T) bool: True where query i may see key j. Causality is part of the pattern."""
-    if mode not in MODES:
-        raise ValueError(f"unknown attention mode {mode!r}; expected one of {', '.join(MODES)}")
+    """(H, T, T) bool, True where query i may see key j. Causality is part of the pattern."""
+    _check_mode(mode, H, sink_tokens)
     i = torch.arange(T)[:, None]  # (T, 1) query positions
     j = torch.arange(T)[None, :]  # (1, T) key positions
     causal = j <= i  # (T, T)
     if mode == "full":
         return causal.expand(H, T, T).clone()
-    if H % 2:
-        raise ValueError(f"mode {mode!r} splits the heads in two halves; the number of heads must be even, got {H}")
     g = resolve_group_size(mode, T, group_size)
     half = g // 2
     plain = (i // g == j // g) & causal  # heads 0 .. H/2-1
     if wrap:
-        # the paper's roll: position p sits at (p - g/2) mod T, groups and causality are taken there
+        # the paper's roll: token p sits at (p - g/2) mod T; groups AND causality are taken there
         ri, rj = (i - half) % T, (j - half) % T
         shifted = (ri // g == rj // g) & (rj <= ri)
     else:
         shifted = ((i + half) // g == (j + half) // g) & causal  # heads H/2 .. H-1
-    if mode == "sf" and sink_tokens > 0:
+    if mode == "sf":
         sinks = (j < sink_tokens) & causal
         plain, shifted = plain | sinks, shifted | sinks
     return torch.cat([plain.expand(H // 2, T, T), shifted.expand(H // 2, T, T)])  # (H, T, T)
 
 
-def _check(q, k, v, mode, backend, lengths):
-    if mode not in MODES:
-        raise ValueError(f"unknown attention mode {mode!r}; expected one of {', '.join(MODES)}")
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown attention backend {backend!r}; expected one of {', '.join(BACKENDS)}")
-    if q.dim() != 4 or k.shape != v.shape or k.dim() != 4:
-        raise ValueError(f"expected q (B, T, H, D) and k, v (B, T, H_kv, D); got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
-    B, T, H, D = q.shape
-    if k.shape[0] != B or k.shape[1] != T or k.shape[3] != D or H % k.shape[2]:
-        raise ValueError(f"k, v {tuple(k.shape)} do not fit q {tuple(q.shape)} (need same B, T, D and H % H_kv == 0)")
-    if lengths is not None and (lengths.shape != (B,) or bool((lengths < 0).any()) or bool((lengths > T).any())):
-        raise ValueError(f"lengths must be a (B,) tensor of values in [0, T={T}], got {lengths.tolist()}")
-
-
 def _reference(q, k, v, pattern, lengths):
+    """Dense masked attention in fp32: the readable definition the fast paths are tested against."""
     B, T, H, D = q.shape
     rep = H // k.shape[2]
-    k = k.repeat_interleave(rep, dim=2)  # (B, T, H, D)
+    k = k.repeat_interleave(rep, dim=2)  # (B, T, H, D): query head h uses kv head h // rep
     v = v.repeat_interleave(rep, dim=2)  # (B, T, H, D)
-    scores = torch.einsum("bihd,bjhd->bhij", q.float(), k.float()) / math.sqrt(D)  # (B, H, T, T)
+    dtype = torch.promote_types(q.dtype, torch.float32)  # softmax in fp32 (or fp64 if given fp64)
+    scores = torch.einsum("bihd,bjhd->bhij", q.to(dtype), k.to(dtype)) / math.sqrt(D)  # (B, H, T, T)
     allowed = pattern.to(q.device)[None]  # (1, H, T, T)
     if lengths is not None:
         valid = torch.arange(T, device=q.device)[None, :] < lengths.to(q.device)[:, None]  # (B, T)
         # padded queries may look anywhere (keeps their softmax finite); their output is zeroed below
         allowed = allowed & valid[:, None, None, :] | ~valid[:, None, :, None]  # (B, H, T, T)
-    probs = scores.masked_fill(~allowed, float("-inf")).softmax(dim=-1)
-    out = torch.einsum("bhij,bjhd->bihd", probs, v.float())  # (B, T, H, D)
+    probs = scores.masked_fill(~allowed, float("-inf")).softmax(dim=-1)  # (B, H, T, T)
+    out = torch.einsum("bhij,bjhd->bihd", probs, v.to(dtype))  # (B, T, H, D)
     if lengths is not None:
         out = out * valid[:, :, None, None]
     return out.to(q.dtype)
 
 
-def attention(q, k, v, mode="full", *, group_size=None, sink_tokens=4, wrap=False, lengths=None, backend="auto"):
-    """q (B, T, H, D); k, v (B, T, H_kv, D). Returns (B, T, H, D) in the dtype of q."""
-    _check(q, k, v, mode, backend, lengths)
+# ----------------------------------------------------------------------------- segments
+
+def _segments(T, g, shifted, wrap, sinks):
+    """Cut the sequence into the causal segments of one half of the heads.
+
+    Returns a list of (start, stop, prefix_start, prefix_stop), in position order: the queries in
+    [start, stop) see the keys of [start, stop) causally, plus every key of [prefix_start, prefix_stop).
+    The prefix is the sinks before the segment (sf), or, for the group that the paper's roll wraps
+    around, the tail of the sequence that the roll puts in front of the first tokens.
+    """
+    half = g // 2 if shifted else 0
+    segments = []
+    if not (shifted and wrap):
+        cuts = [0, *range(g - half, T, g), T]  # plain heads: 0, g, 2g, ...; shifted: 0, g/2, 3g/2, ...
+        for a, e in zip(cuts[:-1], cuts[1:]):
+            segments.append((a, e, 0, min(sinks, a)))
+    else:
+        for r in range(0, T, g):  # the groups in rolled order: rolled positions [r, r+g)
+            m = min(g, T - r)
+            a = (r + half) % T  # the original position of the group's first token
+            if a + m <= T:
+                segments.append((a, a + m, 0, min(sinks, a)))
+            else:  # the group wraps: the tail [a, T) comes first, then the head [0, a+m-T) sees all of it
+                segments.append((a, T, 0, min(sinks, a)))
+                segments.insert(0, (0, a + m - T, a, T))
+    return segments
+
+
+def _plan(mode, T, g, sink_tokens, wrap):
+    """The segments of each half of the heads: [plain heads, shifted heads]."""
+    sinks = sink_tokens if mode == "sf" else 0
+    return [_segments(T, g, False, wrap, sinks), _segments(T, g, True, wrap, sinks)]
+
+
+# ----------------------------------------------------------------------------- sdpa backend
+
+def _sdpa_full(q, k, v, lengths):
     B, T, H, D = q.shape
-    if backend == "reference" or mode != "full":
-        pattern = attention_pattern(mode, T, H, group_size=group_size, sink_tokens=sink_tokens, wrap=wrap)
-        return _reference(q, k, v, pattern, lengths)
-    rep = H // k.shape[2]
-    qt = q.transpose(1, 2)  # (B, H, T, D)
-    kt = k.repeat_interleave(rep, dim=2).transpose(1, 2)  # (B, H, T, D)
-    vt = v.repeat_interleave(rep, dim=2).transpose(1, 2)  # (B, H, T, D)
-    out = F.scaled_dot_product_attention(qt, kt, vt, is_causal=True).transpose(1, 2)  # (B, T, H, D)
+    qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D), (B, H_kv, T, D)
+    out = F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, enable_gqa=k.shape[2] != H)
+    # a contiguous (B, T, H, D), the layout the output projection needs (every mode returns this)
+    out = out.transpose(1, 2).contiguous()  # (B, T, H, D)
     if lengths is not None:
         valid = torch.arange(T, device=q.device)[None, :] < lengths.to(q.device)[:, None]  # (B, T)
-        out = out * valid[:, :, None, None]
+        out.mul_(valid[:, :, None, None])  # padded queries -> zeros (in place: no extra copy)
     return out
+
+
+def _attend_segments(q, k, v, segments, L):
+    """One row, one half of the heads: q (T, h, D), k, v (T, h_kv, D) -> (T, h, D).
+
+    Consecutive segments of the same shape are folded into the batch dimension of one SDPA call:
+    n segments of length m become a (n, h, m, D) view of q without any copy.
+    """
+    T, h, D = q.shape
+    # cut at the row's length: queries at or after L get zeros, keys at or after L are never seen
+    clipped = []
+    for a, e, p0, p1 in segments:
+        if a < L:
+            clipped.append((a, min(e, L), p0, max(p0, min(p1, L))))
+    # blocks of consecutive segments with the same query length m and prefix (p0, p1)
+    blocks = []
+    for a, e, p0, p1 in clipped:
+        if blocks and blocks[-1]["stop"] == a and blocks[-1]["m"] == e - a and blocks[-1]["prefix"] == (p0, p1):
+            blocks[-1]["stop"], blocks[-1]["n"] = e, blocks[-1]["n"] + 1
+        else:
+            blocks.append({"start": a, "stop": e, "m": e - a, "n": 1, "prefix": (p0, p1)})
+    blocks.sort(key=lambda blk: blk["start"])  # the wrapped head segment may come last in rolled order
+    # split (not slice) the row into the blocks, so that backward concatenates the gradients once
+    sizes = [blk["stop"] - blk["start"] for blk in blocks]
+    if sum(sizes) < T:
+        sizes.append(T - sum(sizes))  # the padded tail
+    q_parts, k_parts, v_parts = q.split(sizes), k.split(sizes), v.split(sizes)
+    outs = []
+    for blk, qb, kb, vb in zip(blocks, q_parts, k_parts, v_parts):
+        n, m, (p0, p1) = blk["n"], blk["m"], blk["prefix"]
+        x = [t.view(n, m, t.shape[1], D) for t in (qb, kb, vb)]  # (n, m, h, D): n segments of m tokens
+        P = p1 - p0
+        if P:
+            # prepend the prefix keys to every segment, and as many placeholder queries (the prefix's own
+            # queries; their outputs are dropped), so that plain causal attention over P + m tokens gives
+            # each real query all P prefix keys plus the causal keys of its segment
+            x = [torch.cat([full[p0:p1].expand(n, P, *full.shape[1:]), t], dim=1) for full, t in zip((q, k, v), x)]
+        qs, ks, vs = (t.transpose(1, 2) for t in x)  # (n, h, P+m, D): segments in the batch dimension
+        o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, enable_gqa=ks.shape[1] != h)
+        outs.append(o[:, :, P:].transpose(1, 2).reshape(n * m, h, D))  # (n*m, h, D)
+    if sum(sizes[: len(blocks)]) < T:
+        outs.append(q.new_zeros(T - sum(sizes[: len(blocks)]), h, D))  # padded queries -> zeros
+    return torch.cat(outs)  # (T, h, D)
+
+
+def _sdpa_grouped(q, k, v, plan, lengths):
+    B, T, H, D = q.shape
+    if k.shape[2] % 2:
+        # the halves of the query heads must find their own kv heads; with an odd number of kv heads
+        # (multi-query attention, say) one kv head serves both halves, so expand them to H heads
+        k, v = k.repeat_interleave(H // k.shape[2], dim=2), v.repeat_interleave(H // k.shape[2], dim=2)
+    Ls = [T] * B if lengths is None else lengths.tolist()
+    rows = []
+    for qb, kb, vb, L in zip(q.unbind(0), k.unbind(0), v.unbind(0), Ls):  # (T, H, D), (T, H_kv, D)
+        halves = [_attend_segments(qh, kh, vh, segments, L)
+                  for qh, kh, vh, segments in zip(qb.chunk(2, dim=1), kb.chunk(2, dim=1), vb.chunk(2, dim=1), plan)]
+        rows.append(torch.cat(halves, dim=1))  # (T, H, D)
+    return torch.stack(rows)  # (B, T, H, D)
+
+
+# ----------------------------------------------------------------------------- flash backend
+
+def _flash_varlen():
+    """flash_attn_varlen_func, imported only when the flash backend runs (tests replace this function)."""
+    try:
+        from flash_attn import flash_attn_varlen_func
+    except ImportError as e:
+        raise ValueError(f"backend 'flash' needs the flash-attn package, which cannot be imported ({e})") from e
+    return flash_attn_varlen_func
+
+
+def _flash_available(q):
+    if q.device.type != "cuda" or q.dtype not in (torch.float16, torch.bfloat16):
+        return False
+    try:
+        import flash_attn  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _pack(segments, T, Ls, device):
+    """Row indices into the flattened (B*T) tokens, and the cumulative boundaries, for every (row, segment).
+
+    Each row is cut at its own length, so padding never enters a sequence and sequence b of the
+    batch starts at b*T: the boundaries come from the real lengths, not from T.
+    """
+    q_rows, k_rows, q_lens, k_lens = [], [], [], []
+    for b, L in enumerate(Ls):
+        for a, e, p0, p1 in segments:
+            e, p1 = min(e, L), max(p0, min(p1, L))
+            if a >= e:
+                continue  # the whole segment is padding
+            q_rows.append(torch.arange(b * T + a, b * T + e))
+            k_rows += [torch.arange(b * T + p0, b * T + p1), q_rows[-1]]  # prefix keys, then the segment
+            q_lens.append(e - a)
+            k_lens.append(e - a + p1 - p0)
+    cu_q = torch.tensor([0, *q_lens]).cumsum(0).to(device=device, dtype=torch.int32)  # (n_seq + 1,)
+    cu_k = torch.tensor([0, *k_lens]).cumsum(0).to(device=device, dtype=torch.int32)  # (n_seq + 1,)
+    return torch.cat(q_rows).to(device), torch.cat(k_rows).to(device), cu_q, cu_k, max(q_lens), max(k_lens)
+
+
+def _flash(q, k, v, plan, lengths):
+    B, T, H, D = q.shape
+    Ls = [T] * B if lengths is None else lengths.tolist()
+    if plan is None:  # full attention: one sequence per row, all heads together
+        heads = [(q, k, v, [(0, T, 0, 0)])]
+    else:
+        if k.shape[2] % 2:  # see _sdpa_grouped
+            k, v = k.repeat_interleave(H // k.shape[2], dim=2), v.repeat_interleave(H // k.shape[2], dim=2)
+        heads = list(zip(q.chunk(2, dim=2), k.chunk(2, dim=2), v.chunk(2, dim=2), plan))
+    if sum(Ls) == 0:
+        return q.new_zeros(B, T, H, D)
+    varlen = _flash_varlen()
+    outs = []
+    for qh, kh, vh, segments in heads:  # (B, T, h, D), (B, T, h_kv, D)
+        h, h_kv = qh.shape[2], kh.shape[2]
+        q_rows, k_rows, cu_q, cu_k, max_q, max_k = _pack(segments, T, Ls, q.device)
+        qp = qh.reshape(B * T, h, D)[q_rows]  # (total_q, h, D): the packed queries
+        kp = kh.reshape(B * T, h_kv, D)[k_rows]  # (total_k, h_kv, D)
+        vp = vh.reshape(B * T, h_kv, D)[k_rows]  # (total_k, h_kv, D)
+        o = varlen(qp, kp, vp, cu_q, cu_k, max_q, max_k, dropout_p=0.0, softmax_scale=None, causal=True)
+        # back to (B*T, h, D); padded query positions were never packed and stay zero
+        outs.append(o.new_zeros(B * T, h, D).index_copy(0, q_rows, o).view(B, T, h, D))
+    return torch.cat(outs, dim=2)  # (B, T, H, D)
+
+
+# ----------------------------------------------------------------------------- the entry point
+
+def _check_mode(mode, H, sink_tokens):
+    if mode not in MODES:
+        raise ValueError(f"unknown attention mode {mode!r}; expected one of {', '.join(MODES)}")
+    if mode != "full" and H % 2:
+        raise ValueError(f"mode {mode!r} shifts half of the heads, so the number of heads must be even, got {H}")
+    if mode == "sf" and sink_tokens < 0:
+        raise ValueError(f"sink_tokens must be a non-negative int, got {sink_tokens!r}")
+
+
+def attention(q, k, v, mode="full", *, group_size=None, sink_tokens=4, wrap=False, lengths=None, backend="auto"):
+    """Causal attention with the pattern `mode`; see the module docstring for the patterns.
+
+    q (B, T, H, D); k, v (B, T, H_kv, D) with H % H_kv == 0 (grouped-query attention: query head h uses
+    kv head h // (H/H_kv)). Returns a contiguous (B, T, H, D) in the dtype of q.
+      mode        "full" | "s2" | "sf"
+      group_size  g, an even int in [2, T], or None for LongLoRA's T/4; ignored by "full"
+      sink_tokens number of global sink tokens of "sf" (default 4); ignored by "full" and "s2"
+      wrap        the paper's cyclic roll of the shifted heads (s2/sf ablation; leaks the future)
+      lengths     None or a LongTensor (B,) of real tokens per row (right padding): keys at
+                  j >= lengths[b] are never attended, outputs at padded queries are zeros
+      backend     "auto" | "reference" | "sdpa" | "flash"
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown attention backend {backend!r}; expected one of {', '.join(BACKENDS)}")
+    if q.dim() != 4 or k.dim() != 4 or k.shape != v.shape:
+        raise ValueError(f"expected q (B, T, H, D) and k, v (B, T, H_kv, D), got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    B, T, H, D = q.shape
+    if k.shape[0] != B or k.shape[1] != T or k.shape[3] != D or H % k.shape[2]:
+        raise ValueError(f"k, v {tuple(k.shape)} do not fit q {tuple(q.shape)} (same B, T, D and H % H_kv == 0 needed)")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(f"q, k, v must have one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if lengths is not None and (lengths.shape != (B,) or bool((lengths < 0).any()) or bool((lengths > T).any())):
+        raise ValueError(f"lengths must be a (B,) tensor of values in [0, T={T}], got {lengths.tolist()}")
+    _check_mode(mode, H, sink_tokens)
+    g = resolve_group_size(mode, T, group_size)
+
+    if backend == "auto":
+        backend = "flash" if _flash_available(q) else "sdpa"
+    if backend == "reference":
+        pattern = attention_pattern(mode, T, H, group_size=g, sink_tokens=sink_tokens, wrap=wrap)
+        return _reference(q, k, v, pattern, lengths)
+    plan = None if mode == "full" else _plan(mode, T, g, sink_tokens, wrap)
+    if backend == "flash":
+        return _flash(q, k, v, plan, lengths)
+    if plan is None:
+        return _sdpa_full(q, k, v, lengths)
+    return _sdpa_grouped(q, k, v, plan, lengths)
+
+
+# ----------------------------------------------------------------------------- drawing the patterns
+
+def draw_patterns(T=16, group_size=8, sink_tokens=2):
+    """The patterns of full, s2, s2 wrap and sf side by side, one text row per query ('#' visible)."""
+    columns = [("full", "full", False, 0)]  # (title, mode, wrap, which half of the heads)
+    for title, mode, wrap in (("s2", "s2", False), ("s2 wrap", "s2", True), ("sf", "sf", False)):
+        if not wrap:  # the plain heads ignore wrap: draw them once
+            columns.append((f"{title} h<H/2", mode, wrap, 0))
+        columns.append((f"{title} h>=H/2", mode, wrap, 1))
+    width = max(T, *(len(c[0]) for c in columns)) + 2
+    digits = len(str(T - 1))
+    lines = [(" " * (digits + 1) + "".join(title.ljust(width) for title, *_ in columns)).rstrip()]
+    patterns = [attention_pattern(mode, T, 2, group_size=group_size, sink_tokens=sink_tokens, wrap=wrap)[half]
+                for _, mode, wrap, half in columns]
+    for i in range(T):
+        row = "".join("".join("#" if x else "." for x in p[i].tolist()).ljust(width) for p in patterns)
+        lines.append(f"{i:>{digits}} {row}".rstrip())
+    return "\n".join(lines)
+
+
+def main():
+    parser = argparse.ArgumentParser(description="Draw which keys each query sees under full, S²-Attn and SF-Attn.")
+    parser.add_argument("--T", type=int, default=16, help="sequence length to draw (default 16)")
+    parser.add_argument("--group-size", type=int, default=None,
+                        help="group size g, even, 2 <= g <= T (default T/2 rounded to even: two groups, the clearest picture)")
+    parser.add_argument("--sink-tokens", type=int, default=2,
+                        help="sink tokens of SF-Attn (default 2 here, to keep the sinks apart from the first group in "
+                             "a small picture; attention() defaults to 4)")
+    args = parser.parse_args()
+    if not 2 <= args.T <= 200:
+        raise SystemExit(f"error: --T must be between 2 and 200 to fit a terminal, got {args.T}")
+    if args.sink_tokens < 0:
+        raise SystemExit(f"error: --sink-tokens must be >= 0, got {args.sink_tokens}")
+    g = args.group_size if args.group_size is not None else max(2, 2 * (args.T // 4))
+    try:
+        print(draw_patterns(args.T, g, args.sink_tokens))
+    except ValueError as e:
+        raise SystemExit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    main()
