@@ -1,0 +1,351 @@
+"""lora.py: LoRA layers, what trains, merge, adapter files, and exports checked by independent readers
+(HF transformers' LlamaForCausalLM for the merged model, peft's PeftModel for the PEFT adapter)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from conftest import ROOT
+from lora import (LoRALinear, apply_lora, load_adapter, lora_modules, main, mark_trainable, merge_lora, save_adapter,
+                  trainable_summary)
+from model import ModelArgs, RMSNorm, Transformer
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # transformers/peft must never reach for the network here
+import transformers  # noqa: E402  test requirement, the independent reference
+import peft  # noqa: E402  test requirement, the independent reference
+
+MERGE_TOL = 1e-5  # merged vs unmerged, fp32 (observed 4e-6: (W + s·B·A)·x rounds differently from W·x + s·B·(A·x))
+HF_TOL = 1e-4  # ours vs transformers / peft in fp32 (observed 4e-6 to 6e-6; different op order)
+ALL_TARGETS = ("wq", "wk", "wv", "wo", "w1", "w2", "w3", "output")
+
+# A tiny LLaMA with grouped-query attention (the wk permutation must use n_kv_heads) and a base context of
+# 64 positions; the adapters extend it 4x to 256 with linear RoPE scaling.
+BASE = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=512, multiple_of=32, max_seq_len=64, rope_theta=10000.0)
+FACTOR, CTX = 4.0, 256
+
+
+def randomize_(model, seed):
+    """Make every tensor matter: norms away from 1, weights 5x GPT init (larger ones make fp32 rounding chaotic)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=g).to(p.dtype)
+            p.copy_(1 + 0.3 * noise if n.endswith("norm.weight") else 0.1 * noise)
+
+
+def fake_finetune_(model, seed):
+    """A stand-in for training: nonzero B (A is already random), changed embedding and norms."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, m in lora_modules(model):
+            m.lora_b.copy_(0.1 * torch.randn(m.lora_b.shape, generator=g))
+        if model.lora_config["embed"]:
+            model.tok_embeddings.weight.add_(0.1 * torch.randn(model.tok_embeddings.weight.shape, generator=g))
+        if model.lora_config["norms"]:
+            for m in model.modules():
+                if isinstance(m, RMSNorm):
+                    m.weight.add_(0.1 * torch.randn(m.weight.shape, generator=g))
+
+
+def tokens(B, T, seed=1, vocab=BASE["vocab_size"]):
+    return torch.randint(0, vocab, (B, T), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.fixture(scope="module")
+def base_dir(tmp_path_factory, sp_model):
+    """A random base checkpoint in this project's layout, with a tokenizer."""
+    torch.manual_seed(0)
+    model = Transformer(ModelArgs(**BASE))
+    randomize_(model, seed=0)
+    d = tmp_path_factory.mktemp("base")
+    model.save_pretrained(str(d), tokenizer_path=sp_model)
+    return str(d)
+
+
+def finetuned(base_dir, targets=("wq", "wk", "wv", "wo"), seed=3):
+    """base + LoRA (+ embed + norms), context extended 4x, 'trained' by fake_finetune_."""
+    model = Transformer.from_pretrained(base_dir, rope_scaling=FACTOR, max_seq_len=CTX)
+    apply_lora(model, r=4, alpha=8, targets=targets)
+    mark_trainable(model)
+    fake_finetune_(model, seed)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def adapter_dir(base_dir, tmp_path_factory):
+    """An adapter on every linear layer (so every name mapping of the exports is exercised)."""
+    model = finetuned(base_dir, targets=ALL_TARGETS)
+    d = tmp_path_factory.mktemp("adapter")
+    save_adapter(model, str(d), ctx=CTX, extra={"note": "test"})
+    with torch.no_grad():
+        logits = model(tokens(2, 200))
+    return str(d), logits  # the fine-tuned model's logits on 200 tokens (> 64: the RoPE scaling matters)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The layer and what trains
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fresh_lora_model_gives_exactly_the_base_logits(base_dir, dtype):
+    model = Transformer.from_pretrained(base_dir, dtype=dtype)  # built on the meta device, assign=True
+    x = tokens(2, 32)
+    with torch.no_grad():
+        ref = model(x)
+        apply_lora(model, targets=ALL_TARGETS)
+        out = model(x)
+    assert out.dtype == dtype
+    assert torch.equal(out, ref)
+    lin = model.layers[0].attention.wq
+    assert isinstance(lin, LoRALinear)
+    # LoRA parameters live next to the base weight, in fp32 (they are what the optimizer updates)
+    assert lin.lora_a.device == lin.weight.device and lin.lora_a.dtype == torch.float32
+    assert lin.weight.dtype == dtype
+    assert lin.lora_a.shape == (8, 64) and lin.lora_b.shape == (64, 8)
+    assert lin.lora_a.abs().max() > 0 and lin.lora_a.abs().max() <= 1 / 64 ** 0.5  # Kaiming-uniform(a=√5) bound
+    # the state-dict key of the frozen weight is unchanged
+    assert "layers.0.attention.wq.weight" in model.state_dict()
+
+
+def test_lora_layer_computes_w_x_plus_scaled_b_a_x():
+    torch.manual_seed(0)
+    w = torch.nn.Parameter(torch.randn(6, 5))
+    lin = LoRALinear(w, r=2, alpha=6)
+    torch.nn.init.normal_(lin.lora_b)
+    x = torch.randn(3, 5)
+    expected = x @ w.T + 3.0 * (x @ lin.lora_a.T @ lin.lora_b.T)  # alpha / r = 3
+    assert torch.allclose(lin(x), expected, atol=1e-6)
+
+
+def test_dropout_touches_only_the_lora_branch():
+    torch.manual_seed(0)
+    lin = LoRALinear(torch.nn.Parameter(torch.randn(6, 5)), r=2, alpha=4, dropout=0.9).train()
+    x = torch.randn(50, 5)
+    assert torch.equal(lin(x), x @ lin.weight.T)  # B = 0: dropout on x would have to show up here otherwise
+    torch.nn.init.normal_(lin.lora_b)
+    assert not torch.allclose(lin(x), lin(x))  # the LoRA branch is random in training
+    lin.eval()
+    assert torch.allclose(lin(x), x @ lin.weight.T + 2 * x @ lin.lora_a.T @ lin.lora_b.T, atol=1e-5)
+
+
+@pytest.mark.parametrize("embed,norms", [(True, True), (False, False)])
+def test_only_lora_embed_and_norm_params_change_in_training(base_dir, embed, norms):
+    model = Transformer.from_pretrained(base_dir)
+    apply_lora(model)
+    n_trainable, n_total = mark_trainable(model, embed=embed, norms=norms)
+    args = model.args
+    # the count, from the shapes alone: each of wq wk wv wo adds r·(in + out)
+    kv = args.n_kv_heads * args.head_dim
+    lora = args.n_layers * 8 * ((64 + 64) + (64 + kv) + (64 + kv) + (64 + 64))
+    expected = lora + embed * args.vocab_size * args.dim + norms * (2 * args.n_layers + 1) * args.dim
+    assert n_trainable == expected
+    assert n_total == sum(p.numel() for p in model.parameters())
+    assert trainable_summary(model).endswith(f"({100 * expected / n_total:.2f}%)")
+
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)  # all of them: freezing must hold anyway
+    for step in range(3):
+        x = tokens(2, 33, seed=10 + step)
+        _, loss = model(x[:, :-1], x[:, 1:])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    for n, p in model.named_parameters():
+        should_train = (n.endswith(("lora_a", "lora_b")) or (embed and n == "tok_embeddings.weight")
+                        or (norms and n.endswith("norm.weight")))
+        changed = not torch.equal(p, before[n])
+        assert changed == should_train, f"{n}: changed={changed}, should train={should_train}"
+
+
+# ----------------------------------------------------------------------------------------------------
+# Merge
+
+
+def test_merged_equals_unmerged_and_loads_strictly_into_a_plain_model(base_dir):
+    model = finetuned(base_dir, targets=ALL_TARGETS)
+    state = model.state_dict()
+    snapshot = {k: v.clone() for k, v in state.items()}
+    merged = merge_lora(state, model.lora_config)
+    assert all(torch.equal(state[k], snapshot[k]) for k in state)  # pure: the input is untouched
+    assert not any("lora" in k for k in merged)
+    plain = Transformer(model.args)
+    plain.load_state_dict(merged, strict=True)
+    x = tokens(2, 100)
+    with torch.no_grad():
+        ours, theirs = model(x), plain(x)
+    assert (ours - theirs).abs().max().item() <= MERGE_TOL
+    # the merge changed every targeted weight, and nothing else
+    for k in merged:
+        targeted = k.endswith(tuple(f"{t}.weight" for t in ALL_TARGETS))
+        assert torch.equal(merged[k], state[k]) != targeted, k
+
+
+def test_merge_is_fp32_math_cast_back_to_the_weight_dtype():
+    w = torch.randn(16, 8).to(torch.bfloat16)
+    a, b = torch.randn(2, 8), torch.randn(16, 2)
+    merged = merge_lora({"x.weight": w, "x.lora_a": a, "x.lora_b": b}, 0.5)["x.weight"]
+    assert merged.dtype == torch.bfloat16
+    assert torch.equal(merged, (w.double() + 0.5 * (b.double() @ a.double())).float().to(torch.bfloat16))
+    with pytest.raises(ValueError, match="lora_b is missing"):
+        merge_lora({"x.weight": w, "x.lora_a": a}, 0.5)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Adapter files
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_adapter_round_trip_reproduces_the_finetuned_logits_exactly(base_dir, tmp_path, dtype):
+    model = Transformer.from_pretrained(base_dir, dtype=dtype, rope_scaling=FACTOR, max_seq_len=CTX)
+    apply_lora(model, r=4, alpha=8)
+    mark_trainable(model)
+    fake_finetune_(model, seed=5)
+    save_adapter(model, str(tmp_path), ctx=CTX, extra={"lr": 2e-5})
+    assert sorted(os.listdir(tmp_path)) == ["adapter.safetensors", "adapter_config.json"]
+    cfg = json.load(open(tmp_path / "adapter_config.json"))
+    assert (cfg["r"], cfg["alpha"], cfg["targets"], cfg["embed"], cfg["norms"]) == (4, 8, ["wq", "wk", "wv", "wo"], True, True)
+    assert (cfg["rope_scaling"], cfg["max_seq_len"], cfg["extra"]) == (FACTOR, CTX, {"lr": 2e-5})
+    assert cfg["base"]["dim"] == 64 and cfg["base"]["n_kv_heads"] == 2
+    saved = load_file(str(tmp_path / "adapter.safetensors"))
+    assert "tok_embeddings.weight" in saved and "norm.weight" in saved and "output.weight" not in saved
+    assert not any(k.endswith(("wq.weight", "w1.weight")) for k in saved)  # the frozen base is not in an adapter
+
+    fresh = Transformer.from_pretrained(base_dir, dtype=dtype)  # plain base: no scaling, base context
+    assert fresh.args.rope_scaling == 1.0
+    load_adapter(fresh, str(tmp_path))
+    assert (fresh.args.rope_scaling, fresh.args.max_seq_len) == (FACTOR, CTX)
+    x = tokens(2, 150)
+    with torch.no_grad():
+        assert torch.equal(fresh(x), model(x))
+
+
+def test_adapter_that_does_not_fit_the_base_is_refused(base_dir, adapter_dir, tmp_path):
+    adapter, _ = adapter_dir
+
+    def refused(model, path, match):
+        with pytest.raises(ValueError, match=match) as e:
+            load_adapter(model, path)
+        assert "\n" not in str(e.value)
+
+    # other shapes
+    refused(Transformer(ModelArgs(**{**BASE, "dim": 32})), adapter, "dim=64")
+    refused(Transformer(ModelArgs(**{**BASE, "n_layers": 3})), adapter, "n_layers=2")
+    refused(Transformer(ModelArgs(**{**BASE, "vocab_size": 300})), adapter, "vocab_size=512")
+    # the model already carries LoRA on other targets
+    other = Transformer.from_pretrained(base_dir)
+    apply_lora(other, r=4, alpha=8, targets=("wq", "wv"))
+    refused(other, adapter, "targets")
+    # a tensor missing from, or foreign to, the file
+    state = load_file(os.path.join(adapter, "adapter.safetensors"))
+    for name, edit in [("missing", lambda s: s.pop("layers.1.attention.wk.lora_b")),
+                       ("unexpected", lambda s: s.update({"layers.0.attention.wq.bias": torch.zeros(64)}))]:
+        d = tmp_path / name
+        d.mkdir()
+        s = dict(state)
+        edit(s)
+        save_file(s, str(d / "adapter.safetensors"))
+        (d / "adapter_config.json").write_text(open(os.path.join(adapter, "adapter_config.json")).read())
+        refused(Transformer.from_pretrained(base_dir), str(d), f"{name} tensor")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Exports, read back by independent implementations
+
+
+def hf_logits(model, x):
+    with torch.no_grad():
+        return model(x).logits
+
+
+def test_hf_export_loads_in_transformers_with_equal_logits_and_rope_scaling(base_dir, adapter_dir, tmp_path):
+    adapter, ours = adapter_dir
+    out = tmp_path / "hf"
+    assert main(["merge", "--base", base_dir, "--adapter", adapter, "--out", str(out), "--shard-size", "100KB"]) == 0
+    cfg = json.load(open(out / "config.json"))
+    assert cfg["rope_scaling"] == {"type": "linear", "factor": FACTOR} and cfg["max_position_embeddings"] == CTX
+    assert cfg["rope_theta"] == BASE["rope_theta"]
+    index = json.load(open(out / "model.safetensors.index.json"))
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) > 1 and all((out / s).exists() for s in shards)
+    assert open(out / "tokenizer.model", "rb").read() == open(os.path.join(base_dir, "tokenizer.model"), "rb").read()
+    assert not any(n.endswith(".tmp") or ".tmp." in n for n in os.listdir(out))
+
+    hf = transformers.LlamaForCausalLM.from_pretrained(str(out), dtype=torch.float32).eval()
+    x = tokens(2, 200)
+    assert (hf_logits(hf, x) - ours).abs().max().item() <= HF_TOL
+    # The scaling is what makes them agree: without it, positions 64..199 look different.
+    cfg["rope_scaling"], cfg["rope_parameters"] = None, {"rope_type": "default", "rope_theta": BASE["rope_theta"]}
+    (out / "config.json").write_text(json.dumps(cfg))
+    unscaled = transformers.LlamaForCausalLM.from_pretrained(str(out), dtype=torch.float32).eval()
+    assert (hf_logits(unscaled, x) - ours).abs().max().item() > 100 * HF_TOL
+
+
+def test_reexport_into_the_same_directory_leaves_no_stale_shards(base_dir, adapter_dir, tmp_path):
+    adapter, ours = adapter_dir
+    out = str(tmp_path / "hf")
+    assert main(["merge", "--base", base_dir, "--adapter", adapter, "--out", out, "--shard-size", "100KB"]) == 0
+    assert main(["merge", "--base", base_dir, "--adapter", adapter, "--out", out]) == 0  # now one file
+    assert sorted(os.listdir(out)) == ["config.json", "model.safetensors", "tokenizer.model"]
+    with torch.no_grad():
+        assert (Transformer.from_pretrained(out)(tokens(2, 200)) - ours).abs().max().item() <= MERGE_TOL
+
+
+@pytest.mark.parametrize("fmt", ["meta", "own"])
+def test_meta_and_own_exports_load_back_with_the_rope_scaling(base_dir, adapter_dir, tmp_path, fmt):
+    adapter, ours = adapter_dir
+    out = tmp_path / fmt
+    assert main(["merge", "--base", base_dir, "--adapter", adapter, "--out", str(out), "--format", fmt]) == 0
+    expected = {"meta": ["consolidated.00.pth", "params.json", "tokenizer.model"],
+                "own": ["model.safetensors", "params.json", "tokenizer.model"]}[fmt]
+    assert sorted(os.listdir(out)) == expected
+    model = Transformer.from_pretrained(str(out)).eval()
+    assert (model.args.rope_scaling, model.args.max_seq_len) == (FACTOR, CTX)
+    with torch.no_grad():
+        assert (model(tokens(2, 200)) - ours).abs().max().item() <= MERGE_TOL
+
+
+def test_peft_export_loads_in_peft_with_equal_logits(base_dir, adapter_dir, tmp_path):
+    adapter, ours = adapter_dir
+    # The HF base: the unmodified base checkpoint in HF layout (q/k rows in HF's order), read by transformers.
+    from lora import write_hf
+    from model import read_checkpoint
+    args, state = read_checkpoint(base_dir)
+    write_hf(args, state, str(tmp_path / "base-hf"))
+    out = tmp_path / "peft"
+    assert main(["peft", "--base", base_dir, "--adapter", adapter, "--out", str(out)]) == 0
+    cfg = json.load(open(out / "adapter_config.json"))
+    assert cfg["modules_to_save"] == ["embed_tokens", "input_layernorm", "post_attention_layernorm", "norm"]
+    keys = load_file(str(out / "adapter_model.safetensors"))
+    assert "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight" in keys
+    assert "base_model.model.lm_head.lora_B.weight" in keys and "base_model.model.model.embed_tokens.weight" in keys
+
+    # The recipe the CLI prints: the base loaded with the exported config (RoPE scaling, context), then the adapter.
+    config = transformers.AutoConfig.from_pretrained(str(out))
+    hf_base = transformers.LlamaForCausalLM.from_pretrained(str(tmp_path / "base-hf"), config=config, dtype=torch.float32)
+    model = peft.PeftModel.from_pretrained(hf_base, str(out)).eval()
+    assert (hf_logits(model, tokens(2, 200)) - ours).abs().max().item() <= HF_TOL
+
+
+def test_cli_bad_input_is_one_line_and_exit_2(base_dir, adapter_dir, tmp_path, capsys):
+    adapter, _ = adapter_dir
+    wrong_base = tmp_path / "wrong-base"
+    Transformer(ModelArgs(**{**BASE, "n_layers": 1})).save_pretrained(str(wrong_base))
+    cases = [
+        (["merge", "--base", base_dir, "--adapter", str(tmp_path / "nope"), "--out", str(tmp_path / "o1")], "no such adapter"),
+        (["merge", "--base", str(wrong_base), "--adapter", adapter, "--out", str(tmp_path / "o2")], "n_layers=2"),
+        (["merge", "--base", base_dir, "--adapter", adapter, "--out", str(tmp_path / "o3"), "--shard-size", "big"], "size"),
+        (["peft", "--base", base_dir, "--adapter", adapter, "--out", adapter], "new directory"),
+    ]
+    for argv, message in cases:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert err.startswith("error:") and message in err and err.count("\n") == 1, err
+    assert not any((tmp_path / o).exists() for o in ("o1", "o2", "o3"))  # nothing half-written
+    # the same through a real process: exit status 2, one line, no traceback
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "lora.py"), *cases[1][0]], capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 2 and r.stderr.startswith("error:") and r.stderr.count("\n") == 1, r.stderr
