@@ -221,12 +221,17 @@ def base_shapes(args: ModelArgs) -> dict:
     return {f: getattr(args, f) for f in BASE_FIELDS}
 
 
+def in_adapter(key: str, embed: bool, norms: bool) -> bool:
+    """Whether a state-dict key belongs in an adapter: every lora_a / lora_b, plus tok_embeddings and the
+    norms if they trained. The frozen base weights never do."""
+    return (key.endswith((".lora_a", ".lora_b")) or (embed and key == "tok_embeddings.weight")
+            or (norms and key.endswith("norm.weight")))
+
+
 def adapter_state(model) -> dict:
-    """The tensors an adapter holds: every lora_a / lora_b, plus tok_embeddings and the norms if they trained."""
+    """The tensors an adapter holds, by state-dict name (they share storage with the model's parameters)."""
     cfg = model.lora_config
-    keep = lambda k: (k.endswith((".lora_a", ".lora_b")) or (cfg["embed"] and k == "tok_embeddings.weight")
-                      or (cfg["norms"] and k.endswith("norm.weight")))
-    return {k: v for k, v in model.state_dict().items() if keep(k)}
+    return {k: v for k, v in model.state_dict().items() if in_adapter(k, cfg["embed"], cfg["norms"])}
 
 
 def save_adapter(model: Transformer, out_dir, *, ctx: int, extra: dict | None = None):
@@ -301,24 +306,31 @@ def load_adapter(model: Transformer, adapter_dir) -> Transformer:
             raise ValueError(f"adapter {adapter_dir} was trained on a base model with {field}={value}, "
                              f"this one has {field}={ours[field]}")
     have = getattr(model, "lora_config", None)
-    if have is None:
-        apply_lora(model, r=cfg["r"], alpha=cfg["alpha"], dropout=cfg["dropout"], targets=cfg["targets"])
-    else:  # the model already has LoRA layers: they must be the same ones
+    if have is not None:  # the model already has LoRA layers: they must be the same ones
         for field in ("r", "alpha", "targets"):
             if have[field] != cfg[field]:
                 raise ValueError(f"adapter {adapter_dir} has {field}={cfg[field]}, the model's LoRA has {have[field]}")
-    mark_trainable(model, embed=cfg["embed"], norms=cfg["norms"])
-    expected = {k: v for k, v in adapter_state(model).items()}
+    # Check every tensor before touching the model, so a refused adapter leaves it as it was.
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items() if in_adapter(k, cfg["embed"], cfg["norms"])}
+    if have is None:  # the LoRA matrices apply_lora will create: A (r, in), B (out, r)
+        for name, m in model.named_modules():
+            if name.rsplit(".", 1)[-1] in cfg["targets"] and isinstance(m, nn.Linear):
+                out_features, in_features = m.weight.shape
+                expected.update({f"{name}.lora_a": (cfg["r"], in_features), f"{name}.lora_b": (out_features, cfg["r"])})
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))
     if missing or unexpected:
         what, names = ("missing tensor", missing) if missing else ("unexpected tensor", unexpected)
         raise ValueError(f"adapter {adapter_dir}: {what} {names[0]}" + (f" (and {len(names) - 1} more)" if len(names) > 1 else ""))
     for k, v in tensors.items():
-        if tuple(v.shape) != tuple(expected[k].shape):
-            raise ValueError(f"adapter {adapter_dir}: tensor {k} has shape {tuple(v.shape)}, the model expects {tuple(expected[k].shape)}")
+        if tuple(v.shape) != expected[k]:
+            raise ValueError(f"adapter {adapter_dir}: tensor {k} has shape {tuple(v.shape)}, the model expects {expected[k]}")
+
+    if have is None:
+        apply_lora(model, r=cfg["r"], alpha=cfg["alpha"], dropout=cfg["dropout"], targets=cfg["targets"])
+    mark_trainable(model, embed=cfg["embed"], norms=cfg["norms"])
     with torch.no_grad():
-        for k, p in expected.items():
+        for k, p in adapter_state(model).items():
             p.copy_(tensors[k])  # into the existing parameter: keeps its device and dtype (fp32 LoRA is exact)
     model.args.rope_scaling = float(cfg["rope_scaling"])
     model.args.max_seq_len = int(cfg["max_seq_len"])

@@ -228,9 +228,13 @@ def test_adapter_that_does_not_fit_the_base_is_refused(base_dir, adapter_dir, tm
     adapter, _ = adapter_dir
 
     def refused(model, path, match):
+        before = {k: v.clone() for k, v in model.state_dict().items()}
         with pytest.raises(ValueError, match=match) as e:
             load_adapter(model, path)
         assert "\n" not in str(e.value)
+        after = model.state_dict()  # a refused adapter leaves the model as it was
+        assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+        assert model.args.rope_scaling == 1.0
 
     # other shapes
     refused(Transformer(ModelArgs(**{**BASE, "dim": 32})), adapter, "dim=64")
