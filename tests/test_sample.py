@@ -1,0 +1,337 @@
+"""sample.py: KV caches (full, H₂O, attention sinks) against recomputation, the eviction policies on
+hand-made attention, sampling, streaming text, and the CLI as a user runs it."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import ROOT, stdlib_text
+from model import KVCache, Tokenizer, Transformer, apply_rope, preset, rope_angles
+from sample import (H2OCache, SinkCache, chat_prompt, generate, h2o_keep, load_model, make_cache, sample_next,
+                    stream_text)
+
+TOL = 1e-4  # max abs logit difference between cached and uncached paths in fp32 (observed ~1e-5)
+
+
+def make_model(seed=0, **overrides) -> Transformer:
+    """A tiny random model whose logits are far from uniform (std 0.02 init makes every token a near-tie)."""
+    torch.manual_seed(seed)
+    model = Transformer(preset("tiny", **{"max_seq_len": 512, **overrides})).eval()
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            p.copy_(1 + 0.3 * torch.randn_like(p) if "norm" in n else 0.2 * torch.randn_like(p))
+    return model
+
+
+def greedy_by_recomputation(model, ids, n):
+    """The obvious generator: run the whole sequence again for every new token."""
+    ids = list(ids)
+    with torch.no_grad():
+        for _ in range(n):
+            ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
+    return ids[-n:]
+
+
+def run_with_cache(model, ids, cache, prefill, chunk):
+    """Logits (1, T, V) of ids: `prefill` tokens in chunks of `chunk`, then one token at a time, through cache."""
+    out = []
+    with torch.no_grad():
+        for s in range(0, prefill, chunk):
+            out.append(model(ids[:, s:min(s + chunk, prefill)], cache=cache))
+        for t in range(prefill, ids.shape[1]):
+            out.append(model(ids[:, t:t + 1], cache=cache))
+    return torch.cat(out, dim=1)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Caches against the full forward
+
+
+@pytest.mark.parametrize("prefill_chunk", [1, 7, 512])
+def test_greedy_generation_with_kv_cache_equals_recomputing_every_step(prefill_chunk):
+    model = make_model()
+    prompt = torch.randint(0, 256, (23,), generator=torch.Generator().manual_seed(1)).tolist()
+    ours = list(generate(model, prompt, 30, prefill_chunk=prefill_chunk))
+    assert ours == greedy_by_recomputation(model, prompt, 30)
+
+
+@pytest.mark.parametrize("kind", ["full", "h2o", "sink"])
+@pytest.mark.parametrize("rope_scaling", [1.0, 4.0])
+def test_caches_with_budget_covering_the_sequence_equal_one_full_forward(kind, rope_scaling):
+    model = make_model(rope_scaling=rope_scaling)  # GQA: 4 query heads share 2 KV heads
+    ids = torch.randint(0, 256, (2, 60), generator=torch.Generator().manual_seed(2))  # batch of 2
+    with torch.no_grad():
+        reference = model(ids)
+    # budgets of exactly the sequence length: nothing is ever evicted
+    cache = {"full": lambda: make_cache(model, "full", 60, 0, batch_size=2),
+             "h2o": lambda: H2OCache(model.args, heavy=30, recent=30),
+             "sink": lambda: SinkCache(model.args, sink_tokens=4, recent=56)}[kind]()
+    logits = run_with_cache(model, ids, cache, prefill=41, chunk=16)
+    assert (logits - reference).abs().max().item() <= TOL
+
+
+@pytest.mark.parametrize("kind", ["h2o", "sink"])
+def test_generate_with_a_budget_covering_the_sequence_equals_the_full_cache(kind):
+    model = make_model(seed=3)
+    prompt = torch.randint(0, 256, (40,), generator=torch.Generator().manual_seed(3)).tolist()
+    full = list(generate(model, prompt, 25, prefill_chunk=16))
+    # budgets count the generated tokens too: 40 + 25 = 65 <= 35 + 30 (h2o) and 4 + 61 (sink)
+    budget = dict(heavy=35, recent=30) if kind == "h2o" else dict(sink_tokens=4, recent=61)
+    assert list(generate(model, prompt, 25, cache=kind, prefill_chunk=16, **budget)) == full
+
+
+# ----------------------------------------------------------------------------------------------------
+# H₂O: the policy on hand-made scores, and the cache's bookkeeping
+
+
+def test_h2o_keep_takes_the_top_scores_among_old_tokens_plus_the_recent_window():
+    #                      pos: 0    1    2    3    4    5    6    7    8    9
+    score = torch.tensor([[[9.0, 0.3, 2.0, 0.2, 4.2, 0.1, 0.4, 0.0, 8.0, 0.5],     # head 0
+                           [0.1, 7.0, 0.2, 6.0, 0.3, 0.4, 0.5, 9.9, 9.9, 9.9]]])   # head 1
+    keep = h2o_keep(score, heavy=2, recent=3)  # recent = positions 7, 8, 9, whatever their score
+    assert keep.tolist() == [[[0, 4, 7, 8, 9], [1, 3, 7, 8, 9]]]
+    assert h2o_keep(score, heavy=5, recent=5).tolist() == [[list(range(10))] * 2]  # budget >= S: keep all
+    assert h2o_keep(score, heavy=0, recent=2).tolist() == [[[8, 9], [8, 9]]]
+    assert h2o_keep(score, heavy=3, recent=0).tolist() == [[[0, 4, 8], [7, 8, 9]]]
+
+
+def identity_rotate(x, positions):
+    return x
+
+
+def test_h2o_scores_are_attention_received_summed_over_queries_and_the_kv_heads_query_heads():
+    # q = 0 makes every query attend uniformly to what it may see: query t gives 1/(t+1) to each of
+    # tokens 0..t. Two query heads share each KV head, so each score is twice the single-head sum.
+    args = preset("tiny")  # 4 heads, 2 KV heads, head_dim 16
+    cache = H2OCache(args, heavy=10, recent=10)
+    q = torch.zeros(1, 4, 4, 16)
+    k, v = torch.randn(1, 4, 2, 16), torch.randn(1, 4, 2, 16)
+    cache.attend(0, q, k, v, torch.arange(4), identity_rotate)
+    h = [1 + 1 / 2 + 1 / 3 + 1 / 4, 1 / 2 + 1 / 3 + 1 / 4, 1 / 3 + 1 / 4, 1 / 4]
+    expected = torch.tensor([2 * x for x in h]).expand(1, 2, 4)
+    assert torch.allclose(cache.score[0], expected, atol=1e-6)
+    assert cache.score[0].dtype == torch.float32
+    # one more token attends uniformly to 5 tokens: 2 heads x 1/5 each
+    cache.attend(0, torch.zeros(1, 1, 4, 16), torch.randn(1, 1, 2, 16), torch.randn(1, 1, 2, 16),
+                 torch.tensor([4]), identity_rotate)
+    assert torch.allclose(cache.score[0], torch.cat([expected + 0.4, torch.full((1, 2, 1), 0.4)], -1), atol=1e-6)
+
+
+def test_h2o_cache_evicts_per_kv_head_the_tokens_that_received_the_least_attention():
+    # Head group 0 (query heads 0, 1) looks only at token 1, group 1 (query heads 2, 3) only at token 2:
+    # a key with a large component along the query's direction takes ~all the softmax mass.
+    args = preset("tiny")
+    cache = H2OCache(args, heavy=1, recent=2)
+    q = torch.zeros(1, 6, 4, 16)
+    q[..., 0:2, 0] = 1.0  # query heads 0, 1 point along dim 0
+    q[..., 2:4, 1] = 1.0  # query heads 2, 3 point along dim 1
+    k = torch.zeros(1, 6, 2, 16)
+    k[0, 1, 0, 0] = 60.0  # KV head 0: token 1 matches
+    k[0, 2, 1, 1] = 60.0  # KV head 1: token 2 matches
+    v = torch.randn(1, 6, 2, 16)
+    # queries 0 and (for group 1) 1 cannot see their favourite yet; every later one attends to it
+    cache.attend(0, q, k, v, torch.arange(6), identity_rotate)
+    assert cache.kept[0].tolist() == [[[1, 4, 5], [2, 4, 5]]]  # heavy hitter + the 2 most recent, per head
+    assert torch.equal(cache.k[0][0, 0], k[0, [1, 4, 5], 0]) and torch.equal(cache.v[0][0, 1], v[0, [2, 4, 5], 1])
+
+
+def test_h2o_cache_never_exceeds_its_budget_and_always_keeps_the_recent_window():
+    model = make_model(seed=4)
+    ids = torch.randint(0, 256, (1, 80), generator=torch.Generator().manual_seed(4))
+    cache = H2OCache(model.args, heavy=5, recent=7)
+    with torch.no_grad():
+        model(ids[:, :30], cache=cache)
+        for t in range(30, 80):
+            model(ids[:, t:t + 1], cache=cache)
+            for layer in range(model.args.n_layers):
+                kept = cache.kept[layer]  # (1, H_kv, S)
+                assert kept.shape == (1, 2, 12) and cache.k[layer].shape == (1, 2, 12, 16)
+                assert (kept.diff(dim=-1) > 0).all()  # distinct, in position order
+                assert kept[..., -7:].tolist() == [[list(range(t - 6, t + 1))] * 2]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Attention sinks
+
+
+def test_sink_cache_keeps_the_first_tokens_and_the_recent_window():
+    model = make_model(seed=5)
+    ids = torch.randint(0, 256, (1, 40), generator=torch.Generator().manual_seed(5))
+    cache = SinkCache(model.args, sink_tokens=4, recent=6)
+    with torch.no_grad():
+        model(ids[:, :8], cache=cache)  # 8 <= 10: nothing evicted yet
+        assert cache.kept[0].tolist() == list(range(8))
+        for t in range(8, 40):
+            model(ids[:, t:t + 1], cache=cache)
+            expected = list(range(t + 1)) if t < 10 else [0, 1, 2, 3] + list(range(t - 5, t + 1))
+            assert all(cache.kept[layer].tolist() == expected for layer in range(model.args.n_layers))
+            assert cache.k[0].shape[1] <= 10
+
+
+@pytest.mark.parametrize("rope_scaling", [1.0, 2.0])
+def test_sink_cache_equals_a_forward_over_the_kept_tokens_at_their_cache_positions(rope_scaling):
+    # StreamingLLM's rule: a kept token is rotated by its index in the cache. In a one-layer model the
+    # keys and values of a token depend only on its embedding, so each new token's logits must equal
+    # those of a plain forward over [kept tokens..., new token], positions 0, 1, 2, ...
+    model = make_model(seed=6, n_layers=1, rope_scaling=rope_scaling)
+    ids = torch.randint(0, 256, (1, 30), generator=torch.Generator().manual_seed(6))
+    cache = SinkCache(model.args, sink_tokens=3, recent=5)
+    with torch.no_grad():
+        model(ids[:, :4], cache=cache)
+        for t in range(4, 30):
+            kept = cache.kept[0].tolist()
+            logits = model(ids[:, t:t + 1], cache=cache)[0, -1]
+            reference = model(ids[:, kept + [t]])[0, -1]
+            assert (logits - reference).abs().max().item() <= TOL
+
+
+def test_sink_cache_rotates_queries_by_their_position_in_the_cache():
+    # The same rule checked on one attend call with hand-made tensors and an explicit reference.
+    args = preset("tiny")
+    rotate = lambda x, pos: apply_rope(x, *rope_angles(pos, 16, 10000.0))
+    cache = SinkCache(args, sink_tokens=2, recent=3)
+    k, v = torch.randn(1, 20, 2, 16), torch.randn(1, 20, 2, 16)
+    for t in range(20):
+        q = torch.randn(1, 1, 4, 16)
+        kept_before = cache.kept[0].tolist() if cache.kept[0] is not None else []
+        y = cache.attend(0, q, k[:, t:t + 1], v[:, t:t + 1], torch.tensor([t]), rotate)
+        visible = kept_before + [t]
+        S = len(visible)
+        kr = rotate(k[:, visible], torch.arange(S)).repeat_interleave(2, dim=2)  # (1, S, 4, D)
+        qr = rotate(q, torch.tensor([S - 1]))
+        att = torch.einsum("bthd,bshd->bhts", qr, kr).div(4.0).softmax(-1)  # sqrt(16) = 4
+        ref = torch.einsum("bhts,bshd->bthd", att, v[:, visible].repeat_interleave(2, dim=2))
+        assert torch.allclose(y, ref, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Sampling and streaming
+
+
+def test_sampling_stays_inside_top_k_and_the_top_p_nucleus():
+    probs = torch.tensor([0.5, 0.2, 0.15, 0.1, 0.05])
+    logits = probs.log()
+    g = torch.Generator().manual_seed(0)
+    top_k = {sample_next(logits, 1.0, 1.0, 2, g) for _ in range(300)}
+    top_p = {sample_next(logits, 1.0, 0.6, 0, g) for _ in range(300)}  # 0.5 < 0.6 <= 0.5 + 0.2
+    anything = {sample_next(logits, 1.0, 1.0, 0, g) for _ in range(600)}
+    assert top_k == {0, 1} and top_p == {0, 1} and anything == {0, 1, 2, 3, 4}
+    assert sample_next(torch.tensor([0.1, 3.0, 2.9]), 0.0) == 1  # temperature 0 = greedy
+
+
+def test_stream_text_pieces_join_to_the_decoded_text_and_never_show_half_a_character(sp_model):
+    tok = Tokenizer(sp_model)
+    text = "naïve café: 日本語の文章 and ünïcödé, then plain words."
+    ids = tok.encode(text, bos=False)
+    assert any(tok.sp.is_byte(i) for i in ids), "the test needs byte-fallback pieces"
+    context = tok.encode("Say:", bos=True)
+    pieces = list(stream_text(tok, iter(ids), context))
+    assert len(pieces) > 5 and not any("\ufffd" in p for p in pieces)
+    joined = "".join(pieces)
+    assert tok.decode(context) + joined == tok.decode(context + ids)  # leading space kept
+    assert joined.strip() == text
+
+
+def test_chat_prompt_is_llama2s_inst_template(sp_model):
+    tok = Tokenizer(sp_model)
+    ids = chat_prompt(tok, "  What is RoPE?\n")
+    assert ids[0] == tok.bos_id and tok.decode(ids) == "[INST] What is RoPE? [/INST]"
+
+
+# ----------------------------------------------------------------------------------------------------
+# The CLI
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory, sp_model):
+    d = tmp_path_factory.mktemp("tiny")
+    make_model(seed=7, vocab_size=512, max_seq_len=128).save_pretrained(str(d), tokenizer_path=sp_model)
+    return str(d)
+
+
+def run_cli(*args, stdin=None):
+    return subprocess.run([sys.executable, os.path.join(ROOT, "sample.py"), *args], input=stdin,
+                          capture_output=True, text=True, cwd=ROOT, timeout=120)
+
+
+def test_cli_streams_the_greedy_continuation(model_dir, tmp_path):
+    prompt = tmp_path / "prompt.txt"
+    prompt.write_text("def main(argv=None):\n    parser = argparse.", encoding="utf-8")
+    r = run_cli("--model", model_dir, "--prompt", str(prompt), "--temperature", "0", "--max-new-tokens", "24",
+                "--prefill-chunk", "5")
+    assert r.returncode == 0, r.stderr
+    model = Transformer.from_pretrained(model_dir).eval()
+    ids = model.tokenizer.encode(prompt.read_text(), bos=True)
+    expected = list(generate(model, ids, 24, eos_id=model.tokenizer.eos_id))
+    assert r.stdout == "".join(stream_text(model.tokenizer, expected, ids)) + "\n"
+    assert len(r.stdout.strip()) > 0
+    assert "prefill: " in r.stderr and "tok/s" in r.stderr
+
+
+def test_cli_chat_from_stdin_with_sink_cache(model_dir):
+    r = run_cli("--model", model_dir, "--prompt", "-", "--chat", "--kv-cache", "sink", "--recent", "8",
+                "--temperature", "0", "--max-new-tokens", "16", stdin="Explain dataclasses.")
+    assert r.returncode == 0, r.stderr
+    model = Transformer.from_pretrained(model_dir).eval()
+    ids = chat_prompt(model.tokenizer, "Explain dataclasses.")
+    expected = list(generate(model, ids, 16, cache="sink", recent=8, eos_id=model.tokenizer.eos_id))
+    assert r.stdout == "".join(stream_text(model.tokenizer, expected, ids)) + "\n"
+
+
+def test_adapter_is_loaded_with_its_rope_scaling_and_context(model_dir, tmp_path):
+    import lora
+
+    model = Transformer.from_pretrained(model_dir)
+    lora.apply_lora(model, r=4, alpha=8)
+    lora.mark_trainable(model, embed=False, norms=False)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_b" in name:
+                p.normal_(0, 0.5)  # a trained-looking adapter that changes the logits
+    model.args.rope_scaling = 4.0
+    lora.save_adapter(model, str(tmp_path / "adapter"), ctx=512)
+    loaded = load_model(model_dir, str(tmp_path / "adapter"))
+    assert loaded.args.rope_scaling == 4.0 and loaded.args.max_seq_len == 512
+    ids = torch.randint(0, 512, (1, 20))
+    with torch.no_grad():
+        assert torch.allclose(loaded(ids), model.eval()(ids), atol=1e-5)
+
+
+def bad_inputs(tmp_path, model_dir, sp_model):
+    """(name, argv, expected words in the error line) for each mistake a user can make."""
+    (tmp_path / "empty.txt").write_text("  \n")
+    (tmp_path / "binary.txt").write_bytes(b"\x7fELF\x02\x01\x01\x00\x00\x00 header")
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9 cr\xe8me".encode("latin-1"))
+    (tmp_path / "long.txt").write_text(stdlib_text(("argparse.py",))[:4000])  # >> 128 tokens
+    other = Transformer(preset("tiny", dim=32, n_heads=2, n_kv_heads=1, vocab_size=512))
+    import lora
+
+    lora.apply_lora(other)
+    lora.mark_trainable(other, embed=False, norms=False)
+    lora.save_adapter(other, str(tmp_path / "other_adapter"), ctx=128)
+    base = ["--model", model_dir, "--max-new-tokens", "4"]
+    return [
+        ("missing file", base + ["--prompt", str(tmp_path / "nope.txt")], ["nope.txt", "no such file"]),
+        ("empty file", base + ["--prompt", str(tmp_path / "empty.txt")], ["empty"]),
+        ("binary file", base + ["--prompt", str(tmp_path / "binary.txt")], ["binary"]),
+        ("not utf-8", base + ["--prompt", str(tmp_path / "latin1.txt")], ["not UTF-8", "0xe9"]),
+        ("prompt too long", base + ["--prompt", str(tmp_path / "long.txt")], ["tokens", "128"]),
+        ("adapter for another base", base + ["--prompt", "Hi", "--adapter", str(tmp_path / "other_adapter")], ["dim"]),
+        ("missing model", ["--model", str(tmp_path / "no_model"), "--prompt", "Hi"], ["no_model"]),
+    ]
+
+
+def test_cli_fails_cleanly_on_each_bad_input(tmp_path, model_dir, sp_model):
+    cases = bad_inputs(tmp_path, model_dir, sp_model)
+    procs = [subprocess.Popen([sys.executable, os.path.join(ROOT, "sample.py"), *argv], cwd=ROOT, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _, argv, _ in cases]
+    for (name, _, words), p in zip(cases, procs):  # started together: the imports overlap
+        out, err = p.communicate(timeout=120)
+        assert p.returncode == 2, f"{name}: exit {p.returncode}, stderr {err!r}"
+        assert err.count("\n") == 1 and err.startswith("error: "), f"{name}: {err!r}"
+        assert all(w in err for w in words), f"{name}: {err!r} should mention {words}"
+        assert out == "", name
