@@ -1,0 +1,224 @@
+"""eval.py: both perplexity protocols against a hand computation on a model with known logits, the
+passkey prompt's layout, passkey scoring with an oracle and a failing model, and the CLI."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+from conftest import stdlib_text
+from model import Tokenizer, Transformer, preset
+import eval as ev
+
+
+class KnownLogits(nn.Module):
+    """logits[b, t] = table[token at t] + t * slope: known, and they depend on the position inside the
+    window, so scoring a token in the wrong window (or at the wrong place) changes the answer."""
+
+    def __init__(self, vocab=11, seed=0):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.table = nn.Parameter(torch.randn(vocab, vocab, generator=g))
+        self.slope = torch.randn(vocab, generator=g) * 0.05
+
+    def forward(self, tokens):
+        T = tokens.shape[1]
+        return self.table[tokens] + torch.arange(T)[None, :, None] * self.slope  # (B, T, V)
+
+
+def nll_by_hand(model, window):
+    """-log p(window[t+1] | window[:t+1]) for t = 0 .. L-2, one Python float at a time."""
+    logits = model(torch.tensor([window]))[0].double()
+    out = []
+    for t in range(len(window) - 1):
+        row = logits[t]
+        out.append(-(row[window[t + 1]] - math.log(sum(math.exp(x) for x in row.tolist()))).item())
+    return out
+
+
+def test_window_starts_are_longloras_with_the_last_dropped_and_every_full_window_without_stride():
+    # LongLoRA: range(0, 1000 - 256, 256) = [0, 256, 512], then all_ix.pop() drops 512
+    assert ev.window_starts(1000, 256, 256) == [0, 256]
+    assert ev.window_starts(1000, 100, 300) == [0, 300]  # range(0, 900, 300) = [0, 300, 600]
+    assert ev.window_starts(1000, 256) == [0, 256, 512]
+    assert ev.window_starts(768, 256) == [0, 256, 512]
+    with pytest.raises(ValueError, match="too few"):
+        ev.window_starts(512, 256, 256)  # range(0, 256, 256) = [0], popped: nothing left
+
+
+@pytest.mark.parametrize("batch_size", [1, 3])
+def test_longlora_protocol_is_the_mean_of_window_mean_losses_over_overlapping_windows(batch_size):
+    model = KnownLogits()
+    tokens = torch.randint(0, 11, (90,), generator=torch.Generator().manual_seed(1)).tolist()
+    L, s = 20, 7
+    # by hand: windows at 0, 7, ..., < 90 - 20 = 70, i.e. 0..63, the last (63) dropped
+    window_losses = [sum(nll_by_hand(model, tokens[i:i + L])) / (L - 1) for i in range(0, 63, s)]
+    expected = math.exp(sum(window_losses) / len(window_losses))
+    r = ev.perplexity(model, np.array(tokens), L, stride=s, batch_size=batch_size)
+    assert r["windows"] == 9 and r["scored"] == 9 * 19
+    assert r["ppl"] == pytest.approx(expected, rel=1e-5)
+
+
+def test_non_overlapping_protocol_scores_each_window_once():
+    model = KnownLogits(seed=2)
+    tokens = torch.randint(0, 11, (95,), generator=torch.Generator().manual_seed(2)).tolist()
+    nll = [x for i in (0, 20, 40, 60) for x in nll_by_hand(model, tokens[i:i + 20])]  # 95 - 80 = 15 left over
+    r = ev.perplexity(model, tokens, 20)
+    assert r["windows"] == 4 and r["scored"] == len(nll) == 76
+    assert r["ppl"] == pytest.approx(math.exp(sum(nll) / len(nll)), rel=1e-5)
+
+
+def test_uniform_logits_give_the_vocabulary_size_under_both_protocols():
+    class Uniform(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.p = nn.Parameter(torch.zeros(1))
+
+        def forward(self, tokens):
+            return torch.zeros(*tokens.shape, 37)
+
+    tokens = np.random.default_rng(0).integers(0, 37, 500)
+    assert ev.perplexity(Uniform(), tokens, 64, stride=16)["ppl"] == pytest.approx(37.0, rel=1e-6)
+    assert ev.perplexity(Uniform(), tokens, 64)["ppl"] == pytest.approx(37.0, rel=1e-6)
+
+
+def test_perplexity_uses_full_attention_and_restores_the_models_setting():
+    torch.manual_seed(0)
+    model = Transformer(preset("tiny")).eval()
+    tokens = torch.randint(0, 256, (200,)).numpy()
+    model.args.attn = "full"
+    full = ev.perplexity(model, tokens, 64)["ppl"]
+    model.args.attn = "s2"
+    s2 = ev.perplexity(model, tokens, 64, attn="s2")["ppl"]
+    assert ev.perplexity(model, tokens, 64)["ppl"] == full != s2
+    assert model.args.attn == "s2"
+
+
+# ----------------------------------------------------------------------------------------------------
+# Passkey
+
+
+@pytest.mark.parametrize("n_tokens,depth", [(300, 0.0), (600, 0.25), (1000, 0.5), (1500, 0.9), (800, 1.0)])
+def test_passkey_prompt_has_the_requested_length_and_the_key_at_the_requested_depth(sp_model, n_tokens, depth):
+    tok = Tokenizer(sp_model)
+    ids, key, d = ev.passkey_prompt(tok, n_tokens, depth=depth, seed=n_tokens)
+    assert len(ids) == n_tokens and d == depth and ids[0] == tok.bos_id
+    assert len(key) == 5 and key.isdigit()
+    lines = tok.decode(ids).split("\n")
+    assert len(lines) == 5
+    task, before, info, after, question = lines
+    assert task == ev.TASK and question == ev.QUESTION
+    assert info == f"The pass key is {key}. Remember it. {key} is the pass key."
+    filler = " ".join([ev.FILLER] * 200)
+    assert filler.startswith(before) and filler.startswith(after)  # both cut from the start of the filler
+    # the depth in tokens of filler, counted independently by re-encoding each part
+    n_before = len(tok.encode(before, bos=False)) if before else 0
+    n_after = len(tok.encode(after, bos=False)) if after else 0
+    assert abs(n_before / (n_before + n_after) - depth) <= 2 / (n_before + n_after)
+
+
+def test_passkey_prompt_draws_key_and_depth_from_the_seed_and_refuses_too_short_prompts(sp_model):
+    tok = Tokenizer(sp_model)
+    a, b, c = (ev.passkey_prompt(tok, 400, seed=s) for s in (1, 1, 2))
+    assert a == b and (a[1], a[2]) != (c[1], c[2])
+    with pytest.raises(ValueError, match="at least"):
+        ev.passkey_prompt(tok, 20)
+
+
+class Copier(nn.Module):
+    """An induction head: predicts the token that followed the latest earlier occurrence of the last
+    four tokens. It retrieves any passkey; `shift` makes it copy one token off (always wrong).
+    It keeps its own history, keyed on the KV cache generate() passes."""
+
+    def __init__(self, vocab, shift=0):
+        super().__init__()
+        self.args = preset("tiny", vocab_size=vocab)  # generate() sizes its KV cache from these
+        self.p = nn.Parameter(torch.zeros(1))
+        self.vocab, self.shift, self.seen = vocab, shift, []
+
+    def forward(self, tokens, cache=None):
+        if cache is None or cache.pos == 0:
+            self.seen = []
+        self.seen += tokens[0].tolist()
+        if cache is not None:
+            cache.pos += tokens.shape[1]
+        s, nxt = self.seen, 0
+        for j in range(len(s) - 2, 2, -1):
+            if s[j - 3:j + 1] == s[-4:]:
+                nxt = s[min(j + 1 + self.shift, len(s) - 1)]
+                break
+        logits = torch.zeros(1, tokens.shape[1], self.vocab)
+        logits[0, -1, nxt] = 1.0
+        return logits
+
+
+def test_passkey_accuracy_is_one_for_a_model_that_retrieves_and_zero_for_one_that_does_not(sp_model):
+    tok = Tokenizer(sp_model)
+    good = ev.passkey_accuracy(Copier(tok.vocab_size), tok, [300, 700], trials=3)
+    assert good["accuracy"] == {300: 1.0, 700: 1.0}
+    assert len(good["trials"]) == 6 and all(r["output"].strip() == r["key"] for r in good["trials"])
+    bad = ev.passkey_accuracy(Copier(tok.vocab_size, shift=1), tok, [300], trials=3, depths=[0.0, 1.0])
+    assert bad["accuracy"] == {300: 0.0} and sorted({r["depth"] for r in bad["trials"]}) == [0.0, 1.0]
+
+
+# ----------------------------------------------------------------------------------------------------
+# CLI
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory, sp_model):
+    d = tmp_path_factory.mktemp("tiny_eval")
+    torch.manual_seed(0)
+    Transformer(preset("tiny", vocab_size=512, max_seq_len=256)).save_pretrained(str(d), tokenizer_path=sp_model)
+    return str(d)
+
+
+def test_ppl_cli_prints_a_table_and_writes_json_equal_to_the_function(model_dir, tmp_path, capsys):
+    doc = tmp_path / "doc.txt"
+    doc.write_text(stdlib_text(("dataclasses.py",))[:6000], encoding="utf-8")
+    out = tmp_path / "ppl.json"
+    assert ev.main(["ppl", "--model", model_dir, "--data", str(doc), "--seq-lens", "32,64", "--stride", "16",
+                    "--max-tokens", "600", "--out", str(out)]) == 0
+    table = capsys.readouterr().out
+    result = json.loads(out.read_text())
+    model = Transformer.from_pretrained(model_dir).eval()
+    tokens = np.array(model.tokenizer.encode(doc.read_text(), bos=True, eos=True))[:600]  # train.py's packing
+    for row, L in zip(result["results"], (32, 64)):
+        assert row["seq_len"] == L and row["ppl"] == pytest.approx(ev.perplexity(model, tokens, L, 16)["ppl"], rel=1e-6)
+        assert f"{row['ppl']:.3f}" in table
+    # the same tokens from a token file give the same numbers: train.py's (with its sidecar) and a raw uint16 one
+    from train import prepare_tokens
+
+    prepare_tokens([str(doc)], model.tokenizer, str(tmp_path / "train.bin"))
+    tokens.astype("<u2").tofile(tmp_path / "raw.bin")
+    for name in ("train.bin", "raw.bin"):
+        assert ev.main(["ppl", "--model", model_dir, "--tokens", str(tmp_path / name), "--seq-lens", "32,64",
+                        "--stride", "16", "--max-tokens", "600", "--out", str(tmp_path / "again.json")]) == 0
+        again = json.loads((tmp_path / "again.json").read_text())
+        assert [r["ppl"] for r in again["results"]] == pytest.approx([r["ppl"] for r in result["results"]], rel=1e-6)
+
+
+def test_passkey_cli_writes_accuracy_json_and_a_png(model_dir, tmp_path, capsys):
+    out, png = tmp_path / "pk.json", tmp_path / "pk.png"
+    assert ev.main(["passkey", "--model", model_dir, "--lengths", "200,300", "--trials", "2", "--out", str(out),
+                    "--png", str(png)]) == 0
+    result = json.loads(out.read_text())
+    assert set(result["accuracy"]) == {"200", "300"} and len(result["trials"]) == 4
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("case", ["missing data", "binary data", "token file of another vocabulary", "too few tokens"])
+def test_cli_fails_with_one_line_on_bad_input(model_dir, tmp_path, capsys, case):
+    (tmp_path / "bin.txt").write_bytes(b"\x00\xff\xfe\x00")
+    np.array([5, 70000, 3], dtype="<u4").tofile(tmp_path / "big.bin")  # read as uint16: id 70000 -> 4464 >= 512
+    (tmp_path / "short.txt").write_text("just a few words")
+    argv = {"missing data": ["--data", str(tmp_path / "nope.txt")],
+            "binary data": ["--data", str(tmp_path / "bin.txt")],
+            "token file of another vocabulary": ["--tokens", str(tmp_path / "big.bin")],
+            "too few tokens": ["--data", str(tmp_path / "short.txt")]}[case]
+    assert ev.main(["ppl", "--model", model_dir, "--seq-lens", "64", *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1
