@@ -149,7 +149,7 @@ def _reference(q, k, v, pattern, lengths):
     out = torch.einsum("bhij,bjhd->bihd", probs, v.to(dtype))  # (B, T, H, D)
     if lengths is not None:
         out = out * valid[:, :, None, None]
-    return out.to(q.dtype)
+    return out.to(q.dtype).contiguous()
 
 
 # ----------------------------------------------------------------------------- segments
@@ -192,11 +192,12 @@ def _sdpa_full(q, k, v, lengths):
     B, T, H, D = q.shape
     qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D), (B, H_kv, T, D)
     out = F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, enable_gqa=k.shape[2] != H)
-    # a contiguous (B, T, H, D), the layout the output projection needs (every mode returns this)
+    # a contiguous (B, T, H, D), the layout the output projection needs; every mode returns this. (The
+    # fused CPU and CUDA kernels already lay their output out this way, so this copies nothing.)
     out = out.transpose(1, 2).contiguous()  # (B, T, H, D)
     if lengths is not None:
         valid = torch.arange(T, device=q.device)[None, :] < lengths.to(q.device)[:, None]  # (B, T)
-        out.mul_(valid[:, :, None, None])  # padded queries -> zeros (in place: no extra copy)
+        out = out * valid[:, :, None, None]  # padded queries -> zeros
     return out
 
 
@@ -225,17 +226,30 @@ def _attend_segments(q, k, v, segments, L):
     if sum(sizes) < T:
         sizes.append(T - sum(sizes))  # the padded tail
     q_parts, k_parts, v_parts = q.split(sizes), k.split(sizes), v.split(sizes)
+    part_starts = [0, *torch.tensor(sizes).cumsum(0).tolist()]
+
+    def rows(parts, full, p0, p1):
+        # rows [p0, p1), taken from the split part that holds them if there is one: the backward of a
+        # slice allocates zeros the size of what was sliced, and a part is smaller than the whole row
+        for part, start in zip(parts, part_starts):
+            if start <= p0 and p1 <= start + part.shape[0]:
+                return part[p0 - start:p1 - start]
+        return full[p0:p1]
+
     outs = []
     for blk, qb, kb, vb in zip(blocks, q_parts, k_parts, v_parts):
         n, m, (p0, p1) = blk["n"], blk["m"], blk["prefix"]
-        x = [t.view(n, m, t.shape[1], D) for t in (qb, kb, vb)]  # (n, m, h, D): n segments of m tokens
+        qs, ks, vs = (t.view(n, m, t.shape[1], D) for t in (qb, kb, vb))  # (n, m, h, D): n segments of m tokens
         P = p1 - p0
         if P:
-            # prepend the prefix keys to every segment, and as many placeholder queries (the prefix's own
-            # queries; their outputs are dropped), so that plain causal attention over P + m tokens gives
-            # each real query all P prefix keys plus the causal keys of its segment
-            x = [torch.cat([full[p0:p1].expand(n, P, *full.shape[1:]), t], dim=1) for full, t in zip((q, k, v), x)]
-        qs, ks, vs = (t.transpose(1, 2) for t in x)  # (n, h, P+m, D): segments in the batch dimension
+            # prepend the P prefix keys to every segment, and P placeholder queries (zeros, outputs dropped):
+            # plain causal attention over the P + m tokens then gives each real query all the prefix keys
+            # plus the causal keys of its own segment, and the fused kernel still skips the upper blocks
+            kp, vp = rows(k_parts, k, p0, p1), rows(v_parts, v, p0, p1)  # (P, h_kv, D)
+            qs = torch.cat([qs.new_zeros(1, 1, 1, 1).expand(n, P, h, D), qs], dim=1)  # (n, P+m, h, D)
+            ks = torch.cat([kp.expand(n, *kp.shape), ks], dim=1)  # (n, P+m, h_kv, D)
+            vs = torch.cat([vp.expand(n, *vp.shape), vs], dim=1)  # (n, P+m, h_kv, D)
+        qs, ks, vs = (t.transpose(1, 2) for t in (qs, ks, vs))  # (n, h, P+m, D): segments in the batch dimension
         o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, enable_gqa=ks.shape[1] != h)
         outs.append(o[:, :, P:].transpose(1, 2).reshape(n * m, h, D))  # (n*m, h, D)
     if sum(sizes[: len(blocks)]) < T:
@@ -255,7 +269,7 @@ def _sdpa_grouped(q, k, v, plan, lengths):
         halves = [_attend_segments(qh, kh, vh, segments, L)
                   for qh, kh, vh, segments in zip(qb.chunk(2, dim=1), kb.chunk(2, dim=1), vb.chunk(2, dim=1), plan)]
         rows.append(torch.cat(halves, dim=1))  # (T, H, D)
-    return torch.stack(rows)  # (B, T, H, D)
+    return rows[0].unsqueeze(0) if B == 1 else torch.stack(rows)  # (B, T, H, D); stack would copy even one row
 
 
 # ----------------------------------------------------------------------------- flash backend
