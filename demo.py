@@ -1,0 +1,529 @@
+"""
+The whole method on a CPU, end to end: a miniature LongLoRA / SinkLoRA reproduction on real text.
+
+    python demo.py                 # ~30 min on 2 CPU cores; results in out/demo/
+    python demo.py --fast          # the same pipeline with tiny everything (< 2 min), for a smoke test
+    python demo.py --corpus DIR    # your own folder of text files instead of the Python stdlib
+
+What it does, each step through the project's own code (train.py, eval.py, sample.py, lora.py):
+
+  1. corpus      the Python standard library's own .py files (real long documents, on every machine),
+                 split into train / held-out by md5(relative path) % 10 == 0 -> held-out
+  2. tokenizer   sentencepiece BPE trained on the train files with LLaMA's settings (byte fallback,
+                 split digits), plus identity normalisation so that code keeps its indentation
+  3. data        the train files plus synthetic passkey documents (see "Why passkey documents")
+  4. pre-train   a tiny LLaMA (model.py preset "demo", 2.6M parameters) from scratch at a short
+                 context S (256 tokens), with full attention            -> train.py --from-scratch
+  5. extend      to 4S (1024) with linear position interpolation (RoPE positions / 4) and LoRA on
+                 wq wk wv wo with trainable embeddings and norms (LongLoRA's "LoRA+"), once per
+                 training attention: full, s2 with the paper's cyclic roll, s2, sf -- same steps,
+                 same data order, same LoRA init for every variant of a seed  -> train.py --attn ...
+  6. evaluate    held-out perplexity at S, 2S, 4S (full attention at evaluation, as in the papers)
+                 for the base (no interpolation), the interpolated base without fine-tuning (the
+                 baseline) and every fine-tuned model; passkey accuracy at 4S; each method's share
+                 of the full-attention improvement at 4S, SinkLoRA's measure:
+                     share(m) = (ppl_baseline - ppl_m) / (ppl_baseline - ppl_full)   -> eval.py
+  7. sample      a continuation of a held-out file by the best model              -> sample.py
+
+Outputs in --out: results.md (the table), results.json (every number, per seed), results.png (when
+matplotlib is installed), sample.txt, and the cached tokenizer / base model / adapters (a re-run with
+the same settings reuses them; delete the folder to start afresh).
+
+Why passkey documents. A model this small, pre-trained on 256-token windows of code, barely uses context
+beyond a few hundred tokens, and it has never seen a passkey prompt, so passkey accuracy would be zero
+for every model and say nothing. A fraction of the training documents are therefore synthetic
+retrieval documents: a 5-digit key stated once, filler (LongLoRA's repeated sentences, or real training
+code), then the question and the answer. In pre-training the key sits < S tokens before the question;
+in the extension data it sits up to 4S tokens before it. Passkey accuracy at 4S then measures whether
+each extension method taught the model to retrieve across the longer context. The perplexities are
+measured on real held-out text only, never on synthetic documents.
+"""
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import random
+import sys
+import sysconfig
+import time
+
+import torch
+
+import eval as evaluation  # eval.py; renamed so that it does not shadow the builtin
+import sample
+import train
+from model import Tokenizer, Transformer, atomic_write
+
+# ----------------------------------------------------------------------------------------------------
+# Settings. "full" is the default run; "fast" runs the same code paths with tiny everything.
+
+SETTINGS = {
+    "full": dict(
+        preset="demo", vocab=2048, short=256, factor=4,
+        pre_steps=660, pre_batch=16, pre_lr=2e-3, pre_warmup=30, pre_min_lr=2e-4,
+        ext_steps=120, ext_batch=4, ext_lr=3e-3, ext_warmup=10, ext_min_lr=3e-4,
+        max_files=None, eval_tokens=131072, passkey_trials=40, sample_tokens=200,
+        passkey_share_pre=0.10, passkey_share_ext=0.20,
+    ),
+    "fast": dict(
+        preset="tiny", vocab=768, short=128, factor=4,
+        pre_steps=40, pre_batch=8, pre_lr=3e-3, pre_warmup=4, pre_min_lr=3e-4,
+        ext_steps=6, ext_batch=2, ext_lr=3e-3, ext_warmup=2, ext_min_lr=3e-4,
+        max_files=40, eval_tokens=4096, passkey_trials=4, sample_tokens=24,
+        passkey_share_pre=0.10, passkey_share_ext=0.20,
+    ),
+}
+
+# The extension variants: name -> (train.py --attn, extra flags). "s2, wrap" is the paper's Algorithm 1,
+# whose cyclic roll lets the first half-group of the shifted heads see the last tokens (future ones).
+VARIANTS = {
+    "full": ["--attn", "full"],
+    "s2, wrap": ["--attn", "s2", "--shift-wrap"],
+    "s2": ["--attn", "s2"],
+    "sf": ["--attn", "sf"],
+}
+BASE, BASELINE = "base, no interpolation", "interpolation, no fine-tuning"
+SKIP_DIRS = {"test", "tests", "idle_test", "site-packages", "__pycache__"}
+
+
+def log(msg):
+    print(f"[demo {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+# ----------------------------------------------------------------------------------------------------
+# 1. Corpus
+
+
+def is_heldout(rel_path: str) -> bool:
+    """Deterministic split by file name: about one file in ten is held out."""
+    return int(hashlib.md5(rel_path.encode("utf-8")).hexdigest(), 16) % 10 == 0
+
+
+def read_corpus(root: str, stdlib: bool, max_files=None):
+    """(train, heldout): lists of (relative path, text), sorted by path.
+
+    stdlib=True: every .py file under root except tests and site-packages. Otherwise every file under
+    root that decodes as UTF-8 text. A corpus whose md5 split leaves one side empty (fewer than ~10
+    files) is split inside each file instead: the last tenth of every file is held out.
+    """
+    if not os.path.isdir(root):
+        raise FileNotFoundError(f"{root}: no such directory")
+    docs = []
+    for d, dirs, files in os.walk(root):
+        dirs[:] = sorted(x for x in dirs if not (stdlib and x in SKIP_DIRS) and not x.startswith("."))
+        for f in sorted(files):
+            if stdlib and not f.endswith(".py"):
+                continue
+            path = os.path.join(d, f)
+            try:
+                with open(path, encoding="utf-8") as fh:
+                    text = fh.read()
+            except (UnicodeDecodeError, OSError):
+                continue  # binary or unreadable: not text
+            if text.strip() and "\x00" not in text:
+                docs.append((os.path.relpath(path, root).replace(os.sep, "/"), text))
+    docs.sort()
+    if max_files is not None:
+        # --fast: a small, still deterministic subset that keeps both sides of the split
+        held = [d for d in docs if is_heldout(d[0])][: max(1, max_files // 10)]
+        docs = [d for d in docs if not is_heldout(d[0])][: max_files - len(held)] + held
+        docs.sort()
+    if not docs:
+        raise ValueError(f"{root}: no UTF-8 text files found")
+    train = [d for d in docs if not is_heldout(d[0])]
+    heldout = [d for d in docs if is_heldout(d[0])]
+    if not train or not heldout:
+        cut = lambda t: t.rfind("\n", 0, int(len(t) * 0.9)) + 1 or int(len(t) * 0.9)
+        train = [(p, t[: cut(t)]) for p, t in docs]
+        heldout = [(p, t[cut(t):]) for p, t in docs if t[cut(t):].strip()]
+    return train, heldout
+
+
+# ----------------------------------------------------------------------------------------------------
+# 2. Tokenizer
+
+
+def train_tokenizer(texts, prefix: str, vocab_size: int):
+    """sentencepiece BPE with LLaMA's settings: byte fallback (no unknown tokens), digits split one by
+    one, bos=1 eos=2 unk=0. Unlike LLaMA, identity normalisation and kept whitespace runs, so that
+    indentation survives and decode(encode(text)) == text."""
+    import sentencepiece as spm
+
+    corpus = prefix + ".txt"
+    atomic_write(corpus, lambda f: open(f, "w", encoding="utf-8").write("\n".join(texts)))
+    spm.SentencePieceTrainer.train(
+        input=corpus, model_prefix=prefix, model_type="bpe", vocab_size=vocab_size,
+        byte_fallback=True, split_digits=True, normalization_rule_name="identity",
+        remove_extra_whitespaces=False, allow_whitespace_only_pieces=True, character_coverage=1.0,
+        bos_id=1, eos_id=2, unk_id=0, pad_id=-1, num_threads=1, minloglevel=2,
+    )
+    os.remove(corpus)
+    return prefix + ".model"
+
+
+# ----------------------------------------------------------------------------------------------------
+# 3. Training data: real text plus synthetic passkey documents
+
+
+def passkey_document(rng: random.Random, n_tokens: int, chars_per_token: float, code_texts=None) -> str:
+    """A passkey document of about n_tokens tokens, in eval.py's (LongLoRA's) wording, with its answer:
+
+        TASK \n filler \n The pass key is KEY. Remember it. KEY is the pass key. \n filler \n QUESTION KEY.
+
+    The filler is LongLoRA's repeated sentences, or (code_texts given) a slice of real training code, so
+    that the skill is not tied to one kind of filler. The key line sits at a uniformly random depth.
+    """
+    key = str(rng.randint(10000, 99999))
+    info = f"The pass key is {key}. Remember it. {key} is the pass key."
+    n_chars = max(0, int((n_tokens - 75) * chars_per_token))  # ~75 tokens: task, key line, question
+    if code_texts:
+        text = code_texts[rng.randrange(len(code_texts))]
+        start = rng.randrange(max(1, len(text) - n_chars))
+        filler = text[start:start + n_chars]
+    else:
+        filler = " ".join([evaluation.FILLER] * (n_chars // (len(evaluation.FILLER) + 1) + 1))[:n_chars]
+    cut = int(len(filler) * rng.random())
+    return f"{evaluation.TASK}\n{filler[:cut]}\n{info}\n{filler[cut:]}\n{evaluation.QUESTION} {key}."
+
+
+def chars_per_token(tokenizer, text: str) -> float:
+    return len(text) / max(1, len(tokenizer.encode(text, bos=False)))
+
+
+def write_training_data(path, tokenizer, train_docs, share, min_tokens, max_tokens, seed):
+    """A JSONL file ({"text": ...} per line) holding every training document plus passkey documents of
+    min_tokens..max_tokens tokens, enough of them to make up `share` of the tokens; documents shuffled
+    with `seed`. Returns (n_real, n_passkey)."""
+    rng = random.Random(seed)
+    texts = [t for _, t in train_docs]
+    real_chars = sum(len(t) for t in texts)
+    code_cpt = chars_per_token(tokenizer, texts[0][:20000])
+    real_tokens = real_chars / code_cpt
+    english_cpt = chars_per_token(tokenizer, " ".join([evaluation.FILLER] * 20))
+    n_passkey = round(real_tokens * share / (1 - share) / ((min_tokens + max_tokens) / 2))
+    docs = list(texts)
+    for i in range(n_passkey):
+        n = rng.randint(min_tokens, max_tokens)
+        code = i % 2 == 1  # half with code filler, half with LongLoRA's sentences
+        docs.append(passkey_document(rng, n, code_cpt if code else english_cpt, texts if code else None))
+    rng.shuffle(docs)
+    lines = "".join(json.dumps({"text": d}) + "\n" for d in docs)
+    atomic_write(path, lambda f: open(f, "w", encoding="utf-8").write(lines))
+    return len(texts), n_passkey
+
+
+# ----------------------------------------------------------------------------------------------------
+# 6. Results
+
+
+def share_of_improvement(ppl_baseline: float, ppl_method: float, ppl_full: float) -> float:
+    """SinkLoRA's measure: 1 = as good as full-attention fine-tuning, 0 = no better than the baseline."""
+    return (ppl_baseline - ppl_method) / (ppl_baseline - ppl_full)
+
+
+def _cell(values, fmt):
+    """One table cell: a value per seed, separated by ' / ' (seed 0 first); '-' where there is none."""
+    return " / ".join("-" if v is None else fmt.format(v) for v in values)
+
+
+def results_markdown(res) -> str:
+    """The results table (and the noise summary under it) as Markdown. Deterministic: no timings."""
+    L = res["lengths"]
+    long = str(L[-1])
+    lines = [f"Held-out perplexity on real text ({res['corpus']['eval_tokens']:,} tokens, non-overlapping windows, "
+             f"full attention at evaluation), passkey accuracy ({res['passkey_trials']} prompts per length), and "
+             f"each method's share of the full-attention improvement at {long}. Fine-tuned rows give one value per "
+             f"seed ({', '.join(map(str, res['seeds']))}).", "",
+             "| model | " + " | ".join(f"ppl {n}" for n in L) + " | " + " | ".join(f"passkey {n}" for n in L) +
+             f" | share {long} |",
+             "| --- |" + " ---: |" * (2 * len(L) + 1)]
+    for name, m in res["models"].items():
+        cells = [_cell(m["ppl"][str(n)], "{:.2f}") for n in L] + [_cell(m["passkey"][str(n)], "{:.2f}") for n in L]
+        cells.append(_cell(m["share"], "{:.2f}") if "share" in m else "")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    n = res["noise"]
+    if n:
+        lines += ["", f"Run-to-run noise at {long}: the largest seed-to-seed difference of a variant's perplexity is "
+                  f"{n['max_seed_diff']:.2f}; the gaps between neighbouring variants (sorted by mean perplexity: "
+                  f"{' < '.join(n['order'])}) are {', '.join(f'{g:.2f}' for g in n['gaps'])}."]
+    return "\n".join(lines) + "\n"
+
+
+def noise_summary(res) -> dict:
+    """Seed-to-seed spread vs the gaps between the fine-tuned variants at the longest length."""
+    long = str(res["lengths"][-1])
+    ft = {k: v["ppl"][long] for k, v in res["models"].items() if k in VARIANTS}
+    if not ft or len(res["seeds"]) < 2:
+        return {}
+    mean = {k: sum(v) / len(v) for k, v in ft.items()}
+    order = sorted(mean, key=mean.get)
+    return dict(max_seed_diff=max(max(v) - min(v) for v in ft.values()), order=order,
+                gaps=[mean[b] - mean[a] for a, b in zip(order, order[1:])])
+
+
+def plot_results(res, path) -> bool:
+    """results.png: perplexity vs evaluation length (left) and passkey accuracy (right). False without matplotlib."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    L = res["lengths"]
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(11, 4.2), gridspec_kw=dict(width_ratios=[3, 2]))
+    names = list(res["models"])
+    for name in names:
+        m = res["models"][name]
+        mean = [sum(m["ppl"][str(n)]) / len(m["ppl"][str(n)]) for n in L]
+        lo = [mean[i] - min(m["ppl"][str(n)]) for i, n in enumerate(L)]
+        hi = [max(m["ppl"][str(n)]) - mean[i] for i, n in enumerate(L)]
+        ax.errorbar(L, mean, yerr=[lo, hi], marker="o", capsize=3, label=name)
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(L, [str(n) for n in L])
+    ax.set_xlabel("evaluation length (tokens)")
+    ax.set_ylabel("held-out perplexity")
+    ax.set_title(f"pre-trained at {L[0]}, extended to {L[-1]}")
+    ax.legend(fontsize=8)
+    acc = [sum(res["models"][k]["passkey"][str(L[-1])]) / len(res["models"][k]["passkey"][str(L[-1])]) for k in names]
+    bx.barh(range(len(names)), acc)
+    bx.set_yticks(range(len(names)), names, fontsize=8)
+    bx.invert_yaxis()
+    bx.set_xlim(0, 1)
+    bx.set_xlabel(f"passkey accuracy at {L[-1]} tokens")
+    fig.tight_layout()
+    atomic_write(path, lambda f: fig.savefig(f, dpi=110, format="png"))
+    plt.close(fig)
+    return True
+
+
+# ----------------------------------------------------------------------------------------------------
+# The pipeline
+
+
+def fingerprint(*parts) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def cached(path, stamp) -> bool:
+    """True when `path` holds the result of a finished stage with exactly these settings."""
+    try:
+        with open(os.path.join(path, "demo_stamp.json")) as f:
+            return json.load(f)["stamp"] == stamp
+    except (OSError, ValueError, KeyError):
+        return False
+
+
+def run_stage(what, path, stamp, argv, module):
+    """Run `module.main(argv)` (train.py, in this process) unless `path` already holds its result."""
+    import shutil
+
+    if cached(path, stamp):
+        log(f"{what}: cached in {path}")
+        return
+    if os.path.isdir(path):
+        shutil.rmtree(path)  # an unfinished or outdated run: start it again
+    log(f"{what}: python {module.__name__}.py {' '.join(argv)}")
+    t0 = time.time()
+    code = module.main(argv)
+    if code != 0:
+        raise SystemExit(f"error: {what} failed ({module.__name__}.py exited with {code}; see above)")
+    text = json.dumps({"stamp": stamp, "seconds": round(time.time() - t0, 1)})
+    atomic_write(os.path.join(path, "demo_stamp.json"), lambda f: open(f, "w").write(text))
+    log(f"{what}: done in {time.time() - t0:.0f} s")
+
+
+def evaluate_model(model, tokens, tokenizer, lengths, trials):
+    """Held-out perplexity at every length (non-overlapping windows) and passkey accuracy at every length."""
+    ppl = {str(n): evaluation.perplexity(model, tokens, n, stride=None)["ppl"] for n in lengths}
+    fits = [n for n in lengths if passkey_fits(tokenizer, n)]
+    pk = evaluation.passkey_accuracy(model, tokenizer, fits, trials=trials, seed=0)["accuracy"]
+    return ppl, {str(n): pk.get(n) for n in lengths}
+
+
+def passkey_fits(tokenizer, n_tokens) -> bool:
+    """Whether a passkey prompt fits in n_tokens (its fixed lines take ~75 tokens with the default vocabulary)."""
+    try:
+        evaluation.passkey_prompt(tokenizer, n_tokens)
+        return True
+    except ValueError:
+        return False
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip(),
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="out/demo", help="output folder (results and cached models; default out/demo)")
+    p.add_argument("--fast", action="store_true", help="tiny everything: the same pipeline in under 2 minutes")
+    p.add_argument("--seeds", type=int, default=2, help="seeds for the extension runs (default 2: run-to-run noise)")
+    p.add_argument("--corpus", help="folder of your own UTF-8 text files (default: the Python standard library)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
+    a = p.parse_args(argv)
+    if a.seeds < 1:
+        raise SystemExit(f"error: --seeds must be >= 1, got {a.seeds}")
+    if a.threads is not None and a.threads < 1:
+        raise SystemExit(f"error: --threads must be >= 1, got {a.threads}")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(a.threads or threads)
+    try:
+        return run(a)
+    finally:
+        torch.set_num_threads(threads)  # in-process callers (the tests) get their setting back
+
+
+def run(a) -> int:
+
+    c = SETTINGS["fast" if a.fast else "full"]
+    S = c["short"]
+    ctx = c["factor"] * S
+    lengths = [S, 2 * S, ctx]
+    seeds = list(range(a.seeds))
+    out = a.out
+    os.makedirs(os.path.join(out, "data", "heldout"), exist_ok=True)
+    t_start = time.time()
+    timings = {}
+
+    # -- 1. corpus
+    root = a.corpus or sysconfig.get_paths()["stdlib"]
+    try:
+        train_docs, held_docs = read_corpus(root, stdlib=a.corpus is None, max_files=c["max_files"])
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"error: --corpus {e}" if a.corpus else f"error: {e}")
+    corpus_id = fingerprint([(p_, hashlib.md5(t.encode()).hexdigest()) for p_, t in train_docs + held_docs])
+    log(f"corpus: {root}: {len(train_docs)} training files, {len(held_docs)} held-out files")
+
+    # -- 2. tokenizer
+    tok_stamp = fingerprint(corpus_id, c["vocab"])
+    tok_dir = os.path.join(out, "tokenizer")
+    tok_path = os.path.join(tok_dir, "tokenizer.model")
+    if not cached(tok_dir, tok_stamp):
+        os.makedirs(tok_dir, exist_ok=True)
+        t0 = time.time()
+        train_tokenizer([t for _, t in train_docs], os.path.join(tok_dir, "tokenizer"), c["vocab"])
+        atomic_write(os.path.join(tok_dir, "demo_stamp.json"), lambda f: open(f, "w").write(json.dumps({"stamp": tok_stamp})))
+        log(f"tokenizer: sentencepiece BPE, {c['vocab']} pieces, trained in {time.time() - t0:.1f} s")
+    tokenizer = Tokenizer(tok_path)
+
+    # -- 3. data: pre-training and extension mixes, held-out files
+    data = os.path.join(out, "data")
+    pre_data, ext_data = os.path.join(data, "pretrain.jsonl"), os.path.join(data, "extend.jsonl")
+    n_real, n_pre = write_training_data(pre_data, tokenizer, train_docs, c["passkey_share_pre"], S // 3, S - 8, seed=1)
+    _, n_ext = write_training_data(ext_data, tokenizer, train_docs, c["passkey_share_ext"], S, ctx - 24, seed=2)
+    held_paths = []
+    for i, (_, text) in enumerate(held_docs):
+        path = os.path.join(data, "heldout", f"{i:04d}.txt")
+        if not os.path.exists(path) or open(path, encoding="utf-8").read() != text:
+            atomic_write(path, lambda f: open(f, "w", encoding="utf-8").write(text))
+        held_paths.append(path)
+    held_tokens = evaluation.tokenize_documents(held_paths, tokenizer)
+    eval_tokens = held_tokens[: c["eval_tokens"]]
+    log(f"data: {n_real} real documents + {n_pre} passkey documents for pre-training, + {n_ext} for the extension; "
+        f"held-out {len(held_tokens):,} tokens, {len(eval_tokens):,} evaluated")
+
+    # -- 4. pre-training at S, full attention, every parameter
+    tokens_dir = os.path.join(out, "tokens")
+    base_dir = os.path.join(out, "base")
+    base_stamp = fingerprint(tok_stamp, {k: v for k, v in c.items() if k.startswith("pre")}, c["preset"], S)
+    t0 = time.time()
+    run_stage(f"pre-training {c['preset']} at {S} tokens", base_dir, base_stamp, [
+        "--from-scratch", c["preset"], "--tokenizer", tok_path, "--data", pre_data, "--ctx", str(S), "--attn", "full",
+        "--steps", str(c["pre_steps"]), "--batch-size", str(c["pre_batch"]), "--grad-accum", "1",
+        "--lr", str(c["pre_lr"]), "--warmup", str(c["pre_warmup"]), "--schedule", "cosine",
+        "--min-lr-ratio", str(c["pre_min_lr"] / c["pre_lr"]), "--weight-decay", "0.1", "--beta2", "0.95",
+        "--seed", "0", "--heldout", "0", "--no-grad-ckpt", "--save-every", str(c["pre_steps"]), "--keep", "1",
+        "--log-every", str(max(1, c["pre_steps"] // 12)), "--token-cache", tokens_dir, "--out", base_dir], train)
+    timings["pretrain_s"] = round(time.time() - t0, 1)
+
+    # -- 5. context extension to 4S: one LoRA run per attention variant and seed
+    t0 = time.time()
+    adapters = {}
+    for seed in seeds:
+        for name, flags in VARIANTS.items():
+            run_dir = os.path.join(out, "runs", f"{name.replace(', ', '-').replace(' ', '-')}-seed{seed}")
+            stamp = fingerprint(base_stamp, {k: v for k, v in c.items() if k.startswith("ext")}, flags, seed, ctx)
+            run_stage(f"extension to {ctx} with {name} attention, seed {seed}", run_dir, stamp, [
+                "--model", base_dir, "--data", ext_data, "--ctx", str(ctx), *flags,
+                "--steps", str(c["ext_steps"]), "--batch-size", str(c["ext_batch"]), "--grad-accum", "1",
+                "--lr", str(c["ext_lr"]), "--warmup", str(c["ext_warmup"]), "--schedule", "cosine",
+                "--min-lr-ratio", str(c["ext_min_lr"] / c["ext_lr"]), "--seed", str(seed), "--heldout", "0",
+                "--no-grad-ckpt", "--save-every", str(c["ext_steps"]), "--keep", "1",
+                "--log-every", str(max(1, c["ext_steps"] // 6)), "--token-cache", tokens_dir, "--out", run_dir], train)
+            adapters[name, seed] = run_dir
+    timings["extension_s"] = round(time.time() - t0, 1)
+
+    # -- 6. evaluation: full attention, the same held-out tokens and passkey prompts for every model
+    t0 = time.time()
+    trials = c["passkey_trials"]
+    models = {}
+
+    def record(name, model):
+        t1 = time.time()
+        ppl, pk = evaluate_model(model, eval_tokens, tokenizer, lengths, trials)
+        m = models.setdefault(name, {"ppl": {str(n): [] for n in lengths}, "passkey": {str(n): [] for n in lengths}})
+        for n in lengths:
+            m["ppl"][str(n)].append(ppl[str(n)])
+            m["passkey"][str(n)].append(pk[str(n)])
+        log(f"eval {name}: ppl " + ", ".join(f"{n}: {ppl[str(n)]:.2f}" for n in lengths) +
+            f"; passkey " + ", ".join(f"{n}: {pk[str(n)]}" for n in lengths) + f" ({time.time() - t1:.0f} s)")
+
+    base = Transformer.from_pretrained(base_dir).eval()
+    base.args.max_seq_len = ctx  # evaluated beyond its context on purpose: RoPE positions it never saw
+    record(BASE, base)
+    record(BASELINE, Transformer.from_pretrained(base_dir, rope_scaling=float(c["factor"]), max_seq_len=ctx).eval())
+    for seed in seeds:
+        for name in VARIANTS:
+            record(name, sample.load_model(base_dir, adapters[name, seed]))
+    long = str(ctx)
+    b = models[BASELINE]["ppl"][long][0]
+    for name in VARIANTS:
+        m = models[name]
+        m["share"] = [share_of_improvement(b, v, f) for v, f in zip(m["ppl"][long], models["full"]["ppl"][long])]
+    timings["eval_s"] = round(time.time() - t0, 1)
+
+    res = dict(lengths=lengths, seeds=seeds, passkey_trials=trials, settings=c, models=models,
+               corpus=dict(root=root, train_files=len(train_docs), heldout_files=len(held_docs),
+                           heldout_tokens=int(len(held_tokens)), eval_tokens=int(len(eval_tokens)),
+                           passkey_docs_pretrain=n_pre, passkey_docs_extension=n_ext))
+    res["noise"] = noise_summary(res)
+
+    # -- 7. a sample from the best fine-tuned model (lowest mean perplexity at 4S), through sample.py
+    t0 = time.time()
+    best = min(VARIANTS, key=lambda k: sum(models[k]["ppl"][long]) / len(models[k]["ppl"][long]))
+    prompt_ids = held_tokens[: ctx - c["sample_tokens"] - 16].tolist()
+    prompt_path = os.path.join(out, "prompt.txt")
+    prompt_text = tokenizer.decode(prompt_ids)
+    atomic_write(prompt_path, lambda f: open(f, "w", encoding="utf-8").write(prompt_text))
+    import contextlib
+    import io
+
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        code = sample.main(["--model", base_dir, "--adapter", adapters[best, 0], "--prompt", prompt_path,
+                            "--max-new-tokens", str(c["sample_tokens"]), "--seed", "0"])
+    if code != 0:
+        raise SystemExit(f"error: sample.py exited with {code}")
+    text = f"# best model: {best} (seed 0); prompt: prompt.txt ({len(prompt_ids)} tokens), which ends with:\n" + \
+        prompt_text[-400:] + "\n# continuation (sample.py, temperature 0.6, top-p 0.9, seed 0):\n" + buf.getvalue()
+    atomic_write(os.path.join(out, "sample.txt"), lambda f: open(f, "w", encoding="utf-8").write(text))
+    res["sample"] = dict(model=best, prompt=prompt_path, continuation=buf.getvalue())
+    timings["sample_s"] = round(time.time() - t0, 1)
+
+    # -- results
+    md = results_markdown(res)
+    atomic_write(os.path.join(out, "results.md"), lambda f: open(f, "w").write(md))
+    res["plot"] = plot_results(res, os.path.join(out, "results.png"))
+    timings["total_s"] = round(time.time() - t_start, 1)
+    res["timings"] = timings
+    text = json.dumps(res, indent=2)
+    atomic_write(os.path.join(out, "results.json"), lambda f: open(f, "w").write(text + "\n"))
+    print()
+    print(md)
+    print(f"sample from the best model ({best}):\n{buf.getvalue()}")
+    log(f"wrote {out}/results.md, results.json" + (", results.png" if res["plot"] else "") +
+        f", sample.txt; total {timings['total_s']:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

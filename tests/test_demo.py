@@ -1,0 +1,137 @@
+"""demo.py: the miniature reproduction runs end to end (--fast), its outputs agree, and it is deterministic.
+
+The --fast run goes through the real train.py / eval.py / sample.py code paths with a tiny model, so
+these tests also catch a demo that no longer fits the files it calls.
+"""
+
+import json
+import math
+import os
+import re
+
+import pytest
+
+import demo
+from conftest import STDLIB
+
+
+@pytest.fixture(scope="module")
+def fast_runs(tmp_path_factory):
+    """Two independent --fast runs from scratch (nothing cached between them)."""
+    outs = []
+    for i in range(2):
+        out = tmp_path_factory.mktemp(f"demo{i}")
+        assert demo.main(["--fast", "--out", str(out), "--threads", "1"]) == 0
+        outs.append(out)
+    return outs
+
+
+def _table_rows(md: str) -> dict:
+    """{model name: [cell, ...]} from the Markdown results table."""
+    rows = {}
+    for line in md.splitlines():
+        if line.startswith("| ") and not line.startswith("| model") and not line.startswith("| ---"):
+            cells = [c.strip() for c in line.strip().strip("|").split("|")]
+            rows[cells[0]] = cells[1:]
+    return rows
+
+
+def test_demo_table_has_every_model_and_length_with_finite_numbers(fast_runs):
+    out = fast_runs[0]
+    res = json.loads((out / "results.json").read_text())
+    expected = [demo.BASE, demo.BASELINE, *demo.VARIANTS]
+    assert list(res["models"]) == expected
+    short = res["lengths"][0]
+    assert res["lengths"] == [short, 2 * short, 4 * short]
+    for name, m in res["models"].items():
+        n_values = 1 if name in (demo.BASE, demo.BASELINE) else len(res["seeds"])
+        for n in res["lengths"]:
+            assert len(m["ppl"][str(n)]) == n_values
+            assert all(math.isfinite(v) and v > 1 for v in m["ppl"][str(n)]), (name, n, m["ppl"])
+            assert all(v is None or 0 <= v <= 1 for v in m["passkey"][str(n)])
+        assert len(m["passkey"][str(res["lengths"][-1])]) == n_values
+        assert all(v is not None for v in m["passkey"][str(res["lengths"][-1])])  # a prompt fits the long context
+    assert len(res["seeds"]) == 2
+    # full attention's share of its own improvement is 1 by definition; the others are finite
+    assert all(abs(v - 1) < 1e-9 for v in res["models"]["full"]["share"])
+    assert all(math.isfinite(v) for k in demo.VARIANTS for v in res["models"][k]["share"])
+
+
+def test_demo_markdown_table_matches_the_json(fast_runs):
+    out = fast_runs[0]
+    res = json.loads((out / "results.json").read_text())
+    rows = _table_rows((out / "results.md").read_text())
+    assert list(rows) == list(res["models"])
+    for name, m in res["models"].items():
+        for i, n in enumerate(res["lengths"]):
+            shown = [float(x) for x in rows[name][i].split(" / ")]
+            assert shown == pytest.approx(m["ppl"][str(n)], abs=0.005 + 1e-9)
+            shown = [None if x == "-" else float(x) for x in rows[name][len(res["lengths"]) + i].split(" / ")]
+            assert shown == [None if v is None else pytest.approx(v, abs=0.005 + 1e-9) for v in m["passkey"][str(n)]]
+        if name in demo.VARIANTS:
+            shown = [float(x) for x in rows[name][-1].split(" / ")]
+            assert shown == pytest.approx(m["share"], abs=0.005 + 1e-9)
+
+
+def test_demo_share_follows_sinklora_definition(fast_runs):
+    # recomputed here from the perplexities in the JSON, independently of demo.py's own arithmetic
+    res = json.loads((fast_runs[0] / "results.json").read_text())
+    long = str(res["lengths"][-1])
+    b = res["models"][demo.BASELINE]["ppl"][long][0]
+    for name in demo.VARIANTS:
+        for s, v in enumerate(res["models"][name]["share"]):
+            f = res["models"]["full"]["ppl"][long][s]
+            assert v == pytest.approx((b - res["models"][name]["ppl"][long][s]) / (b - f))
+
+
+def test_demo_is_deterministic_across_fresh_runs(fast_runs):
+    a, b = (o / "results.md" for o in fast_runs)
+    assert a.read_text() == b.read_text()
+    assert (fast_runs[0] / "sample.txt").read_text() == (fast_runs[1] / "sample.txt").read_text()
+
+
+def test_demo_writes_a_sample_and_a_plot_when_matplotlib_is_there(fast_runs):
+    out = fast_runs[0]
+    res = json.loads((out / "results.json").read_text())
+    assert res["sample"]["model"] in demo.VARIANTS and res["sample"]["continuation"].strip()
+    assert res["sample"]["continuation"] in (out / "sample.txt").read_text()
+    try:
+        import matplotlib  # noqa: F401  (optional: not in requirements-test.txt)
+        have_matplotlib = True
+    except ImportError:
+        have_matplotlib = False
+    assert res["plot"] is have_matplotlib
+    if have_matplotlib:
+        assert (out / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    else:
+        assert not (out / "results.png").exists()
+
+
+def test_demo_split_is_deterministic_and_disjoint():
+    train, heldout = demo.read_corpus(STDLIB, stdlib=True)
+    names_t, names_h = {p for p, _ in train}, {p for p, _ in heldout}
+    assert not names_t & names_h
+    assert all(demo.is_heldout(p) for p in names_h) and not any(demo.is_heldout(p) for p in names_t)
+    assert not any(re.search(r"(^|/)(test|tests|idle_test|site-packages)/", p) for p in names_t | names_h)
+    assert 0.05 < len(heldout) / (len(train) + len(heldout)) < 0.15
+    assert demo.read_corpus(STDLIB, stdlib=True) == (train, heldout)
+
+
+def test_demo_small_user_corpus_is_split_inside_the_files(tmp_path):
+    text = "".join(f"line {i} of a user's own document\n" for i in range(200))
+    (tmp_path / "notes.txt").write_text(text)
+    (tmp_path / "image.bin").write_bytes(bytes(range(256)))  # not text: ignored
+    train, heldout = demo.read_corpus(str(tmp_path), stdlib=False)
+    assert [p for p, _ in train] == ["notes.txt"] == [p for p, _ in heldout]
+    assert train[0][1] + heldout[0][1] == text and len(heldout[0][1]) < len(text) / 5
+
+
+def test_demo_share_of_improvement_by_hand():
+    assert demo.share_of_improvement(30.0, 25.0, 20.0) == pytest.approx(0.5)
+    assert demo.share_of_improvement(30.0, 20.0, 20.0) == pytest.approx(1.0)
+
+
+def test_demo_rejects_a_missing_corpus_with_one_line(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        demo.main(["--fast", "--corpus", str(tmp_path / "nope"), "--out", str(tmp_path / "o")])
+    assert str(e.value).startswith("error: ") and "nope" in str(e.value) and "\n" not in str(e.value)
