@@ -1,0 +1,392 @@
+"""train.py: data preparation (packing, EOS joins, SFT masks), FSDP equals one process, resume repeats the
+losses, a kill during a save leaves the previous checkpoint, training lowers held-out loss, clean failures,
+and --estimate against measurements (autograd's saved tensors, attention.py's masks, LLaMA2-7B's size)."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import sentencepiece as spm
+import torch
+from safetensors.torch import load_file
+
+from conftest import ROOT, STDLIB, stdlib_text
+from attention import attention_pattern
+from lora import apply_lora, mark_trainable
+from model import ModelArgs, Tokenizer, Transformer, preset
+import train
+from train import (PackedData, SFTData, estimate, find_checkpoint, layer_activation_bytes, param_counts, prepare_sft,
+                   prepare_tokens, split_heldout, token_loss_sum, visible_pairs)
+
+# Two ranks (FSDP, gloo) against one process, fp32 on the CPU. The sums of two ranks' gradients are
+# reduced in another order than one process accumulates them; observed difference 0, allowed:
+FSDP_LOSS_TOL, FSDP_WEIGHT_TOL = 1e-5, 1e-6
+RESUME_TOL = 1e-6  # a resumed fp32 run repeats the uninterrupted one (observed: exactly)
+BF16_LOSS_TOL = 2e-2  # bf16 compute against fp32, same data (observed ~3e-4)
+
+
+def run_torchrun(args, n=2, env=None):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
+           os.path.join(ROOT, "train.py"), *args]
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env={**os.environ, **(env or {})}, timeout=300)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
+    return r
+
+
+def losses(run_dir):
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        recs = [json.loads(line) for line in f]
+    return {r["step"]: r["loss"] for r in recs if "loss" in r}, {r["step"]: r["heldout_loss"] for r in recs if "heldout_loss" in r}
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """Real text: a folder of four standard-library modules."""
+    d = tmp_path_factory.mktemp("corpus")
+    for name in ("argparse.py", "dataclasses.py", "pathlib.py", "typing.py"):
+        (d / name).write_text(open(os.path.join(STDLIB, name), encoding="utf-8").read(), encoding="utf-8")
+    return str(d)
+
+
+@pytest.fixture(scope="module")
+def base_dir(tmp_path_factory, sp_model):
+    """A tiny random LLaMA (GQA, 128 positions) with the test tokenizer, in model.py's layout."""
+    d = tmp_path_factory.mktemp("base")
+    torch.manual_seed(0)
+    Transformer(preset("tiny", vocab_size=512)).save_pretrained(str(d), tokenizer_path=sp_model)
+    return str(d)
+
+
+@pytest.fixture(scope="module")
+def token_cache(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("tokens"))
+
+
+def common(base_dir, corpus, token_cache, **kw):
+    args = dict(model=base_dir, data=corpus, ctx=128, steps=3, batch_size=1, lr=1e-3, warmup=1, save_every=2,
+                token_cache=token_cache)
+    args.update(kw)
+    out = []
+    for k, v in args.items():
+        out += [f"--{k.replace('_', '-')}", str(v)]
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------
+# Data
+
+
+def test_documents_are_joined_as_bos_text_eos_and_packed_into_overlapping_windows(sp_model, tmp_path):
+    folder = tmp_path / "docs"
+    folder.mkdir()
+    (folder / "a.txt").write_text(open(os.path.join(STDLIB, "colorsys.py")).read())
+    (folder / "b.txt").write_text(open(os.path.join(STDLIB, "bisect.py")).read())
+    (folder / "empty.txt").write_text("\n\n")  # no document at all, not a BOS/EOS pair
+    texts = [open(os.path.join(STDLIB, n)).read()[:3000] for n in ("heapq.py", "keyword.py")]
+    jsonl = tmp_path / "more.jsonl"
+    jsonl.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+
+    tok = Tokenizer(sp_model)
+    tokens = prepare_tokens([str(folder), str(jsonl)], tok, str(tmp_path / "t.bin"))
+    sp = spm.SentencePieceProcessor(model_file=sp_model)  # the reference: sentencepiece itself
+    docs = [(folder / "a.txt").read_text(), (folder / "b.txt").read_text(), *texts]
+    expected = np.concatenate([[sp.bos_id()] + sp.encode(d) + [sp.eos_id()] for d in docs])
+    assert tokens.dtype == np.uint16 and np.array_equal(np.asarray(tokens), expected)
+    meta = json.load(open(str(tmp_path / "t.bin.json")))
+    assert meta["n_docs"] == 4 and meta["vocab_size"] == 512 and meta["n_tokens"] == len(expected)
+    # where document 2 starts, EOS closes document 1
+    start2 = len(sp.encode(docs[0])) + 2
+    assert (tokens[start2 - 1], tokens[start2]) == (sp.eos_id(), sp.bos_id())
+    assert sp.decode(tokens[start2:start2 + 40].tolist()) == docs[1][:len(sp.decode(tokens[start2:start2 + 40].tolist()))]
+
+    ctx = 64
+    data = PackedData(tokens, ctx)
+    x, y, lengths = data.batch(range(len(data)))
+    assert len(data) == (len(tokens) - 1) // ctx and lengths is None
+    assert torch.equal(y[:, :-1], x[:, 1:])  # targets are the inputs shifted by one
+    assert torch.equal(y[:-1, -1], x[1:, 0])  # window i's last target is window i+1's first input
+    stream = torch.cat([x.flatten(), y[-1, -1:]])
+    assert np.array_equal(stream.numpy(), expected[:len(data) * ctx + 1])  # no token lost or repeated
+
+
+def test_token_file_is_reused_until_an_input_changes(sp_model, tmp_path):
+    doc = tmp_path / "doc.txt"
+    doc.write_text(stdlib_text(("bisect.py",)))
+    tok = Tokenizer(sp_model)
+    first = np.asarray(prepare_tokens([str(doc)], tok, str(tmp_path / "t.bin"))).copy()
+
+    class Refuses(Tokenizer):
+        def encode(self, *a, **k):
+            raise AssertionError("tokenized again")
+
+    again = prepare_tokens([str(doc)], Refuses(sp_model), str(tmp_path / "t.bin"))
+    assert np.array_equal(np.asarray(again), first)
+    doc.write_text(stdlib_text(("bisect.py",)) + "\n# one more line\n")
+    with pytest.raises(AssertionError, match="tokenized again"):
+        prepare_tokens([str(doc)], Refuses(sp_model), str(tmp_path / "t.bin"))
+
+
+def test_heldout_split_is_deterministic_disjoint_and_spread_over_the_corpus():
+    train_ids, held = split_heldout(1000, 0.05)
+    assert len(held) == 50 and len(train_ids) == 950
+    assert set(train_ids).isdisjoint(held) and set(train_ids) | set(held) == set(range(1000))
+    assert np.diff(held).max() <= 2 * 1000 / 50 and held[0] < 40 and held[-1] > 960
+    assert np.array_equal(split_heldout(1000, 0.05)[1], held)
+    assert len(split_heldout(1, 0.5)[1]) == 0 and len(split_heldout(5, 0.01)[1]) == 1
+
+
+def test_sft_learns_only_the_answer_and_pads_to_a_multiple_of_8(sp_model, tmp_path):
+    doc = open(os.path.join(STDLIB, "bisect.py")).read()
+    recs = [{"instruction": "Summarize this module.", "input": doc[:400], "output": "Binary search helpers."},
+            {"instruction": "What does insort do?", "output": doc[400:1200]},
+            {"instruction": "Name a function.", "input": "", "output": "bisect_left"}]
+    path = tmp_path / "sft.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    tok = Tokenizer(sp_model)
+    tokens, index = prepare_sft([str(path)], tok, str(tmp_path / "sft.bin"))
+    sp = spm.SentencePieceProcessor(model_file=sp_model)
+    ctx = 512
+    data = SFTData(tokens, index, ctx, 8, tok.eos_id)
+    x, y, lengths = data.batch([0, 1, 2])
+    T = x.shape[1]
+    assert T % 8 == 0 and T <= ctx
+    for b, rec in enumerate(recs):
+        n = int(lengths[b])
+        masked = int((y[b, :n] == -100).sum())  # target t is token t+1: the prompt's tokens after the first
+        assert (y[b, :masked] == -100).all() and (y[b, masked:n] != -100).all()
+        learned = y[b, masked:n].tolist()
+        prompt = x[b, :masked + 1].tolist()  # the last prompt token is the input that predicts the answer
+        assert learned[-1] == sp.eos_id() and sp.decode(learned[:-1]) == rec["output"].strip()[:len(sp.decode(learned[:-1]))]
+        assert prompt[0] == sp.bos_id() and sp.decode(prompt[1:]).startswith("[INST] " + rec["instruction"])
+        assert sp.decode(prompt[1:]).endswith("[/INST]") and ("\n\n" in sp.decode(prompt)) == bool(rec.get("input"))
+        assert (y[b, n:] == -100).all() and (x[b, n:] == tok.eos_id).all()  # padding: no loss, pad input
+        if b == 1:  # a long answer is cut at ctx + 1 tokens, the prompt kept whole
+            assert n == min(ctx, int(index[1, 2]) - 1)
+    # with full attention, padding another row changes nothing for this row (lengths hide the padded keys)
+    model = Transformer(preset("tiny", vocab_size=512)).eval()
+    alone = SFTData(tokens, index, ctx, 8, tok.eos_id).batch([2])
+    with torch.no_grad():
+        a = token_loss_sum(model, *alone, torch.autocast("cpu", enabled=False))
+        both = token_loss_sum(model, x[2:], y[2:], lengths[2:], torch.autocast("cpu", enabled=False))
+    assert x.shape[1] > alone[0].shape[1] and torch.allclose(a, both, atol=1e-4)
+
+
+# ----------------------------------------------------------------------------------------------------
+# FSDP, checkpoints, resume
+
+
+def test_two_fsdp_ranks_equal_one_process_and_resume_under_fsdp(base_dir, corpus, token_cache, tmp_path):
+    one, two, resumed = (str(tmp_path / n) for n in ("one", "two", "resumed"))
+    # the same global batch of 2 sequences: 1 process x 2 micro-batches, or 2 ranks x 1
+    assert train.main(common(base_dir, corpus, token_cache, grad_accum=2, out=one)) == 0
+    run_torchrun(common(base_dir, corpus, token_cache, grad_accum=1, out=two))
+    l1, h1 = losses(one)
+    l2, h2 = losses(two)
+    assert sorted(l1) == sorted(l2) == [1, 2, 3]
+    for s in l1:
+        assert abs(l1[s] - l2[s]) <= FSDP_LOSS_TOL, (s, l1[s], l2[s])
+    assert abs(h1[3] - h2[3]) <= FSDP_LOSS_TOL
+    a1, a2 = load_file(os.path.join(one, "adapter.safetensors")), load_file(os.path.join(two, "adapter.safetensors"))
+    assert a1.keys() == a2.keys()
+    base = Transformer.from_pretrained(base_dir)
+    for k in a1:
+        assert torch.allclose(a1[k], a2[k], atol=FSDP_WEIGHT_TOL, rtol=0), k
+    assert not torch.equal(a1["tok_embeddings.weight"], base.tok_embeddings.weight)  # it did train
+    # resume the 2-rank run from its step-2 checkpoint, 2 ranks again (rank 0 reads, FSDP broadcasts)
+    run_torchrun(common(base_dir, corpus, token_cache, grad_accum=1, out=resumed,
+                        resume=os.path.join(two, "checkpoints", "step-000002")))
+    l3, _ = losses(resumed)
+    assert list(l3) == [3] and abs(l3[3] - l2[3]) <= RESUME_TOL
+    a3 = load_file(os.path.join(resumed, "adapter.safetensors"))
+    for k in a2:
+        assert torch.allclose(a2[k], a3[k], atol=RESUME_TOL, rtol=0), k
+
+
+def test_bf16_fsdp_trains_fp32_copies_of_only_the_trainable_tensors(base_dir, corpus, token_cache, tmp_path):
+    # GPU recipe on the CPU: frozen base in bf16, trainable tensors fp32, bf16 compute / fp32 reduction.
+    ref, out = str(tmp_path / "fp32"), str(tmp_path / "bf16")
+    assert train.main(common(base_dir, corpus, token_cache, grad_accum=2, steps=2, out=ref)) == 0
+    run_torchrun(common(base_dir, corpus, token_cache, grad_accum=1, steps=2, dtype="bf16", out=out))
+    optim = torch.load(os.path.join(out, "checkpoints", "step-000002", "optimizer.pt"), weights_only=True)
+    base = Transformer.from_pretrained(base_dir)
+    apply_lora(base)
+    mark_trainable(base)
+    trainable = {n for n, p in base.named_parameters() if p.requires_grad}
+    assert set(optim["state"]) == trainable  # no optimizer state for the frozen base
+    for state in optim["state"].values():
+        assert state["exp_avg"].dtype == state["exp_avg_sq"].dtype == torch.float32
+    assert all(t.dtype == torch.float32 for t in load_file(os.path.join(out, "adapter.safetensors")).values())
+    (l_ref, _), (l_bf16, _) = losses(ref), losses(out)
+    for s in l_ref:
+        assert abs(l_ref[s] - l_bf16[s]) <= BF16_LOSS_TOL
+
+
+def test_kill_during_a_save_keeps_the_previous_checkpoint_and_resume_repeats_the_losses(base_dir, corpus, token_cache, tmp_path):
+    out = str(tmp_path / "run")
+    args = common(base_dir, corpus, token_cache, grad_accum=2, steps=4, out=out)
+    # train.py sleeps in the middle of writing checkpoint 4 (weights written, optimizer not yet)
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), *args], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, train.PAUSE_ENV: "4:120"})
+    ckpts = os.path.join(out, "checkpoints")
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        tmp = [n for n in os.listdir(ckpts) if n.startswith(".tmp-step-000004")] if os.path.isdir(ckpts) else []
+        if tmp and os.path.exists(os.path.join(ckpts, tmp[0], "trainable.safetensors")):
+            break
+        assert proc.poll() is None, proc.communicate()[1].decode()[-2000:]
+        time.sleep(0.1)
+    else:
+        raise AssertionError("checkpoint 4 never started")
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    uninterrupted, _ = losses(out)  # steps 1..4 were logged before the save began
+    assert sorted(uninterrupted) == [1, 2, 3, 4]
+    ckpt = find_checkpoint(out)
+    assert ckpt.endswith("step-000002") and json.load(open(os.path.join(ckpt, "state.json")))["step"] == 2
+    assert len(load_file(os.path.join(ckpt, "trainable.safetensors"))) > 0
+    assert train.main(args + ["--resume", out]) == 0
+    resumed, _ = losses(out)
+    assert sorted(resumed) == [1, 2, 3, 4]
+    for s in (3, 4):
+        assert abs(resumed[s] - uninterrupted[s]) <= RESUME_TOL, (s, resumed[s], uninterrupted[s])
+    assert sorted(os.listdir(ckpts)) == ["step-000002", "step-000004"]  # the half-written one is gone
+
+
+def test_training_from_scratch_lowers_heldout_loss_and_saves_a_loadable_model(corpus, sp_model, tmp_path):
+    out = str(tmp_path / "scratch")
+    argv = ["--from-scratch", "tiny", "--tokenizer", sp_model, "--data", corpus, "--ctx", "64", "--attn", "full",
+            "--steps", "40", "--batch-size", "4", "--grad-accum", "1", "--lr", "3e-3", "--warmup", "4",
+            "--schedule", "cosine", "--heldout", "0.02", "--eval-every", "20", "--eval-samples", "16",
+            "--save-every", "40", "--out", out]
+    assert train.main(argv) == 0
+    _, held = losses(out)
+    assert sorted(held) == [0, 20, 40] and held[40] < held[0] - 1.0, held
+    # the saved model (with its tokenizer) gives the logged held-out loss when evaluated independently
+    model = Transformer.from_pretrained(out).eval()
+    assert model.tokenizer is not None and model.args.attn == "full"
+    tokens = train.open_tokens(os.path.join(out, "tokens", [n for n in os.listdir(os.path.join(out, "tokens"))
+                                                            if n.endswith(".bin")][0]))
+    n = (len(tokens) - 1) // 64
+    _, held_ids = split_heldout(n, 0.02)
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for w in held_ids[:16]:
+            seq = torch.from_numpy(np.asarray(tokens[w * 64:w * 64 + 65], dtype=np.int64))[None]
+            _, loss = model(seq[:, :-1], seq[:, 1:])
+            total, count = total + loss.item() * 64, count + 64
+    assert abs(total / count - held[40]) < 1e-4
+
+
+# ----------------------------------------------------------------------------------------------------
+# Bad input: one line, exit 2
+
+
+@pytest.fixture(scope="module")
+def small_run(base_dir, corpus, token_cache, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("small"))
+    assert train.main(common(base_dir, corpus, token_cache, steps=1, grad_accum=1, save_every=1, out=out)) == 0
+    return out
+
+
+BAD = {
+    "missing model": (dict(model="/nonexistent/model"), "no such directory"),
+    "missing data": (dict(data="/nonexistent/data.txt"), "no such file"),
+    "group does not divide ctx": (dict(ctx=120, group_size=32), "not a multiple of the s2 group size 32"),
+    "default group needs ctx % 8": (dict(ctx=100), "not a multiple"),
+    "empty dataset": (dict(data="EMPTY"), "empty dataset"),
+    "data below one sequence": (dict(data="SHORT"), "fewer than one sequence"),
+    "lora flag with from-scratch": (dict(model=None, from_scratch="tiny", tokenizer="TOK", lora_r=4), "--lora-r does not apply"),
+    "two model sources": (dict(preset="tiny"), "exactly one of --model, --preset, --from-scratch"),
+    "resume from another config": (dict(resume="RUN", lr=5e-4, out="NEW"), "lr=0.001"),
+    "out holds checkpoints": (dict(out="RUN"), "already holds checkpoints"),
+    "unknown flag": (dict(colour="red"), "unrecognized arguments"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_input_is_one_line_and_exit_2(case, base_dir, corpus, token_cache, small_run, sp_model, tmp_path, capsys):
+    kw, message = BAD[case]
+    (tmp_path / "empty.txt").write_text("  \n")
+    (tmp_path / "short.txt").write_text("x = 1\n")
+    subst = {"EMPTY": str(tmp_path / "empty.txt"), "SHORT": str(tmp_path / "short.txt"), "RUN": small_run,
+             "NEW": str(tmp_path / "new"), "TOK": sp_model}
+    args = dict(model=base_dir, data=corpus, ctx=128, steps=1, token_cache=token_cache, out=str(tmp_path / "out"))
+    args.update({k: subst.get(v, v) for k, v in kw.items()})
+    argv = []
+    for k, v in args.items():
+        if v is not None:
+            argv += [f"--{k.replace('_', '-')}", str(v)]
+    assert train.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
+
+
+def test_command_line_exits_2_with_one_line(tmp_path):
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), "--model", "/nonexistent", "--data", str(tmp_path),
+                        "--out", str(tmp_path / "o")], capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 2 and r.stderr.strip() == "error: --model /nonexistent: no such directory"
+
+
+# ----------------------------------------------------------------------------------------------------
+# --estimate
+
+
+def test_estimate_counts_llama2_7b_and_its_lora_exactly():
+    c = param_counts(preset("llama2-7b"), 8, ("wq", "wk", "wv", "wo"), True, True, full=False)
+    assert c["total"] == 6_738_415_616  # LLaMA-2-7B's published parameter count
+    assert c["lora"] == 32 * 4 * 8 * (4096 + 4096)  # r x (in + out) for four 4096x4096 matrices per layer
+    assert c["trainable"] == c["lora"] + 32000 * 4096 + 65 * 4096  # + embeddings + 65 RMSNorms
+
+
+@pytest.mark.parametrize("full", [False, True])
+def test_estimated_activations_are_what_autograd_saves(full):
+    """The per-layer activation formula against the bytes autograd keeps (bf16 model, full attention)."""
+    m = ModelArgs(dim=128, n_layers=2, n_heads=4, vocab_size=256, multiple_of=32, max_seq_len=512)
+    torch.manual_seed(0)
+    model = Transformer(m)
+    if not full:
+        apply_lora(model)
+        mark_trainable(model)
+    model.to(torch.bfloat16)
+    T = 256
+    h = model.tok_embeddings(torch.randint(0, 256, (1, T))).detach().requires_grad_()
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved = {}
+
+    def pack(t):
+        saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        for layer in model.layers:
+            h = layer(h, torch.arange(T))
+    measured = sum(v for k, v in saved.items() if k not in params) / (m.n_layers * T)
+    assert abs(measured - layer_activation_bytes(m, full=full)) <= 0.01 * measured
+
+
+@pytest.mark.parametrize("mode", ["full", "s2", "sf"])
+def test_attention_flops_count_the_pairs_attention_py_allows(mode):
+    T, g = 64, 16
+    pattern = attention_pattern(mode, T, 2, group_size=g if mode != "full" else None, sink_tokens=4)
+    assert visible_pairs(mode, T, g, 4) == pattern.sum().item() / 2  # average over the two heads
+
+
+def test_estimate_is_consistent_across_ctx_attention_and_checkpointing(capsys):
+    m = preset("llama2-7b")
+    e = {T: estimate(m, T, "s2", 8, 1, 8) for T in (8192, 16384, 32768)}
+    for T in e:
+        assert e[T]["total_ckpt"] < e[T]["total_no_ckpt"]
+    a = [e[T]["memory"]["activations, checkpointing"] for T in (8192, 16384, 32768)]
+    assert abs(a[1] / a[0] - 2) < 0.01 and abs(a[2] / a[1] - 2) < 0.01  # linear in T at batch 1
+    full, s2 = estimate(m, 32768, "full", 8, 1, 8), e[32768]
+    # T = 4g: plain heads have 4 triangles of side g, shifted heads 3 and two of side g/2, full one of side 4g
+    expected = (4 + 3 + 2 / 4) / 2 / 16
+    assert abs(s2["attn_flops"] / full["attn_flops"] - expected) < 1e-3 and s2["dense_flops"] == full["dense_flops"]
+    assert train.main(["--estimate", "--preset", "llama2-7b", "--ctx", "32768", "--gpus", "8"]) == 0
+    out = capsys.readouterr().out
+    assert "total with checkpointing" in out and "attention" in out and "6.74B" in out
