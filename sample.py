@@ -62,72 +62,108 @@ from model import CheckpointError, KVCache, Transformer, repeat_kv
 # KV caches that evict
 
 
-def h2o_keep(score: torch.Tensor, heavy: int, recent: int) -> torch.Tensor:
-    """Which cached entries H₂O keeps: indices (..., heavy + recent) in ascending order.
+def h2o_keep(score: torch.Tensor, kept: torch.Tensor, heavy: int, recent: int) -> torch.Tensor:
+    """Which cached entries H₂O keeps: indices (..., heavy + recent), ascending.
 
-    score (..., S): attention each entry has accumulated, entries in position order (oldest first).
-    The `recent` newest entries are always kept; among the older ones the `heavy` highest-scoring
-    ("heavy hitters") are. With S <= heavy + recent everything is kept.
+    score (..., S): attention each entry has accumulated; kept (..., S): its absolute position (entries may
+    be in any order). The `recent` newest entries are always kept; among the others, the `heavy`
+    highest-scoring ("heavy hitters") are. With S <= heavy + recent everything is kept.
     """
     S = score.shape[-1]
-    every = torch.arange(S, device=score.device).expand(*score.shape[:-1], S)
     if S <= heavy + recent:
-        return every
-    heavy_idx = score[..., :S - recent].topk(heavy, dim=-1).indices.sort(dim=-1).values  # (..., heavy)
-    return torch.cat([heavy_idx, every[..., S - recent:]], dim=-1)  # (..., heavy + recent)
+        return torch.arange(S, device=score.device).expand(score.shape)
+    newest = kept.topk(recent, dim=-1).indices  # (..., recent)
+    contenders = score.scatter(-1, newest, float("-inf"))  # the recent window does not compete
+    heavy_idx = contenders.topk(heavy, dim=-1).indices  # (..., heavy)
+    return torch.cat([heavy_idx, newest], dim=-1).sort(dim=-1).values  # (..., heavy + recent)
 
 
 class H2OCache:
-    """Heavy-Hitter Oracle KV cache. Per layer it holds, for each batch row b and KV head g:
+    """Heavy-Hitter Oracle KV cache. Per layer it holds, for each batch row b and KV head g, S <= budget entries:
 
         k, v   (B, H_kv, S, D)  keys after RoPE at their absolute positions, and values
         score  (B, H_kv, S)     fp32 attention each token has received so far, summed over the queries
                                 and over the query heads that share KV head g (GQA)
-        kept   (B, H_kv, S)     absolute position of each entry (bookkeeping; tests read it)
+        kept   (B, H_kv, S)     absolute position of each entry
 
-    Each KV head evicts different tokens but always keeps the same number, so one dense tensor per
-    layer holds them all; entries stay in position order, so the recent window is the last `recent`.
+    Each KV head evicts different tokens but always keeps the same number, so one dense tensor per layer
+    holds them all. Attention does not care about the order of the keys, so the entries are in no
+    particular order: `kept` says which token each one is.
+
+    Two paths, one policy. A chunk of new tokens (prefill) goes the readable way: append, attend, then
+    keep h2o_keep()'s choice. Once the cache is full, each decoding step adds one token and evicts one,
+    so `decode_step` does that in place: it overwrites the evicted entry (the lowest score outside the
+    recent window) with the new token instead of copying the whole cache twice (append + select), which
+    would cost as much memory traffic as the full cache H₂O is meant to save. Tests check both agree.
     """
 
     def __init__(self, args, heavy: int, recent: int):
-        if heavy < 0 or recent < 0 or heavy + recent < 1:
-            raise ValueError(f"h2o needs heavy + recent >= 1 (got heavy={heavy}, recent={recent})")
+        if heavy < 0 or recent < 1:
+            raise ValueError(f"h2o needs heavy >= 0 and recent >= 1 (got heavy={heavy}, recent={recent})")
         self.heavy, self.recent, self.budget = heavy, recent, heavy + recent
         self.k, self.v, self.score, self.kept = ([None] * args.n_layers for _ in range(4))
         self.pos = 0  # tokens seen so far; advanced by Transformer.forward
+        self.in_place = True  # tests switch the in-place decoding step off to compare it with the readable path
 
     def attend(self, layer_id, q, k, v, positions, rotate):
         B, T, H, D = q.shape
         H_kv = k.shape[2]
         q, k = rotate(q, positions), rotate(k, positions)  # absolute positions: H₂O never moves a token
-        new = (k.transpose(1, 2), v.transpose(1, 2),  # (B, H_kv, T, D)
-               torch.zeros(B, H_kv, T, device=q.device),  # a new token has received no attention yet
-               positions.expand(B, H_kv, T))
+        k, v = k.transpose(1, 2), v.transpose(1, 2)  # (B, H_kv, T, D)
+        # Query head h uses KV head h // n_rep, so view the H query heads as (H_kv, n_rep).
+        qg = q.float().transpose(1, 2).reshape(B, H_kv, H // H_kv, T, D)  # (B, H_kv, n_rep, T, D)
+        if T == 1 and self.in_place and self.k[layer_id] is not None and self.k[layer_id].shape[2] == self.budget:
+            y = self.decode_step(layer_id, qg, k, v, positions)  # (B, H_kv, n_rep, 1, D)
+        else:
+            y = self.append_and_evict(layer_id, qg, k, v, positions)  # (B, H_kv, n_rep, T, D)
+        return y.reshape(B, H, T, D).transpose(1, 2).to(q.dtype)  # (B, T, H, D)
+
+    def append_and_evict(self, layer_id, qg, k, v, positions):
+        """The readable path, for any number T of new tokens: append them, attend, keep h2o_keep's choice."""
+        B, H_kv, n_rep, T, D = qg.shape
+        new = (k.contiguous(), v.contiguous(),  # contiguous: decode_step writes into them later
+               torch.zeros(B, H_kv, T, device=k.device),  # a new token has received no attention yet
+               positions.expand(B, H_kv, T).clone())
         if self.k[layer_id] is None:
             keys, values, score, kept = new
         else:
             old = (self.k[layer_id], self.v[layer_id], self.score[layer_id], self.kept[layer_id])
             keys, values, score, kept = (torch.cat([o, n], dim=2) for o, n in zip(old, new))
         S = keys.shape[2]  # cached + new
-
-        # The readable path: we need the attention weights themselves, which SDPA does not return.
-        # Query head h uses KV head h // n_rep, so view the H query heads as (H_kv, n_rep).
-        n_rep = H // H_kv
-        qg = q.float().transpose(1, 2).reshape(B, H_kv, n_rep, T, D)  # (B, H_kv, n_rep, T, D)
+        # We need the attention weights themselves, which SDPA does not return: compute them explicitly.
         att = torch.einsum("bgrtd,bgsd->bgrts", qg, keys.float()) / math.sqrt(D)  # (B, H_kv, n_rep, T, S)
         # every cached token is in the past of every new query; the new tokens are causal among themselves
-        visible = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(diagonal=S - T)  # (T, S)
+        visible = torch.ones(T, S, dtype=torch.bool, device=qg.device).tril(diagonal=S - T)  # (T, S)
         att = att.masked_fill(~visible, float("-inf")).softmax(dim=-1)
         y = torch.einsum("bgrts,bgsd->bgrtd", att, values.float())  # (B, H_kv, n_rep, T, D)
-        y = y.reshape(B, H, T, D).transpose(1, 2).to(q.dtype)  # (B, T, H, D)
-
         score = score + att.sum(dim=(2, 3))  # (B, H_kv, S): summed over the group's heads and the queries
         if S > self.budget:
-            idx = h2o_keep(score, self.heavy, self.recent)  # (B, H_kv, budget)
+            idx = h2o_keep(score, kept, self.heavy, self.recent)  # (B, H_kv, budget)
             keys = keys.gather(2, idx[..., None].expand(-1, -1, -1, D))
             values = values.gather(2, idx[..., None].expand(-1, -1, -1, D))
             score, kept = score.gather(2, idx), kept.gather(2, idx)
         self.k[layer_id], self.v[layer_id], self.score[layer_id], self.kept[layer_id] = keys, values, score, kept
+        return y
+
+    def decode_step(self, layer_id, qg, k, v, positions):
+        """One new token into a full cache: attend to the cache plus itself, then write it over the entry
+        with the lowest score outside the recent window. k, v (B, H_kv, 1, D)."""
+        keys, values, score, kept = self.k[layer_id], self.v[layer_id], self.score[layer_id], self.kept[layer_id]
+        D = qg.shape[-1]
+        # scores against the cache and against the new token itself, softmax over both together
+        att_cache = torch.einsum("bgrtd,bgsd->bgrts", qg, keys.float())  # (B, H_kv, n_rep, 1, S)
+        att_self = (qg * k[:, :, None].float()).sum(-1, keepdim=True)  # (B, H_kv, n_rep, 1, 1)
+        att = (torch.cat([att_cache, att_self], dim=-1) / math.sqrt(D)).softmax(dim=-1)  # (B, H_kv, n_rep, 1, S+1)
+        y = torch.einsum("bgrts,bgsd->bgrtd", att[..., :-1], values.float()) + att[..., -1:] * v[:, :, None].float()
+        received = att.sum(dim=(2, 3))  # (B, H_kv, S+1)
+        score += received[..., :-1]
+        # The recent window is the `recent` newest tokens, the new one included: positions > pos - recent.
+        outside = kept <= positions[0] - self.recent  # (B, H_kv, S)
+        victim = score.masked_fill(~outside, float("inf")).argmin(dim=-1, keepdim=True)  # (B, H_kv, 1)
+        keys.scatter_(2, victim[..., None].expand(-1, -1, -1, D), k)
+        values.scatter_(2, victim[..., None].expand(-1, -1, -1, D), v)
+        score.scatter_(2, victim, received[..., -1:])
+        kept.scatter_(2, victim, positions.expand_as(victim))
         return y
 
 

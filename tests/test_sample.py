@@ -92,11 +92,16 @@ def test_h2o_keep_takes_the_top_scores_among_old_tokens_plus_the_recent_window()
     #                      pos: 0    1    2    3    4    5    6    7    8    9
     score = torch.tensor([[[9.0, 0.3, 2.0, 0.2, 4.2, 0.1, 0.4, 0.0, 8.0, 0.5],     # head 0
                            [0.1, 7.0, 0.2, 6.0, 0.3, 0.4, 0.5, 9.9, 9.9, 9.9]]])   # head 1
-    keep = h2o_keep(score, heavy=2, recent=3)  # recent = positions 7, 8, 9, whatever their score
+    pos = torch.arange(10).expand(1, 2, 10)
+    keep = h2o_keep(score, pos, heavy=2, recent=3)  # recent = positions 7, 8, 9, whatever their score
     assert keep.tolist() == [[[0, 4, 7, 8, 9], [1, 3, 7, 8, 9]]]
-    assert h2o_keep(score, heavy=5, recent=5).tolist() == [[list(range(10))] * 2]  # budget >= S: keep all
-    assert h2o_keep(score, heavy=0, recent=2).tolist() == [[[8, 9], [8, 9]]]
-    assert h2o_keep(score, heavy=3, recent=0).tolist() == [[[0, 4, 8], [7, 8, 9]]]
+    assert h2o_keep(score, pos, heavy=5, recent=5).tolist() == [[list(range(10))] * 2]  # budget >= S: keep all
+    assert h2o_keep(score, pos, heavy=0, recent=2).tolist() == [[[8, 9], [8, 9]]]
+    assert h2o_keep(score, pos, heavy=3, recent=0).tolist() == [[[0, 4, 8], [7, 8, 9]]]
+    # entries in any order: the recent window is found by position, not by place
+    perm = torch.tensor([9, 2, 0, 7, 4, 1, 8, 3, 6, 5])
+    keep = h2o_keep(score[..., perm], pos[..., perm], heavy=2, recent=3)
+    assert [sorted(perm[row].tolist()) for row in keep[0]] == [[0, 4, 7, 8, 9], [1, 3, 7, 8, 9]]
 
 
 def identity_rotate(x, positions):
@@ -148,10 +153,26 @@ def test_h2o_cache_never_exceeds_its_budget_and_always_keeps_the_recent_window()
         for t in range(30, 80):
             model(ids[:, t:t + 1], cache=cache)
             for layer in range(model.args.n_layers):
-                kept = cache.kept[layer]  # (1, H_kv, S)
+                kept = cache.kept[layer].sort(dim=-1).values  # (1, H_kv, S); entries are in no particular order
                 assert kept.shape == (1, 2, 12) and cache.k[layer].shape == (1, 2, 12, 16)
-                assert (kept.diff(dim=-1) > 0).all()  # distinct, in position order
+                assert (kept.diff(dim=-1) > 0).all()  # distinct tokens
                 assert kept[..., -7:].tolist() == [[list(range(t - 6, t + 1))] * 2]
+
+
+def test_h2o_in_place_decoding_step_equals_the_readable_append_and_evict_path():
+    model = make_model(seed=8)
+    ids = torch.randint(0, 256, (2, 70), generator=torch.Generator().manual_seed(8))
+    fast, readable = H2OCache(model.args, heavy=6, recent=4), H2OCache(model.args, heavy=6, recent=4)
+    readable.in_place = False
+    with torch.no_grad():
+        a, b = model(ids[:, :20], cache=fast), model(ids[:, :20], cache=readable)
+        for t in range(20, 70):
+            a, b = model(ids[:, t:t + 1], cache=fast), model(ids[:, t:t + 1], cache=readable)
+            assert (a - b).abs().max().item() <= TOL
+            for layer in range(model.args.n_layers):
+                assert torch.equal(fast.kept[layer].sort(-1).values, readable.kept[layer].sort(-1).values)
+                order_f, order_r = fast.kept[layer].argsort(-1), readable.kept[layer].argsort(-1)
+                assert torch.allclose(fast.score[layer].gather(2, order_f), readable.score[layer].gather(2, order_r), atol=1e-5)
 
 
 # ----------------------------------------------------------------------------------------------------
