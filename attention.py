@@ -225,10 +225,11 @@ def _attend_segments(q, k, v, segments, L):
     sizes = [blk["stop"] - blk["start"] for blk in blocks]
     if sum(sizes) < T:
         sizes.append(T - sum(sizes))  # the padded tail
-    q_parts, k_parts, v_parts = q.split(sizes), k.split(sizes), v.split(sizes)
+    # (a split or cat of a single piece would still copy, and the backward of a split is a cat)
+    q_parts, k_parts, v_parts = ((t.split(sizes) if len(sizes) > 1 else (t,)) for t in (q, k, v))
     part_starts = [0, *torch.tensor(sizes).cumsum(0).tolist()]
 
-    def rows(parts, full, p0, p1):
+    def prefix_rows(parts, full, p0, p1):
         # rows [p0, p1), taken from the split part that holds them if there is one: the backward of a
         # slice allocates zeros the size of what was sliced, and a part is smaller than the whole row
         for part, start in zip(parts, part_starts):
@@ -245,7 +246,7 @@ def _attend_segments(q, k, v, segments, L):
             # prepend the P prefix keys to every segment, and P placeholder queries (zeros, outputs dropped):
             # plain causal attention over the P + m tokens then gives each real query all the prefix keys
             # plus the causal keys of its own segment, and the fused kernel still skips the upper blocks
-            kp, vp = rows(k_parts, k, p0, p1), rows(v_parts, v, p0, p1)  # (P, h_kv, D)
+            kp, vp = prefix_rows(k_parts, k, p0, p1), prefix_rows(v_parts, v, p0, p1)  # (P, h_kv, D)
             qs = torch.cat([qs.new_zeros(1, 1, 1, 1).expand(n, P, h, D), qs], dim=1)  # (n, P+m, h, D)
             ks = torch.cat([kp.expand(n, *kp.shape), ks], dim=1)  # (n, P+m, h_kv, D)
             vs = torch.cat([vp.expand(n, *vp.shape), vs], dim=1)  # (n, P+m, h_kv, D)
@@ -254,7 +255,7 @@ def _attend_segments(q, k, v, segments, L):
         outs.append(o[:, :, P:].transpose(1, 2).reshape(n * m, h, D))  # (n*m, h, D)
     if sum(sizes[: len(blocks)]) < T:
         outs.append(q.new_zeros(T - sum(sizes[: len(blocks)]), h, D))  # padded queries -> zeros
-    return torch.cat(outs)  # (T, h, D)
+    return torch.cat(outs) if len(outs) > 1 else outs[0]  # (T, h, D)
 
 
 def _sdpa_grouped(q, k, v, plan, lengths):
@@ -265,7 +266,9 @@ def _sdpa_grouped(q, k, v, plan, lengths):
         k, v = k.repeat_interleave(H // k.shape[2], dim=2), v.repeat_interleave(H // k.shape[2], dim=2)
     Ls = [T] * B if lengths is None else lengths.tolist()
     rows = []
-    for qb, kb, vb, L in zip(q.unbind(0), k.unbind(0), v.unbind(0), Ls):  # (T, H, D), (T, H_kv, D)
+    # one row at a time, each a view; (squeeze for a single row: its backward is a view too, unbind's a stack)
+    unbind = (lambda t: t.unbind(0)) if B > 1 else (lambda t: (t.squeeze(0),))
+    for qb, kb, vb, L in zip(unbind(q), unbind(k), unbind(v), Ls):  # (T, H, D), (T, H_kv, D)
         halves = [_attend_segments(qh, kh, vh, segments, L)
                   for qh, kh, vh, segments in zip(qb.chunk(2, dim=1), kb.chunk(2, dim=1), vb.chunk(2, dim=1), plan)]
         rows.append(torch.cat(halves, dim=1))  # (T, H, D)

@@ -1,0 +1,326 @@
+"""Benchmarks, one subcommand per part of the project. Speed targets are checked here, never in tests.
+
+    python bench.py attention            # full vs S²-Attn vs SF-Attn, T = 2048 .. 16384, fp32 and bf16
+    python bench.py attention --quick    # the same at T = 1024, 2048 (seconds instead of minutes)
+    python bench.py train                # (not implemented yet)
+    python bench.py sample               # (not implemented yet)
+
+`attention` times forward + backward of attention.attention() for each mode on the same inputs
+(B=1, H=8, D=64, group size T/4, 4 sinks) and reports the median time, the peak memory, and both as
+ratios to full attention. The modes run round-robin (full, s2, sf, full, s2, sf, ...) so that a change
+in the machine's load during the run hits all of them alike. The targets of issue 3 are printed below
+the table: s2 at least 3x faster than full at T=8192, sf within 1.15x of s2, no mode above full in memory.
+"""
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+import torch
+
+from attention import attention
+
+MODES = ("full", "s2", "sf")
+
+
+# ----------------------------------------------------------------------------- attention
+
+def _step(q, k, v, grad_out, mode, backend):
+    """One forward + backward; gradients are dropped first so that no run accumulates into another."""
+    for t in (q, k, v):
+        t.grad = None
+    out = attention(q, k, v, mode, backend=backend)
+    out.backward(grad_out)
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _peak_bytes(q, k, v, grad_out, mode, backend):
+    """Peak bytes of tensors allocated during one forward + backward, above what existed before it.
+
+    On CUDA this is the caching allocator's own max_memory_allocated. On the CPU we replay the step
+    under torch.profiler(profile_memory=True) and take the running maximum of the allocator's "Total
+    Allocated" over every allocation and free it records; this counts every tensor, including the fused
+    kernels' scratch buffers, and nothing else. (Process RSS, e.g. ru_maxrss in a fresh subprocess, was
+    the other candidate; it also counts what glibc keeps after a free, and measured full attention at
+    T=8192 fp32 as 106 MB against 66 MB of tensors actually alive, so it would blur the comparison.)
+    The inputs q, k, v and grad_out exist before the step and are not counted; the gradients of
+    q, k, v and the output are, for every mode alike.
+    """
+    if q.device.type == "cuda":
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        _step(q, k, v, grad_out, mode, backend)
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - before
+    from torch.profiler import ProfilerActivity, profile
+
+    for t in (q, k, v):
+        t.grad = None
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        _step(q, k, v, grad_out, mode, backend)
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "trace.json")
+        prof.export_chrome_trace(path)
+        with open(path) as f:
+            events = [e["args"] for e in json.load(f)["traceEvents"] if e.get("name") == "[memory]"]
+    if not events:
+        return 0
+    start = events[0]["Total Allocated"] - events[0]["Bytes"]  # allocated just before the first event
+    return max(e["Total Allocated"] for e in events) - start
+
+
+def bench_attention(args):
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("error: --device cuda but CUDA is not available")
+    Ts = [1024, 2048] if args.quick else args.T
+    B, H, D = 1, 8, 64
+    print(f"attention forward+backward, B={B} H={H} D={D}, group size T/4, sf with 4 sinks, backend {args.backend}, "
+          f"{device.type}, {torch.get_num_threads()} threads, torch {torch.__version__}")
+    print(f"time: median of {args.repeats} runs after one warm-up; memory: peak of tensors allocated during one "
+          f"forward+backward (see _peak_bytes)\n")
+    print("| dtype | T | mode | time (ms) | speed-up vs full | peak memory (MiB) | memory vs full |")
+    print("| --- | ---: | --- | ---: | ---: | ---: | ---: |")
+    results = {}
+    for dtype_name in args.dtype:
+        dtype = getattr(torch, dtype_name)
+        for T in Ts:
+            gen = torch.Generator(device="cpu").manual_seed(0)
+            q, k, v = (torch.randn(B, T, H, D, generator=gen).to(device, dtype).requires_grad_() for _ in range(3))
+            grad_out = torch.randn(B, T, H, D, generator=gen).to(device, dtype)
+            times = {mode: [] for mode in MODES}
+            for mode in MODES:  # warm-up (first-call allocations, kernel selection)
+                _step(q, k, v, grad_out, mode, args.backend)
+            for _ in range(args.repeats):
+                for mode in MODES:  # round-robin, see the module docstring
+                    _sync(device)
+                    t0 = time.perf_counter()
+                    _step(q, k, v, grad_out, mode, args.backend)
+                    _sync(device)
+                    times[mode].append(time.perf_counter() - t0)
+            for mode in MODES:
+                results[dtype_name, T, mode] = (statistics.median(times[mode]),
+                                                _peak_bytes(q, k, v, grad_out, mode, args.backend))
+            t_full, m_full = results[dtype_name, T, "full"]
+            for mode in MODES:
+                t, m = results[dtype_name, T, mode]
+                print(f"| {dtype_name} | {T} | {mode} | {t * 1e3:.0f} | {t_full / t:.2f}x | {m / 2**20:.1f} | "
+                      f"{m / m_full:.2f}x |", flush=True)
+            del q, k, v, grad_out
+
+    print("\ntargets:")
+    for dtype_name in args.dtype:
+        for T in Ts:
+            (tf, mf), (t2, m2), (tsf, msf) = (results[dtype_name, T, mode] for mode in MODES)
+            checks = [f"s2 {tf / t2:.2f}x faster than full" + (" (target >= 3x)" if T == 8192 else ""),
+                      f"sf / s2 time {tsf / t2:.2f} (target <= 1.15)",
+                      f"memory vs full: s2 {m2 / mf:.2f}, sf {msf / mf:.2f} (target <= 1)"]
+            ok = (tf / t2 >= 3 or T != 8192) and tsf / t2 <= 1.15 and max(m2, msf) <= mf
+            print(f"  {dtype_name} T={T}: {'; '.join(checks)} -> {'met' if ok else 'MISSED'}")
+
+
+# ----------------------------------------------------------------------------- train, sample
+
+def _peak_alloc_bytes(fn):
+    """Peak bytes of tensors allocated while fn() runs, above what existed before (see _peak_bytes)."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        fn()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - before
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "trace.json")
+        prof.export_chrome_trace(path)
+        with open(path) as f:
+            events = [e["args"] for e in json.load(f)["traceEvents"] if e.get("name") == "[memory]"]
+    if not events:
+        return 0
+    start = events[0]["Total Allocated"] - events[0]["Bytes"]
+    return max(e["Total Allocated"] for e in events) - start
+
+
+def _peer_model(ours, mode):
+    """HF transformers' LlamaForCausalLM + PEFT LoRA with our model's weights, shapes and LoRA (r, alpha,
+    targets), trainable embeddings and norms set the way LongLoRA's fine-tune.py does (requires_grad on the
+    base tensors, not PEFT's modules_to_save copies), gradient checkpointing on. For s2/sf its attention
+    calls attention.attention through transformers' AttentionInterface: the same attention for both."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import transformers
+    from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
+
+    from lora import PEFT_TARGETS, hf_config, meta_to_hf_state, peft_adapter
+
+    def ours_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+        # HF hands over (B, H, T, D) after RoPE and wants (B, T, H, D) back; no padding in this benchmark
+        out = attention(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), mode)  # (B, T, H, D)
+        return out, None
+
+    transformers.AttentionInterface.register("longlora_" + mode, ours_attention)
+    transformers.AttentionMaskInterface.register("longlora_" + mode, lambda *a, **k: None)  # never used
+    cfg = hf_config(ours.args, torch.float32)
+    cfg.pop("architectures")
+    cfg.pop("model_type")
+    config = transformers.LlamaConfig(**cfg)
+    config._attn_implementation = "sdpa" if mode == "full" else "longlora_" + mode
+    with torch.device("meta"):
+        peer = transformers.LlamaForCausalLM(config)
+    base = {k: v for k, v in ours.state_dict().items() if not k.endswith((".lora_a", ".lora_b"))}
+    peer.load_state_dict(meta_to_hf_state(ours.args, base), strict=True, assign=True)
+    peer.model.rotary_emb = type(peer.model.rotary_emb)(config)  # its inv_freq buffer was on meta
+    lc = ours.lora_config
+    peer = get_peft_model(peer, LoraConfig(r=lc["r"], lora_alpha=lc["alpha"], lora_dropout=lc["dropout"], bias="none",
+                                           target_modules=[PEFT_TARGETS[t] for t in lc["targets"]]))
+    _, tensors = peft_adapter(ours)
+    lora_tensors = {k: v for k, v in tensors.items() if ".lora_" in k}
+    result = set_peft_model_state_dict(peer, lora_tensors)
+    assert not [k for k in result.unexpected_keys], result.unexpected_keys
+    for n, p in peer.named_parameters():
+        if "embed_tokens" in n or "norm" in n:
+            p.requires_grad_(True)
+    peer.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    peer.train()
+    return peer
+
+
+def bench_train(args):
+    """One training step (forward, backward, AdamW) of train.py's recipe for each attention mode, and the same
+    step in HF transformers + PEFT as the peer; tokens/s and peak memory."""
+    import torch.nn.functional as F
+
+    from lora import apply_lora, mark_trainable
+    from model import Transformer, preset
+    from train import token_loss_sum
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    T = args.ctx
+    torch.manual_seed(0)
+    base_args = preset(args.preset)
+    scaling = float(-(-T // base_args.max_seq_len))  # ceil(ctx / original context), as train.py sets it
+    x = torch.randint(0, base_args.vocab_size, (args.batch_size, T + 1), generator=torch.Generator().manual_seed(1))
+    x, y = x[:, :-1], x[:, 1:]  # (B, T) each
+    nograd = torch.autocast("cpu", enabled=False)
+    variants = {}
+    for mode in MODES:
+        torch.manual_seed(0)
+        m = Transformer(preset(args.preset, rope_scaling=scaling, max_seq_len=T, attn=mode))
+        apply_lora(m)
+        mark_trainable(m)
+        with torch.no_grad():  # a LoRA that has trained a little, so that its path is not all zeros
+            for n, p in m.named_parameters():
+                if n.endswith("lora_b"):
+                    p.normal_(0, 0.02, generator=torch.Generator().manual_seed(2))
+        m.gradient_checkpointing = True
+        m.train()
+        variants["ours", mode] = (m, lambda m: token_loss_sum(m, x, y, None, nograd))
+        if not args.no_peer:
+            peer = _peer_model(m, mode)
+            variants["peer", mode] = (peer, lambda p: F.cross_entropy(p(input_ids=x).logits.float().flatten(0, 1),
+                                                                    y.flatten(), reduction="sum"))
+    opts = {k: torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-5) for k, (m, _) in variants.items()}
+
+    def step(key):
+        m, loss_fn = variants[key]
+        loss = loss_fn(m)
+        (loss / y.numel()).backward()
+        opts[key].step()
+        opts[key].zero_grad(set_to_none=True)
+        return loss.item() / y.numel()
+
+    first = {k: step(k) for k in variants}  # warm-up; also: the same weights give the same loss
+    times = {k: [] for k in variants}
+    for _ in range(args.repeats):
+        for k in variants:  # round-robin, see the module docstring
+            t0 = time.perf_counter()
+            step(k)
+            times[k].append(time.perf_counter() - t0)
+    peaks = {k: _peak_alloc_bytes(lambda: step(k)) for k in variants}
+    tokens = args.batch_size * T
+    print(f"train step (forward + backward + AdamW), preset {args.preset}, batch {args.batch_size} x ctx {T} "
+          f"(RoPE scaling {scaling:g}), LoRA r=8 alpha=16 on wq wk wv wo + embeddings and norms, activation "
+          f"checkpointing, fp32, {torch.get_num_threads()} threads, torch {torch.__version__}")
+    print(f"time: median of {args.repeats} steps after one warm-up, run round-robin; memory: peak of tensors allocated "
+          f"during one step (see _peak_alloc_bytes)\n")
+    print("| implementation | attention | loss at step 1 | time (s) | tokens/s | vs ours full | peak memory (MiB) |")
+    print("| --- | --- | ---: | ---: | ---: | ---: | ---: |")
+    tps = {k: tokens / statistics.median(v) for k, v in times.items()}
+    for k in variants:
+        name = "ours (train.py)" if k[0] == "ours" else "HF transformers + PEFT"
+        print(f"| {name} | {k[1]} | {first[k]:.5f} | {statistics.median(times[k]):.2f} | {tps[k]:,.0f} | "
+              f"{tps[k] / tps['ours', 'full']:.2f}x | {peaks[k] / 2**20:.0f} |")
+    print("\ntargets:")
+    r = tps["ours", "s2"] / tps["ours", "full"]
+    print(f"  s2 / full tokens/s {r:.2f} (target >= 1.5) -> {'met' if r >= 1.5 else 'MISSED'}")
+    if not args.no_peer:
+        for mode in MODES:
+            r = tps["ours", mode] / tps["peer", mode]
+            same = abs(first["ours", mode] - first["peer", mode]) < 1e-4
+            print(f"  {mode}: ours / peer tokens/s {r:.2f} (target >= 1) -> {'met' if r >= 1 else 'MISSED'}; "
+                  f"same loss at step 1: {'yes' if same else 'NO'}")
+
+
+def bench_sample(args):
+    """Generation speed (prefill and tokens/s) per KV cache: to be written with sample.py."""
+    print("bench.py sample: not implemented yet", file=sys.stderr)
+    raise SystemExit(2)
+
+
+# ----------------------------------------------------------------------------- command line
+
+def main():
+    parser = argparse.ArgumentParser(description="Benchmarks of the project (speed targets live here, not in tests).")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("attention", help="forward+backward time and peak memory of full, s2 and sf attention",
+                       description="Median forward+backward time and peak memory of full, S²-Attn and SF-Attn, "
+                                   "with ratios to full attention.")
+    p.add_argument("--T", type=int, nargs="+", default=[2048, 4096, 8192, 16384],
+                   help="sequence lengths (default 2048 4096 8192 16384)")
+    p.add_argument("--dtype", nargs="+", choices=["float32", "bfloat16", "float16"], default=["float32", "bfloat16"],
+                   help="dtypes to run (default float32 bfloat16)")
+    p.add_argument("--repeats", type=int, default=3, help="timed runs per case after one warm-up (default 3)")
+    p.add_argument("--quick", action="store_true", help="T = 1024 and 2048 only, for a check in seconds")
+    p.add_argument("--backend", choices=["sdpa", "flash", "auto", "reference"], default="sdpa",
+                   help="attention backend (default sdpa, the CPU fast path; flash needs CUDA and flash-attn; "
+                        "reference builds T x T masks and is only for small T)")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="device (default cpu)")
+    p.set_defaults(run=bench_attention)
+
+    p = sub.add_parser("train", help="training step tokens/s and peak memory per attention mode, and HF + PEFT",
+                       description="tokens/s and peak memory of one LoRA training step (train.py's recipe) with "
+                                   "full, s2 and sf attention, and the same step in HF transformers + PEFT.")
+    p.add_argument("--preset", default="demo", help="model shape from model.py's PRESETS (default demo)")
+    p.add_argument("--ctx", type=int, default=4096, help="sequence length (default 4096)")
+    p.add_argument("--batch-size", type=int, default=1, help="sequences per step (default 1)")
+    p.add_argument("--repeats", type=int, default=3, help="timed steps per variant after one warm-up (default 3)")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
+    p.add_argument("--no-peer", action="store_true", help="skip HF transformers + PEFT")
+    p.set_defaults(run=bench_train)
+    p = sub.add_parser("sample", help="generation speed per KV cache (not implemented yet)")
+    p.set_defaults(run=bench_sample)
+
+    args = parser.parse_args()
+    if args.command == "attention":
+        if args.repeats < 1:
+            raise SystemExit(f"error: --repeats must be at least 1, got {args.repeats}")
+        if min(args.T) < 8:
+            raise SystemExit(f"error: every --T must be at least 8 (group size T/4 must be even and >= 2), got {min(args.T)}")
+    args.run(args)
+
+
+if __name__ == "__main__":
+    main()
