@@ -3,7 +3,7 @@
     python bench.py attention            # full vs S²-Attn vs SF-Attn, T = 2048 .. 16384, fp32 and bf16
     python bench.py attention --quick    # the same at T = 1024, 2048 (seconds instead of minutes)
     python bench.py train                # (not implemented yet)
-    python bench.py sample               # (not implemented yet)
+    python bench.py sample               # decode tokens/s: KV cache vs recomputation, h2o vs full, ours vs HF
 
 `attention` times forward + backward of attention.attention() for each mode on the same inputs
 (B=1, H=8, D=64, group size T/4, 4 sinks) and reports the median time, the peak memory, and both as
@@ -274,9 +274,120 @@ def bench_train(args):
 
 
 def bench_sample(args):
-    """Generation speed (prefill and tokens/s) per KV cache: to be written with sample.py."""
-    print("bench.py sample: not implemented yet", file=sys.stderr)
-    raise SystemExit(2)
+    """Generation speed of sample.py, greedy, one sequence:
+
+      1. decode tokens/s with the full KV cache vs recomputing the whole sequence for every new token,
+         after a 2048-token prompt (model preset demo);
+      2. H₂O at a 20% budget (10% heavy + 10% recent) vs the full KV cache after a --long-token prompt:
+         prefill time, decode tokens/s, and the size of the cache at the end;
+      3. ours vs HF transformers' `generate` on the same weights (an HF LlamaForCausalLM saved with
+         save_pretrained and loaded by Transformer.from_pretrained), prompt 32 + 256 new tokens, end to end.
+    Variants run round-robin, --repeats times; the best run counts (the machine's other load only slows).
+    """
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import transformers
+
+    from model import Transformer, preset
+    from sample import generate
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    g = torch.Generator().manual_seed(0)
+
+    def run_generate(model, prompt, n, **kw):
+        """(prefill seconds, decode tokens/s, tokens, KV cache MiB) of one sample.generate call."""
+        stats = {}
+        out = list(generate(model, prompt, n, **kw, stats=stats))
+        return stats["prefill_seconds"], stats["decode_tokens"] / stats["decode_seconds"], out, stats["kv_cache_bytes"] / 2**20
+
+    @torch.inference_mode()
+    def recompute(model, prompt, n):
+        ids = list(prompt)
+        for _ in range(n):
+            ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
+        return ids[len(prompt):]
+
+    def best_of(fns):
+        """Run each fn round-robin args.repeats times; per fn the fastest (seconds, result)."""
+        best = {}
+        for _ in range(args.repeats):
+            for name, fn in fns.items():
+                t0 = time.perf_counter()
+                result = fn()
+                dt = time.perf_counter() - t0
+                if name not in best or dt < best[name][0]:
+                    best[name] = (dt, result)
+        return best
+
+    print(f"sample.py generation, greedy, batch 1, fp32, cpu, {torch.get_num_threads()} threads, torch {torch.__version__}, "
+          f"transformers {transformers.__version__}; best of {args.repeats} runs, variants round-robin; machine load "
+          f"average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores at the start (more threads than idle cores "
+          f"make small-model decoding wait on descheduled threads: try --threads 1)\n")
+    torch.manual_seed(0)
+    demo = Transformer(preset("demo", max_seq_len=2 * args.long)).eval()
+
+    # 1. the KV cache vs recomputation
+    prompt = torch.randint(0, demo.args.vocab_size, (2048,), generator=g).tolist()
+    n = 8
+    best = best_of({"cache": lambda: run_generate(demo, prompt, n + 1),  # n decode steps after the first token
+                    "recompute": lambda: recompute(demo, prompt, n + 1)})
+    _, cached_tps, out_c, _ = best["cache"][1]
+    recompute_tps = (n + 1) / best["recompute"][0]  # every token costs a forward over the whole sequence
+    print("| demo preset, prompt 2048 | decode tokens/s | vs recomputation | same tokens |")
+    print("| --- | ---: | ---: | --- |")
+    print(f"| full KV cache | {cached_tps:.1f} | {cached_tps / recompute_tps:.1f}x | {out_c == best['recompute'][1]} |")
+    print(f"| recompute every step | {recompute_tps:.2f} | 1.0x | |\n")
+
+    # 2. H₂O at 20% vs the full cache after a long prompt
+    prompt = torch.randint(0, demo.args.vocab_size, (args.long,), generator=g).tolist()
+    n = 64
+    best = best_of({"full": lambda: run_generate(demo, prompt, n, prefill_chunk=512),
+                    "h2o": lambda: run_generate(demo, prompt, n, cache="h2o", heavy=0.1, recent=0.1, prefill_chunk=512)})
+    print(f"| demo preset, prompt {args.long}, {n} new | prefill (s) | decode tokens/s | decode vs full | KV cache (MiB) |")
+    print("| --- | ---: | ---: | ---: | ---: |")
+    full_tps = best["full"][1][1]
+    for name in ("full", "h2o"):
+        prefill, tps, _, mib = best[name][1]
+        label = "full KV cache" if name == "full" else "h2o, 10% heavy + 10% recent"
+        print(f"| {label} | {prefill:.2f} | {tps:.1f} | {tps / full_tps:.2f}x | {mib:.1f} |")
+    print()
+
+    # 3. ours vs HF transformers' generate, same weights
+    print("| model | prompt + new | ours tokens/s | HF generate tokens/s | ours / HF | same tokens |")
+    print("| --- | --- | ---: | ---: | ---: | --- |")
+    ratios = {}
+    for name in ("tiny", "demo"):
+        a = preset(name, max_seq_len=1024)  # room for 32 + 256 tokens
+        cfg = transformers.LlamaConfig(
+            hidden_size=a.dim, intermediate_size=a.hidden_dim, num_hidden_layers=a.n_layers,
+            num_attention_heads=a.n_heads, num_key_value_heads=a.n_kv_heads, vocab_size=a.vocab_size,
+            max_position_embeddings=a.max_seq_len, rms_norm_eps=a.norm_eps, tie_word_embeddings=False,
+            bos_token_id=None, eos_token_id=None, pad_token_id=None)  # no EOS: both generate every token
+        torch.manual_seed(0)
+        hf = transformers.LlamaForCausalLM(cfg).eval()
+        with torch.no_grad():  # HF's init gives near-uniform logits; spread them so greedy choices are clear-cut
+            for pname, p in hf.named_parameters():
+                p.copy_(1 + 0.3 * torch.randn_like(p) if "norm" in pname else 0.2 * torch.randn_like(p))
+        with tempfile.TemporaryDirectory() as d:
+            hf.save_pretrained(d)
+            ours = Transformer.from_pretrained(d).eval()
+        prompt = torch.randint(0, a.vocab_size, (32,), generator=g).tolist()
+        n = 256
+        ids = torch.tensor([prompt])
+
+        def hf_generate():
+            with torch.inference_mode():
+                out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False)
+            return out[0, len(prompt):].tolist()
+
+        best = best_of({"ours": lambda: list(generate(ours, prompt, n)), "hf": hf_generate})
+        (t_ours, out_o), (t_hf, out_h) = best["ours"], best["hf"]
+        ratios[name] = t_hf / t_ours
+        print(f"| {name} ({ours.num_params() / 1e6:.2f}M) | 32 + {n} | {n / t_ours:.1f} | {n / t_hf:.1f} | "
+              f"{ratios[name]:.2f}x | {out_o == out_h} |")
+    print("\ntargets:")
+    for name, r in ratios.items():
+        print(f"  {name}: ours / HF generate tokens/s {r:.2f} (target >= 1) -> {'met' if r >= 1 else 'MISSED'}")
 
 
 # ----------------------------------------------------------------------------- command line
@@ -310,7 +421,12 @@ def main():
     p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
     p.add_argument("--no-peer", action="store_true", help="skip HF transformers + PEFT")
     p.set_defaults(run=bench_train)
-    p = sub.add_parser("sample", help="generation speed per KV cache (not implemented yet)")
+    p = sub.add_parser("sample", help="generation tokens/s: KV cache vs recomputation, h2o vs full, ours vs HF generate",
+                       description="Decode tokens/s of sample.py: full KV cache vs recomputation, H2O at 20% vs the "
+                                   "full cache at a long prompt, and ours vs HF transformers' generate on the same weights.")
+    p.add_argument("--long", type=int, default=8192, help="prompt length of the h2o vs full comparison (default 8192)")
+    p.add_argument("--repeats", type=int, default=3, help="runs per variant, round-robin; the best counts (default 3)")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
     p.set_defaults(run=bench_sample)
 
     args = parser.parse_args()

@@ -213,6 +213,12 @@ def resolve_size(value, prompt_len: int) -> int:
     return int(value)
 
 
+def cache_bytes(cache) -> int:
+    """Memory held by a KV cache: its keys, values and bookkeeping (every list of per-layer tensors)."""
+    return sum(t.numel() * t.element_size() for field in vars(cache).values() if isinstance(field, list)
+               for t in field if t is not None)
+
+
 def make_cache(model, kind, prompt_len, max_new_tokens, *, heavy=0.1, recent=0.1, sink_tokens=4, batch_size=1):
     """The KV cache for one generation: "full" (model.KVCache), "h2o" or "sink"."""
     p = next(model.parameters())
@@ -251,7 +257,8 @@ def generate(model, prompt_ids, max_new_tokens, temperature=0.0, top_p=1.0, top_
 
     cache: "full", "h2o" (budget heavy + recent) or "sink" (budget sink_tokens + recent); heavy and
     recent are counts (int) or ratios of the prompt length (float). The prompt is prefilled in chunks
-    of prefill_chunk tokens. stats, if a dict, receives prefill/decode token counts and seconds.
+    of prefill_chunk tokens. stats, if a dict, receives prefill/decode token counts and seconds and
+    the bytes the KV cache holds.
     """
     if len(prompt_ids) == 0:
         raise ValueError("the prompt is empty (generation needs at least one token, e.g. BOS)")
@@ -267,6 +274,7 @@ def generate(model, prompt_ids, max_new_tokens, temperature=0.0, top_p=1.0, top_
     t0 = time.perf_counter()
     for start in range(0, ids.shape[1], prefill_chunk):
         logits = model(ids[:, start:start + prefill_chunk], cache=kv)[0, -1]  # (V,) of the chunk's last position
+    stats["kv_cache_bytes"] = cache_bytes(kv)
     for i in range(max_new_tokens):
         token = sample_next(logits, temperature, top_p, top_k, generator)  # int(): waits for the device
         elapsed = time.perf_counter() - t0
@@ -279,6 +287,7 @@ def generate(model, prompt_ids, max_new_tokens, temperature=0.0, top_p=1.0, top_
         t0 = time.perf_counter()
         logits = model(torch.tensor([[token]], device=device), cache=kv)[0, -1]  # (V,)
         stats["decode_tokens"] += 1
+        stats["kv_cache_bytes"] = cache_bytes(kv)
 
 
 def stream_text(tokenizer, token_ids, context_ids=()):
@@ -444,7 +453,7 @@ def main(argv=None) -> int:
     print(f"prefill: {stats['prefill_tokens']} tokens in {stats['prefill_seconds']:.2f}s "
           f"({rate(stats['prefill_tokens'], stats['prefill_seconds'])}); decode: {stats['decode_tokens']} tokens in "
           f"{stats['decode_seconds']:.2f}s ({rate(stats['decode_tokens'], stats['decode_seconds'])}); "
-          f"kv cache: {a.kv_cache}", file=sys.stderr)
+          f"kv cache: {a.kv_cache}, {stats['kv_cache_bytes'] / 2**20:.1f} MiB", file=sys.stderr)
     return 0
 
 
