@@ -178,7 +178,7 @@ def _peer_model(ours, mode):
     config._attn_implementation = "sdpa" if mode == "full" else "longlora_" + mode
     with torch.device("meta"):
         peer = transformers.LlamaForCausalLM(config)
-    base = {k: v for k, v in ours.state_dict().items() if not k.endswith((".lora_a", ".lora_b"))}
+    base = {k: v.clone() for k, v in ours.state_dict().items() if not k.endswith((".lora_a", ".lora_b"))}  # own copies
     peer.load_state_dict(meta_to_hf_state(ours.args, base), strict=True, assign=True)
     peer.model.rotary_emb = type(peer.model.rotary_emb)(config)  # its inv_freq buffer was on meta
     lc = ours.lora_config

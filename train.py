@@ -457,16 +457,18 @@ def broadcast0(obj, distributed):
     return box[0]
 
 
-def full_trainable_state(model):
+def full_trainable_state(model, keep=True):
     """{name: full fp32 CPU tensor} of every trainable parameter. Under FSDP each parameter is a DTensor
-    shard; full_tensor() all-gathers it, so every rank must call this (only rank 0 uses the result)."""
+    shard; full_tensor() all-gathers it, so every rank must call this; only ranks with keep=True (rank 0)
+    copy the result to the CPU, the others get {}."""
     from torch.distributed.tensor import DTensor
 
     out = {}
     for name, p in model.named_parameters():
         if p.requires_grad:
             t = p.full_tensor() if isinstance(p, DTensor) else p
-            out[name] = t.detach().to("cpu", torch.float32).clone()
+            if keep:
+                out[name] = t.detach().to("cpu", torch.float32).clone()
     return out
 
 
@@ -505,7 +507,7 @@ def save_checkpoint(run_dir, step, model, opt, state, keep, rank, world):
     from safetensors.torch import save_file
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
-    tensors = full_trainable_state(model)
+    tensors = full_trainable_state(model, keep=rank == 0)
     optim = get_optimizer_state_dict(model, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     rng = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
     rngs = [None] * world
@@ -708,12 +710,16 @@ def estimate(m: ModelArgs, ctx, attn, gpus, batch, accum, lora_r=8, targets=DEFA
                 total_no_ckpt=static + mem["activations, no checkpointing"])
 
 
+def human(n):
+    return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.1f}M" if n >= 1e6 else f"{n / 1e3:.1f}k"
+
+
 def format_estimate(e, name, ctx, attn, gpus, batch, accum, full):
     GB, c = 1e9, e["params"]
     lines = [f"estimate: {name}, ctx {ctx}, attn {attn}" + (f" (groups of {e['group']})" if e["group"] else "") +
              f", {gpus} GPU(s), batch {batch} x accumulation {accum} = {e['tokens']:,} tokens per step, bf16, FSDP",
-             f"parameters: {c['total'] / 1e9:.2f}B, trainable {c['trainable'] / 1e6:.1f}M"
-             + (" (full fine-tuning)" if full else f" (LoRA {c['lora'] / 1e6:.1f}M + embeddings/norms)"),
+             f"parameters: {human(c['total'])}, trainable {human(c['trainable'])}"
+             + (" (full fine-tuning)" if full else f" (LoRA {human(c['lora'])} + embeddings/norms)"),
              "per-GPU memory (GB):"]
     for k, v in e["memory"].items():
         lines.append(f"  {k:<34} {v / GB:8.2f}")
@@ -1003,7 +1009,7 @@ def train(a):
     run_eval(step)
 
     # -- the result: an adapter (LoRA) or a whole model (from scratch), written by rank 0
-    tensors = full_trainable_state(model)
+    tensors = full_trainable_state(model, keep=rank == 0)
     if rank == 0:
         with torch.device("meta"):
             shadow = Transformer(ModelArgs(**asdict(model.args)))
@@ -1028,6 +1034,15 @@ def train(a):
 # Command line
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows a flag's default unless there is none to show or the help text already says it."""
+
+    def _get_help_string(self, action):
+        if action.default in (None, False) or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
 class Parser(argparse.ArgumentParser):
     def error(self, message):  # one line, no usage dump, and main() returns 2 instead of exiting
         raise UsageError(message)
@@ -1036,7 +1051,7 @@ class Parser(argparse.ArgumentParser):
 def build_parser():
     p = Parser(description="Long-context LoRA fine-tuning of LLaMA2 (LongLoRA / SinkLoRA) with FSDP2; "
                            "run with python (one process) or torchrun (several).",
-               formatter_class=argparse.ArgumentDefaultsHelpFormatter, allow_abbrev=False)
+               formatter_class=HelpFormatter, allow_abbrev=False)
     src = p.add_argument_group("model")
     src.add_argument("--model", help="base checkpoint directory (Meta, HF or this project's layout)")
     src.add_argument("--preset", choices=sorted(PRESETS), help="instead of --model: a randomly initialised base of this "

@@ -390,3 +390,12 @@ def test_estimate_is_consistent_across_ctx_attention_and_checkpointing(capsys):
     assert train.main(["--estimate", "--preset", "llama2-7b", "--ctx", "32768", "--gpus", "8"]) == 0
     out = capsys.readouterr().out
     assert "total with checkpointing" in out and "attention" in out and "6.74B" in out
+
+
+def test_no_flag_is_a_prefix_of_a_torchrun_flag():
+    """A flag of ours typed before train.py on a torchrun line must not be taken for one of torchrun's."""
+    from torch.distributed.run import get_args_parser
+
+    theirs = {o for a in get_args_parser()._actions for o in a.option_strings if o.startswith("--")} - {"--help"}
+    ours = {o for a in train.build_parser()._actions for o in a.option_strings if o.startswith("--")} - {"--help"}
+    assert not [(o, t) for o in ours for t in theirs if t.startswith(o) or o.startswith(t)]
