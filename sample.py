@@ -41,8 +41,9 @@ Three caches, all with the `attend(layer_id, q, k, v, positions, rotate)` method
 
 `--heavy` and `--recent` take a size (an integer: 256) or a ratio of the prompt length (0.1). The cache
 stores at most heavy + recent (h2o) or sink + recent (sink) tokens between forward passes; a chunk being
-processed attends to those plus itself, causally. With a budget at least as long as the sequence both
-give exactly the full cache's result (tests/test_sample.py checks it).
+processed attends to those plus itself, causally (`--prefill-chunk 1` gives the strict token-by-token
+policy). With a budget at least as long as the sequence both give exactly the full cache's result
+(tests/test_sample.py checks it).
 """
 
 import argparse
@@ -374,6 +375,8 @@ def size_or_ratio(s: str):
 
 def resolve_device_dtype(device, dtype):
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {device} but CUDA is not available")
     if dtype in (None, "auto"):  # bf16 halves memory on GPUs; CPUs are fastest and exact in fp32
         dtype = "bfloat16" if device.startswith("cuda") else "float32"
     return device, getattr(torch, dtype)
@@ -445,10 +448,15 @@ def main(argv=None) -> int:
     tokens = generate(model, ids, max_new, a.temperature, a.top_p, a.top_k, a.kv_cache, heavy=a.heavy,
                       recent=a.recent, sink_tokens=a.sink_tokens, prefill_chunk=a.prefill_chunk,
                       eos_id=tok.eos_id, seed=a.seed, stats=stats)
-    for piece in stream_text(tok, tokens, context_ids=ids):
-        sys.stdout.write(piece)
+    try:
+        for piece in stream_text(tok, tokens, context_ids=ids):
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
         sys.stdout.flush()
-    sys.stdout.write("\n")
+    except BrokenPipeError:  # the reader went away (`| head`): stop quietly, as other Unix tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     rate = lambda n, s: f"{n / s:.1f} tok/s" if s > 0 else "n/a"
     print(f"prefill: {stats['prefill_tokens']} tokens in {stats['prefill_seconds']:.2f}s "
           f"({rate(stats['prefill_tokens'], stats['prefill_seconds'])}); decode: {stats['decode_tokens']} tokens in "
