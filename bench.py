@@ -86,7 +86,9 @@ def bench_attention(args):
     print(f"attention forward+backward, B={B} H={H} D={D}, group size T/4, sf with 4 sinks, backend {args.backend}, "
           f"{device.type}, {torch.get_num_threads()} threads, torch {torch.__version__}")
     print(f"time: median of {args.repeats} runs after one warm-up; memory: peak of tensors allocated during one "
-          f"forward+backward (see _peak_bytes)\n")
+          f"forward+backward (see _peak_bytes)")
+    # wall-clock times on a shared machine depend on what else runs: say how busy it was
+    print(f"load average at start: {os.getloadavg()[0]:.2f} (cores: {os.cpu_count()})\n")
     print("| dtype | T | mode | time (ms) | speed-up vs full | peak memory (MiB) | memory vs full |")
     print("| --- | ---: | --- | ---: | ---: | ---: | ---: |")
     results = {}
@@ -116,7 +118,8 @@ def bench_attention(args):
                       f"{m / m_full:.2f}x |", flush=True)
             del q, k, v, grad_out
 
-    print("\ntargets:")
+    print(f"\nload average at end: {os.getloadavg()[0]:.2f}")
+    print("targets:")
     for dtype_name in args.dtype:
         for T in Ts:
             (tf, mf), (t2, m2), (tsf, msf) = (results[dtype_name, T, mode] for mode in MODES)
