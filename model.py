@@ -243,11 +243,14 @@ class KVCache:
         self.v[layer_id][:B, self.pos:self.pos + T] = v
         keys = self.k[layer_id][:B, :self.pos + T]  # (B, S, H_kv, D), S = pos + T
         values = self.v[layer_id][:B, :self.pos + T]
-        n_rep = H // keys.shape[2]
-        qt, kt, vt = q.transpose(1, 2), repeat_kv(keys, n_rep).transpose(1, 2), repeat_kv(values, n_rep).transpose(1, 2)
-        # New query t sits at absolute position pos + t and may see keys 0 .. pos + t.
-        mask = torch.ones(T, self.pos + T, dtype=torch.bool, device=q.device).tril(diagonal=self.pos)
-        y = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask)  # (B, H, T, D)
+        qt, kt, vt = q.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2)  # (B, heads, S or T, D)
+        # New query t sits at absolute position pos + t and may see keys 0 .. pos + t. One new token sees
+        # the whole cache, so the common decoding step needs no mask at all.
+        mask = None
+        if T > 1:
+            mask = torch.ones(T, self.pos + T, dtype=torch.bool, device=q.device).tril(diagonal=self.pos)
+        # enable_gqa: query head h uses key/value head h // (H / H_kv), as repeat_kv does, without the copy
+        y = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, enable_gqa=H != keys.shape[2])  # (B, H, T, D)
         return y.transpose(1, 2)  # (B, T, H, D)
 
 
