@@ -82,15 +82,19 @@ def bench_attention(args):
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("error: --device cuda but CUDA is not available")
     Ts = [1024, 2048] if args.quick else args.T
+    if args.threads:
+        torch.set_num_threads(args.threads)
     B, H, D = 1, 8, 64
     print(f"attention forward+backward, B={B} H={H} D={D}, group size T/4, sf with 4 sinks, backend {args.backend}, "
           f"{device.type}, {torch.get_num_threads()} threads, torch {torch.__version__}")
-    print(f"time: median of {args.repeats} runs after one warm-up; memory: peak of tensors allocated during one "
-          f"forward+backward (see _peak_bytes)")
+    print(f"time: median of {args.repeats} runs after one warm-up (wall clock, and CPU seconds of this process, which "
+          f"other jobs on the machine disturb far less); memory: peak of tensors allocated during one forward+backward "
+          f"(see _peak_bytes)")
     # wall-clock times on a shared machine depend on what else runs: say how busy it was
     print(f"load average at start: {os.getloadavg()[0]:.2f} (cores: {os.cpu_count()})\n")
-    print("| dtype | T | mode | time (ms) | speed-up vs full | peak memory (MiB) | memory vs full |")
-    print("| --- | ---: | --- | ---: | ---: | ---: | ---: |")
+    print("| dtype | T | mode | time (ms) | speed-up vs full | CPU time (ms) | CPU speed-up | peak memory (MiB) | "
+          "memory vs full |")
+    print("| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
     results = {}
     for dtype_name in args.dtype:
         dtype = getattr(torch, dtype_name)
@@ -98,33 +102,34 @@ def bench_attention(args):
             gen = torch.Generator(device="cpu").manual_seed(0)
             q, k, v = (torch.randn(B, T, H, D, generator=gen).to(device, dtype).requires_grad_() for _ in range(3))
             grad_out = torch.randn(B, T, H, D, generator=gen).to(device, dtype)
-            times = {mode: [] for mode in MODES}
+            times, cpu = {mode: [] for mode in MODES}, {mode: [] for mode in MODES}
             for mode in MODES:  # warm-up (first-call allocations, kernel selection)
                 _step(q, k, v, grad_out, mode, args.backend)
             for _ in range(args.repeats):
                 for mode in MODES:  # round-robin, see the module docstring
                     _sync(device)
-                    t0 = time.perf_counter()
+                    t0, c0 = time.perf_counter(), time.process_time()
                     _step(q, k, v, grad_out, mode, args.backend)
                     _sync(device)
                     times[mode].append(time.perf_counter() - t0)
+                    cpu[mode].append(time.process_time() - c0)
             for mode in MODES:
-                results[dtype_name, T, mode] = (statistics.median(times[mode]),
+                results[dtype_name, T, mode] = (statistics.median(times[mode]), statistics.median(cpu[mode]),
                                                 _peak_bytes(q, k, v, grad_out, mode, args.backend))
-            t_full, m_full = results[dtype_name, T, "full"]
+            t_full, c_full, m_full = results[dtype_name, T, "full"]
             for mode in MODES:
-                t, m = results[dtype_name, T, mode]
-                print(f"| {dtype_name} | {T} | {mode} | {t * 1e3:.0f} | {t_full / t:.2f}x | {m / 2**20:.1f} | "
-                      f"{m / m_full:.2f}x |", flush=True)
+                t, c, m = results[dtype_name, T, mode]
+                print(f"| {dtype_name} | {T} | {mode} | {t * 1e3:.0f} | {t_full / t:.2f}x | {c * 1e3:.0f} | "
+                      f"{c_full / c:.2f}x | {m / 2**20:.1f} | {m / m_full:.2f}x |", flush=True)
             del q, k, v, grad_out
 
     print(f"\nload average at end: {os.getloadavg()[0]:.2f}")
-    print("targets:")
+    print("targets (on wall-clock time; the same ratios on CPU time in brackets):")
     for dtype_name in args.dtype:
         for T in Ts:
-            (tf, mf), (t2, m2), (tsf, msf) = (results[dtype_name, T, mode] for mode in MODES)
-            checks = [f"s2 {tf / t2:.2f}x faster than full" + (" (target >= 3x)" if T == 8192 else ""),
-                      f"sf / s2 time {tsf / t2:.2f} (target <= 1.15)",
+            (tf, cf, mf), (t2, c2, m2), (tsf, csf, msf) = (results[dtype_name, T, mode] for mode in MODES)
+            checks = [f"s2 {tf / t2:.2f}x [{cf / c2:.2f}x] faster than full" + (" (target >= 3x)" if T == 8192 else ""),
+                      f"sf / s2 time {tsf / t2:.2f} [{csf / c2:.2f}] (target <= 1.15)",
                       f"memory vs full: s2 {m2 / mf:.2f}, sf {msf / mf:.2f} (target <= 1)"]
             ok = (tf / t2 >= 3 or T != 8192) and tsf / t2 <= 1.15 and max(m2, msf) <= mf
             print(f"  {dtype_name} T={T}: {'; '.join(checks)} -> {'met' if ok else 'MISSED'}")
@@ -412,6 +417,9 @@ def main():
                    help="attention backend (default sdpa, the CPU fast path; flash needs CUDA and flash-attn; "
                         "reference builds T x T masks and is only for small T)")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="device (default cpu)")
+    p.add_argument("--threads", type=int, default=0,
+                   help="CPU threads for torch (default 0: torch's default, one per core); 1 gives steadier ratios "
+                        "when other jobs share the machine")
     p.set_defaults(run=bench_attention)
 
     p = sub.add_parser("train", help="training step tokens/s and peak memory per attention mode, and HF + PEFT",
@@ -436,6 +444,8 @@ def main():
     if args.command == "attention":
         if args.repeats < 1:
             raise SystemExit(f"error: --repeats must be at least 1, got {args.repeats}")
+        if args.threads < 0:
+            raise SystemExit(f"error: --threads must be >= 0, got {args.threads}")
         if min(args.T) < 8:
             raise SystemExit(f"error: every --T must be at least 8 (group size T/4 must be even and >= 2), got {min(args.T)}")
     args.run(args)
