@@ -31,6 +31,7 @@ BF16_LOSS_TOL = 2e-2  # bf16 compute against fp32, same data (observed ~3e-4)
 
 
 def run_torchrun(args, n=2, env=None):
+    """train.py under torchrun with n ranks (FSDP over gloo), as a subprocess."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
            os.path.join(ROOT, "train.py"), *args]
     r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env={**os.environ, **(env or {})}, timeout=300)
@@ -42,6 +43,16 @@ def losses(run_dir):
     with open(os.path.join(run_dir, "metrics.jsonl")) as f:
         recs = [json.loads(line) for line in f]
     return {r["step"]: r["loss"] for r in recs if "loss" in r}, {r["step"]: r["heldout_loss"] for r in recs if "heldout_loss" in r}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models gain nothing from a second thread, and two spinning threads on a busy 2-core machine
+    made in-process steps up to 50x slower; torchrun's ranks already run one thread each."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
@@ -207,6 +218,25 @@ def test_two_fsdp_ranks_equal_one_process_and_resume_under_fsdp(base_dir, corpus
         assert torch.allclose(a2[k], a3[k], atol=RESUME_TOL, rtol=0), k
 
 
+def test_sft_loss_is_the_global_token_mean_on_one_process_and_on_two_ranks(base_dir, tmp_path):
+    """SFT rows have different lengths and answer sizes; the step's loss is a mean over all answer tokens of
+    the global batch, so splitting it over ranks (each padding its own rows) changes nothing."""
+    doc = open(os.path.join(STDLIB, "bisect.py")).read()
+    recs = [{"instruction": f"Quote part {i} of bisect.py.", "input": doc[i * 97:i * 97 + 40 * (i % 5 + 1)],
+             "output": doc[i * 53:i * 53 + 30 * (i % 7 + 1)]} for i in range(16)]
+    data = tmp_path / "sft.json"
+    data.write_text(json.dumps(recs))
+    one, two = str(tmp_path / "one"), str(tmp_path / "two")
+    args = common(base_dir, str(data), str(tmp_path / "tok"), ctx=256, steps=2, batch_size=2, heldout=0.1) + ["--sft"]
+    assert train.main(args + ["--grad-accum", "2", "--out", one]) == 0
+    run_torchrun(args + ["--grad-accum", "1", "--out", two])
+    (l1, h1), (l2, h2) = losses(one), losses(two)
+    assert sorted(l1) == sorted(l2) == [1, 2]
+    for s in l1:
+        assert abs(l1[s] - l2[s]) <= FSDP_LOSS_TOL, (s, l1[s], l2[s])
+    assert abs(h1[2] - h2[2]) <= FSDP_LOSS_TOL
+
+
 def test_bf16_fsdp_trains_fp32_copies_of_only_the_trainable_tensors(base_dir, corpus, token_cache, tmp_path):
     # GPU recipe on the CPU: frozen base in bf16, trainable tensors fp32, bf16 compute / fp32 reduction.
     ref, out = str(tmp_path / "fp32"), str(tmp_path / "bf16")
@@ -231,7 +261,7 @@ def test_kill_during_a_save_keeps_the_previous_checkpoint_and_resume_repeats_the
     args = common(base_dir, corpus, token_cache, grad_accum=2, steps=4, out=out)
     # train.py sleeps in the middle of writing checkpoint 4 (weights written, optimizer not yet)
     proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), *args], cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, train.PAUSE_ENV: "4:120"})
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, train.PAUSE_ENV: "4:120", "OMP_NUM_THREADS": "1"})
     ckpts = os.path.join(out, "checkpoints")
     deadline = time.time() + 120
     while time.time() < deadline:
