@@ -62,8 +62,8 @@ from model import Tokenizer, Transformer, atomic_write
 SETTINGS = {
     "full": dict(
         preset="demo", vocab=2048, short=256, factor=4,
-        pre_steps=1000, pre_batch=16, pre_lr=2e-3, pre_warmup=30, pre_min_lr=2e-4,
-        ext_steps=160, ext_batch=4, ext_lr=3e-3, ext_warmup=10, ext_min_lr=3e-4,
+        pre_steps=660, pre_batch=16, pre_lr=2e-3, pre_warmup=30, pre_min_lr=2e-4,
+        ext_steps=120, ext_batch=4, ext_lr=3e-3, ext_warmup=10, ext_min_lr=3e-4,
         max_files=None, eval_tokens=131072, passkey_trials=20, sample_tokens=200,
     ),
     "fast": dict(
@@ -156,6 +156,7 @@ def train_tokenizer(texts, prefix: str, vocab_size: int):
         byte_fallback=True, split_digits=True, normalization_rule_name="identity",
         remove_extra_whitespaces=False, allow_whitespace_only_pieces=True, character_coverage=1.0,
         bos_id=1, eos_id=2, unk_id=0, pad_id=-1, num_threads=1, minloglevel=2,
+        hard_vocab_limit=False,  # a small --corpus gets a smaller vocabulary instead of an error
     )
     os.remove(corpus)
     return prefix + ".model"
@@ -341,7 +342,6 @@ def main(argv=None) -> int:
 
 
 def run(a) -> int:
-
     c = SETTINGS["fast" if a.fast else "full"]
     S = c["short"]
     ctx = c["factor"] * S
@@ -385,6 +385,9 @@ def run(a) -> int:
         held_paths.append(path)
     held_tokens = evaluation.tokenize_documents(held_paths, tokenizer)
     eval_tokens = held_tokens[: c["eval_tokens"]]
+    if len(eval_tokens) < ctx:
+        raise SystemExit(f"error: the held-out text has {len(held_tokens)} tokens, fewer than one {ctx}-token evaluation "
+                         f"window; give --corpus more text")
     log(f"data: {len(train_docs)} training documents; held-out {len(held_tokens):,} tokens, {len(eval_tokens):,} evaluated")
 
     # -- 4. pre-training at S, full attention, every parameter
@@ -485,7 +488,7 @@ def run(a) -> int:
     print()
     print(md)
     print(f"sample from the best model ({best}):\n{buf.getvalue()}")
-    log(f"wrote {out}/results.md, results.json" + (", results.png" if res["plot"] else "") +
+    log(f"wrote {out}/results.md, results.json" + (", results.png" if res["plot"] else " (no results.png: matplotlib is not installed)") +
         f", sample.txt; total {timings['total_s']:.0f} s")
     return 0
 

@@ -135,3 +135,13 @@ def test_demo_rejects_a_missing_corpus_with_one_line(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         demo.main(["--fast", "--corpus", str(tmp_path / "nope"), "--out", str(tmp_path / "o")])
     assert str(e.value).startswith("error: ") and "nope" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_demo_rejects_too_little_held_out_text_before_training(tmp_path):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "notes.txt").write_text("".join(f"line {i} of a short document\n" for i in range(300)))
+    with pytest.raises(SystemExit) as e:
+        demo.main(["--fast", "--corpus", str(corpus), "--out", str(tmp_path / "o")])
+    assert str(e.value).startswith("error: ") and "held-out" in str(e.value) and "\n" not in str(e.value)
+    assert not (tmp_path / "o" / "base").exists()  # stopped before pre-training
