@@ -58,6 +58,7 @@ Decisions a reader should know about:
 """
 
 import argparse
+import datetime
 import functools
 import hashlib
 import json
@@ -397,7 +398,9 @@ def setup_distributed():
     else:
         device = torch.device("cpu")
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        # A long timeout: on the first run local rank 0 tokenizes the whole dataset while the others wait in a
+        # collective, which can take longer than NCCL's 10-minute default.
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(hours=4))
     return rank, local_rank, world, device, True
 
 
@@ -792,8 +795,9 @@ def build_model(a, tokenizer, device, distributed):
     elif a.preset:
         model = Transformer(preset(a.preset, vocab_size=tokenizer.vocab_size))
     else:
-        load_device = None if distributed else device  # FSDP moves each shard to the GPU itself
-        model = Transformer.from_pretrained(a.model, dtype=frozen_dtype, device=load_device)
+        # Straight to this rank's device: fully_shard then shards in place and frees the full copy, instead of
+        # every rank holding a converted copy of the whole model in host RAM at once.
+        model = Transformer.from_pretrained(a.model, dtype=frozen_dtype, device=device)
     args = model.args
     if args.vocab_size < tokenizer.vocab_size:
         raise UsageError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model only {args.vocab_size} embeddings")
@@ -891,6 +895,11 @@ def evaluate(model, data, a, rank, world, device, distributed, autocast):
     finally:
         model.args.attn = mode
         model.train()
+        if distributed:
+            # FSDP2 reshards the root group (embeddings, final norm, output) after backward only; a forward
+            # without backward leaves it unsharded, and the next checkpoint would then save bf16 compute
+            # copies and fail to match the optimizer's parameters. Reshard explicitly.
+            model.reshard()
     total, count = all_sum([total, count], device, distributed)
     return total / max(count, 1)
 

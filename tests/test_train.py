@@ -194,8 +194,9 @@ def test_sft_learns_only_the_answer_and_pads_to_a_multiple_of_8(sp_model, tmp_pa
 def test_two_fsdp_ranks_equal_one_process_and_resume_under_fsdp(base_dir, corpus, token_cache, tmp_path):
     one, two, resumed = (str(tmp_path / n) for n in ("one", "two", "resumed"))
     # the same global batch of 2 sequences: 1 process x 2 micro-batches, or 2 ranks x 1
-    assert train.main(common(base_dir, corpus, token_cache, grad_accum=2, out=one)) == 0
-    run_torchrun(common(base_dir, corpus, token_cache, grad_accum=1, out=two))
+    # --eval-every 2: a held-out evaluation (forward only) right before the step-2 checkpoint is saved
+    assert train.main(common(base_dir, corpus, token_cache, grad_accum=2, eval_every=2, out=one)) == 0
+    run_torchrun(common(base_dir, corpus, token_cache, grad_accum=1, eval_every=2, out=two))
     l1, h1 = losses(one)
     l2, h2 = losses(two)
     assert sorted(l1) == sorted(l2) == [1, 2, 3]
@@ -241,7 +242,7 @@ def test_bf16_fsdp_trains_fp32_copies_of_only_the_trainable_tensors(base_dir, co
     # GPU recipe on the CPU: frozen base in bf16, trainable tensors fp32, bf16 compute / fp32 reduction.
     ref, out = str(tmp_path / "fp32"), str(tmp_path / "bf16")
     assert train.main(common(base_dir, corpus, token_cache, grad_accum=2, steps=2, out=ref)) == 0
-    run_torchrun(common(base_dir, corpus, token_cache, grad_accum=1, steps=2, dtype="bf16", out=out))
+    run_torchrun(common(base_dir, corpus, token_cache, grad_accum=1, steps=2, dtype="bf16", eval_every=1, out=out))
     optim = torch.load(os.path.join(out, "checkpoints", "step-000002", "optimizer.pt"), weights_only=True)
     base = Transformer.from_pretrained(base_dir)
     apply_lora(base)
@@ -250,7 +251,12 @@ def test_bf16_fsdp_trains_fp32_copies_of_only_the_trainable_tensors(base_dir, co
     assert set(optim["state"]) == trainable  # no optimizer state for the frozen base
     for state in optim["state"].values():
         assert state["exp_avg"].dtype == state["exp_avg_sq"].dtype == torch.float32
-    assert all(t.dtype == torch.float32 for t in load_file(os.path.join(out, "adapter.safetensors")).values())
+    adapter = load_file(os.path.join(out, "adapter.safetensors"))
+    assert all(t.dtype == torch.float32 for t in adapter.values())
+    # the adapter holds the fp32 masters, not bf16 compute copies left behind by the final evaluation
+    masters = load_file(os.path.join(out, "checkpoints", "step-000002", "trainable.safetensors"))
+    for k, t in adapter.items():
+        assert torch.equal(t, masters[k]), k
     (l_ref, _), (l_bf16, _) = losses(ref), losses(out)
     for s in l_ref:
         assert abs(l_ref[s] - l_bf16[s]) <= BF16_LOSS_TOL
