@@ -353,6 +353,11 @@ def run_passkey(a, model) -> dict:
     tok = model.tokenizer
     if tok is None:
         raise ValueError(f"{a.model}: no tokenizer.model next to the weights")
+    if a.png:  # asked for explicitly: say so before the trials run, not after
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            raise ValueError("--png needs matplotlib (pip install matplotlib)") from None
     ctx = model.args.max_seq_len
     lengths = a.lengths or [ctx // 4, ctx // 2, 3 * ctx // 4, ctx]
     print(f"passkey retrieval: {a.trials} trials per length{' and depth' if a.depths else ''}; "
@@ -366,7 +371,8 @@ def run_passkey(a, model) -> dict:
         note = "  (beyond the model's context)" if n > ctx else ""
         print(f"{n:>8} {r['accuracy'][n]:>9.2f}{note}", flush=True)
     if a.png:
-        print(f"wrote {a.png}" if plot_passkey(results, a.png) else "matplotlib is not installed: no PNG", file=sys.stderr)
+        plot_passkey(results, a.png)
+        print(f"wrote {a.png}", file=sys.stderr)
     return dict(task="passkey", model=a.model, adapter=a.adapter, kv_cache=a.kv_cache, **results)
 
 
