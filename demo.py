@@ -41,10 +41,12 @@ interpolation each training attention repairs, and how well each one uses the lo
 """
 
 import argparse
+import contextlib
 import hashlib
+import io
 import json
-import math
 import os
+import shutil
 import sys
 import sysconfig
 import time
@@ -74,8 +76,9 @@ SETTINGS = {
     ),
 }
 
-# The extension variants: name -> (train.py --attn, extra flags). "s2, wrap" is the paper's Algorithm 1,
-# whose cyclic roll lets the first half-group of the shifted heads see the last tokens (future ones).
+# The extension variants: name -> train.py flags. "s2, wrap" is the paper's Algorithm 1, whose cyclic
+# roll lets the first half-group of the shifted heads see the last tokens (future ones); "s2" is what
+# LongLoRA's FlashAttention path computes (no wrap); "sf" is SinkLoRA's SF-Attn (s2 + 4 sink tokens).
 VARIANTS = {
     "full": ["--attn", "full"],
     "s2, wrap": ["--attn", "s2", "--shift-wrap"],
@@ -130,13 +133,13 @@ def read_corpus(root: str, stdlib: bool, max_files=None):
         docs.sort()
     if not docs:
         raise ValueError(f"{root}: no UTF-8 text files found")
-    train = [d for d in docs if not is_heldout(d[0])]
-    heldout = [d for d in docs if is_heldout(d[0])]
-    if not train or not heldout:
-        cut = lambda t: t.rfind("\n", 0, int(len(t) * 0.9)) + 1 or int(len(t) * 0.9)
-        train = [(p, t[: cut(t)]) for p, t in docs]
-        heldout = [(p, t[cut(t):]) for p, t in docs if t[cut(t):].strip()]
-    return train, heldout
+    train_docs = [d for d in docs if not is_heldout(d[0])]
+    held_docs = [d for d in docs if is_heldout(d[0])]
+    if not train_docs or not held_docs:
+        cut = lambda t: t.rfind("\n", 0, int(len(t) * 0.9)) + 1 or int(len(t) * 0.9)  # at a line end
+        train_docs = [(p, t[: cut(t)]) for p, t in docs]
+        held_docs = [(p, t[cut(t):]) for p, t in docs if t[cut(t):].strip()]
+    return train_docs, held_docs
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -173,7 +176,7 @@ def write_jsonl(path, docs):
 
 
 # ----------------------------------------------------------------------------------------------------
-# 6. Results
+# Results: share of the improvement, the table, run-to-run noise, the plot
 
 
 def share_of_improvement(ppl_baseline: float, ppl_method: float, ppl_full: float) -> float:
@@ -233,7 +236,8 @@ def noise_summary(res) -> dict:
 
 
 def plot_results(res, path) -> bool:
-    """results.png: perplexity vs evaluation length (left) and passkey accuracy (right). False without matplotlib."""
+    """results.png: perplexity vs evaluation length (left) and each method's share of the full-attention
+    improvement at the longest length, one dot per seed (right). False without matplotlib."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -242,25 +246,29 @@ def plot_results(res, path) -> bool:
         return False
     L = res["lengths"]
     fig, (ax, bx) = plt.subplots(1, 2, figsize=(11, 4.2), gridspec_kw=dict(width_ratios=[3, 2]))
-    names = list(res["models"])
-    for name in names:
-        m = res["models"][name]
-        mean = [sum(m["ppl"][str(n)]) / len(m["ppl"][str(n)]) for n in L]
-        lo = [mean[i] - min(m["ppl"][str(n)]) for i, n in enumerate(L)]
-        hi = [max(m["ppl"][str(n)]) - mean[i] for i, n in enumerate(L)]
-        ax.errorbar(L, mean, yerr=[lo, hi], marker="o", capsize=3, label=name)
+    for name, m in res["models"].items():
+        values = [m["ppl"][str(n)] for n in L]
+        mean = [sum(v) / len(v) for v in values]
+        err = [[a - min(v) for a, v in zip(mean, values)], [max(v) - a for a, v in zip(mean, values)]]
+        ax.errorbar(L, mean, yerr=err, marker="o", capsize=3, label=name)
     ax.set_xscale("log", base=2)
     ax.set_xticks(L, [str(n) for n in L])
     ax.set_xlabel("evaluation length (tokens)")
-    ax.set_ylabel("held-out perplexity")
+    ax.set_ylabel("held-out perplexity (mean, range over seeds)")
     ax.set_title(f"pre-trained at {L[0]}, extended to {L[-1]}")
     ax.legend(fontsize=8)
-    acc = [sum(res["models"][k]["passkey"][str(L[-1])]) / len(res["models"][k]["passkey"][str(L[-1])]) for k in names]
-    bx.barh(range(len(names)), acc)
-    bx.set_yticks(range(len(names)), names, fontsize=8)
+    names = [k for k in VARIANTS if k in res["models"]]
+    for i, k in enumerate(names):
+        shares = res["models"][k]["share"]
+        bx.barh(i, sum(shares) / len(shares), color="C%d" % (i + 2), alpha=0.6)
+        bx.plot(shares, [i] * len(shares), "k.")
+    bx.set_yticks(range(len(names)), names)
     bx.invert_yaxis()
-    bx.set_xlim(0, 1)
-    bx.set_xlabel(f"passkey accuracy at {L[-1]} tokens")
+    bx.set_xlabel(f"share of the full-attention improvement at {L[-1]}")
+    bx.axvline(1.0, color="gray", lw=0.8)
+    lowest = min(v for k in names for v in res["models"][k]["share"])
+    if 0 < lowest < 1:  # zoom in on the differences (the bars then start at the left edge, not at 0)
+        bx.set_xlim(max(0.0, lowest - 0.1), 1.02)
     fig.tight_layout()
     atomic_write(path, lambda f: fig.savefig(f, dpi=110, format="png"))
     plt.close(fig)
@@ -286,8 +294,6 @@ def cached(path, stamp) -> bool:
 
 def run_stage(what, path, stamp, argv, module):
     """Run `module.main(argv)` (train.py, in this process) unless `path` already holds its result."""
-    import shutil
-
     if cached(path, stamp):
         log(f"{what}: cached in {path}")
         return
@@ -462,9 +468,6 @@ def run(a) -> int:
     prompt_path = os.path.join(out, "prompt.txt")
     prompt_text = tokenizer.decode(prompt_ids)
     atomic_write(prompt_path, lambda f: open(f, "w", encoding="utf-8").write(prompt_text))
-    import contextlib
-    import io
-
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf):
         code = sample.main(["--model", base_dir, "--adapter", adapters[best, 0], "--prompt", prompt_path,

@@ -6,8 +6,8 @@ these tests also catch a demo that no longer fits the files it calls.
 
 import json
 import math
-import os
 import re
+import shutil
 
 import pytest
 
@@ -88,6 +88,18 @@ def test_demo_is_deterministic_across_fresh_runs(fast_runs):
     a, b = (o / "results.md" for o in fast_runs)
     assert a.read_text() == b.read_text()
     assert (fast_runs[0] / "sample.txt").read_text() == (fast_runs[1] / "sample.txt").read_text()
+
+
+def test_demo_rerun_reuses_the_cached_models_and_gives_the_same_table(fast_runs, tmp_path, capsys):
+    out = tmp_path / "rerun"
+    shutil.copytree(fast_runs[0], out)
+    table = (out / "results.md").read_text()
+    (out / "results.md").unlink()
+    assert demo.main(["--fast", "--out", str(out), "--threads", "1"]) == 0
+    log = capsys.readouterr().out
+    assert log.count(": cached in ") == 1 + 2 * len(demo.VARIANTS)  # the base and every adapter
+    assert "train.py --" not in log  # nothing was trained again
+    assert (out / "results.md").read_text() == table
 
 
 def test_demo_writes_a_sample_and_a_plot_when_matplotlib_is_there(fast_runs):
