@@ -1,9 +1,10 @@
 """
 The whole method on a CPU, end to end: a miniature LongLoRA / SinkLoRA reproduction on real text.
 
-    python demo.py                 # ~30 min on 2 CPU cores; results in out/demo/
-    python demo.py --fast          # the same pipeline with tiny everything (< 2 min), for a smoke test
+    python demo.py                 # ~28 min on 2 CPU cores (measured); results in out/demo/
+    python demo.py --fast          # the same pipeline with tiny everything (seconds), for a smoke test
     python demo.py --corpus DIR    # your own folder of text files instead of the Python stdlib
+    python demo.py --threads 1     # on a machine shared with other jobs (two threads then crawl)
 
 What it does, each step through the project's own code (train.py, eval.py, sample.py, lora.py):
 
@@ -327,13 +328,14 @@ def passkey_fits(tokenizer, n_tokens) -> bool:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip(),
+    p = argparse.ArgumentParser(description="\n\n".join(__doc__.strip().split("\n\n")[:2]),
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="out/demo", help="output folder (results and cached models; default out/demo)")
-    p.add_argument("--fast", action="store_true", help="tiny everything: the same pipeline in under 2 minutes")
+    p.add_argument("--fast", action="store_true", help="tiny everything: the same pipeline in seconds (a smoke test)")
     p.add_argument("--seeds", type=int, default=2, help="seeds for the extension runs (default 2: run-to-run noise)")
     p.add_argument("--corpus", help="folder of your own UTF-8 text files (default: the Python standard library)")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice); use 1 "
+                   "on a machine other jobs share, where more threads than free cores slow training many times over")
     a = p.parse_args(argv)
     if a.seeds < 1:
         raise SystemExit(f"error: --seeds must be >= 1, got {a.seeds}")
@@ -405,7 +407,7 @@ def run(a) -> int:
         "--from-scratch", c["preset"], "--tokenizer", tok_path, "--data", train_data, "--ctx", str(S), "--attn", "full",
         "--steps", str(c["pre_steps"]), "--batch-size", str(c["pre_batch"]), "--grad-accum", "1",
         "--lr", str(c["pre_lr"]), "--warmup", str(c["pre_warmup"]), "--schedule", "cosine",
-        "--min-lr-ratio", str(c["pre_min_lr"] / c["pre_lr"]), "--weight-decay", "0.1", "--beta2", "0.95",
+        "--min-lr-ratio", f"{c['pre_min_lr'] / c['pre_lr']:g}", "--weight-decay", "0.1", "--beta2", "0.95",
         "--seed", "0", "--heldout", "0", "--no-grad-ckpt", "--save-every", str(c["pre_steps"]), "--keep", "1",
         "--log-every", str(max(1, c["pre_steps"] // 12)), "--token-cache", tokens_dir, "--out", base_dir], train)
     timings["pretrain_s"] = round(time.time() - t0, 1)
@@ -421,7 +423,7 @@ def run(a) -> int:
                 "--model", base_dir, "--data", train_data, "--ctx", str(ctx), *flags,
                 "--steps", str(c["ext_steps"]), "--batch-size", str(c["ext_batch"]), "--grad-accum", "1",
                 "--lr", str(c["ext_lr"]), "--warmup", str(c["ext_warmup"]), "--schedule", "cosine",
-                "--min-lr-ratio", str(c["ext_min_lr"] / c["ext_lr"]), "--seed", str(seed), "--heldout", "0",
+                "--min-lr-ratio", f"{c['ext_min_lr'] / c['ext_lr']:g}", "--seed", str(seed), "--heldout", "0",
                 "--no-grad-ckpt", "--save-every", str(c["ext_steps"]), "--keep", "1",
                 "--log-every", str(max(1, c["ext_steps"] // 6)), "--token-cache", tokens_dir, "--out", run_dir], train)
             adapters[name, seed] = run_dir
