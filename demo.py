@@ -407,7 +407,7 @@ def run(a) -> int:
         "--from-scratch", c["preset"], "--tokenizer", tok_path, "--data", train_data, "--ctx", str(S), "--attn", "full",
         "--steps", str(c["pre_steps"]), "--batch-size", str(c["pre_batch"]), "--grad-accum", "1",
         "--lr", str(c["pre_lr"]), "--warmup", str(c["pre_warmup"]), "--schedule", "cosine",
-        "--min-lr-ratio", f"{c['pre_min_lr'] / c['pre_lr']:g}", "--weight-decay", "0.1", "--beta2", "0.95",
+        "--min-lr-ratio", str(c["pre_min_lr"] / c["pre_lr"]), "--weight-decay", "0.1", "--beta2", "0.95",
         "--seed", "0", "--heldout", "0", "--no-grad-ckpt", "--save-every", str(c["pre_steps"]), "--keep", "1",
         "--log-every", str(max(1, c["pre_steps"] // 12)), "--token-cache", tokens_dir, "--out", base_dir], train)
     timings["pretrain_s"] = round(time.time() - t0, 1)
@@ -423,7 +423,7 @@ def run(a) -> int:
                 "--model", base_dir, "--data", train_data, "--ctx", str(ctx), *flags,
                 "--steps", str(c["ext_steps"]), "--batch-size", str(c["ext_batch"]), "--grad-accum", "1",
                 "--lr", str(c["ext_lr"]), "--warmup", str(c["ext_warmup"]), "--schedule", "cosine",
-                "--min-lr-ratio", f"{c['ext_min_lr'] / c['ext_lr']:g}", "--seed", str(seed), "--heldout", "0",
+                "--min-lr-ratio", str(c["ext_min_lr"] / c["ext_lr"]), "--seed", str(seed), "--heldout", "0",
                 "--no-grad-ckpt", "--save-every", str(c["ext_steps"]), "--keep", "1",
                 "--log-every", str(max(1, c["ext_steps"] // 6)), "--token-cache", tokens_dir, "--out", run_dir], train)
             adapters[name, seed] = run_dir
