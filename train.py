@@ -1210,4 +1210,21 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    if "WORLD_SIZE" in os.environ:
+        # Under torchrun, leave without the interpreter's shutdown (main() has already destroyed the
+        # process group; every file is written and closed). Why: gloo runs collectives on its own C++
+        # threads, and a thread drops its last reference to a finished collective a moment *after* the
+        # caller's wait() returns; the final barrier even keeps the collectives still in flight when it was
+        # called (often the last all-gather of the adapter on rank 1), freeing them only when the barrier
+        # itself is freed. Freeing them releases their Python-owned tensors, which takes the GIL.
+        # destroy_process_group() does not stop gloo's threads, and DTensor/FSDP internals keep the group
+        # alive, so the threads outlive main(). If the interpreter is already shutting down, Python 3.11
+        # ends a thread that asks for the GIL with pthread_exit; that unwinds through a C++ destructor and
+        # std::terminate aborts the rank ("terminate called without an active exception", exit -6) after a
+        # run that succeeded (~1 in 30 torchrun runs on 2 CPU ranks). os._exit ends the process without
+        # that shutdown, so a gloo thread can never be caught half-way; nothing left needs it.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
