@@ -41,8 +41,8 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
-def _peak_bytes(q, k, v, grad_out, mode, backend):
-    """Peak bytes of tensors allocated during one forward + backward, above what existed before it.
+def _peak_alloc_bytes(fn, cuda: bool):
+    """Peak bytes of tensors allocated while fn() runs, above what existed before it.
 
     On CUDA this is the caching allocator's own max_memory_allocated. On the CPU we replay the step
     under torch.profiler(profile_memory=True) and take the running maximum of the allocator's "Total
@@ -50,22 +50,18 @@ def _peak_bytes(q, k, v, grad_out, mode, backend):
     kernels' scratch buffers, and nothing else. (Process RSS, e.g. ru_maxrss in a fresh subprocess, was
     the other candidate; it also counts what glibc keeps after a free, and measured full attention at
     T=8192 fp32 as 106 MB against 66 MB of tensors actually alive, so it would blur the comparison.)
-    The inputs q, k, v and grad_out exist before the step and are not counted; the gradients of
-    q, k, v and the output are, for every mode alike.
     """
-    if q.device.type == "cuda":
+    if cuda:
         torch.cuda.synchronize()
         before = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
-        _step(q, k, v, grad_out, mode, backend)
+        fn()
         torch.cuda.synchronize()
         return torch.cuda.max_memory_allocated() - before
     from torch.profiler import ProfilerActivity, profile
 
-    for t in (q, k, v):
-        t.grad = None
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        _step(q, k, v, grad_out, mode, backend)
+        fn()
     with tempfile.TemporaryDirectory() as d:
         path = os.path.join(d, "trace.json")
         prof.export_chrome_trace(path)
@@ -75,6 +71,14 @@ def _peak_bytes(q, k, v, grad_out, mode, backend):
         return 0
     start = events[0]["Total Allocated"] - events[0]["Bytes"]  # allocated just before the first event
     return max(e["Total Allocated"] for e in events) - start
+
+
+def _peak_bytes(q, k, v, grad_out, mode, backend):
+    """Peak bytes of one forward + backward of attention. The inputs q, k, v and grad_out exist before the
+    step and are not counted; the gradients of q, k, v and the output are, for every mode alike."""
+    for t in (q, k, v):
+        t.grad = None
+    return _peak_alloc_bytes(lambda: _step(q, k, v, grad_out, mode, backend), q.device.type == "cuda")
 
 
 def bench_attention(args):
@@ -136,30 +140,6 @@ def bench_attention(args):
 
 
 # ----------------------------------------------------------------------------- train, sample
-
-def _peak_alloc_bytes(fn):
-    """Peak bytes of tensors allocated while fn() runs, above what existed before (see _peak_bytes)."""
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-        before = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        fn()
-        torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated() - before
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    with tempfile.TemporaryDirectory() as d:
-        path = os.path.join(d, "trace.json")
-        prof.export_chrome_trace(path)
-        with open(path) as f:
-            events = [e["args"] for e in json.load(f)["traceEvents"] if e.get("name") == "[memory]"]
-    if not events:
-        return 0
-    start = events[0]["Total Allocated"] - events[0]["Bytes"]
-    return max(e["Total Allocated"] for e in events) - start
-
 
 def _peer_model(ours, mode):
     """HF transformers' LlamaForCausalLM + PEFT LoRA with our model's weights, shapes and LoRA (r, alpha,
@@ -260,7 +240,7 @@ def bench_train(args):
             step(k)
             times[k].append(time.perf_counter() - t0)
             cpu[k].append(time.process_time() - c0)
-    peaks = {k: _peak_alloc_bytes(lambda: step(k)) for k in variants}
+    peaks = {k: _peak_alloc_bytes(lambda: step(k), torch.cuda.is_available()) for k in variants}
     tokens = args.batch_size * T
     print(f"train step (forward + backward + AdamW), preset {args.preset}, batch {args.batch_size} x ctx {T} "
           f"(RoPE scaling {scaling:g}), LoRA r=8 alpha=16 on wq wk wv wo + embeddings and norms, activation "
