@@ -152,11 +152,6 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return out.flatten(-2).type_as(x)
 
 
-def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
-    """(B, T, H_kv, D) -> (B, T, H_kv * n_rep, D): query head h uses key/value head h // n_rep."""
-    return x if n_rep == 1 else x.repeat_interleave(n_rep, dim=2)
-
-
 class Attention(nn.Module):
     def __init__(self, args: ModelArgs, layer_id: int):
         super().__init__()
@@ -249,7 +244,7 @@ class KVCache:
         mask = None
         if T > 1:
             mask = torch.ones(T, self.pos + T, dtype=torch.bool, device=q.device).tril(diagonal=self.pos)
-        # enable_gqa: query head h uses key/value head h // (H / H_kv), as repeat_kv does, without the copy
+        # enable_gqa: query head h uses key/value head h // (H / H_kv) (grouped-query attention), without a copy
         y = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, enable_gqa=H != keys.shape[2])  # (B, H, T, D)
         return y.transpose(1, 2)  # (B, T, H, D)
 

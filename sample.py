@@ -56,7 +56,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from model import CheckpointError, KVCache, Transformer, repeat_kv
+from model import CheckpointError, KVCache, Transformer
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -194,10 +194,10 @@ class SinkCache:
         # StreamingLLM's position rule: rotate by the index in the cache, not by the original position
         in_cache = torch.arange(S, device=q.device)
         qr, kr = rotate(q, in_cache[S - T:]), rotate(keys, in_cache)
-        n_rep = H // keys.shape[2]
         visible = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(diagonal=S - T)  # (T, S)
-        y = F.scaled_dot_product_attention(qr.transpose(1, 2), repeat_kv(kr, n_rep).transpose(1, 2),
-                                           repeat_kv(values, n_rep).transpose(1, 2), attn_mask=visible)  # (B, H, T, D)
+        # enable_gqa: query head h uses key/value head h // (H / H_kv), without copying the cache
+        y = F.scaled_dot_product_attention(qr.transpose(1, 2), kr.transpose(1, 2), values.transpose(1, 2),
+                                           attn_mask=visible, enable_gqa=H != keys.shape[2])  # (B, H, T, D)
         if S > self.budget:
             idx = torch.cat([in_cache[:self.sink_tokens], in_cache[S - self.recent:]])  # (budget,)
             keys, values, kept = keys[:, idx], values[:, idx], kept[idx]

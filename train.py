@@ -178,17 +178,16 @@ def _cached(out_path, key):
 
 def _write_tokens(out_path, dtype, sequences):
     """Stream lists of token ids into out_path, atomically (a temporary file, then a rename). Returns the count."""
-    tmp = f"{out_path}.tmp.{os.getpid()}"
     n_tokens = 0
-    try:
+
+    def write(tmp):
+        nonlocal n_tokens
         with open(tmp, "wb") as f:
             for ids in sequences:
                 np.asarray(ids, dtype=dtype).tofile(f)
                 n_tokens += len(ids)
-        os.replace(tmp, out_path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+
+    atomic_write(out_path, write)
     return n_tokens
 
 
