@@ -6,7 +6,7 @@ The whole method on a CPU, end to end: a miniature LongLoRA / SinkLoRA reproduct
     python demo.py --corpus DIR    # your own folder of text files instead of the Python stdlib
     python demo.py --threads 1     # on a machine shared with other jobs (two threads then crawl)
 
-What it does, each step through the project's own code (train.py, eval.py, sample.py, lora.py):
+What it does, each step through the project's own code (train.py, data.py, eval.py, sample.py, lora.py):
 
   1. corpus      the Python standard library's own .py files (real long documents, on every machine),
                  split into train / held-out by md5(relative path) % 10 == 0 -> held-out
@@ -57,6 +57,7 @@ import torch
 import eval as evaluation  # eval.py; renamed so that it does not shadow the builtin
 import sample
 import train
+from data import tokenize_documents
 from model import Tokenizer, Transformer, atomic_write
 
 # ----------------------------------------------------------------------------------------------------
@@ -391,7 +392,7 @@ def run(a) -> int:
         if not os.path.exists(path) or open(path, encoding="utf-8").read() != text:
             atomic_write(path, lambda f: open(f, "w", encoding="utf-8").write(text))
         held_paths.append(path)
-    held_tokens = evaluation.tokenize_documents(held_paths, tokenizer)
+    held_tokens = tokenize_documents(held_paths, tokenizer)
     eval_tokens = held_tokens[: c["eval_tokens"]]
     if len(eval_tokens) < ctx:
         raise SystemExit(f"error: the held-out text has {len(held_tokens)} tokens, fewer than one {ctx}-token evaluation "

@@ -9,7 +9,7 @@ Both use full attention, as the papers do at evaluation (S²-Attn and SF-Attn ar
 patterns); `--attn s2|sf` evaluates with a training pattern instead.
 
 Perplexity, LongLoRA's protocol (`--stride 256`, the default; their eval.py, itself from landmark
-attention). The token stream is a token file, or the documents tokenized as train.py prepares data
+attention). The token stream is a token file, or the documents tokenized as data.py prepares them
 ([BOS] text [EOS] each, concatenated); N tokens, window length L, stride s = 256:
 
     window starts   i = 0, s, 2s, ... < N - L, and the LAST of these is dropped (LongLoRA's
@@ -46,63 +46,17 @@ In-process use (demo.py): `perplexity(model, tokens, seq_len, stride)`, `passkey
 import argparse
 import json
 import math
-import os
 import random
 import sys
-import tempfile
 import time
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from data import read_token_file, tokenize_documents
 from model import CheckpointError, atomic_write
 from sample import generate, load_model, resolve_device_dtype
-
-
-# ----------------------------------------------------------------------------------------------------
-# Data: a stream of token ids
-
-
-def token_dtype(vocab_size: int):
-    """uint16 when every id fits (LLaMA's 32000 does), else uint32: the element type of a raw token file."""
-    return np.uint16 if vocab_size <= 65536 else np.uint32
-
-
-def read_token_file(path, vocab_size: int) -> np.ndarray:
-    """A token file, memory-mapped: one written by train.py's prepare_tokens (its sidecar `path.json` names
-    the dtype and the vocabulary), or a raw little-endian array of ids, uint16 when vocab_size <= 65536 else
-    uint32 (LongLoRA's proof-pile test .bin is such a file)."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"token file {path}: no such file")
-    dtype = np.dtype(token_dtype(vocab_size)).newbyteorder("<")
-    if os.path.isfile(path + ".json"):
-        try:
-            with open(path + ".json") as f:
-                meta = json.load(f)
-            dtype = np.dtype(meta["dtype"])
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            raise ValueError(f"{path}.json: cannot read the token file's description ({e})") from None
-        if meta.get("vocab_size", vocab_size) != vocab_size:
-            raise ValueError(f"token file {path} was made with a {meta['vocab_size']}-token vocabulary "
-                             f"({meta.get('tokenizer')}), the model has {vocab_size}")
-    size = os.path.getsize(path)
-    if size == 0 or size % dtype.itemsize:
-        raise ValueError(f"token file {path}: {size} bytes is not a whole number of {dtype.name} token ids")
-    tokens = np.memmap(path, dtype=dtype, mode="r")
-    top = int(tokens.max())
-    if top >= vocab_size:
-        raise ValueError(f"token file {path} holds id {top} but the vocabulary has {vocab_size} (another tokenizer?)")
-    return tokens
-
-
-def tokenize_documents(paths, tokenizer) -> np.ndarray:
-    """Text files, folders or JSONL (`text` field), tokenized exactly as train.py prepares data: each document
-    becomes [BOS] text [EOS], concatenated in file order. Held in memory (a test set is small)."""
-    from train import prepare_tokens  # one definition of the data format, train.py's
-
-    with tempfile.TemporaryDirectory() as d:
-        return np.array(prepare_tokens(paths, tokenizer, os.path.join(d, "tokens.bin")))
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -190,7 +190,7 @@ def test_ppl_cli_prints_a_table_and_writes_json_equal_to_the_function(model_dir,
         assert row["seq_len"] == L and row["ppl"] == pytest.approx(ev.perplexity(model, tokens, L, 16)["ppl"], rel=1e-6)
         assert f"{row['ppl']:.3f}" in table
     # the same tokens from a token file give the same numbers: train.py's (with its sidecar) and a raw uint16 one
-    from train import prepare_tokens
+    from data import prepare_tokens
 
     prepare_tokens([str(doc)], model.tokenizer, str(tmp_path / "train.bin"))
     tokens.astype("<u2").tofile(tmp_path / "raw.bin")

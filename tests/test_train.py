@@ -1,27 +1,24 @@
-"""train.py: data preparation (packing, EOS joins, SFT masks), FSDP equals one process, resume repeats the
-losses, a kill during a save leaves the previous checkpoint, training lowers held-out loss, clean failures,
-and --estimate against measurements (autograd's saved tensors, attention.py's masks, LLaMA2-7B's size)."""
+"""train.py: FSDP equals one process, resume repeats the losses, a kill during a save leaves the previous
+checkpoint (checkpoint.py), training lowers held-out loss, clean failures, no flag shadows torchrun's.
+(Data preparation: test_data.py; --estimate: test_estimate.py.)"""
 
 import json
 import os
 import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
-import sentencepiece as spm
 import torch
 from safetensors.torch import load_file
 
-from conftest import ROOT, STDLIB, stdlib_text
-from attention import attention_pattern
+from conftest import ROOT, STDLIB
+from checkpoint import find_checkpoint
+from data import open_tokens, split_heldout
 from lora import apply_lora, mark_trainable
-from model import ModelArgs, Tokenizer, Transformer, preset
+from model import Transformer, preset
 import train
-from train import (PackedData, SFTData, estimate, find_checkpoint, layer_activation_bytes, param_counts, prepare_sft,
-                   prepare_tokens, split_heldout, token_loss_sum, visible_pairs)
 
 # Two ranks (FSDP, gloo) against one process, fp32 on the CPU. The sums of two ranks' gradients are
 # reduced in another order than one process accumulates them; observed difference 0, allowed:
@@ -86,105 +83,6 @@ def common(base_dir, corpus, token_cache, **kw):
     for k, v in args.items():
         out += [f"--{k.replace('_', '-')}", str(v)]
     return out
-
-
-# ----------------------------------------------------------------------------------------------------
-# Data
-
-
-def test_documents_are_joined_as_bos_text_eos_and_packed_into_overlapping_windows(sp_model, tmp_path):
-    folder = tmp_path / "docs"
-    folder.mkdir()
-    (folder / "a.txt").write_text(open(os.path.join(STDLIB, "colorsys.py")).read())
-    (folder / "b.txt").write_text(open(os.path.join(STDLIB, "bisect.py")).read())
-    (folder / "empty.txt").write_text("\n\n")  # no document at all, not a BOS/EOS pair
-    texts = [open(os.path.join(STDLIB, n)).read()[:3000] for n in ("heapq.py", "keyword.py")]
-    jsonl = tmp_path / "more.jsonl"
-    jsonl.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
-
-    tok = Tokenizer(sp_model)
-    tokens = prepare_tokens([str(folder), str(jsonl)], tok, str(tmp_path / "t.bin"))
-    sp = spm.SentencePieceProcessor(model_file=sp_model)  # the reference: sentencepiece itself
-    docs = [(folder / "a.txt").read_text(), (folder / "b.txt").read_text(), *texts]
-    expected = np.concatenate([[sp.bos_id()] + sp.encode(d) + [sp.eos_id()] for d in docs])
-    assert tokens.dtype == np.uint16 and np.array_equal(np.asarray(tokens), expected)
-    meta = json.load(open(str(tmp_path / "t.bin.json")))
-    assert meta["n_docs"] == 4 and meta["vocab_size"] == 512 and meta["n_tokens"] == len(expected)
-    # where document 2 starts, EOS closes document 1
-    start2 = len(sp.encode(docs[0])) + 2
-    assert (tokens[start2 - 1], tokens[start2]) == (sp.eos_id(), sp.bos_id())
-    assert sp.decode(tokens[start2:start2 + 40].tolist()) == docs[1][:len(sp.decode(tokens[start2:start2 + 40].tolist()))]
-
-    ctx = 64
-    data = PackedData(tokens, ctx)
-    x, y, lengths = data.batch(range(len(data)))
-    assert len(data) == (len(tokens) - 1) // ctx and lengths is None
-    assert torch.equal(y[:, :-1], x[:, 1:])  # targets are the inputs shifted by one
-    assert torch.equal(y[:-1, -1], x[1:, 0])  # window i's last target is window i+1's first input
-    stream = torch.cat([x.flatten(), y[-1, -1:]])
-    assert np.array_equal(stream.numpy(), expected[:len(data) * ctx + 1])  # no token lost or repeated
-
-
-def test_token_file_is_reused_until_an_input_changes(sp_model, tmp_path):
-    doc = tmp_path / "doc.txt"
-    doc.write_text(stdlib_text(("bisect.py",)))
-    tok = Tokenizer(sp_model)
-    first = np.asarray(prepare_tokens([str(doc)], tok, str(tmp_path / "t.bin"))).copy()
-
-    class Refuses(Tokenizer):
-        def encode(self, *a, **k):
-            raise AssertionError("tokenized again")
-
-    again = prepare_tokens([str(doc)], Refuses(sp_model), str(tmp_path / "t.bin"))
-    assert np.array_equal(np.asarray(again), first)
-    doc.write_text(stdlib_text(("bisect.py",)) + "\n# one more line\n")
-    with pytest.raises(AssertionError, match="tokenized again"):
-        prepare_tokens([str(doc)], Refuses(sp_model), str(tmp_path / "t.bin"))
-
-
-def test_heldout_split_is_deterministic_disjoint_and_spread_over_the_corpus():
-    train_ids, held = split_heldout(1000, 0.05)
-    assert len(held) == 50 and len(train_ids) == 950
-    assert set(train_ids).isdisjoint(held) and set(train_ids) | set(held) == set(range(1000))
-    assert np.diff(held).max() <= 2 * 1000 / 50 and held[0] < 40 and held[-1] > 960
-    assert np.array_equal(split_heldout(1000, 0.05)[1], held)
-    assert len(split_heldout(1, 0.5)[1]) == 0 and len(split_heldout(5, 0.01)[1]) == 1
-
-
-def test_sft_learns_only_the_answer_and_pads_to_a_multiple_of_8(sp_model, tmp_path):
-    doc = open(os.path.join(STDLIB, "bisect.py")).read()
-    recs = [{"instruction": "Summarize this module.", "input": doc[:400], "output": "Binary search helpers."},
-            {"instruction": "What does insort do?", "output": doc[400:1200]},
-            {"instruction": "Name a function.", "input": "", "output": "bisect_left"}]
-    path = tmp_path / "sft.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in recs))
-    tok = Tokenizer(sp_model)
-    tokens, index = prepare_sft([str(path)], tok, str(tmp_path / "sft.bin"))
-    sp = spm.SentencePieceProcessor(model_file=sp_model)
-    ctx = 512
-    data = SFTData(tokens, index, ctx, 8, tok.eos_id)
-    x, y, lengths = data.batch([0, 1, 2])
-    T = x.shape[1]
-    assert T % 8 == 0 and T <= ctx
-    for b, rec in enumerate(recs):
-        n = int(lengths[b])
-        masked = int((y[b, :n] == -100).sum())  # target t is token t+1: the prompt's tokens after the first
-        assert (y[b, :masked] == -100).all() and (y[b, masked:n] != -100).all()
-        learned = y[b, masked:n].tolist()
-        prompt = x[b, :masked + 1].tolist()  # the last prompt token is the input that predicts the answer
-        assert learned[-1] == sp.eos_id() and sp.decode(learned[:-1]) == rec["output"].strip()[:len(sp.decode(learned[:-1]))]
-        assert prompt[0] == sp.bos_id() and sp.decode(prompt[1:]).startswith("[INST] " + rec["instruction"])
-        assert sp.decode(prompt[1:]).endswith("[/INST]") and ("\n\n" in sp.decode(prompt)) == bool(rec.get("input"))
-        assert (y[b, n:] == -100).all() and (x[b, n:] == tok.eos_id).all()  # padding: no loss, pad input
-        if b == 1:  # a long answer is cut at ctx + 1 tokens, the prompt kept whole
-            assert n == min(ctx, int(index[1, 2]) - 1)
-    # with full attention, padding another row changes nothing for this row (lengths hide the padded keys)
-    model = Transformer(preset("tiny", vocab_size=512)).eval()
-    alone = SFTData(tokens, index, ctx, 8, tok.eos_id).batch([2])
-    with torch.no_grad():
-        a = token_loss_sum(model, *alone, torch.autocast("cpu", enabled=False))
-        both = token_loss_sum(model, x[2:], y[2:], lengths[2:], torch.autocast("cpu", enabled=False))
-    assert x.shape[1] > alone[0].shape[1] and torch.allclose(a, both, atol=1e-4)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -262,26 +160,39 @@ def test_bf16_fsdp_trains_fp32_copies_of_only_the_trainable_tensors(base_dir, co
         assert abs(l_ref[s] - l_bf16[s]) <= BF16_LOSS_TOL
 
 
+# train.main with a torch.save that stops, says so, and sleeps before the optimizer file of checkpoint 4
+PAUSE_IN_SAVE = """
+import sys, time, torch, train
+save = torch.save
+def pausing_save(obj, path, *args, **kwargs):
+    if path.endswith("optimizer.pt") and "step-000004" in path:
+        print("paused in save", flush=True)
+        time.sleep(120)
+    return save(obj, path, *args, **kwargs)
+torch.save = pausing_save
+sys.exit(train.main(sys.argv[1:]))
+"""
+
+
 def test_kill_during_a_save_keeps_the_previous_checkpoint_and_resume_repeats_the_losses(base_dir, corpus, token_cache, tmp_path):
     out = str(tmp_path / "run")
     args = common(base_dir, corpus, token_cache, grad_accum=2, steps=4, out=out)
-    # train.py sleeps in the middle of writing checkpoint 4 (weights written, optimizer not yet)
-    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), *args], cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, train.PAUSE_ENV: "4:120", "OMP_NUM_THREADS": "1"})
-    ckpts = os.path.join(out, "checkpoints")
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        tmp = [n for n in os.listdir(ckpts) if n.startswith(".tmp-step-000004")] if os.path.isdir(ckpts) else []
-        if tmp and os.path.exists(os.path.join(ckpts, tmp[0], "trainable.safetensors")):
+    # train.py in a subprocess whose torch.save sleeps before the optimizer file of checkpoint 4 (the weights
+    # are written by then, the rest not), so that the test can kill it in the middle of the save
+    proc = subprocess.Popen([sys.executable, "-c", PAUSE_IN_SAVE, *args], cwd=ROOT, text=True, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    for line in proc.stdout:  # ends when the pause begins, or at EOF if train.py exits first
+        if line.startswith("paused in save"):
             break
-        assert proc.poll() is None, proc.communicate()[1].decode()[-2000:]
-        time.sleep(0.1)
     else:
-        raise AssertionError("checkpoint 4 never started")
+        raise AssertionError("checkpoint 4 never started: " + proc.communicate()[1][-2000:])
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     uninterrupted, _ = losses(out)  # steps 1..4 were logged before the save began
     assert sorted(uninterrupted) == [1, 2, 3, 4]
+    ckpts = os.path.join(out, "checkpoints")
+    assert any(os.path.exists(os.path.join(ckpts, n, "trainable.safetensors")) for n in os.listdir(ckpts)
+               if "step-000004" in n)  # killed mid-save: checkpoint 4 is partly on disk
     ckpt = find_checkpoint(out)
     assert ckpt.endswith("step-000002") and json.load(open(os.path.join(ckpt, "state.json")))["step"] == 2
     assert len(load_file(os.path.join(ckpt, "trainable.safetensors"))) > 0
@@ -305,7 +216,7 @@ def test_training_from_scratch_lowers_heldout_loss_and_saves_a_loadable_model(co
     # the saved model (with its tokenizer) gives the logged held-out loss when evaluated independently
     model = Transformer.from_pretrained(out).eval()
     assert model.tokenizer is not None and model.args.attn == "full"
-    tokens = train.open_tokens(os.path.join(out, "tokens", [n for n in os.listdir(os.path.join(out, "tokens"))
+    tokens = open_tokens(os.path.join(out, "tokens", [n for n in os.listdir(os.path.join(out, "tokens"))
                                                             if n.endswith(".bin")][0]))
     n = (len(tokens) - 1) // 64
     _, held_ids = split_heldout(n, 0.02)
@@ -366,66 +277,6 @@ def test_command_line_exits_2_with_one_line(tmp_path):
     r = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), "--model", "/nonexistent", "--data", str(tmp_path),
                         "--out", str(tmp_path / "o")], capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 2 and r.stderr.strip() == "error: --model /nonexistent: no such directory"
-
-
-# ----------------------------------------------------------------------------------------------------
-# --estimate
-
-
-def test_estimate_counts_llama2_7b_and_its_lora_exactly():
-    c = param_counts(preset("llama2-7b"), 8, ("wq", "wk", "wv", "wo"), True, True, full=False)
-    assert c["total"] == 6_738_415_616  # LLaMA-2-7B's published parameter count
-    assert c["lora"] == 32 * 4 * 8 * (4096 + 4096)  # r x (in + out) for four 4096x4096 matrices per layer
-    assert c["trainable"] == c["lora"] + 32000 * 4096 + 65 * 4096  # + embeddings + 65 RMSNorms
-
-
-@pytest.mark.parametrize("full", [False, True])
-def test_estimated_activations_are_what_autograd_saves(full):
-    """The per-layer activation formula against the bytes autograd keeps (bf16 model, full attention)."""
-    m = ModelArgs(dim=128, n_layers=2, n_heads=4, vocab_size=256, multiple_of=32, max_seq_len=512)
-    torch.manual_seed(0)
-    model = Transformer(m)
-    if not full:
-        apply_lora(model)
-        mark_trainable(model)
-    model.to(torch.bfloat16)
-    T = 256
-    h = model.tok_embeddings(torch.randint(0, 256, (1, T))).detach().requires_grad_()
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    saved = {}
-
-    def pack(t):
-        saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        for layer in model.layers:
-            h = layer(h, torch.arange(T))
-    measured = sum(v for k, v in saved.items() if k not in params) / (m.n_layers * T)
-    assert abs(measured - layer_activation_bytes(m, full=full)) <= 0.01 * measured
-
-
-@pytest.mark.parametrize("mode", ["full", "s2", "sf"])
-def test_attention_flops_count_the_pairs_attention_py_allows(mode):
-    T, g = 64, 16
-    pattern = attention_pattern(mode, T, 2, group_size=g if mode != "full" else None, sink_tokens=4)
-    assert visible_pairs(mode, T, g, 4) == pattern.sum().item() / 2  # average over the two heads
-
-
-def test_estimate_is_consistent_across_ctx_attention_and_checkpointing(capsys):
-    m = preset("llama2-7b")
-    e = {T: estimate(m, T, "s2", 8, 1, 8) for T in (8192, 16384, 32768)}
-    for T in e:
-        assert e[T]["total_ckpt"] < e[T]["total_no_ckpt"]
-    a = [e[T]["memory"]["activations, checkpointing"] for T in (8192, 16384, 32768)]
-    assert abs(a[1] / a[0] - 2) < 0.01 and abs(a[2] / a[1] - 2) < 0.01  # linear in T at batch 1
-    full, s2 = estimate(m, 32768, "full", 8, 1, 8), e[32768]
-    # T = 4g: plain heads have 4 triangles of side g, shifted heads 3 and two of side g/2, full one of side 4g
-    expected = (4 + 3 + 2 / 4) / 2 / 16
-    assert abs(s2["attn_flops"] / full["attn_flops"] - expected) < 1e-3 and s2["dense_flops"] == full["dense_flops"]
-    assert train.main(["--estimate", "--preset", "llama2-7b", "--ctx", "32768", "--gpus", "8"]) == 0
-    out = capsys.readouterr().out
-    assert "total with checkpointing" in out and "attention" in out and "6.74B" in out
 
 
 def test_no_flag_is_a_prefix_of_a_torchrun_flag():

@@ -1,0 +1,158 @@
+"""
+Checkpoints: save a training run's state atomically, find it again, check it fits, and load it (under
+FSDP or in one process). train.py calls these; a reader looking for "what is on disk" starts here.
+
+    out/checkpoints/step-NNNNNN/
+        trainable.safetensors   the trainable tensors, gathered to full fp32 (DTensor.full_tensor())
+        optimizer.pt            AdamW's state, get_optimizer_state_dict(full_state_dict=True, cpu_offload=True)
+        rng.pt                  every rank's CPU (and CUDA) RNG state
+        state.json              step, samples seen, RoPE scaling and context, the run's training config;
+                                written last: its presence means "complete"
+
+Rank 0 writes the directory under a temporary name (.tmp-step-NNNNNN-PID), fsyncs it, and renames it when
+complete; older checkpoints beyond --keep are deleted only afterwards, so a run killed at any moment
+leaves the previous checkpoint loadable. Resuming (train.py --resume DIR: a checkpoint, or a run folder and
+its newest complete checkpoint) first checks that the run's config matches (model, data, ctx, attention,
+LoRA, optimizer, schedule, seed, global batch; the number of GPUs may change if the global batch stays the
+same); then rank 0 reads the files and FSDP broadcasts them to the shards (set_model_state_dict /
+set_optimizer_state_dict with broadcast_from_rank0), so other machines need not see the disk.
+"""
+
+import json
+import os
+import shutil
+
+import torch
+import torch.distributed as dist
+
+from model import CheckpointError
+
+def full_trainable_state(model, keep=True):
+    """{name: full fp32 CPU tensor} of every trainable parameter. Under FSDP each parameter is a DTensor
+    shard; full_tensor() all-gathers it, so every rank must call this; only ranks with keep=True (rank 0)
+    copy the result to the CPU, the others get {}."""
+    from torch.distributed.tensor import DTensor
+
+    out = {}
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            t = p.full_tensor() if isinstance(p, DTensor) else p
+            if keep:
+                out[name] = t.detach().to("cpu", torch.float32).clone()
+    return out
+
+
+
+
+def checkpoint_dirs(run_dir):
+    """Complete checkpoints of a run, oldest first (temporary, half-written ones start with '.')."""
+    root = os.path.join(run_dir, "checkpoints")
+    if not os.path.isdir(root):
+        return []
+    names = sorted(n for n in os.listdir(root) if n.startswith("step-") and
+                   os.path.exists(os.path.join(root, n, "state.json")))
+    return [os.path.join(root, n) for n in names]
+
+
+def find_checkpoint(path):
+    """A checkpoint directory itself, or the newest complete checkpoint of a run directory."""
+    if os.path.exists(os.path.join(path, "state.json")):
+        return path
+    found = checkpoint_dirs(path)
+    if not found:
+        raise CheckpointError(f"--resume {path}: no complete checkpoint there (expected state.json or checkpoints/step-*)")
+    return found[-1]
+
+
+def save_checkpoint(run_dir, step, model, opt, state, keep, rank, world):
+    """Write checkpoint `step` atomically: into checkpoints/.tmp-step-N-PID, then one rename. All ranks call
+    this (gathering the sharded tensors is collective); rank 0 alone writes. Older checkpoints beyond
+    `keep` are deleted only after the new one is in place."""
+    from safetensors.torch import save_file
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    tensors = full_trainable_state(model, keep=rank == 0)
+    optim = get_optimizer_state_dict(model, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    rng = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
+    rngs = [None] * world
+    if world > 1:
+        dist.all_gather_object(rngs, rng)
+    else:
+        rngs = [rng]
+    if rank == 0:
+        root = os.path.join(run_dir, "checkpoints")
+        os.makedirs(root, exist_ok=True)
+        final = os.path.join(root, f"step-{step:06d}")
+        tmp = os.path.join(root, f".tmp-step-{step:06d}-{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+        save_file(tensors, os.path.join(tmp, "trainable.safetensors"), metadata={"format": "pt"})
+        torch.save(optim, os.path.join(tmp, "optimizer.pt"))
+        torch.save(rngs, os.path.join(tmp, "rng.pt"))
+        with open(os.path.join(tmp, "state.json"), "w") as f:  # written last: its presence means "complete"
+            json.dump(state, f, indent=1)
+        for name in os.listdir(tmp):  # data on disk before the rename makes it visible
+            with open(os.path.join(tmp, name), "rb") as f:
+                os.fsync(f.fileno())
+        if os.path.exists(final):  # re-saving the same step (a resumed run): replace it
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        for old in checkpoint_dirs(run_dir)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+        for name in os.listdir(root):  # leftovers of runs killed mid-save
+            if name.startswith(".tmp-step-"):
+                shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+    if world > 1:
+        dist.barrier()
+
+
+def load_checkpoint(ckpt, model, opt, rank, world, distributed):
+    """Load trainable weights, optimizer state and RNG into an (FSDP-sharded or plain) model. Rank 0 reads the
+    files; under FSDP the tensors are broadcast from it, so other machines need not see the disk."""
+    from safetensors.torch import load_file
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
+                                                         set_optimizer_state_dict)
+
+    tensors, optim, rngs = {}, {}, None
+    if rank == 0:
+        tensors = load_file(os.path.join(ckpt, "trainable.safetensors"))
+        optim = torch.load(os.path.join(ckpt, "optimizer.pt"), weights_only=True)
+        rngs = torch.load(os.path.join(ckpt, "rng.pt"), weights_only=True)
+    if distributed:
+        opts = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=False)
+        set_model_state_dict(model, tensors, options=opts)
+        set_optimizer_state_dict(model, opt, optim, options=opts)
+        box = [rngs]
+        dist.broadcast_object_list(box, src=0)  # rank 0's RNG states to every rank
+        rngs = box[0]
+    else:
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if p.requires_grad:
+                    p.copy_(tensors[name])
+        set_optimizer_state_dict(model, opt, optim, options=StateDictOptions(full_state_dict=True))
+    if len(rngs) == world:  # same number of ranks: every rank continues its own random stream
+        torch.set_rng_state(rngs[rank]["cpu"])
+        if torch.cuda.is_available() and rngs[rank]["cuda"] is not None:
+            torch.cuda.set_rng_state(rngs[rank]["cuda"])
+
+
+def check_checkpoint(ckpt, model, config):
+    """One-line CheckpointError if the checkpoint was written by a run with a different training config, or
+    does not hold exactly this model's trainable tensors. Returns its state.json."""
+    from safetensors import safe_open
+
+    with open(os.path.join(ckpt, "state.json")) as f:
+        state = json.load(f)
+    for k, v in config.items():
+        if state["config"].get(k) != v:
+            raise CheckpointError(f"--resume {ckpt}: it was trained with {k}={state['config'].get(k)!r}, this run has "
+                             f"{k}={v!r}; resuming needs the same training config")
+    with safe_open(os.path.join(ckpt, "trainable.safetensors"), framework="pt") as f:
+        have = set(f.keys())
+    want = {n for n, p in model.named_parameters() if p.requires_grad}
+    if have != want:
+        diff = sorted(have ^ want)[0]
+        raise CheckpointError(f"--resume {ckpt}: tensor {diff} is {'missing' if diff in want else 'unexpected'}; "
+                         "the checkpoint does not fit this model")
+    return state

@@ -1,0 +1,112 @@
+"""data.py: documents are packed as [BOS] text [EOS] (checked against sentencepiece itself), the token file
+is reused until an input changes, the held-out split is spread and deterministic, SFT learns only the
+answer and pads without changing a row's loss."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+import sentencepiece as spm
+import torch
+
+from conftest import STDLIB, stdlib_text
+from data import PackedData, SFTData, prepare_sft, prepare_tokens, split_heldout
+from model import Tokenizer, Transformer, preset
+from train import token_loss_sum
+
+
+
+def test_documents_are_joined_as_bos_text_eos_and_packed_into_overlapping_windows(sp_model, tmp_path):
+    folder = tmp_path / "docs"
+    folder.mkdir()
+    (folder / "a.txt").write_text(open(os.path.join(STDLIB, "colorsys.py")).read())
+    (folder / "b.txt").write_text(open(os.path.join(STDLIB, "bisect.py")).read())
+    (folder / "empty.txt").write_text("\n\n")  # no document at all, not a BOS/EOS pair
+    texts = [open(os.path.join(STDLIB, n)).read()[:3000] for n in ("heapq.py", "keyword.py")]
+    jsonl = tmp_path / "more.jsonl"
+    jsonl.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+
+    tok = Tokenizer(sp_model)
+    tokens = prepare_tokens([str(folder), str(jsonl)], tok, str(tmp_path / "t.bin"))
+    sp = spm.SentencePieceProcessor(model_file=sp_model)  # the reference: sentencepiece itself
+    docs = [(folder / "a.txt").read_text(), (folder / "b.txt").read_text(), *texts]
+    expected = np.concatenate([[sp.bos_id()] + sp.encode(d) + [sp.eos_id()] for d in docs])
+    assert tokens.dtype == np.uint16 and np.array_equal(np.asarray(tokens), expected)
+    meta = json.load(open(str(tmp_path / "t.bin.json")))
+    assert meta["n_docs"] == 4 and meta["vocab_size"] == 512 and meta["n_tokens"] == len(expected)
+    # where document 2 starts, EOS closes document 1
+    start2 = len(sp.encode(docs[0])) + 2
+    assert (tokens[start2 - 1], tokens[start2]) == (sp.eos_id(), sp.bos_id())
+    assert sp.decode(tokens[start2:start2 + 40].tolist()) == docs[1][:len(sp.decode(tokens[start2:start2 + 40].tolist()))]
+
+    ctx = 64
+    data = PackedData(tokens, ctx)
+    x, y, lengths = data.batch(range(len(data)))
+    assert len(data) == (len(tokens) - 1) // ctx and lengths is None
+    assert torch.equal(y[:, :-1], x[:, 1:])  # targets are the inputs shifted by one
+    assert torch.equal(y[:-1, -1], x[1:, 0])  # window i's last target is window i+1's first input
+    stream = torch.cat([x.flatten(), y[-1, -1:]])
+    assert np.array_equal(stream.numpy(), expected[:len(data) * ctx + 1])  # no token lost or repeated
+
+
+def test_token_file_is_reused_until_an_input_changes(sp_model, tmp_path):
+    doc = tmp_path / "doc.txt"
+    doc.write_text(stdlib_text(("bisect.py",)))
+    tok = Tokenizer(sp_model)
+    first = np.asarray(prepare_tokens([str(doc)], tok, str(tmp_path / "t.bin"))).copy()
+
+    class Refuses(Tokenizer):
+        def encode(self, *a, **k):
+            raise AssertionError("tokenized again")
+
+    again = prepare_tokens([str(doc)], Refuses(sp_model), str(tmp_path / "t.bin"))
+    assert np.array_equal(np.asarray(again), first)
+    doc.write_text(stdlib_text(("bisect.py",)) + "\n# one more line\n")
+    with pytest.raises(AssertionError, match="tokenized again"):
+        prepare_tokens([str(doc)], Refuses(sp_model), str(tmp_path / "t.bin"))
+
+
+def test_heldout_split_is_deterministic_disjoint_and_spread_over_the_corpus():
+    train_ids, held = split_heldout(1000, 0.05)
+    assert len(held) == 50 and len(train_ids) == 950
+    assert set(train_ids).isdisjoint(held) and set(train_ids) | set(held) == set(range(1000))
+    assert np.diff(held).max() <= 2 * 1000 / 50 and held[0] < 40 and held[-1] > 960
+    assert np.array_equal(split_heldout(1000, 0.05)[1], held)
+    assert len(split_heldout(1, 0.5)[1]) == 0 and len(split_heldout(5, 0.01)[1]) == 1
+
+
+def test_sft_learns_only_the_answer_and_pads_to_a_multiple_of_8(sp_model, tmp_path):
+    doc = open(os.path.join(STDLIB, "bisect.py")).read()
+    recs = [{"instruction": "Summarize this module.", "input": doc[:400], "output": "Binary search helpers."},
+            {"instruction": "What does insort do?", "output": doc[400:1200]},
+            {"instruction": "Name a function.", "input": "", "output": "bisect_left"}]
+    path = tmp_path / "sft.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    tok = Tokenizer(sp_model)
+    tokens, index = prepare_sft([str(path)], tok, str(tmp_path / "sft.bin"))
+    sp = spm.SentencePieceProcessor(model_file=sp_model)
+    ctx = 512
+    data = SFTData(tokens, index, ctx, 8, tok.eos_id)
+    x, y, lengths = data.batch([0, 1, 2])
+    T = x.shape[1]
+    assert T % 8 == 0 and T <= ctx
+    for b, rec in enumerate(recs):
+        n = int(lengths[b])
+        masked = int((y[b, :n] == -100).sum())  # target t is token t+1: the prompt's tokens after the first
+        assert (y[b, :masked] == -100).all() and (y[b, masked:n] != -100).all()
+        learned = y[b, masked:n].tolist()
+        prompt = x[b, :masked + 1].tolist()  # the last prompt token is the input that predicts the answer
+        assert learned[-1] == sp.eos_id() and sp.decode(learned[:-1]) == rec["output"].strip()[:len(sp.decode(learned[:-1]))]
+        assert prompt[0] == sp.bos_id() and sp.decode(prompt[1:]).startswith("[INST] " + rec["instruction"])
+        assert sp.decode(prompt[1:]).endswith("[/INST]") and ("\n\n" in sp.decode(prompt)) == bool(rec.get("input"))
+        assert (y[b, n:] == -100).all() and (x[b, n:] == tok.eos_id).all()  # padding: no loss, pad input
+        if b == 1:  # a long answer is cut at ctx + 1 tokens, the prompt kept whole
+            assert n == min(ctx, int(index[1, 2]) - 1)
+    # with full attention, padding another row changes nothing for this row (lengths hide the padded keys)
+    model = Transformer(preset("tiny", vocab_size=512)).eval()
+    alone = SFTData(tokens, index, ctx, 8, tok.eos_id).batch([2])
+    with torch.no_grad():
+        a = token_loss_sum(model, *alone, torch.autocast("cpu", enabled=False))
+        both = token_loss_sum(model, x[2:], y[2:], lengths[2:], torch.autocast("cpu", enabled=False))
+    assert x.shape[1] > alone[0].shape[1] and torch.allclose(a, both, atol=1e-4)

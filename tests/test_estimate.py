@@ -1,0 +1,71 @@
+"""estimate.py (train.py --estimate): parameter counts against LLaMA2-7B's published size, activation bytes
+against autograd's saved tensors, attention FLOPs against attention.py's masks, and the scaling laws."""
+
+import pytest
+import torch
+
+import estimate as est
+import train
+from attention import attention_pattern
+from estimate import estimate, layer_activation_bytes, param_counts, visible_pairs
+from lora import apply_lora, mark_trainable
+from model import ModelArgs, Transformer, preset
+
+
+
+def test_estimate_counts_llama2_7b_and_its_lora_exactly():
+    c = param_counts(preset("llama2-7b"), 8, ("wq", "wk", "wv", "wo"), True, True, full=False)
+    assert c["total"] == 6_738_415_616  # LLaMA-2-7B's published parameter count
+    assert c["lora"] == 32 * 4 * 8 * (4096 + 4096)  # r x (in + out) for four 4096x4096 matrices per layer
+    assert c["trainable"] == c["lora"] + 32000 * 4096 + 65 * 4096  # + embeddings + 65 RMSNorms
+
+
+@pytest.mark.parametrize("full", [False, True])
+def test_estimated_activations_are_what_autograd_saves(full):
+    """The per-layer activation formula against the bytes autograd keeps (bf16 model, full attention)."""
+    m = ModelArgs(dim=128, n_layers=2, n_heads=4, vocab_size=256, multiple_of=32, max_seq_len=512)
+    torch.manual_seed(0)
+    model = Transformer(m)
+    if not full:
+        apply_lora(model)
+        mark_trainable(model)
+    model.to(torch.bfloat16)
+    T = 256
+    h = model.tok_embeddings(torch.randint(0, 256, (1, T))).detach().requires_grad_()
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved = {}
+
+    def pack(t):
+        saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        for layer in model.layers:
+            h = layer(h, torch.arange(T))
+    measured = sum(v for k, v in saved.items() if k not in params) / (m.n_layers * T)
+    assert abs(measured - layer_activation_bytes(m, full=full)) <= 0.01 * measured
+
+
+@pytest.mark.parametrize("mode", ["full", "s2", "sf"])
+def test_attention_flops_count_the_pairs_attention_py_allows(mode):
+    T, g = 64, 16
+    pattern = attention_pattern(mode, T, 2, group_size=g if mode != "full" else None, sink_tokens=4)
+    assert visible_pairs(mode, T, g, 4) == pattern.sum().item() / 2  # average over the two heads
+
+
+def test_estimate_is_consistent_across_ctx_attention_and_checkpointing(capsys):
+    m = preset("llama2-7b")
+    e = {T: estimate(m, T, "s2", 8, 1, 8) for T in (8192, 16384, 32768)}
+    for T in e:
+        assert e[T]["total_ckpt"] < e[T]["total_no_ckpt"]
+    a = [e[T]["memory"]["activations, checkpointing"] for T in (8192, 16384, 32768)]
+    assert abs(a[1] / a[0] - 2) < 0.01 and abs(a[2] / a[1] - 2) < 0.01  # linear in T at batch 1
+    full, s2 = estimate(m, 32768, "full", 8, 1, 8), e[32768]
+    # T = 4g: plain heads have 4 triangles of side g, shifted heads 3 and two of side g/2, full one of side 4g
+    expected = (4 + 3 + 2 / 4) / 2 / 16
+    assert abs(s2["attn_flops"] / full["attn_flops"] - expected) < 1e-3 and s2["dense_flops"] == full["dense_flops"]
+    assert train.main(["--estimate", "--preset", "llama2-7b", "--ctx", "32768", "--gpus", "8"]) == 0
+    out = capsys.readouterr().out
+    assert "total with checkpointing" in out and "attention" in out and "6.74B" in out
+    assert est.main(["--preset", "llama2-7b", "--ctx", "32768", "--gpus", "8"]) == 0  # python estimate.py ...
+    assert capsys.readouterr().out == out
