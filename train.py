@@ -607,7 +607,7 @@ def train(a):
 
 
 # ----------------------------------------------------------------------------------------------------
-# Command line
+# Entry point: a user's mistake is one "error:" line and exit 2, also under torchrun
 
 
 def main(argv=None) -> int:
