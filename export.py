@@ -22,8 +22,8 @@ import torch
 
 from lora import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, TARGETS, adapter_state, apply_lora, load_adapter, mark_trainable,
                   merge_lora, save_adapter)
-from model import (CheckpointError, ModelArgs, Tokenizer, Transformer, atomic_write, hf_config_to_args, hf_key_map,
-                   hf_to_meta_qk, meta_to_hf_qk)
+from model import (CheckpointError, ModelArgs, Tokenizer, Transformer, _read_json, atomic_write, check_state_dict,
+                   hf_config_to_args, hf_key_map, hf_to_meta_qk, meta_to_hf_qk)
 
 # ----------------------------------------------------------------------------------------------------
 # Export: a merged model in HF or Meta layout, or the adapter in PEFT's layout
@@ -296,13 +296,11 @@ def read_peft_dir(peft_dir) -> tuple:
     cfg_path = os.path.join(peft_dir, "adapter_config.json")
     if not os.path.isfile(cfg_path):
         raise FileNotFoundError(f"{peft_dir}: no adapter_config.json (not a PEFT adapter directory)")
-    try:
-        with open(cfg_path) as f:
-            cfg = json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{cfg_path}: cannot read JSON ({e})") from None
+    cfg = _read_json(cfg_path)
     if not isinstance(cfg, dict) or cfg.get("peft_type") != "LORA":
         raise CheckpointError(f"{cfg_path}: not a PEFT LoRA adapter (no \"peft_type\": \"LORA\")")
+    if not all(isinstance(cfg.get(f), (int, float)) and cfg[f] > 0 for f in ("r", "lora_alpha")):
+        raise CheckpointError(f"{cfg_path}: needs positive numbers r and lora_alpha")
     for field, off in PEFT_OFF.items():
         if cfg.get(field, off) not in (off, None):
             raise CheckpointError(f"{cfg_path}: {field}={cfg[field]!r} is not supported (only plain LoRA, scale alpha/r)")
@@ -340,7 +338,7 @@ def import_peft(peft_dir, base, ctx=None) -> tuple:
         if not os.path.isfile(config):
             raise ValueError(f"{peft_dir}: a PEFT adapter does not record the context it was trained for; "
                              "pass --ctx (e.g. 32768 for LongLoRA's Llama-2-7b-longlora-32k)")
-        ctx = hf_config_to_args(json.load(open(config)), config).max_seq_len
+        ctx = hf_config_to_args(_read_json(config), config).max_seq_len
     model = Transformer.from_pretrained(base)
     args = model.args
     names = hf_key_map(args.n_layers)  # HF name -> our name
@@ -352,8 +350,10 @@ def import_peft(peft_dir, base, ctx=None) -> tuple:
             raise CheckpointError(f"{peft_dir}: unexpected tensor {k} (no such weight in a LLaMA with {args.n_layers} layers)")
         ours[key[: -len("weight")] + f"lora_{ab.lower()}" if lora else key] = v
     out = ours.pop("output.weight", None)  # recent PEFT saves the whole lm_head when the vocabulary was resized
-    if out is not None and not (out.shape[1:] == model.output.weight.shape[1:] and out.shape[0] in (args.vocab_size, args.vocab_size + 1)
-                                and torch.equal(out[:args.vocab_size].float(), model.output.weight.float())):
+    if out is not None and (out.shape[1:] != model.output.weight.shape[1:] or out.shape[0] not in (args.vocab_size, args.vocab_size + 1)):
+        raise CheckpointError(f"{peft_dir}: tensor lm_head.weight has shape {tuple(out.shape)}, the base {base} has "
+                              f"{tuple(model.output.weight.shape)}")
+    if out is not None and not torch.equal(out[:args.vocab_size].float(), model.output.weight.float()):
         raise CheckpointError(f"{peft_dir}: lm_head.weight differs from the base's; an adapter here cannot carry a trained "
                               "output matrix (merge it with PEFT, then load the merged model)")
     emb = ours.get("tok_embeddings.weight")
@@ -367,16 +367,9 @@ def import_peft(peft_dir, base, ctx=None) -> tuple:
     apply_lora(model, r=cfg["r"], alpha=cfg["lora_alpha"], dropout=cfg.get("lora_dropout") or 0.0, targets=targets)
     mark_trainable(model, embed="tok_embeddings.weight" in ours, norms=any(k.endswith("norm.weight") for k in ours))
     params = adapter_state(model)
-    expected = {k: tuple(p.shape) for k, p in params.items()}
-    # Norms left out keep the base's values, as LongLoRA's strict=False load does; every LoRA matrix must be there.
-    missing = sorted(k for k in expected if k.endswith(("lora_a", "lora_b")) and k not in ours)
-    unexpected = sorted(set(ours) - set(expected))
-    if missing or unexpected:
-        what, keys = ("missing tensor", missing) if missing else ("unexpected tensor", unexpected)
-        raise CheckpointError(f"{peft_dir}: {what} {keys[0]}" + (f" (and {len(keys) - 1} more)" if len(keys) > 1 else ""))
-    for k, v in ours.items():
-        if tuple(v.shape) != expected[k]:
-            raise CheckpointError(f"{peft_dir}: tensor {k} has shape {tuple(v.shape)}, the base {base} expects {expected[k]}")
+    # Every LoRA matrix must be there; norms left out keep the base's values, as LongLoRA's strict=False load does.
+    expected = {k: tuple(p.shape) for k, p in params.items() if k in ours or k.endswith(("lora_a", "lora_b"))}
+    check_state_dict(ours, expected, f"{peft_dir} on base {base}")
     with torch.no_grad():
         for k, p in params.items():
             if k in ours:

@@ -279,7 +279,8 @@ def read_adapter(adapter_dir):
     except (OSError, json.JSONDecodeError) as e:
         raise ValueError(f"{cfg_path}: cannot read JSON ({e})") from None
     if cfg.get("format") != "longlora-adapter":
-        hint = " (a PEFT adapter? this reads adapters written by save_adapter)" if "peft_type" in cfg else ""
+        hint = (" (a PEFT adapter: convert it with `python lora.py import --peft DIR --base BASE --out ADAPTER`)"
+                if "peft_type" in cfg else "")
         raise ValueError(f"{cfg_path}: not an adapter written by lora.py{hint}")
     missing = [k for k in ADAPTER_FIELDS if k not in cfg]
     if missing:

@@ -457,6 +457,12 @@ def test_import_of_bad_input_is_one_line_and_exit_2(base_dir, tmp_path, capsys):
     unsafe = copy("unsafe", lambda d: torch.save({"x": Boom(str(marker))}, d / "trainable_params.bin"))
     no_weights = copy("no-weights", lambda d: [os.remove(f) for f in d.glob("adapter_model.*")])
     no_config = copy("no-config", lambda d: os.remove(d / "adapter_config.json"))
+
+    def train_lm_head(d):  # recent PEFT saves lm_head whole after a resize; a changed one cannot go in an adapter
+        state = torch.load(d / "adapter_model.bin", weights_only=True)
+        state["base_model.model.lm_head.weight"] = state["base_model.model.lm_head.weight"] + 0.1
+        torch.save(state, d / "adapter_model.bin")
+    trained_head = copy("trained-head", train_lm_head)
     out = lambda name: str(tmp_path / name)
     cases = [
         (["--peft", str(tmp_path / "nope"), "--base", base, "--ctx", "256"], "no such directory"),
@@ -464,7 +470,8 @@ def test_import_of_bad_input_is_one_line_and_exit_2(base_dir, tmp_path, capsys):
         (["--peft", no_weights, "--base", base, "--ctx", "256"], "no adapter_model.safetensors or adapter_model.bin"),
         (["--peft", unsafe, "--base", base, "--ctx", "256"], "cannot read it as plain tensors"),
         (["--peft", peft_dir, "--base", base], "pass --ctx"),
-        (["--peft", peft_dir, "--base", base_dir, "--ctx", "256"], "the base"),  # another model's shapes
+        (["--peft", trained_head, "--base", base, "--ctx", "256"], "lm_head.weight differs from the base's"),
+        (["--peft", peft_dir, "--base", base_dir, "--ctx", "256"], "has shape (301, 64)"),  # another base
     ]
     for i, (argv, message) in enumerate(cases):
         assert main(["import", *argv, "--out", out(f"o{i}")]) == 2, argv
