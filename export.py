@@ -328,8 +328,8 @@ def import_peft(peft_dir, base, ctx=None) -> tuple:
     LongLoRA added a [PAD] token, so its embedding has one row more than LLaMA2's 32000 (vocab 32001). That
     last row is dropped (`note` says so): this project's tokenizer never produces id 32000, so the row is never
     looked up, and the logits of the 32000 real tokens are exactly those of LongLoRA's merged model. What is lost
-    is the [PAD] logit. Its output row in LongLoRA's model is the mean of the base's rows (lm_head does not
-    train), so its logit is the mean of the others, its probability at most 1/32001 (Jensen), and each real
+    is the [PAD] logit. Its output row in LongLoRA's merged model (merge_lora_weights_and_save_hf_model.py) is
+    the mean of the base's rows (lm_head does not train), so its logit is the mean of the others, its probability at most 1/32001 (Jensen), and each real
     token's log-probability here exceeds LongLoRA's by at most log(32001/32000) = 3.1e-5 nats.
     """
     cfg, hf = read_peft_dir(peft_dir)

@@ -90,7 +90,9 @@ class ModelArgs:
         """Stretch RoPE to ctx tokens: factor ceil(ctx / the pre-training context), LongLoRA's fine-tune.py rule.
 
         The factor is counted from the pre-training context, not from the current one: a 32k model (LLaMA2's
-        4096 x 8) extended to 64k gets ceil(65536 / 4096) = 16, to 100k ceil(100000 / 4096) = 25.
+        4096 x 8) extended to 64k gets ceil(65536 / 4096) = 16, to 100k ceil(100000 / 4096) = 25, as fine-tune.py
+        computed it until Nov 2023. Since then it divides by 4096 x 8 and writes the quotient (2) as the new
+        factor, replacing the 8; our reading: a slip, since a factor of 2 undoes the model's training.
         """
         self.rope_scaling = float(math.ceil(ctx / self.original_max_seq_len))
         self.max_seq_len = ctx
@@ -540,7 +542,8 @@ def hf_config_to_args(cfg, where="config.json") -> ModelArgs:
         it is the pre-training context, and `max_position_embeddings` the extended one;
       * absent (LongLoRA's fine-tune.py keeps `max_position_embeddings` and adds the factor, so its released
         -ft 32k models say 4096 + linear 8; transformers' default for YaRN too): `max_position_embeddings` is
-        the pre-training context and the context is max_position_embeddings x factor (our reading).
+        the pre-training context and the context is max_position_embeddings x factor. fine-tune.py reads a
+        config back the same way since Nov 2023 (its orig_ctx_len = max_position_embeddings x factor).
     """
     if cfg.get("model_type", "llama") != "llama":
         raise CheckpointError(f"{where}: model_type {cfg.get('model_type')!r} is not llama")
