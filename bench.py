@@ -150,7 +150,7 @@ def _peer_model(ours, mode):
     import transformers
     from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
 
-    from lora import PEFT_TARGETS, hf_config, meta_to_hf_state, peft_adapter
+    from export import PEFT_TARGETS, hf_config, meta_to_hf_state, peft_adapter
 
     def ours_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
         # HF hands over (B, H, T, D) after RoPE and wants (B, T, H, D) back; no padding in this benchmark

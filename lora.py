@@ -1,5 +1,5 @@
 """
-LoRA for context extension (LongLoRA's "LoRA+"), written out by hand: adapters, merge, export.
+LoRA for context extension (LongLoRA's "LoRA+"), written out by hand: adapters and merge.
 
 The idea. Fine-tuning changes each weight matrix W (out x in) by some ΔW. LoRA bets that ΔW has low
 rank and writes it as a product of two thin matrices, ΔW = (α/r)·B·A, B (out x r), A (r x in), r ≪ in.
@@ -21,25 +21,24 @@ What this file gives you:
     load_adapter(Transformer.from_pretrained("llama-2-7b"), "out/adapter")  # the fine-tuned model again
     merged = merge_lora(model.state_dict(), model.lora_config)  # plain state dict, W + (α/r)·B·A
 
-Export from the command line (HF layout loads in `transformers`; PEFT layout loads in `peft`):
+Export and import from the command line (export.py: HF layout loads in `transformers`, PEFT layout in `peft`;
+`import` reads LongLoRA's released LoRA weights):
 
-    python lora.py merge --base llama-2-7b --adapter out/adapter --out llama-2-7b-32k            # HF layout
-    python lora.py merge --base llama-2-7b --adapter out/adapter --out llama-2-7b-32k --format meta
-    python lora.py peft  --base llama-2-7b --adapter out/adapter --out llama-2-7b-32k-peft
+    python lora.py merge  --base llama-2-7b --adapter out/adapter --out llama-2-7b-32k            # HF layout
+    python lora.py peft   --base llama-2-7b --adapter out/adapter --out llama-2-7b-32k-peft
+    python lora.py import --peft Llama-2-7b-longlora-32k --base llama-2-7b-hf --ctx 32768 --out longlora-32k
 """
 
-import argparse
 import json
 import math
 import os
-import shutil
 import sys
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model import (CheckpointError, ModelArgs, RMSNorm, Tokenizer, Transformer, atomic_write, hf_key_map, meta_to_hf_qk)
+from model import ModelArgs, RMSNorm, Transformer, atomic_write
 
 # Linear layers that can carry LoRA: the attention projections (LongLoRA's default), the SwiGLU
 # matrices, and the output head.
@@ -280,7 +279,8 @@ def read_adapter(adapter_dir):
     except (OSError, json.JSONDecodeError) as e:
         raise ValueError(f"{cfg_path}: cannot read JSON ({e})") from None
     if cfg.get("format") != "longlora-adapter":
-        hint = " (a PEFT adapter? this reads adapters written by save_adapter)" if "peft_type" in cfg else ""
+        hint = (" (a PEFT adapter: convert it with `python lora.py import --peft DIR --base BASE --out ADAPTER`)"
+                if "peft_type" in cfg else "")
         raise ValueError(f"{cfg_path}: not an adapter written by lora.py{hint}")
     missing = [k for k in ADAPTER_FIELDS if k not in cfg]
     if missing:
@@ -338,306 +338,6 @@ def load_adapter(model: Transformer, adapter_dir) -> Transformer:
     return model
 
 
-# ----------------------------------------------------------------------------------------------------
-# Export: a merged model in HF or Meta layout, or the adapter in PEFT's layout
-
-# Our LoRA targets -> HF's module names, as PEFT's target_modules (model.HF_KEYS has the full tensor names).
-PEFT_TARGETS = {"wq": "q_proj", "wk": "k_proj", "wv": "v_proj", "wo": "o_proj",
-                "w1": "gate_proj", "w2": "down_proj", "w3": "up_proj", "output": "lm_head"}
-
-
-def hf_config(args: ModelArgs, dtype: torch.dtype, tokenizer=None) -> dict:
-    """LlamaConfig's fields for these args, written by hand (the product never imports transformers).
-
-    The RoPE scaling is written twice, so that both generations of transformers read it: 4.x reads
-    `rope_scaling` + `rope_theta`; 5.x reads `rope_parameters` (and converts a 4.x-style `rope_scaling`,
-    which takes precedence, to the same thing). `max_position_embeddings` is the extended context.
-    """
-    linear = args.rope_scaling != 1.0
-    dtype_name = str(dtype).removeprefix("torch.")
-    return {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
-        "hidden_size": args.dim,
-        "intermediate_size": args.hidden_dim,
-        "num_hidden_layers": args.n_layers,
-        "num_attention_heads": args.n_heads,
-        "num_key_value_heads": args.n_kv_heads,
-        "head_dim": args.head_dim,
-        "vocab_size": args.vocab_size,
-        "hidden_act": "silu",
-        "rms_norm_eps": args.norm_eps,
-        "max_position_embeddings": args.max_seq_len,
-        "rope_theta": args.rope_theta,
-        "rope_scaling": {"type": "linear", "factor": args.rope_scaling} if linear else None,
-        "rope_parameters": ({"rope_type": "linear", "factor": args.rope_scaling, "rope_theta": args.rope_theta} if linear
-                            else {"rope_type": "default", "rope_theta": args.rope_theta}),
-        "tie_word_embeddings": args.tie_embeddings,
-        "attention_bias": False,
-        "mlp_bias": False,
-        "bos_token_id": tokenizer.bos_id if tokenizer else 1,
-        "eos_token_id": tokenizer.eos_id if tokenizer else 2,
-        "pretraining_tp": 1,
-        "use_cache": True,
-        "torch_dtype": dtype_name,  # 4.x's name
-        "dtype": dtype_name,  # 5.x's name
-    }
-
-
-def meta_to_hf_state(args: ModelArgs, state: dict) -> dict:
-    """Meta names -> HF names, with wq/wk rows permuted to HF's rotate-half order (see model.meta_to_hf_qk)."""
-    names = {meta: hf for hf, meta in hf_key_map(args.n_layers).items()}
-    out = {}
-    for k, v in state.items():
-        if k == "output.weight" and args.tie_embeddings:
-            continue  # HF re-ties lm_head to embed_tokens
-        if k not in names:
-            raise ValueError(f"cannot export tensor {k}: no HF name for it")
-        if k.endswith("attention.wq.weight"):
-            v = meta_to_hf_qk(v, args.n_heads)
-        elif k.endswith("attention.wk.weight"):
-            v = meta_to_hf_qk(v, args.n_kv_heads)
-        out[names[k]] = v
-    return out
-
-
-def parse_size(text) -> int:
-    """'5GB', '500MB', '40KB' or a number of bytes -> bytes (decimal units, as HF's max_shard_size)."""
-    s = str(text).strip().upper()
-    for unit, mult in (("GB", 10**9), ("MB", 10**6), ("KB", 10**3), ("B", 1)):
-        if s.endswith(unit):
-            s, m = s[: -len(unit)], mult
-            break
-    else:
-        m = 1
-    try:
-        n = int(float(s) * m)
-    except ValueError:
-        raise ValueError(f"cannot read size {text!r} (expected e.g. 5GB, 500MB or a number of bytes)") from None
-    if n <= 0:
-        raise ValueError(f"size must be positive, got {text!r}")
-    return n
-
-
-def _write_json(path, obj):
-    text = json.dumps(obj, indent=2) + "\n"
-    atomic_write(path, lambda f: open(f, "w").write(text))
-
-
-def _copy_file(src, dst):
-    atomic_write(dst, lambda f: shutil.copyfile(src, f))
-
-
-def _remove_stale(out_dir, written, patterns):
-    """Delete weight files an earlier export left in out_dir (e.g. more shards, or an old index), so that the
-    directory never mixes two models. Runs after the new files are in place."""
-    import glob
-
-    for pattern in patterns:
-        for f in glob.glob(os.path.join(out_dir, pattern)):
-            if os.path.basename(f) not in written:
-                os.remove(f)
-
-
-def write_hf(args: ModelArgs, state: dict, out_dir, tokenizer_path=None, shard_size="5GB"):
-    """HF layout: config.json, model.safetensors (or model-0000i-of-0000n.safetensors + index), tokenizer.model."""
-    from safetensors.torch import save_file
-
-    hf_state = {k: v.detach().contiguous().cpu() for k, v in meta_to_hf_state(args, state).items()}
-    # Greedy sharding in key order, like HF: start a new shard when the next tensor would overflow this one.
-    limit, shards, size = parse_size(shard_size), [{}], 0
-    for k, v in hf_state.items():
-        nbytes = v.numel() * v.element_size()
-        if shards[-1] and size + nbytes > limit:
-            shards.append({})
-            size = 0
-        shards[-1][k] = v
-        size += nbytes
-    os.makedirs(out_dir, exist_ok=True)
-    if len(shards) == 1:
-        files = ["model.safetensors"]
-    else:
-        files = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
-    for name, shard in zip(files, shards):
-        atomic_write(os.path.join(out_dir, name), lambda f, s=shard: save_file(s, f, metadata={"format": "pt"}))
-    if len(shards) > 1:
-        index = {"metadata": {"total_size": sum(v.numel() * v.element_size() for v in hf_state.values())},
-                 "weight_map": {k: name for name, shard in zip(files, shards) for k in shard}}
-        _write_json(os.path.join(out_dir, "model.safetensors.index.json"), index)
-    written = set(files) | ({"model.safetensors.index.json"} if len(shards) > 1 else set())
-    _remove_stale(out_dir, written, ["model.safetensors", "model-*-of-*.safetensors", "model.safetensors.index.json"])
-    tok = Tokenizer(tokenizer_path) if tokenizer_path else None
-    dtype = next(iter(hf_state.values())).dtype
-    _write_json(os.path.join(out_dir, "config.json"), hf_config(args, dtype, tok))
-    if tokenizer_path:
-        _copy_file(tokenizer_path, os.path.join(out_dir, "tokenizer.model"))
-    return files
-
-
-def meta_params(args: ModelArgs) -> dict:
-    """Meta's params.json. Meta describes the SwiGLU width by multiple_of (+ ffn_dim_multiplier) and
-    recomputes it; an HF base states it outright, so find a multiple_of that gives the same width."""
-    params = dict(dim=args.dim, n_layers=args.n_layers, n_heads=args.n_heads, n_kv_heads=args.n_kv_heads,
-                  vocab_size=args.vocab_size, multiple_of=args.multiple_of, ffn_dim_multiplier=args.ffn_dim_multiplier,
-                  norm_eps=args.norm_eps, rope_theta=args.rope_theta)
-    meta_width = lambda p: ModelArgs(dim=p["dim"], n_heads=p["n_heads"], n_kv_heads=p["n_kv_heads"], multiple_of=p["multiple_of"],
-                                     ffn_dim_multiplier=p["ffn_dim_multiplier"]).hidden_dim
-    if meta_width(params) != args.hidden_dim:
-        params.update(multiple_of=args.hidden_dim, ffn_dim_multiplier=None)  # rounds any width <= hidden_dim up to it
-        if meta_width(params) != args.hidden_dim:
-            raise ValueError(f"SwiGLU width {args.hidden_dim} cannot be written as Meta's multiple_of/ffn_dim_multiplier; "
-                             "use --format hf or own")
-    # Not in Meta's original params.json: the linear RoPE factor and the context, read back by model.py.
-    # (Meta's own llama code does not implement position interpolation and rejects unknown fields.)
-    params.update(rope_scaling=args.rope_scaling, max_seq_len=args.max_seq_len)
-    return params
-
-
-def write_meta(args: ModelArgs, state: dict, out_dir, tokenizer_path=None):
-    """Meta layout: params.json + one consolidated.00.pth (torch.save of the state dict) + tokenizer.model."""
-    state = {k: v.detach().contiguous().cpu() for k, v in state.items()}
-    if args.tie_embeddings:  # Meta has no tied embeddings: store the (identical) output matrix explicitly
-        state["output.weight"] = state["tok_embeddings.weight"]
-    params = meta_params(args)
-    os.makedirs(out_dir, exist_ok=True)
-    atomic_write(os.path.join(out_dir, "consolidated.00.pth"), lambda f: torch.save(state, f))
-    _remove_stale(out_dir, {"consolidated.00.pth"}, ["consolidated.*.pth"])  # an older export's shards 01, 02, ...
-    _write_json(os.path.join(out_dir, "params.json"), params)
-    if tokenizer_path:
-        _copy_file(tokenizer_path, os.path.join(out_dir, "tokenizer.model"))
-
-
-def peft_adapter(model: Transformer) -> tuple:
-    """(adapter_config dict, {HF/PEFT name: tensor}) in PEFT's LoRA layout for a model with loaded LoRA.
-
-    Names: `base_model.model.` + the HF tensor name, with `.weight` of a LoRA layer replaced by
-    `.lora_A.weight` / `.lora_B.weight`; modules to save (embedding, norms) under their plain HF names.
-
-    q and k: HF stores the rows of wq and wk permuted (P) for its rotate-half RoPE, so the HF layer computes
-    P·W·x. The update must become P·ΔW = (α/r)·(P·B)·A: permute the rows of B. A acts on the input x,
-    whose order is the same in both layouts, so A is unchanged.
-    """
-    cfg, args = model.lora_config, model.args
-    if args.tie_embeddings and cfg["embed"]:
-        raise ValueError("PEFT export of a trained embedding that is tied to the output head is not supported")
-    names = {meta: hf for hf, meta in hf_key_map(args.n_layers).items()}
-    tensors = {}
-    for k, v in adapter_state(model).items():
-        v = v.detach().contiguous().cpu()
-        if k.endswith((".lora_a", ".lora_b")):
-            hf = names[k[: -len("lora_a")] + "weight"].removesuffix(".weight")  # e.g. model.layers.0.self_attn.q_proj
-            if k.endswith(("attention.wq.lora_b", "attention.wk.lora_b")):
-                v = meta_to_hf_qk(v, args.n_heads if ".wq." in k else args.n_kv_heads)
-            k_hf = f"{hf}.lora_{'A' if k.endswith('lora_a') else 'B'}.weight"
-        else:
-            k_hf = names[k]
-        tensors["base_model.model." + k_hf] = v.contiguous()
-    modules_to_save = (["embed_tokens"] if cfg["embed"] else []) + (
-        ["input_layernorm", "post_attention_layernorm", "norm"] if cfg["norms"] else [])
-    config = {
-        "peft_type": "LORA",
-        "task_type": "CAUSAL_LM",
-        "r": cfg["r"],
-        "lora_alpha": cfg["alpha"],
-        "lora_dropout": cfg["dropout"],
-        "target_modules": [PEFT_TARGETS[t] for t in cfg["targets"]],
-        "modules_to_save": modules_to_save or None,
-        "bias": "none",
-        "fan_in_fan_out": False,
-        "use_rslora": False,  # scale is alpha / r, as here
-        "init_lora_weights": True,
-        "inference_mode": True,
-        # No base path: the base must be loaded with this directory's config.json (the rope scaling!).
-        "base_model_name_or_path": None,
-    }
-    return config, tensors
-
-
-def write_peft(model: Transformer, out_dir):
-    """adapter_model.safetensors + adapter_config.json (PEFT) + config.json: the base model's HF config with the
-    linear RoPE scaling and the new context, which PEFT's adapter format has no place for."""
-    from safetensors.torch import save_file
-
-    config, tensors = peft_adapter(model)
-    os.makedirs(out_dir, exist_ok=True)
-    atomic_write(os.path.join(out_dir, "adapter_model.safetensors"), lambda f: save_file(tensors, f, metadata={"format": "pt"}))
-    _write_json(os.path.join(out_dir, "adapter_config.json"), config)
-    _write_json(os.path.join(out_dir, "config.json"), hf_config(model.args, model.tok_embeddings.weight.dtype, model.tokenizer))
-
-
-# ----------------------------------------------------------------------------------------------------
-# Command line
-
-
-def load_finetuned(base, adapter_dir) -> Transformer:
-    """The base checkpoint with the adapter applied (weights in the checkpoint's own dtype)."""
-    if not os.path.isdir(adapter_dir):
-        raise FileNotFoundError(f"{adapter_dir}: no such adapter directory")
-    model = Transformer.from_pretrained(base)
-    return load_adapter(model, adapter_dir)
-
-
-def merge_command(a):
-    model = load_finetuned(a.base, a.adapter)
-    args = model.args
-    state = merge_lora(model.state_dict(), model.lora_config)
-    tok = model.tokenizer.path if model.tokenizer else None
-    if a.format == "hf":
-        write_hf(args, state, a.out, tok, a.shard_size)
-    elif a.format == "meta":
-        write_meta(args, state, a.out, tok)
-    else:
-        with torch.device("meta"):
-            plain = Transformer(args)
-        plain.load_state_dict(state, strict=True, assign=True)
-        if args.tie_embeddings:
-            plain.output.weight = plain.tok_embeddings.weight
-        plain.save_pretrained(a.out, tokenizer_path=tok)
-    print(f"merged {a.adapter} into {a.base} -> {a.out} ({a.format} layout; rope scaling {args.rope_scaling:g}, "
-          f"context {args.max_seq_len})")
-
-
-def peft_command(a):
-    model = load_finetuned(a.base, a.adapter)
-    write_peft(model, a.out)
-    print(f"wrote PEFT adapter {a.out}. Load it on the HF base model with its config (RoPE scaling {model.args.rope_scaling:g}):\n"
-          f"  config = AutoConfig.from_pretrained({a.out!r})\n"
-          f"  base = AutoModelForCausalLM.from_pretrained(HF_BASE_MODEL, config=config)\n"
-          f"  model = PeftModel.from_pretrained(base, {a.out!r})")
-
-
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description="Merge a LoRA adapter into its base model, or convert it to PEFT's layout.")
-    sub = p.add_subparsers(dest="command", required=True)
-    m = sub.add_parser("merge", help="write the fine-tuned model (W + (alpha/r)·B·A) as a full checkpoint",
-                       description="Write base + adapter as one plain checkpoint, with the RoPE scaling and context in its config.")
-    m.add_argument("--base", required=True, help="base checkpoint directory (Meta, HF or this project's layout)")
-    m.add_argument("--adapter", required=True, help="adapter directory written by train.py / save_adapter "
-                                                       "(adapter.safetensors + adapter_config.json)")
-    m.add_argument("--out", required=True, help="output directory (created; files in it are replaced atomically)")
-    m.add_argument("--format", default="hf", choices=("hf", "meta", "own"),
-                   help="hf: config.json + safetensors shards, loads in transformers (default); "
-                        "meta: params.json + consolidated.00.pth; own: this project's params.json + model.safetensors")
-    m.add_argument("--shard-size", default="5GB", help="largest safetensors shard for --format hf, e.g. 5GB, 500MB (default 5GB)")
-    q = sub.add_parser("peft", help="write the adapter in PEFT's layout (adapter_model.safetensors + adapter_config.json)",
-                       description="Convert an adapter to PEFT's LoRA layout, HF names, with embed and norms as modules_to_save.")
-    q.add_argument("--base", required=True, help="base checkpoint directory the adapter was trained on (checked against the adapter)")
-    q.add_argument("--adapter", required=True, help="adapter directory written by train.py / save_adapter")
-    q.add_argument("--out", required=True, help="output directory for the PEFT adapter (must differ from --adapter)")
-    a = p.parse_args(argv)
-    try:
-        if os.path.abspath(a.out) in (os.path.abspath(a.adapter), os.path.abspath(a.base)):
-            raise ValueError(f"--out {a.out} must be a new directory, not the base or the adapter")
-        if a.command == "merge":
-            parse_size(a.shard_size)
-            merge_command(a)
-        else:
-            peft_command(a)
-    except (CheckpointError, ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
-
-
-if __name__ == "__main__":
+if __name__ == "__main__":  # the command line (merge, peft, import) lives in export.py
+    from export import main
     sys.exit(main())

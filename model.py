@@ -12,7 +12,12 @@ Meta's `consolidated.NN.pth` shards load by identity; HF checkpoints go through 
 
 Context extension (LongLoRA) changes two things only:
   * RoPE positions are divided by `rope_scaling` (linear position interpolation): with factor 8 a
-    model trained on 4096 positions sees 32768 tokens as positions 0, 0.125, 0.25, ... < 4096;
+    model trained on 4096 positions sees 32768 tokens as positions 0, 0.125, 0.25, ... < 4096.
+    Extending to ctx tokens uses factor ceil(ctx / the pre-training context), as LongLoRA's fine-tune.py
+    does (`ModelArgs.extend_context`). An HF config.json states the contexts in one of two ways:
+    `original_max_position_embeddings` present (this project's exports): `max_position_embeddings` is the
+    context; absent (LongLoRA's released models, 4096 + linear 8 for 32k): the context is
+    max_position_embeddings x factor (our reading; see `hf_config_to_args`);
   * training may use a sparse attention pattern (S²-Attn or SF-Attn, see attention.py) selected by
     `ModelArgs.attn`; evaluation and generation use full attention.
 
@@ -59,6 +64,7 @@ class ModelArgs:
     rope_theta: float = 10000.0
     rope_scaling: float = 1.0  # linear position interpolation factor; 1.0 = none
     max_seq_len: int = 4096  # the context the weights are meant for (after scaling)
+    original_max_seq_len: Optional[int] = None  # the pre-training context rope_scaling stretches; None = max_seq_len / rope_scaling
     tie_embeddings: bool = False  # output shares tok_embeddings.weight (some small HF models)
     # Attention used by forward() without a KV cache; see attention.py.
     attn: str = "full"  # "full" | "s2" (LongLoRA) | "sf" (SinkLoRA)
@@ -77,6 +83,19 @@ class ModelArgs:
             raise ValueError(f"head dim {self.dim // self.n_heads} must be even for RoPE")
         if self.rope_scaling < 1.0:
             raise ValueError(f"rope_scaling must be >= 1, got {self.rope_scaling}")
+        if self.original_max_seq_len is None:
+            self.original_max_seq_len = round(self.max_seq_len / self.rope_scaling)
+
+    def extend_context(self, ctx: int):
+        """Stretch RoPE to ctx tokens: factor ceil(ctx / the pre-training context), LongLoRA's fine-tune.py rule.
+
+        The factor is counted from the pre-training context, not from the current one: a 32k model (LLaMA2's
+        4096 x 8) extended to 64k gets ceil(65536 / 4096) = 16, to 100k ceil(100000 / 4096) = 25, as fine-tune.py
+        computed it until Nov 2023. Since then it divides by 4096 x 8 and writes the quotient (2) as the new
+        factor, replacing the 8; our reading: a slip, since a factor of 2 undoes the model's training.
+        """
+        self.rope_scaling = float(math.ceil(ctx / self.original_max_seq_len))
+        self.max_seq_len = ctx
 
     @property
     def head_dim(self) -> int:
@@ -463,7 +482,7 @@ def read_meta(path):
         n_kv_heads=params.get("n_kv_heads"), vocab_size=vocab, multiple_of=params.get("multiple_of", 256),
         ffn_dim_multiplier=params.get("ffn_dim_multiplier"), norm_eps=params.get("norm_eps", 1e-5),
         rope_theta=params.get("rope_theta", 10000.0), rope_scaling=params.get("rope_scaling", 1.0),
-        max_seq_len=params.get("max_seq_len", 4096),
+        max_seq_len=params.get("max_seq_len", 4096), original_max_seq_len=params.get("original_max_seq_len"),
     )
     # params.json does not say how many shards there were; a lost last shard shows up as short matrices.
     wq = state.get("layers.0.attention.wq.weight")
@@ -515,6 +534,17 @@ def meta_to_hf_qk(w, n_heads):
 
 
 def hf_config_to_args(cfg, where="config.json") -> ModelArgs:
+    """ModelArgs from an HF LlamaConfig dict (config.json).
+
+    The context under linear RoPE scaling. transformers reads none off these fields for linear scaling (the
+    factor only divides the positions), so two conventions are in use, told apart by one field:
+      * `original_max_position_embeddings` present (this project's exports; transformers' meaning for YaRN):
+        it is the pre-training context, and `max_position_embeddings` the extended one;
+      * absent (LongLoRA's fine-tune.py keeps `max_position_embeddings` and adds the factor, so its released
+        -ft 32k models say 4096 + linear 8; transformers' default for YaRN too): `max_position_embeddings` is
+        the pre-training context and the context is max_position_embeddings x factor. fine-tune.py reads a
+        config back the same way since Nov 2023 (its orig_ctx_len = max_position_embeddings x factor).
+    """
     if cfg.get("model_type", "llama") != "llama":
         raise CheckpointError(f"{where}: model_type {cfg.get('model_type')!r} is not llama")
     if cfg.get("hidden_act", "silu") != "silu" or cfg.get("attention_bias") or cfg.get("mlp_bias"):
@@ -527,13 +557,15 @@ def hf_config_to_args(cfg, where="config.json") -> ModelArgs:
     rope_type = rope.get("rope_type", rope.get("type", "default"))
     if rope_type not in ("default", "linear"):
         raise CheckpointError(f"{where}: rope type {rope_type!r} is not supported (only linear interpolation)")
+    factor = float(rope.get("factor", 1.0)) if rope_type == "linear" else 1.0
+    max_pos = cfg.get("max_position_embeddings", 4096)
+    original = cfg.get("original_max_position_embeddings") or rope.get("original_max_position_embeddings")
     return ModelArgs(
         dim=cfg["hidden_size"], n_layers=cfg["num_hidden_layers"], n_heads=n_heads,
         n_kv_heads=cfg.get("num_key_value_heads") or n_heads, vocab_size=cfg["vocab_size"],
         ffn_hidden_dim=cfg["intermediate_size"], norm_eps=cfg.get("rms_norm_eps", 1e-6),
-        rope_theta=rope.get("rope_theta", cfg.get("rope_theta", 10000.0)),
-        rope_scaling=float(rope.get("factor", 1.0)) if rope_type == "linear" else 1.0,
-        max_seq_len=cfg.get("max_position_embeddings", 4096),
+        rope_theta=rope.get("rope_theta", cfg.get("rope_theta", 10000.0)), rope_scaling=factor,
+        max_seq_len=max_pos if original else round(max_pos * factor), original_max_seq_len=original or max_pos,
         tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
     )
 
@@ -641,7 +673,8 @@ def main(argv=None):
     args = model.args
     print(f"model: {a.model or a.preset}: {model.num_params() / 1e6:.2f}M parameters, dim {args.dim}, "
           f"{args.n_layers} layers, {args.n_heads} heads ({args.n_kv_heads} kv), ffn {args.hidden_dim}, "
-          f"vocab {args.vocab_size}, rope theta {args.rope_theta:g} scaling {args.rope_scaling:g}, context {args.max_seq_len}")
+          f"vocab {args.vocab_size}, rope theta {args.rope_theta:g} scaling {args.rope_scaling:g}, context {args.max_seq_len} "
+          f"(pre-training {args.original_max_seq_len})")
     if model.tokenizer is not None:
         ids = model.tokenizer.encode(a.prompt)
     else:  # no tokenizer: random token ids stand in for the prompt

@@ -292,9 +292,7 @@ def build_model(a, tokenizer, device, distributed):
         raise UsageError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model only {args.vocab_size} embeddings")
     if not a.from_scratch and a.ctx > args.max_seq_len:
         # Position interpolation (LongLoRA): squeeze ctx positions into the range the model was trained on.
-        original = round(args.max_seq_len / args.rope_scaling)
-        args.rope_scaling = float(math.ceil(a.ctx / original))
-        args.max_seq_len = a.ctx
+        args.extend_context(a.ctx)
     args.attn, args.group_size, args.sink_tokens, args.shift_wrap = a.attn, a.group_size, a.sink_tokens, a.shift_wrap
     if a.from_scratch:
         model.requires_grad_(True)

@@ -11,7 +11,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from conftest import ROOT
-from lora import (LoRALinear, apply_lora, load_adapter, lora_modules, main, mark_trainable, merge_lora, save_adapter,
+from export import main
+from lora import (LoRALinear, apply_lora, load_adapter, lora_modules, mark_trainable, merge_lora, save_adapter,
                   trainable_summary)
 from model import ModelArgs, RMSNorm, Transformer
 
@@ -272,6 +273,9 @@ def test_hf_export_loads_in_transformers_with_equal_logits_and_rope_scaling(base
     assert main(["merge", "--base", base_dir, "--adapter", adapter, "--out", str(out), "--shard-size", "100KB"]) == 0
     cfg = json.load(open(out / "config.json"))
     assert cfg["rope_scaling"] == {"type": "linear", "factor": FACTOR} and cfg["max_position_embeddings"] == CTX
+    assert cfg["original_max_position_embeddings"] == BASE["max_seq_len"]  # the pre-training context
+    back = Transformer.from_pretrained(str(out)).args  # our export reads back unchanged
+    assert (back.rope_scaling, back.max_seq_len, back.original_max_seq_len) == (FACTOR, CTX, BASE["max_seq_len"])
     assert cfg["rope_theta"] == BASE["rope_theta"]
     index = json.load(open(out / "model.safetensors.index.json"))
     shards = sorted(set(index["weight_map"].values()))
@@ -308,7 +312,7 @@ def test_meta_and_own_exports_load_back_with_the_rope_scaling(base_dir, adapter_
                 "own": ["model.safetensors", "params.json", "tokenizer.model"]}[fmt]
     assert sorted(os.listdir(out)) == expected
     model = Transformer.from_pretrained(str(out)).eval()
-    assert (model.args.rope_scaling, model.args.max_seq_len) == (FACTOR, CTX)
+    assert (model.args.rope_scaling, model.args.max_seq_len, model.args.original_max_seq_len) == (FACTOR, CTX, BASE["max_seq_len"])
     with torch.no_grad():
         assert (model(tokens(2, 200)) - ours).abs().max().item() <= MERGE_TOL
 
@@ -316,7 +320,7 @@ def test_meta_and_own_exports_load_back_with_the_rope_scaling(base_dir, adapter_
 def test_peft_export_loads_in_peft_with_equal_logits(base_dir, adapter_dir, tmp_path):
     adapter, ours = adapter_dir
     # The HF base: the unmodified base checkpoint in HF layout (q/k rows in HF's order), read by transformers.
-    from lora import write_hf
+    from export import write_hf
     from model import read_checkpoint
     args, state = read_checkpoint(base_dir)
     write_hf(args, state, str(tmp_path / "base-hf"))
@@ -353,3 +357,133 @@ def test_cli_bad_input_is_one_line_and_exit_2(base_dir, adapter_dir, tmp_path, c
     # the same through a real process: exit status 2, one line, no traceback
     r = subprocess.run([sys.executable, os.path.join(ROOT, "lora.py"), *cases[1][0]], capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 2 and r.stderr.startswith("error:") and r.stderr.count("\n") == 1, r.stderr
+
+
+# ----------------------------------------------------------------------------------------------------
+# Import: a PEFT adapter + trainable_params.bin, made the way LongLoRA's fine-tune.py makes them
+
+V = 300  # the tiny HF base's vocabulary; LongLoRA's checkpoint has V + 1 ([PAD])
+HF_KW = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+             vocab_size=V, max_position_embeddings=64, rms_norm_eps=1e-5, tie_word_embeddings=False)
+
+
+def write_longlora(d, serialization):
+    """(PEFT model as the independent reference, base dir, LongLoRA-style adapter dir), written by peft itself."""
+    torch.manual_seed(0)
+    hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(**HF_KW))
+    randomize_(hf, seed=1)
+    hf.save_pretrained(d / "base")  # LLaMA2's role: HF layout, 64 positions, no RoPE scaling
+    # fine-tune.py: factor ceil(256 / 64) = 4 into the config, then a [PAD] token with mean-initialised rows
+    config = transformers.LlamaConfig(**HF_KW, rope_scaling={"type": "linear", "factor": 4.0})
+    model = transformers.LlamaForCausalLM.from_pretrained(d / "base", config=config, dtype=torch.float32)
+    model.resize_token_embeddings(V + 1)
+    with torch.no_grad():
+        for emb in (model.get_input_embeddings(), model.get_output_embeddings()):
+            emb.weight[-1] = emb.weight[:-1].mean(0)
+    lora = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"], lora_dropout=0.0,
+                           bias="none", task_type="CAUSAL_LM")
+    model = peft.get_peft_model(model, lora)
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():  # "training": B away from zero, embeddings and norms changed
+        for n, p in model.named_parameters():
+            if "lora_B" in n or "embed" in n or "norm" in n:
+                p.add_(0.1 * torch.randn(p.shape, generator=g))
+    out = d / "peft"
+    model.save_pretrained(out, safe_serialization=serialization == "safetensors")
+    # save_callback.py / get_trainable_weights.py: the tensors named "embed" or "norm", "base_model.model." cut
+    trainable = {k.replace("base_model.model.", ""): v for k, v in model.state_dict().items() if "embed" in k or "norm" in k}
+    torch.save(trainable, out / "trainable_params.bin")
+    return model.eval(), str(d / "base"), str(out)
+
+
+@pytest.fixture(scope="module", params=["safetensors", "bin"])
+def longlora_dir(request, tmp_path_factory):
+    return write_longlora(tmp_path_factory.mktemp("longlora"), request.param)
+
+
+def test_longlora_peft_adapter_imports_with_the_logits_of_the_peft_model(longlora_dir, tmp_path, capsys):
+    reference, base, peft_dir = longlora_dir
+    out = tmp_path / "imported"
+    assert main(["import", "--peft", peft_dir, "--base", base, "--ctx", "256", "--out", str(out)]) == 0
+    assert "dropped embedding row 300" in capsys.readouterr().out
+    cfg = json.load(open(out / "adapter_config.json"))
+    assert (cfg["r"], cfg["alpha"], cfg["targets"], cfg["embed"], cfg["norms"]) == (4, 8, ["wq", "wk", "wv", "wo"], True, True)
+    assert (cfg["rope_scaling"], cfg["max_seq_len"]) == (4.0, 256)
+    x = tokens(2, 200, vocab=V)  # 200 > 64 positions: the RoPE factor matters
+    full = hf_logits(reference, x)  # (2, 200, V + 1)
+    ref = full[..., :V]  # the [PAD] logit is what the import drops
+    # ... which moves each real token's log-probability by at most log((V+1)/V): the pad row is the mean row
+    shift = ref.log_softmax(-1) - full.log_softmax(-1)[..., :V]
+    assert shift.min() >= 0 and shift.max() <= torch.log(torch.tensor((V + 1) / V)) + 1e-6
+    from export import load_finetuned
+    model = load_finetuned(base, str(out)).eval()  # what sample.py --adapter and eval.py do
+    with torch.no_grad():
+        assert (model(x) - ref).abs().max().item() <= HF_TOL
+    merged = tmp_path / "merged"  # and `merge` takes it
+    assert main(["merge", "--base", base, "--adapter", str(out), "--out", str(merged)]) == 0
+    with torch.no_grad():
+        assert (Transformer.from_pretrained(str(merged))(x) - ref).abs().max().item() <= HF_TOL
+
+
+def test_our_peft_export_imports_back_to_the_same_adapter(base_dir, adapter_dir, tmp_path):
+    adapter, ours = adapter_dir  # LoRA on every linear layer, lm_head included; embeddings and norms
+    assert main(["peft", "--base", base_dir, "--adapter", adapter, "--out", str(tmp_path / "peft")]) == 0
+    # no --ctx: the config.json the export wrote holds the context
+    assert main(["import", "--peft", str(tmp_path / "peft"), "--base", base_dir, "--out", str(tmp_path / "back")]) == 0
+    a, b = load_file(os.path.join(adapter, "adapter.safetensors")), load_file(str(tmp_path / "back" / "adapter.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # q/k rows of B permuted back exactly
+
+
+class Boom:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):  # unpickling would create the marker file
+        return (open, (self.marker, "w"))
+
+
+def test_import_of_bad_input_is_one_line_and_exit_2(base_dir, tmp_path, capsys):
+    _, base, peft_dir = write_longlora(tmp_path, "bin")
+    capsys.readouterr()  # drop what building it printed (HF's progress bars)
+    import shutil
+
+    def copy(name, edit):
+        d = tmp_path / name
+        shutil.copytree(peft_dir, d)
+        edit(d)
+        return str(d)
+
+    marker = tmp_path / "pwned"
+    unsafe = copy("unsafe", lambda d: torch.save({"x": Boom(str(marker))}, d / "trainable_params.bin"))
+    no_weights = copy("no-weights", lambda d: [os.remove(f) for f in d.glob("adapter_model.*")])
+    no_config = copy("no-config", lambda d: os.remove(d / "adapter_config.json"))
+
+    def train_lm_head(d):  # recent PEFT saves lm_head whole after a resize; a changed one cannot go in an adapter
+        state = torch.load(d / "adapter_model.bin", weights_only=True)
+        state["base_model.model.lm_head.weight"] = state["base_model.model.lm_head.weight"] + 0.1
+        torch.save(state, d / "adapter_model.bin")
+    trained_head = copy("trained-head", train_lm_head)
+    out = lambda name: str(tmp_path / name)
+    cases = [
+        (["--peft", str(tmp_path / "nope"), "--base", base, "--ctx", "256"], "no such directory"),
+        (["--peft", no_config, "--base", base, "--ctx", "256"], "no adapter_config.json"),
+        (["--peft", no_weights, "--base", base, "--ctx", "256"], "no adapter_model.safetensors or adapter_model.bin"),
+        (["--peft", unsafe, "--base", base, "--ctx", "256"], "cannot read it as plain tensors"),
+        (["--peft", peft_dir, "--base", base], "pass --ctx"),
+        (["--peft", trained_head, "--base", base, "--ctx", "256"], "lm_head.weight differs from the base's"),
+        (["--peft", peft_dir, "--base", base_dir, "--ctx", "256"], "has shape (301, 64)"),  # another base
+    ]
+    for i, (argv, message) in enumerate(cases):
+        assert main(["import", *argv, "--out", out(f"o{i}")]) == 2, argv
+        err = capsys.readouterr().err
+        assert err.startswith("error:") and message in err and err.count("\n") == 1, err
+        assert not os.path.exists(out(f"o{i}"))  # nothing written
+    assert not marker.exists()  # the pickle was refused, not run
+    # an adapter already in --out is never overwritten; checked through `python lora.py import`, as a process
+    taken = tmp_path / "taken"
+    taken.mkdir()
+    (taken / "adapter_config.json").write_text("mine")
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "lora.py"), "import", "--peft", peft_dir, "--base", base,
+                        "--ctx", "256", "--out", str(taken)], capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 2 and r.stderr.startswith("error:") and "already holds" in r.stderr, r.stderr
+    assert r.stderr.count("\n") == 1 and (taken / "adapter_config.json").read_text() == "mine"

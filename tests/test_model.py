@@ -230,3 +230,61 @@ def test_cli_runs_a_preset_and_fails_cleanly_as_a_process(tmp_path):
     assert ok.returncode == 0 and "logits (1, 8, 256)" in ok.stdout, ok.stderr
     bad = subprocess.run([sys.executable, "model.py", "--model", str(tmp_path)], cwd=ROOT, capture_output=True, text=True)
     assert bad.returncode == 2 and "Traceback" not in bad.stderr and bad.stderr.count("\n") == 1, bad.stderr
+
+
+# ---- the context under linear RoPE scaling: two conventions, one field tells them apart ----------------
+
+
+def saved_config(tmp_path, name, **kw):
+    """config.json as transformers itself writes it, read back by model.py."""
+    from model import hf_config_to_args
+
+    cfg = transformers.LlamaConfig(hidden_size=64, intermediate_size=192, num_hidden_layers=2, num_attention_heads=4, **kw)
+    cfg.save_pretrained(tmp_path / name)
+    return hf_config_to_args(json.load(open(tmp_path / name / "config.json")))
+
+
+def test_longlora_released_models_read_as_their_extended_context(tmp_path):
+    # fine-tune.py keeps max_position_embeddings (LLaMA2's 4096) and adds the factor: its 32k -ft models say 4096 + 8
+    args = saved_config(tmp_path, "longlora", max_position_embeddings=4096, rope_scaling={"type": "linear", "factor": 8.0})
+    assert (args.max_seq_len, args.rope_scaling, args.original_max_seq_len) == (32768, 8.0, 4096)
+    # the same config as transformers 4.x wrote it (the released files): rope_scaling, no rope_parameters
+    from model import hf_config_to_args
+    legacy = json.load(open(tmp_path / "longlora" / "config.json"))
+    legacy.pop("rope_parameters")
+    legacy["rope_scaling"] = {"type": "linear", "factor": 8.0}
+    assert hf_config_to_args(legacy).max_seq_len == 32768
+    # extending it to 64k: LongLoRA's fine-tune.py computes ceil(65536 / max_position_embeddings) = ceil(65536 / 4096)
+    args.extend_context(65536)
+    assert (args.rope_scaling, args.max_seq_len, args.original_max_seq_len) == (16.0, 65536, 4096)
+    args.extend_context(100000)  # LongLoRA's 100k model: ceil(100000 / 4096) = 25
+    assert args.rope_scaling == 25.0
+
+
+def test_our_convention_reads_the_context_from_max_position_embeddings(tmp_path):
+    # this project's exports: max_position_embeddings = the context, original_max_position_embeddings = pre-training
+    args = saved_config(tmp_path, "ours", max_position_embeddings=30000, original_max_position_embeddings=4096,
+                        rope_scaling={"type": "linear", "factor": 8.0})
+    assert (args.max_seq_len, args.rope_scaling, args.original_max_seq_len) == (30000, 8.0, 4096)
+    # no scaling: one context, whatever the convention
+    args = saved_config(tmp_path, "plain", max_position_embeddings=4096)
+    assert (args.max_seq_len, args.rope_scaling, args.original_max_seq_len) == (4096, 1.0, 4096)
+
+
+@pytest.mark.parametrize("ctx", [32768, 30000, 100000])
+def test_hf_config_of_an_extended_model_reads_back_unchanged_in_transformers_and_here(tmp_path, ctx, caplog):
+    from export import hf_config
+    from model import hf_config_to_args
+
+    args = preset("llama2-7b")
+    args.extend_context(ctx)  # 100000: factor 25, and 100000 / 25 = 4000 is not the pre-training 4096
+    cfg = hf_config(args, torch.bfloat16)
+    back = hf_config_to_args(cfg)
+    assert (back.max_seq_len, back.rope_scaling, back.original_max_seq_len) == (ctx, args.rope_scaling, 4096)
+    # transformers takes the field at the top level silently (inside rope_scaling it warns for linear scaling)
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with caplog.at_level("WARNING"):
+        hf = transformers.AutoConfig.from_pretrained(str(tmp_path))
+    assert not [r for r in caplog.records if "rope" in r.getMessage().lower()], caplog.text
+    assert (hf.max_position_embeddings, hf.original_max_position_embeddings) == (ctx, 4096)
+    assert hf.rope_parameters["factor"] == args.rope_scaling

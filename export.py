@@ -1,0 +1,489 @@
+"""
+Adapters in and out of other formats: the merged model (HF, Meta or this project's layout), the adapter in
+PEFT's layout, and LongLoRA's released LoRA weights (a PEFT adapter + trainable_params.bin) read back in.
+
+    python export.py merge  --base llama-2-7b --adapter out/adapter --out llama-2-7b-32k            # HF layout
+    python export.py merge  --base llama-2-7b --adapter out/adapter --out llama-2-7b-32k --format meta
+    python export.py peft   --base llama-2-7b --adapter out/adapter --out llama-2-7b-32k-peft
+    python export.py import --peft Llama-2-7b-longlora-32k --base llama-2-7b-hf --ctx 32768 --out longlora-32k
+
+`python lora.py merge|peft|import ...` runs the same commands. An imported adapter is this project's own
+(adapter.safetensors + adapter_config.json): sample.py --adapter, eval.py and `merge` take it.
+"""
+
+import argparse
+import glob
+import json
+import os
+import shutil
+import sys
+
+import torch
+
+from lora import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, TARGETS, adapter_state, apply_lora, load_adapter, mark_trainable,
+                  merge_lora, save_adapter)
+from model import (CheckpointError, ModelArgs, Tokenizer, Transformer, _read_json, atomic_write, check_state_dict,
+                   hf_config_to_args, hf_key_map, hf_to_meta_qk, meta_to_hf_qk)
+
+# ----------------------------------------------------------------------------------------------------
+# Export: a merged model in HF or Meta layout, or the adapter in PEFT's layout
+
+# Our LoRA targets -> HF's module names, as PEFT's target_modules (model.HF_KEYS has the full tensor names).
+PEFT_TARGETS = {"wq": "q_proj", "wk": "k_proj", "wv": "v_proj", "wo": "o_proj",
+                "w1": "gate_proj", "w2": "down_proj", "w3": "up_proj", "output": "lm_head"}
+
+
+def hf_config(args: ModelArgs, dtype: torch.dtype, tokenizer=None) -> dict:
+    """LlamaConfig's fields for these args, written by hand (the product never imports transformers).
+
+    The RoPE scaling is written twice, so that both generations of transformers read it: 4.x reads
+    `rope_scaling` + `rope_theta`; 5.x reads `rope_parameters` (and converts a 4.x-style `rope_scaling`,
+    which takes precedence, to the same thing). `max_position_embeddings` is the extended context and
+    `original_max_position_embeddings` the pre-training one (see model.hf_config_to_args for how both are read).
+    It sits at the top level: transformers ignores it there for linear scaling, and warns about it inside
+    `rope_scaling`.
+    """
+    linear = args.rope_scaling != 1.0
+    dtype_name = str(dtype).removeprefix("torch.")
+    return {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": args.dim,
+        "intermediate_size": args.hidden_dim,
+        "num_hidden_layers": args.n_layers,
+        "num_attention_heads": args.n_heads,
+        "num_key_value_heads": args.n_kv_heads,
+        "head_dim": args.head_dim,
+        "vocab_size": args.vocab_size,
+        "hidden_act": "silu",
+        "rms_norm_eps": args.norm_eps,
+        "max_position_embeddings": args.max_seq_len,
+        "original_max_position_embeddings": args.original_max_seq_len,
+        "rope_theta": args.rope_theta,
+        "rope_scaling": {"type": "linear", "factor": args.rope_scaling} if linear else None,
+        "rope_parameters": ({"rope_type": "linear", "factor": args.rope_scaling, "rope_theta": args.rope_theta} if linear
+                            else {"rope_type": "default", "rope_theta": args.rope_theta}),
+        "tie_word_embeddings": args.tie_embeddings,
+        "attention_bias": False,
+        "mlp_bias": False,
+        "bos_token_id": tokenizer.bos_id if tokenizer else 1,
+        "eos_token_id": tokenizer.eos_id if tokenizer else 2,
+        "pretraining_tp": 1,
+        "use_cache": True,
+        "torch_dtype": dtype_name,  # 4.x's name
+        "dtype": dtype_name,  # 5.x's name
+    }
+
+
+def meta_to_hf_state(args: ModelArgs, state: dict) -> dict:
+    """Meta names -> HF names, with wq/wk rows permuted to HF's rotate-half order (see model.meta_to_hf_qk)."""
+    names = {meta: hf for hf, meta in hf_key_map(args.n_layers).items()}
+    out = {}
+    for k, v in state.items():
+        if k == "output.weight" and args.tie_embeddings:
+            continue  # HF re-ties lm_head to embed_tokens
+        if k not in names:
+            raise ValueError(f"cannot export tensor {k}: no HF name for it")
+        if k.endswith("attention.wq.weight"):
+            v = meta_to_hf_qk(v, args.n_heads)
+        elif k.endswith("attention.wk.weight"):
+            v = meta_to_hf_qk(v, args.n_kv_heads)
+        out[names[k]] = v
+    return out
+
+
+def parse_size(text) -> int:
+    """'5GB', '500MB', '40KB' or a number of bytes -> bytes (decimal units, as HF's max_shard_size)."""
+    s = str(text).strip().upper()
+    for unit, mult in (("GB", 10**9), ("MB", 10**6), ("KB", 10**3), ("B", 1)):
+        if s.endswith(unit):
+            s, m = s[: -len(unit)], mult
+            break
+    else:
+        m = 1
+    try:
+        n = int(float(s) * m)
+    except ValueError:
+        raise ValueError(f"cannot read size {text!r} (expected e.g. 5GB, 500MB or a number of bytes)") from None
+    if n <= 0:
+        raise ValueError(f"size must be positive, got {text!r}")
+    return n
+
+
+def _write_json(path, obj):
+    text = json.dumps(obj, indent=2) + "\n"
+    atomic_write(path, lambda f: open(f, "w").write(text))
+
+
+def _copy_file(src, dst):
+    atomic_write(dst, lambda f: shutil.copyfile(src, f))
+
+
+def _remove_stale(out_dir, written, patterns):
+    """Delete weight files an earlier export left in out_dir (e.g. more shards, or an old index), so that the
+    directory never mixes two models. Runs after the new files are in place."""
+    for pattern in patterns:
+        for f in glob.glob(os.path.join(out_dir, pattern)):
+            if os.path.basename(f) not in written:
+                os.remove(f)
+
+
+def write_hf(args: ModelArgs, state: dict, out_dir, tokenizer_path=None, shard_size="5GB"):
+    """HF layout: config.json, model.safetensors (or model-0000i-of-0000n.safetensors + index), tokenizer.model."""
+    from safetensors.torch import save_file
+
+    hf_state = {k: v.detach().contiguous().cpu() for k, v in meta_to_hf_state(args, state).items()}
+    # Greedy sharding in key order, like HF: start a new shard when the next tensor would overflow this one.
+    limit, shards, size = parse_size(shard_size), [{}], 0
+    for k, v in hf_state.items():
+        nbytes = v.numel() * v.element_size()
+        if shards[-1] and size + nbytes > limit:
+            shards.append({})
+            size = 0
+        shards[-1][k] = v
+        size += nbytes
+    os.makedirs(out_dir, exist_ok=True)
+    if len(shards) == 1:
+        files = ["model.safetensors"]
+    else:
+        files = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    for name, shard in zip(files, shards):
+        atomic_write(os.path.join(out_dir, name), lambda f, s=shard: save_file(s, f, metadata={"format": "pt"}))
+    if len(shards) > 1:
+        index = {"metadata": {"total_size": sum(v.numel() * v.element_size() for v in hf_state.values())},
+                 "weight_map": {k: name for name, shard in zip(files, shards) for k in shard}}
+        _write_json(os.path.join(out_dir, "model.safetensors.index.json"), index)
+    written = set(files) | ({"model.safetensors.index.json"} if len(shards) > 1 else set())
+    _remove_stale(out_dir, written, ["model.safetensors", "model-*-of-*.safetensors", "model.safetensors.index.json"])
+    tok = Tokenizer(tokenizer_path) if tokenizer_path else None
+    dtype = next(iter(hf_state.values())).dtype
+    _write_json(os.path.join(out_dir, "config.json"), hf_config(args, dtype, tok))
+    if tokenizer_path:
+        _copy_file(tokenizer_path, os.path.join(out_dir, "tokenizer.model"))
+    return files
+
+
+def meta_params(args: ModelArgs) -> dict:
+    """Meta's params.json. Meta describes the SwiGLU width by multiple_of (+ ffn_dim_multiplier) and
+    recomputes it; an HF base states it outright, so find a multiple_of that gives the same width."""
+    params = dict(dim=args.dim, n_layers=args.n_layers, n_heads=args.n_heads, n_kv_heads=args.n_kv_heads,
+                  vocab_size=args.vocab_size, multiple_of=args.multiple_of, ffn_dim_multiplier=args.ffn_dim_multiplier,
+                  norm_eps=args.norm_eps, rope_theta=args.rope_theta)
+    meta_width = lambda p: ModelArgs(dim=p["dim"], n_heads=p["n_heads"], n_kv_heads=p["n_kv_heads"], multiple_of=p["multiple_of"],
+                                     ffn_dim_multiplier=p["ffn_dim_multiplier"]).hidden_dim
+    if meta_width(params) != args.hidden_dim:
+        params.update(multiple_of=args.hidden_dim, ffn_dim_multiplier=None)  # rounds any width <= hidden_dim up to it
+        if meta_width(params) != args.hidden_dim:
+            raise ValueError(f"SwiGLU width {args.hidden_dim} cannot be written as Meta's multiple_of/ffn_dim_multiplier; "
+                             "use --format hf or own")
+    # Not in Meta's original params.json: the linear RoPE factor and the contexts, read back by model.py.
+    # (Meta's own llama code does not implement position interpolation and rejects unknown fields.)
+    params.update(rope_scaling=args.rope_scaling, max_seq_len=args.max_seq_len, original_max_seq_len=args.original_max_seq_len)
+    return params
+
+
+def write_meta(args: ModelArgs, state: dict, out_dir, tokenizer_path=None):
+    """Meta layout: params.json + one consolidated.00.pth (torch.save of the state dict) + tokenizer.model."""
+    state = {k: v.detach().contiguous().cpu() for k, v in state.items()}
+    if args.tie_embeddings:  # Meta has no tied embeddings: store the (identical) output matrix explicitly
+        state["output.weight"] = state["tok_embeddings.weight"]
+    params = meta_params(args)
+    os.makedirs(out_dir, exist_ok=True)
+    atomic_write(os.path.join(out_dir, "consolidated.00.pth"), lambda f: torch.save(state, f))
+    _remove_stale(out_dir, {"consolidated.00.pth"}, ["consolidated.*.pth"])  # an older export's shards 01, 02, ...
+    _write_json(os.path.join(out_dir, "params.json"), params)
+    if tokenizer_path:
+        _copy_file(tokenizer_path, os.path.join(out_dir, "tokenizer.model"))
+
+
+def peft_adapter(model: Transformer) -> tuple:
+    """(adapter_config dict, {HF/PEFT name: tensor}) in PEFT's LoRA layout for a model with loaded LoRA.
+
+    Names: `base_model.model.` + the HF tensor name, with `.weight` of a LoRA layer replaced by
+    `.lora_A.weight` / `.lora_B.weight`; modules to save (embedding, norms) under their plain HF names.
+
+    q and k: HF stores the rows of wq and wk permuted (P) for its rotate-half RoPE, so the HF layer computes
+    P·W·x. The update must become P·ΔW = (α/r)·(P·B)·A: permute the rows of B. A acts on the input x,
+    whose order is the same in both layouts, so A is unchanged.
+    """
+    cfg, args = model.lora_config, model.args
+    if args.tie_embeddings and cfg["embed"]:
+        raise ValueError("PEFT export of a trained embedding that is tied to the output head is not supported")
+    names = {meta: hf for hf, meta in hf_key_map(args.n_layers).items()}
+    tensors = {}
+    for k, v in adapter_state(model).items():
+        v = v.detach().contiguous().cpu()
+        if k.endswith((".lora_a", ".lora_b")):
+            hf = names[k[: -len("lora_a")] + "weight"].removesuffix(".weight")  # e.g. model.layers.0.self_attn.q_proj
+            if k.endswith(("attention.wq.lora_b", "attention.wk.lora_b")):
+                v = meta_to_hf_qk(v, args.n_heads if ".wq." in k else args.n_kv_heads)
+            k_hf = f"{hf}.lora_{'A' if k.endswith('lora_a') else 'B'}.weight"
+        else:
+            k_hf = names[k]
+        tensors["base_model.model." + k_hf] = v.contiguous()
+    modules_to_save = (["embed_tokens"] if cfg["embed"] else []) + (
+        ["input_layernorm", "post_attention_layernorm", "norm"] if cfg["norms"] else [])
+    config = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "r": cfg["r"],
+        "lora_alpha": cfg["alpha"],
+        "lora_dropout": cfg["dropout"],
+        "target_modules": [PEFT_TARGETS[t] for t in cfg["targets"]],
+        "modules_to_save": modules_to_save or None,
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "use_rslora": False,  # scale is alpha / r, as here
+        "init_lora_weights": True,
+        "inference_mode": True,
+        # No base path: the base must be loaded with this directory's config.json (the rope scaling!).
+        "base_model_name_or_path": None,
+    }
+    return config, tensors
+
+
+def write_peft(model: Transformer, out_dir):
+    """adapter_model.safetensors + adapter_config.json (PEFT) + config.json: the base model's HF config with the
+    linear RoPE scaling and the new context, which PEFT's adapter format has no place for."""
+    from safetensors.torch import save_file
+
+    config, tensors = peft_adapter(model)
+    os.makedirs(out_dir, exist_ok=True)
+    atomic_write(os.path.join(out_dir, "adapter_model.safetensors"), lambda f: save_file(tensors, f, metadata={"format": "pt"}))
+    _write_json(os.path.join(out_dir, "adapter_config.json"), config)
+    _write_json(os.path.join(out_dir, "config.json"), hf_config(model.args, model.tok_embeddings.weight.dtype, model.tokenizer))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Import: LongLoRA's released LoRA weights (or any PEFT LoRA adapter of a LLaMA) as this project's adapter
+#
+# A LongLoRA LoRA+ checkpoint holds (fine-tune.py, save_callback.py, get_trainable_weights.py):
+#   adapter_model.bin or .safetensors + adapter_config.json: PEFT's LoRA, r=8 alpha=16 on q_proj k_proj v_proj o_proj;
+#   trainable_params.bin: torch.save of {HF name: tensor} for every name holding "embed" or "norm", with the
+#     "base_model.model." prefix cut (model.embed_tokens.weight, model.layers.N.input_layernorm.weight, ...).
+# Its merge script loads trainable_params.bin into the base (strict=False), then the PEFT adapter on top.
+# Neither file records the context or the RoPE factor: fine-tune.py sets factor ceil(ctx / 4096) at load time.
+
+PEFT_PREFIX = "base_model.model."
+# PEFT settings an adapter.safetensors cannot express (value PEFT writes when the feature is off).
+PEFT_OFF = {"use_rslora": False, "use_dora": False, "fan_in_fan_out": False, "bias": "none", "layers_to_transform": None,
+            "rank_pattern": {}, "alpha_pattern": {}}
+
+
+def _load_tensors(path) -> dict:
+    """{name: tensor} from a .safetensors file, or a torch.save'd .bin read with weights_only=True: a pickle
+    that would run code or build other objects is refused, not executed."""
+    try:
+        if path.endswith(".safetensors"):
+            from safetensors.torch import load_file
+            state = load_file(path)
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise CheckpointError(f"{path}: cannot read it as plain tensors ({type(e).__name__}: {str(e).strip().splitlines()[0]})") from None
+    if not isinstance(state, dict) or not all(isinstance(k, str) and torch.is_tensor(v) for k, v in state.items()):
+        raise CheckpointError(f"{path}: expected a dict of named tensors")
+    return state
+
+
+def read_peft_dir(peft_dir) -> tuple:
+    """(adapter_config dict, {HF name: tensor}) from a PEFT LoRA directory plus its trainable_params.bin, if any.
+
+    Names lose PEFT's "base_model.model." prefix and adapter name: model.layers.0.self_attn.q_proj.lora_A.weight.
+    """
+    if not os.path.isdir(peft_dir):
+        raise FileNotFoundError(f"{peft_dir}: no such directory")
+    cfg_path = os.path.join(peft_dir, "adapter_config.json")
+    if not os.path.isfile(cfg_path):
+        raise FileNotFoundError(f"{peft_dir}: no adapter_config.json (not a PEFT adapter directory)")
+    cfg = _read_json(cfg_path)
+    if not isinstance(cfg, dict) or cfg.get("peft_type") != "LORA":
+        raise CheckpointError(f"{cfg_path}: not a PEFT LoRA adapter (no \"peft_type\": \"LORA\")")
+    if not all(isinstance(cfg.get(f), (int, float)) and cfg[f] > 0 for f in ("r", "lora_alpha")):
+        raise CheckpointError(f"{cfg_path}: needs positive numbers r and lora_alpha")
+    for field, off in PEFT_OFF.items():
+        if cfg.get(field, off) not in (off, None):
+            raise CheckpointError(f"{cfg_path}: {field}={cfg[field]!r} is not supported (only plain LoRA, scale alpha/r)")
+    weights = [os.path.join(peft_dir, f) for f in ("adapter_model.safetensors", "adapter_model.bin")]
+    weights = [f for f in weights if os.path.isfile(f)]
+    if not weights:
+        raise FileNotFoundError(f"{peft_dir}: no adapter_model.safetensors or adapter_model.bin")
+    tensors = {}
+    for path in weights[:1] + [f for f in [os.path.join(peft_dir, "trainable_params.bin")] if os.path.isfile(f)]:
+        for k, v in _load_tensors(path).items():
+            k = k.removeprefix(PEFT_PREFIX).replace(".lora_A.default.", ".lora_A.").replace(".lora_B.default.", ".lora_B.")
+            if k in tensors and not torch.equal(tensors[k], v):  # recent PEFT saves a resized embedding itself too
+                raise CheckpointError(f"{path}: tensor {k} differs from the one in {os.path.basename(weights[0])}")
+            tensors[k] = v
+    return cfg, tensors
+
+
+def import_peft(peft_dir, base, ctx=None) -> tuple:
+    """(model, note): the base checkpoint with a PEFT LoRA adapter (+ trainable_params.bin) as this project's LoRA.
+
+    ctx: the context the adapter was trained for; the RoPE factor is ceil(ctx / the base's pre-training context),
+    as in LongLoRA's fine-tune.py and eval.py. None: read from a config.json next to the adapter (`export.py peft`
+    writes one), else refused.
+
+    LongLoRA added a [PAD] token, so its embedding has one row more than LLaMA2's 32000 (vocab 32001). That
+    last row is dropped (`note` says so): this project's tokenizer never produces id 32000, so the row is never
+    looked up, and the logits of the 32000 real tokens are exactly those of LongLoRA's merged model. What is lost
+    is the [PAD] logit. Its output row in LongLoRA's merged model (merge_lora_weights_and_save_hf_model.py) is
+    the mean of the base's rows (lm_head does not train), so its logit is the mean of the others, its probability at most 1/32001 (Jensen), and each real
+    token's log-probability here exceeds LongLoRA's by at most log(32001/32000) = 3.1e-5 nats.
+    """
+    cfg, hf = read_peft_dir(peft_dir)
+    if ctx is None:
+        config = os.path.join(peft_dir, "config.json")
+        if not os.path.isfile(config):
+            raise ValueError(f"{peft_dir}: a PEFT adapter does not record the context it was trained for; "
+                             "pass --ctx (e.g. 32768 for LongLoRA's Llama-2-7b-longlora-32k)")
+        ctx = hf_config_to_args(_read_json(config), config).max_seq_len
+    model = Transformer.from_pretrained(base)
+    args = model.args
+    names = hf_key_map(args.n_layers)  # HF name -> our name
+    ours, note = {}, ""
+    for k, v in hf.items():
+        module, lora, ab = k.rpartition(".lora_")[0], ".lora_" in k, k.rpartition(".lora_")[2][:1]
+        key = names.get(module + ".weight" if lora else k)
+        if key is None or (lora and ab not in "AB"):
+            raise CheckpointError(f"{peft_dir}: unexpected tensor {k} (no such weight in a LLaMA with {args.n_layers} layers)")
+        ours[key[: -len("weight")] + f"lora_{ab.lower()}" if lora else key] = v
+    out = ours.pop("output.weight", None)  # recent PEFT saves the whole lm_head when the vocabulary was resized
+    if out is not None and (out.shape[1:] != model.output.weight.shape[1:] or out.shape[0] not in (args.vocab_size, args.vocab_size + 1)):
+        raise CheckpointError(f"{peft_dir}: tensor lm_head.weight has shape {tuple(out.shape)}, the base {base} has "
+                              f"{tuple(model.output.weight.shape)}")
+    if out is not None and not torch.equal(out[:args.vocab_size].float(), model.output.weight.float()):
+        raise CheckpointError(f"{peft_dir}: lm_head.weight differs from the base's; an adapter here cannot carry a trained "
+                              "output matrix (merge it with PEFT, then load the merged model)")
+    emb = ours.get("tok_embeddings.weight")
+    if emb is not None and tuple(emb.shape) == (args.vocab_size + 1, args.dim):
+        ours["tok_embeddings.weight"] = emb[:-1]
+        note = (f"dropped embedding row {args.vocab_size} (LongLoRA's added [PAD] token, which this tokenizer never "
+                f"produces); the {args.vocab_size} real tokens' logits are unchanged")
+    targets = [t for t in TARGETS if any(k.endswith(f".{t}.lora_a") or k == f"{t}.lora_a" for k in ours)]
+    if not targets:
+        raise CheckpointError(f"{peft_dir}: no LoRA tensors (lora_A / lora_B) found")
+    apply_lora(model, r=cfg["r"], alpha=cfg["lora_alpha"], dropout=cfg.get("lora_dropout") or 0.0, targets=targets)
+    mark_trainable(model, embed="tok_embeddings.weight" in ours, norms=any(k.endswith("norm.weight") for k in ours))
+    params = adapter_state(model)
+    # Every LoRA matrix must be there; norms left out keep the base's values, as LongLoRA's strict=False load does.
+    expected = {k: tuple(p.shape) for k, p in params.items() if k in ours or k.endswith(("lora_a", "lora_b"))}
+    check_state_dict(ours, expected, f"{peft_dir} on base {base}")
+    with torch.no_grad():
+        for k, p in params.items():
+            if k in ours:
+                v = ours[k]
+                if k.endswith(("attention.wq.lora_b", "attention.wk.lora_b")):  # B's rows in HF's q/k order: undo it
+                    v = hf_to_meta_qk(v, args.n_heads if ".wq." in k else args.n_kv_heads)
+                p.data = p.data.float()  # an adapter keeps what it imports exactly (load_adapter casts to the base dtype)
+                p.copy_(v)
+    if ctx > args.max_seq_len:
+        args.extend_context(ctx)
+    return model.eval(), note
+
+
+# ----------------------------------------------------------------------------------------------------
+# Command line
+
+
+def load_finetuned(base, adapter_dir) -> Transformer:
+    """The base checkpoint with the adapter applied (weights in the checkpoint's own dtype)."""
+    if not os.path.isdir(adapter_dir):
+        raise FileNotFoundError(f"{adapter_dir}: no such adapter directory")
+    model = Transformer.from_pretrained(base)
+    return load_adapter(model, adapter_dir)
+
+
+def merge_command(a):
+    model = load_finetuned(a.base, a.adapter)
+    args = model.args
+    state = merge_lora(model.state_dict(), model.lora_config)
+    tok = model.tokenizer.path if model.tokenizer else None
+    if a.format == "hf":
+        write_hf(args, state, a.out, tok, a.shard_size)
+    elif a.format == "meta":
+        write_meta(args, state, a.out, tok)
+    else:
+        with torch.device("meta"):
+            plain = Transformer(args)
+        plain.load_state_dict(state, strict=True, assign=True)
+        if args.tie_embeddings:
+            plain.output.weight = plain.tok_embeddings.weight
+        plain.save_pretrained(a.out, tokenizer_path=tok)
+    print(f"merged {a.adapter} into {a.base} -> {a.out} ({a.format} layout; rope scaling {args.rope_scaling:g}, "
+          f"context {args.max_seq_len})")
+
+
+def peft_command(a):
+    model = load_finetuned(a.base, a.adapter)
+    write_peft(model, a.out)
+    print(f"wrote PEFT adapter {a.out}. Load it on the HF base model with its config (RoPE scaling {model.args.rope_scaling:g}):\n"
+          f"  config = AutoConfig.from_pretrained({a.out!r})\n"
+          f"  base = AutoModelForCausalLM.from_pretrained(HF_BASE_MODEL, config=config)\n"
+          f"  model = PeftModel.from_pretrained(base, {a.out!r})")
+
+
+def import_command(a):
+    for name in (ADAPTER_WEIGHTS, ADAPTER_CONFIG):  # never overwrite an adapter this command did not write
+        if os.path.exists(os.path.join(a.out, name)):
+            raise ValueError(f"--out {a.out} already holds {name}; choose a new directory")
+    if a.ctx is not None and a.ctx < 1:
+        raise ValueError(f"--ctx must be positive, got {a.ctx}")
+    model, note = import_peft(a.peft, a.base, a.ctx)
+    args, cfg = model.args, model.lora_config
+    save_adapter(model, a.out, ctx=args.max_seq_len, extra={"imported_from": os.path.abspath(a.peft), "note": note})
+    print(f"imported {a.peft} onto {a.base} -> {a.out}: LoRA r={cfg['r']} alpha={cfg['alpha']:g} on {' '.join(cfg['targets'])}"
+          f"{', embeddings' if cfg['embed'] else ''}{', norms' if cfg['norms'] else ''}; rope scaling {args.rope_scaling:g}, "
+          f"context {args.max_seq_len}")
+    if note:
+        print(f"note: {note}")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description="Merge a LoRA adapter into its base model, convert it to PEFT's layout, "
+                                            "or import a PEFT / LongLoRA adapter.")
+    sub = p.add_subparsers(dest="command", required=True)
+    m = sub.add_parser("merge", help="write the fine-tuned model (W + (alpha/r)·B·A) as a full checkpoint",
+                       description="Write base + adapter as one plain checkpoint, with the RoPE scaling and context in its config.")
+    m.add_argument("--base", required=True, help="base checkpoint directory (Meta, HF or this project's layout)")
+    m.add_argument("--adapter", required=True, help="adapter directory written by train.py / save_adapter "
+                                                       "(adapter.safetensors + adapter_config.json)")
+    m.add_argument("--out", required=True, help="output directory (created; files in it are replaced atomically)")
+    m.add_argument("--format", default="hf", choices=("hf", "meta", "own"),
+                   help="hf: config.json + safetensors shards, loads in transformers (default); "
+                        "meta: params.json + consolidated.00.pth; own: this project's params.json + model.safetensors")
+    m.add_argument("--shard-size", default="5GB", help="largest safetensors shard for --format hf, e.g. 5GB, 500MB (default 5GB)")
+    q = sub.add_parser("peft", help="write the adapter in PEFT's layout (adapter_model.safetensors + adapter_config.json)",
+                       description="Convert an adapter to PEFT's LoRA layout, HF names, with embed and norms as modules_to_save.")
+    q.add_argument("--base", required=True, help="base checkpoint directory the adapter was trained on (checked against the adapter)")
+    q.add_argument("--adapter", required=True, help="adapter directory written by train.py / save_adapter")
+    q.add_argument("--out", required=True, help="output directory for the PEFT adapter (must differ from --adapter)")
+    i = sub.add_parser("import", help="convert a PEFT LoRA adapter (LongLoRA's released weights) into this project's adapter",
+                       description="Read adapter_model.safetensors/.bin + adapter_config.json (+ LongLoRA's trainable_params.bin: "
+                                   "embeddings and norms) and write adapter.safetensors + adapter_config.json for the base.")
+    i.add_argument("--peft", required=True, help="PEFT adapter directory (e.g. LongLoRA's Llama-2-7b-longlora-32k)")
+    i.add_argument("--base", required=True, help="the base checkpoint it was trained on (Meta, HF or this project's layout)")
+    i.add_argument("--ctx", type=int, help="the context it was fine-tuned for (LongLoRA's --context_size, e.g. 32768); "
+                   "RoPE factor ceil(ctx / base context). Default: read from a config.json in --peft")
+    i.add_argument("--out", required=True, help="new output directory for the adapter")
+    a = p.parse_args(argv)
+    try:
+        src = a.peft if a.command == "import" else a.adapter
+        if os.path.abspath(a.out) in (os.path.abspath(src), os.path.abspath(a.base)):
+            raise ValueError(f"--out {a.out} must be a new directory, not the base or the adapter")
+        if a.command == "merge":
+            parse_size(a.shard_size)
+            merge_command(a)
+        elif a.command == "peft":
+            peft_command(a)
+        else:
+            import_command(a)
+    except (CheckpointError, ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
