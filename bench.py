@@ -2,7 +2,8 @@
 
     python bench.py attention            # full vs S²-Attn vs SF-Attn, T = 2048 .. 16384, fp32 and bf16
     python bench.py attention --quick    # the same at T = 1024, 2048 (seconds instead of minutes)
-    python bench.py train --threads 1    # one LoRA training step at ctx 4096: full, s2, sf, and HF + PEFT
+    python bench.py train --threads 1    # one LoRA training step at ctx 4096: full, s2, sf, and HF + PEFT;
+                                         # then at vocab 32000, ctx 8192: the loss and feed-forward whole vs chunked
     python bench.py sample               # decode tokens/s: KV cache vs recomputation, h2o vs full, ours vs HF
 
 `attention` times forward + backward of attention.attention() for each mode on the same inputs
@@ -269,6 +270,91 @@ def bench_train(args):
                   f"same loss at step 1: {'yes' if same else 'NO'}")
 
 
+def bench_chunking(args):
+    """Peak memory of one training step at LLaMA2's vocabulary (32000) and a long context: the loss over whole
+    (T, V) logits and the feed-forward over the whole sequence, against both in chunks of model.CHUNK_SIZE
+    tokens (Transformer.forward, FeedForward). The model is the demo preset with vocab 32000, so that the loss
+    is the step's largest term, as it is for LLaMA2 at long context."""
+    import torch.nn.functional as F
+
+    from lora import apply_lora, mark_trainable
+    from model import CHUNK_SIZE, Transformer, preset
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    T = args.chunk_ctx
+    base_args = preset(args.preset, vocab_size=32000)
+    scaling = float(-(-T // base_args.max_seq_len))
+    x = torch.randint(0, 32000, (args.batch_size, T + 1), generator=torch.Generator().manual_seed(1))
+    x, y = x[:, :-1], x[:, 1:]  # (B, T) each
+    whole_loss = lambda m: F.cross_entropy(m(x).float().flatten(0, 1), y.flatten(), reduction="sum")  # noqa: E731
+    chunked_loss = lambda m: m(x, y, reduction="sum")  # noqa: E731
+    variants = {"whole loss, whole feed-forward": (whole_loss, 0), "chunked loss, whole feed-forward": (chunked_loss, 0),
+                "chunked loss and feed-forward": (chunked_loss, CHUNK_SIZE)}
+    models, opts = {}, {}
+    for name, (_, ffn_chunk) in variants.items():
+        torch.manual_seed(0)  # the same weights for every variant: the same loss at step 1
+        m = models[name] = Transformer(preset(args.preset, vocab_size=32000, rope_scaling=scaling, max_seq_len=T))
+        apply_lora(m)
+        mark_trainable(m)
+        m.gradient_checkpointing = True
+        m.train()
+        for layer in m.layers:
+            layer.feed_forward.chunk_size = ffn_chunk
+        opts[name] = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-5)
+
+    def step(name):
+        loss = variants[name][0](models[name])
+        (loss / y.numel()).backward()
+        opts[name].step()
+        opts[name].zero_grad(set_to_none=True)
+        return loss.item() / y.numel()
+
+    losses, times, peaks = {}, {}, {}
+    for name in variants:
+        losses[name] = step(name)  # warm-up: AdamW's state is allocated here, outside the measured steps
+        t0 = time.perf_counter()
+        step(name)
+        times[name] = time.perf_counter() - t0
+        peaks[name] = _peak_alloc_bytes(lambda: step(name), False)
+    print(f"\ntrain step at LLaMA2's vocabulary (forward + backward + AdamW), preset {args.preset} with vocab 32000, "
+          f"batch {args.batch_size} x ctx {T}, chunks of {CHUNK_SIZE} tokens, LoRA r=8 on wq wk wv wo + embeddings "
+          f"and norms, activation checkpointing, fp32, {torch.get_num_threads()} threads, load average "
+          f"{os.getloadavg()[0]:.1f}; memory: peak of tensors allocated during one step (see _peak_alloc_bytes); "
+          f"time: one step after one warm-up\n")
+    print("| loss / feed-forward | loss at step 1 | time (s) | peak memory (MiB) | memory vs whole |")
+    print("| --- | ---: | ---: | ---: | ---: |")
+    whole = peaks["whole loss, whole feed-forward"]
+    for name in variants:
+        print(f"| {name} | {losses[name]:.5f} | {times[name]:.2f} | {peaks[name] / 2**20:.0f} | {peaks[name] / whole:.2f}x |")
+    r = whole / peaks["chunked loss, whole feed-forward"]
+    print(f"\ntarget: the chunked loss needs {r:.1f}x less memory than the whole loss (target >= 3x) -> "
+          f"{'met' if r >= 3 else 'MISSED'}")
+
+    # Above, the loss's chunk is the peak either way. The feed-forward's share shows where it is the widest
+    # tensor of a recomputed block: a small vocabulary and a 4x wider FFN (hidden 2048, LLaMA2's 2.7x dim).
+    ffn_peaks = {}
+    for ffn_chunk in (0, CHUNK_SIZE):
+        torch.manual_seed(0)
+        m = Transformer(preset(args.preset, vocab_size=256, ffn_hidden_dim=2048, rope_scaling=scaling, max_seq_len=T))
+        m.gradient_checkpointing = True
+        m.train()
+        for layer in m.layers:
+            layer.feed_forward.chunk_size = ffn_chunk
+        xs = x % 256
+
+        def full_step():
+            m.zero_grad(set_to_none=True)
+            m(xs, y % 256).backward()
+
+        full_step()
+        ffn_peaks[ffn_chunk] = _peak_alloc_bytes(full_step, False)
+    whole, chunked = ffn_peaks[0], ffn_peaks[CHUNK_SIZE]
+    print(f"feed-forward: forward + backward of preset {args.preset} with FFN hidden 2048 and vocab 256, all weights "
+          f"trained, chunked loss: peak {whole / 2**20:.0f} MiB whole, {chunked / 2**20:.0f} MiB in chunks of "
+          f"{CHUNK_SIZE} ({whole / chunked:.1f}x less)")
+
+
 def bench_sample(args):
     """Generation speed of sample.py, greedy, one sequence:
 
@@ -419,7 +505,12 @@ def main():
     p.add_argument("--repeats", type=int, default=3, help="timed steps per variant after one warm-up (default 3)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
     p.add_argument("--no-peer", action="store_true", help="skip HF transformers + PEFT")
-    p.set_defaults(run=bench_train)
+    p.add_argument("--chunk-ctx", type=int, default=8192,
+                   help="sequence length of the chunked-loss case, at vocab 32000 (default 8192)")
+    p.add_argument("--only", choices=["modes", "chunking"],
+                   help="run one case: the attention modes (and the peer), or the chunked loss and feed-forward")
+    p.set_defaults(run=lambda a: [f(a) for f, case in ((bench_train, "modes"), (bench_chunking, "chunking"))
+                                  if a.only in (None, case)])
     p = sub.add_parser("sample", help="generation tokens/s: KV cache vs recomputation, h2o vs full, ours vs HF generate",
                        description="Decode tokens/s of sample.py: full KV cache vs recomputation, H2O at 20% vs the "
                                    "full cache at a long prompt, and ours vs HF transformers' generate on the same weights.")

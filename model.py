@@ -27,7 +27,7 @@ Usage:
 
     model = Transformer.from_pretrained("/path/to/llama-2-7b")   # Meta, HF or this project's layout
     logits = model(tokens)                  # (B, T, vocab_size)
-    logits, loss = model(tokens, targets)   # targets == -100 are ignored
+    loss = model(tokens, targets)           # mean cross-entropy; targets == -100 are ignored
 """
 
 import argparse
@@ -203,17 +203,35 @@ class Attention(nn.Module):
         return self.wo(y.reshape(B, T, self.n_heads * self.head_dim))
 
 
+# Tokens per mini-sequence of the feed-forward and of the loss (see FeedForward and Transformer.forward).
+CHUNK_SIZE = 1024
+
+
 class FeedForward(nn.Module):
-    """SwiGLU: w2(silu(w1 x) * w3 x)."""
+    """SwiGLU: w2(silu(w1 x) * w3 x), run over mini-sequences of `chunk_size` tokens.
+
+    Each token's output depends on that token alone, so the sequence can be cut into chunks. At long context
+    the (T, hidden_dim) intermediates are the largest tensors of a block that activation checkpointing
+    recomputes in backward. Checkpointing each chunk keeps only the chunk's input for backward, so those
+    intermediates exist for one chunk at a time, in forward and in backward; the price is one more forward
+    of the feed-forward. This is the Mini-Sequence Transformer's (2024) MLP, exact up to float rounding.
+    """
 
     def __init__(self, dim: int, hidden_dim: int):
         super().__init__()
         self.w1 = nn.Linear(dim, hidden_dim, bias=False)  # gate
         self.w2 = nn.Linear(hidden_dim, dim, bias=False)  # down
         self.w3 = nn.Linear(dim, hidden_dim, bias=False)  # up
+        self.chunk_size = CHUNK_SIZE  # 0 = the whole sequence at once
 
-    def forward(self, x):
+    def swiglu(self, x):
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+    def forward(self, x):  # (B, T, dim)
+        if not self.chunk_size or x.size(1) <= self.chunk_size:
+            return self.swiglu(x)
+        chunks = x.split(self.chunk_size, dim=1)  # (B, chunk_size, dim) each; the last may be shorter
+        return torch.cat([torch.utils.checkpoint.checkpoint(self.swiglu, c, use_reentrant=False) for c in chunks], dim=1)
 
 
 class TransformerBlock(nn.Module):
@@ -283,6 +301,7 @@ class Transformer(nn.Module):
         if args.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
         self.gradient_checkpointing = False  # recompute each block in backward (train.py turns it on)
+        self.chunk_size = CHUNK_SIZE  # tokens per chunk of the loss
         self.tokenizer = None  # set by from_pretrained when a tokenizer.model sits next to the weights
         self.init_weights()
 
@@ -295,8 +314,9 @@ class Transformer(nn.Module):
                 std = 0.02 / math.sqrt(2 * self.args.n_layers) if name.endswith(("wo.weight", "w2.weight")) else 0.02
                 nn.init.normal_(p, mean=0.0, std=std)
 
-    def forward(self, tokens, targets=None, *, lengths=None, cache=None):
-        """tokens (B, T) -> logits (B, T, vocab_size); with targets (B, T) also the mean cross-entropy.
+    def forward(self, tokens, targets=None, *, lengths=None, cache=None, reduction="mean"):
+        """tokens (B, T) -> logits (B, T, vocab_size); with targets (B, T) the cross-entropy instead, in fp32:
+        its mean over the targets that are not -100 (reduction "mean") or its sum ("sum"). No logits then.
 
         lengths (B,): valid tokens per row when rows are right-padded (padded keys are never attended).
         cache: a KVCache; the tokens continue the sequence already in it.
@@ -312,11 +332,23 @@ class Transformer(nn.Module):
                 h = layer(h, positions, lengths, cache)
         if cache is not None:
             cache.pos += T
-        logits = self.output(self.norm(h))  # (B, T, vocab_size)
+        h = self.norm(h)  # (B, T, dim)
+        if reduction not in ("mean", "sum"):
+            raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
         if targets is None:
-            return logits
-        loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
-        return logits, loss
+            return self.output(h)  # (B, T, vocab_size)
+        # The loss, chunk by chunk. Whole, the fp32 logits with their log-softmax and gradient take 12 bytes
+        # per vocabulary entry and token, the largest tensors of a long-context step (12.6 GB for LLaMA2's
+        # 32000 entries at 32k tokens). Each chunk's projection and log-softmax run inside a checkpoint, recomputed in
+        # backward, so at any time only one chunk's logits exist.
+        def chunk_loss(h, y):  # (n, dim), (n,) -> the sum of the n tokens' losses, fp32
+            return F.cross_entropy(self.output(h).float(), y, ignore_index=-100, reduction="sum")
+
+        h, targets = h.flatten(0, 1), targets.flatten()  # (B*T, dim), (B*T,)
+        loss = sum(torch.utils.checkpoint.checkpoint(chunk_loss, hc, yc, use_reentrant=False)
+                   for hc, yc in zip(h.split(self.chunk_size), targets.split(self.chunk_size)))
+        # "sum" lets a caller divide by the target count of a whole batch (gradient accumulation, several ranks)
+        return loss if reduction == "sum" else loss / (targets != -100).sum()
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())  # tied weights are counted once

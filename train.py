@@ -67,7 +67,6 @@ from dataclasses import asdict
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 from attention import resolve_group_size
 from checkpoint import (check_checkpoint, checkpoint_dirs, find_checkpoint, full_trainable_state, load_checkpoint,
@@ -403,10 +402,10 @@ def lr_at(step, a):
 
 
 def token_loss_sum(model, x, y, lengths, autocast):
-    """Sum of the cross-entropy over the target tokens (y != -100) of one micro-batch (fp32)."""
+    """Sum of the cross-entropy over the target tokens (y != -100) of one micro-batch (fp32), computed by
+    the model chunk by chunk, without (B, T, V) logits."""
     with autocast:
-        logits = model(x, lengths=lengths)  # (B, T, V)
-    return F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=-100, reduction="sum")
+        return model(x, y, lengths=lengths, reduction="sum")
 
 
 @torch.no_grad()

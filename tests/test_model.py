@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from conftest import ROOT, stdlib_text
-from model import (CheckpointError, KVCache, ModelArgs, PRESETS, Tokenizer, Transformer, main, preset)
+from model import (CheckpointError, FeedForward, KVCache, ModelArgs, PRESETS, Tokenizer, Transformer, main, preset)
 
 import transformers  # a test requirement (requirements-test.txt), the independent reference
 
@@ -66,10 +66,65 @@ def test_loss_ignores_minus_100_and_matches_hf(tmp_path):
     targets = torch.roll(tokens, -1, dims=1)
     targets[:, :10] = -100  # e.g. a masked prompt
     with torch.no_grad():
-        _, loss = model(tokens, targets)
+        loss = model(tokens, targets)
         logits = hf(tokens).logits
     ref = torch.nn.functional.cross_entropy(logits[:, 10:].reshape(-1, 300), targets[:, 10:].reshape(-1))
     assert abs(loss.item() - ref.item()) < 1e-5
+
+
+def test_chunked_loss_equals_the_plain_loss_and_its_gradients():
+    """The chunked loss (its own reference: logits of the whole sequence, then cross-entropy) in fp32, with
+    -100 targets, a whole chunk of them, and B*T not a multiple of the chunk size. The FFN is chunked too and
+    the blocks are checkpointed, so the nested checkpoints are covered."""
+    torch.manual_seed(0)
+    model = Transformer(preset("tiny")).train()
+    tokens = torch.randint(0, 256, (2, 19))
+    targets = torch.roll(tokens, -1, dims=1)
+    targets[0, :5] = -100  # a masked prompt
+    targets[1, 3:13] = -100  # flat 22..31: all of the chunk [24, 32) of the 38 tokens
+    params = [p for p in model.parameters()]
+
+    def loss_and_grads(loss_fn):
+        model.zero_grad(set_to_none=True)
+        loss = loss_fn()
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in params]
+
+    for layer in model.layers:
+        layer.feed_forward.chunk_size = 0
+    logits = lambda: model(tokens).float().flatten(0, 1)  # noqa: E731  (B*T, V)
+    plain_mean = loss_and_grads(lambda: torch.nn.functional.cross_entropy(logits(), targets.flatten()))
+    plain_sum = loss_and_grads(lambda: torch.nn.functional.cross_entropy(logits(), targets.flatten(), reduction="sum"))
+    model.chunk_size = 8
+    for layer in model.layers:
+        layer.feed_forward.chunk_size = 4
+    model.gradient_checkpointing = True
+    for reduction, (ref, ref_grads) in (("mean", plain_mean), ("sum", plain_sum)):
+        loss, grads = loss_and_grads(lambda: model(tokens, targets, reduction=reduction))
+        assert loss.dtype == torch.float32 and loss.shape == ()
+        torch.testing.assert_close(loss, ref, rtol=0, atol=1e-6)
+        for g, r in zip(grads, ref_grads):
+            torch.testing.assert_close(g, r, rtol=0, atol=1e-6)
+
+
+def test_chunked_feed_forward_equals_the_whole_sequence_forward_and_backward():
+    torch.manual_seed(0)
+    ffn = FeedForward(16, 48)
+    x = torch.randn(2, 13, 16, requires_grad=True)  # 13 tokens: chunks of 5, 5 and 3
+    grad_out = torch.randn(2, 13, 16)
+    results = []
+    for chunk_size in (0, 5):
+        ffn.chunk_size = chunk_size
+        ffn.zero_grad(set_to_none=True)
+        x.grad = None
+        y = ffn(x)
+        y.backward(grad_out)
+        results.append((y.detach(), x.grad.clone(), [p.grad.clone() for p in ffn.parameters()]))
+    (y0, gx0, gw0), (y1, gx1, gw1) = results
+    torch.testing.assert_close(y1, y0, rtol=0, atol=1e-6)
+    torch.testing.assert_close(gx1, gx0, rtol=0, atol=1e-6)
+    for a, b in zip(gw1, gw0):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
 
 
 def write_meta_shards(model: Transformer, out, n_shards: int, multiple_of: int = 32):

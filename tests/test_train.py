@@ -224,7 +224,7 @@ def test_training_from_scratch_lowers_heldout_loss_and_saves_a_loadable_model(co
     with torch.no_grad():
         for w in held_ids[:16]:
             seq = torch.from_numpy(np.asarray(tokens[w * 64:w * 64 + 65], dtype=np.int64))[None]
-            _, loss = model(seq[:, :-1], seq[:, 1:])
+            loss = model(seq[:, :-1], seq[:, 1:])
             total, count = total + loss.item() * 64, count + 64
     assert abs(total / count - held[40]) < 1e-4
 
