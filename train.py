@@ -72,10 +72,12 @@ import torch.nn.functional as F
 from attention import resolve_group_size
 from checkpoint import (check_checkpoint, checkpoint_dirs, find_checkpoint, full_trainable_state, load_checkpoint,
                         save_checkpoint)
-from data import PackedData, SFTData, open_tokens, prepare_sft, prepare_tokens, sample_positions, split_heldout
+from data import (SFT_TEMPLATES, PackedData, SFTData, longlora_sft_group_size, open_tokens, prepare_sft, prepare_tokens,
+                  sample_positions, split_heldout)
 from estimate import run_estimate
-from lora import DEFAULT_TARGETS, TARGETS, apply_lora, mark_trainable, save_adapter, trainable_summary
-from model import PRESETS, CheckpointError, ModelArgs, Tokenizer, Transformer, atomic_write, find_tokenizer, preset
+from lora import DEFAULT_TARGETS, TARGETS, apply_lora, mark_trainable, save_adapter, trainable_summary, write_model
+from model import (PRESETS, CheckpointError, ModelArgs, Tokenizer, Transformer, atomic_write, checkpoint_layout, find_tokenizer,
+                   preset)
 
 
 class UsageError(Exception):
@@ -111,11 +113,18 @@ def build_parser():
     src.add_argument("--from-scratch", metavar="PRESET", choices=sorted(PRESETS),
                      help="full-parameter training of a randomly initialised PRESET (no LoRA, RoPE unscaled, vocabulary "
                           "from --tokenizer); the result is a whole model in model.py's layout")
+    src.add_argument("--full", action="store_true", help="full fine-tuning of --model (or --preset): every parameter trains, "
+                     "no LoRA (LongLoRA's --low_rank_training False); the result is a whole model in --model's layout")
     src.add_argument("--tokenizer", help="sentencepiece tokenizer.model (default: the one next to --model)")
     d = p.add_argument_group("data")
     d.add_argument("--data", nargs="+", help="training text: files, folders (all files inside) or JSONL/JSON with a "
                    "'text' field; with --sft, JSON/JSONL records {instruction, input?, output}")
-    d.add_argument("--sft", action="store_true", help="supervised fine-tuning: LLaMA2 [INST] format, loss on answers only")
+    d.add_argument("--sft", action="store_true", help="supervised fine-tuning: instruction records, loss on answers only")
+    d.add_argument("--sft-template", choices=SFT_TEMPLATES, help="--sft prompt format: LLaMA2-chat's [INST] turn (what "
+                   "sample.py --chat prompts with; default llama2), or LongAlpaca's (LongLoRA's supervised-fine-tune.py)")
+    d.add_argument("--sft-group-size", choices=("official", "quarter"), help="--sft groups per micro-batch: LongLoRA's "
+                   "SFT rule (official: T/4 if the longest example's T is a multiple of 4096, else 8192) or T/4 of the "
+                   "padded batch (default: official; quarter with --shift-wrap, as LongLoRA's non-flash path)")
     d.add_argument("--ctx", type=int, default=8192, help="training sequence length; sets the RoPE interpolation factor "
                    "ceil(ctx / the model's original context)")
     d.add_argument("--heldout", type=float, default=0.01, help="fraction of sequences held out for evaluation (evenly spread)")
@@ -170,8 +179,11 @@ def check_args(a):
     if len(sources) != 1:
         raise UsageError("give exactly one of --model, --preset, --from-scratch" + (f" (got {', '.join('--' + s.replace('_', '-') for s in sources)})" if sources else ""))
     lora_flags = [f for f in ("lora_r", "lora_alpha", "lora_dropout", "lora_targets") if getattr(a, f) is not None]
-    if a.from_scratch and (lora_flags or a.no_train_embed or a.no_train_norms):
-        raise UsageError(f"--from-scratch trains every parameter; --{(lora_flags or ['no_train_embed'])[0].replace('_', '-')} does not apply")
+    if a.full and a.from_scratch:
+        raise UsageError("--full fine-tunes --model or --preset; --from-scratch already trains every parameter")
+    if (a.from_scratch or a.full) and (lora_flags or a.no_train_embed or a.no_train_norms):
+        raise UsageError(f"--{'full' if a.full else 'from-scratch'} trains every parameter; "
+                         f"--{(lora_flags or ['no_train_embed'])[0].replace('_', '-')} does not apply")
     a.lora_r = 8 if a.lora_r is None else a.lora_r
     a.lora_alpha = 16.0 if a.lora_alpha is None else a.lora_alpha
     a.lora_dropout = 0.0 if a.lora_dropout is None else a.lora_dropout
@@ -199,6 +211,15 @@ def check_args(a):
                              + (" (ctx/4 rounded to even; use a ctx divisible by 8)" if a.group_size is None else ""))
     elif a.group_size is not None:
         raise UsageError("--group-size applies to --attn s2/sf, not full")
+    if a.sft_template and not a.sft:
+        raise UsageError("--sft-template applies to --sft")
+    a.sft_template = a.sft_template or "llama2"
+    if a.sft_group_size and not (a.sft and a.attn != "full" and a.group_size is None):
+        raise UsageError("--sft-group-size applies to --sft with --attn s2/sf and no --group-size")
+    if a.sft and a.attn != "full" and a.group_size is None:
+        a.sft_group_size = a.sft_group_size or ("quarter" if a.shift_wrap else "official")
+        if a.sft_group_size == "official" and a.shift_wrap:
+            raise UsageError("--sft-group-size official can exceed a batch, which --shift-wrap's roll cannot; use quarter")
     # SFT pads each batch to a multiple of this, so that a padded length is also tiled by the groups.
     a.pad_multiple = a.group_size if (a.attn != "full" and a.group_size) else 8
     if a.sft and a.ctx % a.pad_multiple:
@@ -229,7 +250,7 @@ def check_args(a):
 def load_data(a, tokenizer, local_rank, distributed):
     """(train split, held-out split or None). The local rank 0 of each machine tokenizes; the others wait."""
     cache = a.token_cache or os.path.join(a.out, "tokens")
-    kind = "sft" if a.sft else "text"
+    kind = f"sft-{a.sft_template}" if a.sft else "text"
 
     def prepare(paths):
         key = hashlib.sha256(json.dumps([sorted(map(os.path.abspath, paths)), kind]).encode()).hexdigest()[:16]
@@ -237,7 +258,7 @@ def load_data(a, tokenizer, local_rank, distributed):
 
         def run():
             os.makedirs(cache, exist_ok=True)
-            (prepare_sft if a.sft else prepare_tokens)(paths, tokenizer, path)
+            prepare_sft(paths, tokenizer, path, a.sft_template) if a.sft else prepare_tokens(paths, tokenizer, path)
 
         on_some_ranks(run, local_rank == 0, distributed)  # one tokenizer per machine; the others wait for it
         if a.sft:
@@ -286,7 +307,9 @@ def build_model(a, tokenizer, device, distributed):
     else:
         # Straight to this rank's device: fully_shard then shards in place and frees the full copy, instead of
         # every rank holding a converted copy of the whole model in host RAM at once.
-        model = Transformer.from_pretrained(a.model, dtype=frozen_dtype, device=device)
+        # (--full: in the checkpoint's own dtype, which the result is written in; every tensor becomes fp32 below)
+        model = Transformer.from_pretrained(a.model, dtype=None if a.full else frozen_dtype, device=device)
+    a.save_dtype = model.tok_embeddings.weight.dtype
     args = model.args
     if args.vocab_size < tokenizer.vocab_size:
         raise UsageError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model only {args.vocab_size} embeddings")
@@ -296,7 +319,7 @@ def build_model(a, tokenizer, device, distributed):
         args.rope_scaling = float(math.ceil(a.ctx / original))
         args.max_seq_len = a.ctx
     args.attn, args.group_size, args.sink_tokens, args.shift_wrap = a.attn, a.group_size, a.sink_tokens, a.shift_wrap
-    if a.from_scratch:
+    if a.from_scratch or a.full:
         model.requires_grad_(True)
     else:
         apply_lora(model, r=a.lora_r, alpha=a.lora_alpha, dropout=a.lora_dropout, targets=a.lora_targets)
@@ -464,6 +487,7 @@ def trajectory_config(a, world):
     keys = ["model", "preset", "from_scratch", "data", "eval_data", "sft", "ctx", "attn", "group_size", "sink_tokens",
             "shift_wrap", "lora_r", "lora_alpha", "lora_dropout", "lora_targets", "no_train_embed", "no_train_norms",
             "lr", "warmup", "schedule", "min_lr_ratio", "weight_decay", "beta2", "grad_clip", "seed", "heldout", "dtype"]
+    keys += (["full"] if a.full else []) + (["sft_template", "sft_group_size"] if a.sft else [])  # (older runs lack them)
     if a.schedule == "cosine":
         keys.append("steps")  # the cosine's length; a constant schedule may be extended by a larger --steps
     cfg = {k: getattr(a, k) for k in keys}
@@ -486,7 +510,7 @@ def train(a):
     log0(rank, f"model: {model.num_params() / 1e6:.2f}M parameters, ctx {a.ctx}, rope scaling {model.args.rope_scaling:g}, "
                f"attn {a.attn}, {'bf16' if a.bf16 else 'fp32'}, {world} process(es) on {device.type}" +
                (", FSDP" if distributed else ""))
-    log0(rank, f"{'trainable: all parameters (from scratch)' if a.from_scratch else trainable_summary(model)}; "
+    log0(rank, f"{'trainable: all parameters' if a.from_scratch or a.full else trainable_summary(model)}; "
                f"data: {len(train_data)} training sequences, {len(held_data) if held_data else 0} held out")
 
     # -- optimizer: only trainable tensors, so AdamW keeps fp32 state for nothing else; no decay on norms
@@ -558,6 +582,8 @@ def train(a):
                                     sum(float(x.numel() if l is None else l.sum()) for x, _, l in micro)], device, distributed)
         loss_sum = torch.zeros((), device=device)
         for x, y, lengths in micro:
+            if a.sft_group_size == "official":  # LongLoRA's rule, from the longest example (truncated at ctx)
+                model.args.group_size = longlora_sft_group_size(min(int(lengths.max()) + 1, a.ctx))
             ls = token_loss_sum(model, x.to(device), y.to(device), None if lengths is None else lengths.to(device), autocast)
             # FSDP averages gradients over ranks; times `world` makes it the sum, / n_target the global token mean.
             (ls * world / max(n_target, 1)).backward()
@@ -584,23 +610,26 @@ def train(a):
             save_checkpoint(a.out, step, model, opt, run_state(step), a.keep, rank, world)
     run_eval(step)
 
-    # -- the result: an adapter (LoRA) or a whole model (from scratch), written by rank 0
+    # -- the result, written by rank 0: an adapter (LoRA), or a whole model in the base's layout (--full,
+    # --from-scratch) in the base's dtype, with the RoPE scaling and the new context in its config
     tensors = full_trainable_state(model, keep=rank == 0)
     if rank == 0:
-        with torch.device("meta"):
-            shadow = Transformer(ModelArgs(**asdict(model.args)))
-        if not a.from_scratch:
+        args = ModelArgs(**{**asdict(model.args), "attn": "full", "group_size": None})  # how the result is used
+        if a.full or a.from_scratch:
+            if args.tie_embeddings:
+                tensors["output.weight"] = tensors["tok_embeddings.weight"]
+            layout = checkpoint_layout(a.model) if a.model else "own"
+            write_model(args, {k: v.to(a.save_dtype) for k, v in tensors.items()}, a.out, layout, tok_path)
+        else:
+            with torch.device("meta"):
+                shadow = Transformer(args)
             cfg = model.lora_config
             apply_lora(shadow, r=cfg["r"], alpha=cfg["alpha"], dropout=cfg["dropout"], targets=cfg["targets"])
             mark_trainable(shadow, embed=cfg["embed"], norms=cfg["norms"])
-        shadow.load_state_dict(tensors, strict=False, assign=True)  # frozen tensors stay on meta: never read
-        if a.from_scratch:
-            shadow.args.attn, shadow.args.group_size = "full", None
-            shadow.save_pretrained(a.out, tokenizer_path=tok_path)
-        else:
+            shadow.load_state_dict(tensors, strict=False, assign=True)  # frozen tensors stay on meta: never read
             save_adapter(shadow, a.out, ctx=a.ctx, extra={"train_args": {k: v for k, v in vars(a).items()
                                                                          if isinstance(v, (int, float, str, list, type(None)))}})
-        log0(rank, f"wrote {'model' if a.from_scratch else 'adapter'} to {a.out}")
+        log0(rank, f"wrote {'model' if a.full or a.from_scratch else 'adapter'} to {a.out}")
     if distributed:
         dist.barrier()
     return 0
