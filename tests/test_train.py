@@ -136,6 +136,25 @@ def test_sft_loss_is_the_global_token_mean_on_one_process_and_on_two_ranks(base_
     assert abs(h1[2] - h2[2]) <= FSDP_LOSS_TOL
 
 
+@pytest.mark.parametrize("rule", ["official", "quarter"])
+def test_sft_attention_groups_follow_the_chosen_rule(rule, base_dir, tmp_path, monkeypatch):
+    """official (the default): LongLoRA's SFT rule from the batch's longest example, here 8192 > T, so the
+    plain heads see whole rows; quarter: T/4 of the padded batch."""
+    import model as model_py
+
+    seen, attention = [], model_py.attention
+    monkeypatch.setattr(model_py, "attention", lambda q, k, v, mode, **kw: seen.append((mode, q.shape[1], kw["group_size"]))
+                        or attention(q, k, v, mode, **kw))
+    doc = open(os.path.join(STDLIB, "bisect.py")).read()
+    recs = [{"instruction": f"Quote part {i}.", "output": doc[i * 53:i * 53 + 40 * (i + 1)]} for i in range(4)]
+    (tmp_path / "sft.json").write_text(json.dumps(recs))
+    args = common(base_dir, str(tmp_path / "sft.json"), str(tmp_path / "tok"), ctx=256, steps=2, grad_accum=1, heldout=0,
+                  out=str(tmp_path / "out"), sft_group_size=rule) + ["--sft"]
+    assert train.main(args) == 0
+    groups = [(T, g) for mode, T, g in seen if mode == "s2"]
+    assert groups and all(g == (8192 if rule == "official" else None) for _, g in groups), groups
+
+
 def test_bf16_fsdp_trains_fp32_copies_of_only_the_trainable_tensors(base_dir, corpus, token_cache, tmp_path):
     # GPU recipe on the CPU: frozen base in bf16, trainable tensors fp32, bf16 compute / fp32 reduction.
     ref, out = str(tmp_path / "fp32"), str(tmp_path / "bf16")
