@@ -33,10 +33,11 @@ The rules, for query i and key j (always j <= i, except in the wrap ablation):
   * s2 (S²-Attn): heads 0..H/2-1 see their group, ⌊i/g⌋ = ⌊j/g⌋; heads H/2..H-1 see groups shifted by half
     a group, ⌊(i+g/2)/g⌋ = ⌊(j+g/2)/g⌋, so the first and the last half-group are segments of their own.
     This is what LongLoRA's FlashAttention-2 training path computes; nothing wraps around.
-  * s2 with wrap=True: the paper's Algorithm 1, which rolls the shifted heads by g/2 (torch.roll) before
-    cutting groups. The last half-group and the first one then share a group and, causality being taken in
-    the rolled order, the first g/2 queries of the shifted heads SEE THE LAST g/2 TOKENS OF THE SEQUENCE,
-    i.e. the future (rows 0-3, keys 12-15 above). Kept only to reproduce the paper's ablation.
+  * s2 with wrap=True: the paper's Algorithm 1 and LongLoRA's non-flash fallback (forward_noflashattn in
+    llama_attn_replace.py), which roll the shifted heads by g/2 (torch.roll) before cutting groups. The
+    last half-group and the first one then share a group and, causality being taken in the rolled order,
+    the first g/2 queries of the shifted heads SEE THE LAST g/2 TOKENS OF THE SEQUENCE, i.e. the future
+    (rows 0-3, keys 12-15 above). Kept only to reproduce the paper's ablation.
   * sf (SF-Attn, our reading of SinkLoRA, whose code does not include it): s2 without wrap, plus the first
     `sink_tokens` positions of the sequence visible to every query of every head (causally: a query at
     i < sink_tokens sees the sinks j <= i only). The shifted groups stay in their own positions.

@@ -3,7 +3,7 @@ Data preparation: documents -> one memory-mapped token file, tokenized once; win
 held-out split and the sample order. train.py trains on it, eval.py and demo.py evaluate on it.
 
     text files, folders, JSONL/JSON ({"text": ...})         JSON/JSONL records {instruction, input?, output}
-        │ prepare_tokens: [BOS] text [EOS] per document         │ prepare_sft: [BOS] [INST] prompt [/INST] answer [EOS]
+        │ prepare_tokens: [BOS] text [EOS] per document         │ prepare_sft: [BOS] prompt answer [EOS] (llama2 | longalpaca)
         ▼                                                       ▼
     tokens.bin (uint16 when the vocabulary fits, else uint32) + tokens.bin.json (+ tokens.bin.index.npy for SFT)
         │ PackedData: windows of ctx + 1 tokens                 │ SFTData: one example per row, right-padded
@@ -17,14 +17,30 @@ held-out split and the sample order. train.py trains on it, eval.py and demo.py 
     the same inputs and tokenizer reuses the file (train.py --token-cache DIR shares it between runs;
     eval.py --tokens reads it).
   * Packing. Window i is tokens[i*ctx : i*ctx + ctx + 1]: input = window[:-1], target = window[1:].
-    Neighbouring windows share one token, so every token but the very first is a target exactly once. As
-    in LongLoRA and most pre-training, a window may span two documents; the EOS/BOS pair marks the border.
+    Neighbouring windows share one token, so every token but the very first is a target exactly once. A
+    window may span two documents; the EOS/BOS pair marks the border. LongLoRA's fine-tune.py does it
+    differently (tokenize_fn, mapped over batches of 1000 documents): it joins each batch's texts with
+    the EOS token, tokenizes that once (one BOS at its start: one BOS per 1000 documents), pads it with
+    [PAD] (a token it adds, id 32000) to a multiple of ctx and cuts rows of ctx tokens, which do not
+    overlap; the [PAD] positions get no loss (DataCollatorForLanguageModeling).
   * Held-out split: round(n * fraction) windows (train.py --heldout 0.01: every ~100th), spread evenly over
     the whole corpus (not the tail of the last file), deterministically.
-  * SFT: LLaMA2-chat's format [BOS] "[INST] instruction\n\ninput [/INST]" output [EOS], prompt and answer
-    tokenized separately so that the border is exact; prompt tokens get target -100. Each micro-batch is
-    right-padded to a multiple of `multiple` (8, or train.py's --group-size) so that the S²/SF groups tile
-    it; padded positions get target -100 and the model gets `lengths`, so padded keys are never attended.
+  * SFT (train.py --sft): records {instruction, input?, output} in one of two prompt formats (sft_prompt):
+    "llama2" (the default), LLaMA2-chat's user turn "[INST] instruction\n\ninput [/INST]", the format
+    sample.py --chat prompts in, so a model tuned on it answers there; or "longalpaca", the exact strings
+    of LongLoRA's supervised-fine-tune.py, which LongAlpaca models were trained on (LLaMA2-chat's system
+    prompt when there is an input, "[INST]instruction[/INST]" without). Prompt tokens get target -100.
+    Each micro-batch is right-padded to a multiple of `multiple` (8, or train.py's --group-size); padded
+    positions get target -100 and the model gets `lengths`, so padded keys are never attended.
+  * SFT attention groups. LongLoRA's SFT pads a batch to its longest example (T tokens) and uses groups
+    of T/4 if T is a multiple of 4096, else 8192 (longlora_sft_group_size): an example of 1000 tokens gets
+    full attention, where T/4 would give it groups of 250. train.py uses this rule by default for --sft
+    (--sft-group-size official), so a short example is trained as it is used; "quarter" is T/4 of the
+    padded batch.
+  * SFT loss weighting. train.py's loss is the mean over all answer tokens of the global batch (every
+    micro-batch of every rank): an answer token weighs the same in any batch. LongLoRA's scripts use HF
+    Trainer (transformers 4.34), whose loss is the mean over one micro-batch's answer tokens, averaged
+    over the accumulation steps and the ranks: a token of a short answer weighs more.
   * Order: each epoch is a permutation drawn from (seed, epoch), so the data position is a function of the
     step alone and a resumed run reads exactly the batches the uninterrupted one would have.
 """

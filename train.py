@@ -15,8 +15,10 @@ the result):
                                         ▼
     out/metrics.jsonl, out/checkpoints/step-NNNNNN/ (resumable; checkpoint.py), and the result:
     out/adapter.safetensors + out/adapter_config.json (lora.py's format; sample.py and `lora.py merge` load it)
+    --full: every parameter trains (fp32 masters), no LoRA; the result is the whole model in --model's layout
+    and dtype, with the RoPE scaling and the new context in its config (lora.write_model)
 
-Defaults are LongLoRA's recipe: S²-Attn with groups of ctx/4, LoRA r=8 α=16 on the attention projections
+Defaults are LongLoRA's recipe: S²-Attn with groups of ctx/4 (--sft: its SFT rule, data.py), LoRA r=8 α=16 on the attention projections
 with trainable embeddings and norms, AdamW lr 2e-5 (betas 0.9/0.999, weight decay 0), 20 warmup steps then
 constant, batch 1 per device, gradient accumulation 8, 1000 steps, grad clip 1.0, bf16 on GPU, activation
 checkpointing on. --ctx sets the RoPE interpolation factor to ceil(ctx / the base's original context).
@@ -31,8 +33,10 @@ Launch:
     torchrun --nnodes=2 --nproc_per_node=8 --rdzv-backend=c10d --rdzv-endpoint=HOST:29500 train.py --model ... --out ...
     # continue a run that stopped (same flags, plus --resume; the losses continue exactly)
     torchrun --standalone --nproc_per_node=8 train.py --model llama-2-7b ... --out out/7b-32k --resume out/7b-32k
-    # supervised fine-tuning on instruction data (LongAlpaca-style JSON), LLaMA2's [INST] format
-    python train.py --sft --model out/7b-32k-merged --data LongAlpaca-12k.json --ctx 32768 --out out/sft
+    # supervised fine-tuning on instruction data as LongAlpaca (templates, groups and loss weighting: data.py)
+    python train.py --sft --sft-template longalpaca --model out/7b-32k-merged --data LongAlpaca-12k.json --ctx 32768 --out out/sft
+    # full fine-tuning: every parameter trains; writes a whole model in the base's layout
+    torchrun --standalone --nproc_per_node=8 train.py --full --model llama-2-7b-hf --data redpajama.jsonl --ctx 8192 --out out/7b-8k-full
     # pre-train a small model from scratch (full parameters, no LoRA; the CPU demo does this)
     python train.py --from-scratch demo --tokenizer tok.model --data corpus/ --ctx 256 --lr 2e-3 --out out/base
     # memory and FLOPs of a run, without loading any weights (estimate.py)
@@ -41,16 +45,15 @@ Launch:
 Decisions a reader should know about (packing, the held-out split and the sample order are in data.py;
 what a checkpoint holds and why a kill cannot break it, in checkpoint.py):
   * The loss of a step is the mean over all target tokens of the global batch (all micro-batches of all
-    ranks), not a mean of per-micro-batch means; so SFT batches with few answer tokens weigh less, and the
-    result does not depend on how the batch is split across ranks.
-  * Mixed precision (GPU): the frozen base stays bf16; the trainable tensors (LoRA, embeddings, norms) are
-    fp32 and are what AdamW sees, so optimizer state exists only for them (140M numbers of LLaMA2-7B, not
-    6.7B). FSDP2 computes in bf16 (MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32)): its one
+    ranks), not a mean of per-micro-batch means as in LongLoRA's HF Trainer scripts; so SFT batches with
+    few answer tokens weigh less, and the result does not depend on how the batch is split across ranks.
+  * Mixed precision (GPU): the frozen base stays bf16; the trainable tensors (LoRA, embeddings, norms; all
+    of them with --full) are fp32 and are what AdamW sees, so optimizer state exists only for them (140M
+    numbers of LLaMA2-7B with LoRA+, not 6.7B). FSDP2 computes in bf16 (MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32)): its one
     requirement, a single dtype over the *trainable* parameters of each fully_shard group, holds because
     all of them are fp32. A single process uses torch.autocast(bf16) for the same effect.
-  * Logging: each step rank 0 prints loss, lr, tokens/s, step time, peak memory (CUDA max allocated, or the
-    process's max RSS on CPU) and the ETA, and appends the same to out/metrics.jsonl (plus heldout_loss
-    records, with full attention, before training and every --eval-every steps when asked, and at the end).
+  * Logging: rank 0 prints each step's loss, lr, tokens/s, time, peak memory (CUDA max allocated, or max RSS)
+    and ETA, and appends them to out/metrics.jsonl, with the held-out losses (full attention).
 """
 
 import argparse
@@ -76,8 +79,8 @@ from data import (SFT_TEMPLATES, PackedData, SFTData, longlora_sft_group_size, o
                   sample_positions, split_heldout)
 from estimate import run_estimate
 from lora import DEFAULT_TARGETS, TARGETS, apply_lora, mark_trainable, save_adapter, trainable_summary, write_model
-from model import (PRESETS, CheckpointError, ModelArgs, Tokenizer, Transformer, atomic_write, checkpoint_layout, find_tokenizer,
-                   preset)
+from model import (PRESETS, CheckpointError, ModelArgs, Tokenizer, Transformer, atomic_write, checkpoint_layout,
+                   find_tokenizer, preset)
 
 
 class UsageError(Exception):
@@ -120,11 +123,10 @@ def build_parser():
     d.add_argument("--data", nargs="+", help="training text: files, folders (all files inside) or JSONL/JSON with a "
                    "'text' field; with --sft, JSON/JSONL records {instruction, input?, output}")
     d.add_argument("--sft", action="store_true", help="supervised fine-tuning: instruction records, loss on answers only")
-    d.add_argument("--sft-template", choices=SFT_TEMPLATES, help="--sft prompt format: LLaMA2-chat's [INST] turn (what "
-                   "sample.py --chat prompts with; default llama2), or LongAlpaca's (LongLoRA's supervised-fine-tune.py)")
-    d.add_argument("--sft-group-size", choices=("official", "quarter"), help="--sft groups per micro-batch: LongLoRA's "
-                   "SFT rule (official: T/4 if the longest example's T is a multiple of 4096, else 8192) or T/4 of the "
-                   "padded batch (default: official; quarter with --shift-wrap, as LongLoRA's non-flash path)")
+    d.add_argument("--sft-template", choices=SFT_TEMPLATES, default="llama2", help="--sft prompt format: LLaMA2-chat's "
+                   "[INST] turn (as sample.py --chat), or LongAlpaca's exact one (LongLoRA's supervised-fine-tune.py)")
+    d.add_argument("--sft-group-size", choices=("official", "quarter"), help="--sft groups: LongLoRA's SFT rule (default; "
+                   "see data.py) or T/4 of the padded batch (the default with --shift-wrap, as LongLoRA's non-flash path)")
     d.add_argument("--ctx", type=int, default=8192, help="training sequence length; sets the RoPE interpolation factor "
                    "ceil(ctx / the model's original context)")
     d.add_argument("--heldout", type=float, default=0.01, help="fraction of sequences held out for evaluation (evenly spread)")
@@ -136,7 +138,7 @@ def build_parser():
     at.add_argument("--group-size", type=int, help="S²/SF group size (default ctx/4, LongLoRA's ratio)")
     at.add_argument("--sink-tokens", type=int, default=4, help="SF-Attn: leading tokens every query sees")
     at.add_argument("--shift-wrap", action="store_true", help="S²: the paper's cyclic roll (leaks future tokens; ablation only)")
-    lo = p.add_argument_group("LoRA (not with --from-scratch)")
+    lo = p.add_argument_group("LoRA (not with --from-scratch or --full)")
     lo.add_argument("--lora-r", type=int, help="LoRA rank (default 8)")
     lo.add_argument("--lora-alpha", type=float, help="LoRA alpha; the update is scaled by alpha/r (default 16)")
     lo.add_argument("--lora-dropout", type=float, help="dropout on the LoRA input (default 0)")
@@ -184,10 +186,8 @@ def check_args(a):
     if (a.from_scratch or a.full) and (lora_flags or a.no_train_embed or a.no_train_norms):
         raise UsageError(f"--{'full' if a.full else 'from-scratch'} trains every parameter; "
                          f"--{(lora_flags or ['no_train_embed'])[0].replace('_', '-')} does not apply")
-    a.lora_r = 8 if a.lora_r is None else a.lora_r
-    a.lora_alpha = 16.0 if a.lora_alpha is None else a.lora_alpha
-    a.lora_dropout = 0.0 if a.lora_dropout is None else a.lora_dropout
-    a.lora_targets = list(DEFAULT_TARGETS) if a.lora_targets is None else a.lora_targets
+    for flag, default in (("lora_r", 8), ("lora_alpha", 16.0), ("lora_dropout", 0.0), ("lora_targets", list(DEFAULT_TARGETS))):
+        setattr(a, flag, default if getattr(a, flag) is None else getattr(a, flag))
     for flag in ("ctx", "steps", "batch_size", "grad_accum", "save_every", "keep", "log_every", "gpus", "lora_r"):
         if getattr(a, flag) < 1:
             raise UsageError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(a, flag)}")
@@ -211,15 +211,11 @@ def check_args(a):
                              + (" (ctx/4 rounded to even; use a ctx divisible by 8)" if a.group_size is None else ""))
     elif a.group_size is not None:
         raise UsageError("--group-size applies to --attn s2/sf, not full")
-    if a.sft_template and not a.sft:
-        raise UsageError("--sft-template applies to --sft")
-    a.sft_template = a.sft_template or "llama2"
-    if a.sft_group_size and not (a.sft and a.attn != "full" and a.group_size is None):
-        raise UsageError("--sft-group-size applies to --sft with --attn s2/sf and no --group-size")
-    if a.sft and a.attn != "full" and a.group_size is None:
-        a.sft_group_size = a.sft_group_size or ("quarter" if a.shift_wrap else "official")
-        if a.sft_group_size == "official" and a.shift_wrap:
-            raise UsageError("--sft-group-size official can exceed a batch, which --shift-wrap's roll cannot; use quarter")
+    sft_groups = a.sft and a.attn != "full" and a.group_size is None  # chosen per micro-batch by --sft-group-size
+    if (a.sft_group_size and not sft_groups) or (a.sft_group_size == "official" and a.shift_wrap):
+        raise UsageError("--sft-group-size applies to --sft with --attn s2/sf and no --group-size" if not sft_groups else
+                         "--sft-group-size official can exceed a batch, which --shift-wrap's roll cannot; use quarter")
+    a.sft_group_size = (a.sft_group_size or ("quarter" if a.shift_wrap else "official")) if sft_groups else None
     # SFT pads each batch to a multiple of this, so that a padded length is also tiled by the groups.
     a.pad_multiple = a.group_size if (a.attn != "full" and a.group_size) else 8
     if a.sft and a.ctx % a.pad_multiple:
@@ -659,18 +655,11 @@ def main(argv=None) -> int:
 if __name__ == "__main__":
     code = main()
     if "WORLD_SIZE" in os.environ:
-        # Under torchrun, leave without the interpreter's shutdown (main() has already destroyed the
-        # process group; every file is written and closed). Why: gloo runs collectives on its own C++
-        # threads, and a thread drops its last reference to a finished collective a moment *after* the
-        # caller's wait() returns; the final barrier even keeps the collectives still in flight when it was
-        # called (often the last all-gather of the adapter on rank 1), freeing them only when the barrier
-        # itself is freed. Freeing them releases their Python-owned tensors, which takes the GIL.
-        # destroy_process_group() does not stop gloo's threads, and DTensor/FSDP internals keep the group
-        # alive, so the threads outlive main(). If the interpreter is already shutting down, Python 3.11
-        # ends a thread that asks for the GIL with pthread_exit; that unwinds through a C++ destructor and
-        # std::terminate aborts the rank ("terminate called without an active exception", exit -6) after a
-        # run that succeeded (~1 in 30 torchrun runs on 2 CPU ranks). os._exit ends the process without
-        # that shutdown, so a gloo thread can never be caught half-way; nothing left needs it.
+        # Under torchrun, leave without the interpreter's shutdown (the process group is destroyed, every file
+        # written). gloo's C++ threads outlive main() and free their finished collectives (Python tensors: they
+        # take the GIL) a moment after wait() returns; during shutdown Python 3.11 ends such a thread with
+        # pthread_exit, which unwinds through a C++ destructor: std::terminate aborts a rank whose run
+        # succeeded (exit -6, ~1 in 30 runs on 2 CPU ranks). os._exit skips that shutdown; nothing needs it.
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)

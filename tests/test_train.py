@@ -334,7 +334,7 @@ BAD = {
     "data below one sequence": (dict(data="SHORT"), "fewer than one sequence"),
     "lora flag with from-scratch": (dict(model=None, from_scratch="tiny", tokenizer="TOK", lora_r=4), "--lora-r does not apply"),
     "lora flag with full": (dict(full="", lora_targets="wq"), "--full trains every parameter; --lora-targets does not apply"),
-    "sft flag without sft": (dict(sft_template="longalpaca"), "--sft-template applies to --sft"),
+    "sft group rule without sft": (dict(sft_group_size="official"), "--sft-group-size applies to --sft"),
     "two model sources": (dict(preset="tiny"), "exactly one of --model, --preset, --from-scratch"),
     "resume from another config": (dict(resume="RUN", lr=5e-4, out="NEW"), "lr=0.001"),
     "out holds checkpoints": (dict(out="RUN"), "already holds checkpoints"),
