@@ -233,16 +233,17 @@ def test_full_fine_tuning_writes_the_bases_layout(layout, hf_base, corpus, token
     from model import checkpoint_layout
 
     base_dir, out = str(tmp_path / "base"), str(tmp_path / "out")
-    base = Transformer.from_pretrained(hf_base)
-    write_model(base.args, base.state_dict(), base_dir, layout, base.tokenizer.path)
+    base = Transformer.from_pretrained(hf_base, dtype=torch.bfloat16 if layout == "meta" else torch.float32)
+    write_model(base.args, base.state_dict(), base_dir, layout, base.tokenizer.path)  # a bf16 Meta base, an fp32 own one
     assert train.main(common(base_dir, corpus, token_cache, steps=1, grad_accum=1, out=out) + ["--full"]) == 0
     assert checkpoint_layout(out) == layout
     tuned = Transformer.from_pretrained(out)  # strict
     assert (tuned.args.rope_scaling, tuned.args.max_seq_len, tuned.args.attn) == (2.0, 128, "full")
     trained = load_file(os.path.join(out, "checkpoints", "step-000001", "trainable.safetensors"))
     assert trained.keys() == tuned.state_dict().keys()
-    for k, v in tuned.state_dict().items():
-        assert torch.equal(v, trained[k]) and not torch.equal(v, base.state_dict()[k]), k
+    for k, v in tuned.state_dict().items():  # the fp32 masters, written in the base's dtype
+        assert v.dtype == base.state_dict()[k].dtype and torch.equal(v, trained[k].to(v.dtype)), k
+        assert not torch.equal(trained[k], base.state_dict()[k].float()), k  # it trained
 
 
 # train.main with a torch.save that stops, says so, and sleeps before the optimizer file of checkpoint 4
