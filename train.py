@@ -18,10 +18,11 @@ the result):
     --full: every parameter trains (fp32 masters), no LoRA; the result is the whole model in --model's layout
     and dtype, with the RoPE scaling and the new context in its config (lora.write_model)
 
-Defaults are LongLoRA's recipe: S²-Attn with groups of ctx/4 (--sft: its SFT rule, data.py), LoRA r=8 α=16 on the attention projections
-with trainable embeddings and norms, AdamW lr 2e-5 (betas 0.9/0.999, weight decay 0), 20 warmup steps then
-constant, batch 1 per device, gradient accumulation 8, 1000 steps, grad clip 1.0, bf16 on GPU, activation
-checkpointing on. --ctx sets the RoPE interpolation factor to ceil(ctx / the base's original context).
+Defaults are LongLoRA's recipe: S²-Attn with groups of ctx/4 (--sft: its SFT rule, see data.py), LoRA r=8
+α=16 on the attention projections with trainable embeddings and norms, AdamW lr 2e-5 (betas 0.9/0.999,
+weight decay 0), 20 warmup steps then constant, batch 1 per device, gradient accumulation 8, 1000 steps,
+grad clip 1.0, bf16 on GPU, activation checkpointing on. --ctx sets the RoPE interpolation factor to
+ceil(ctx / the base's original context).
 
 Launch:
 
@@ -34,9 +35,9 @@ Launch:
     # continue a run that stopped (same flags, plus --resume; the losses continue exactly)
     torchrun --standalone --nproc_per_node=8 train.py --model llama-2-7b ... --out out/7b-32k --resume out/7b-32k
     # supervised fine-tuning on instruction data as LongAlpaca (templates, groups and loss weighting: data.py)
-    python train.py --sft --sft-template longalpaca --model out/7b-32k-merged --data LongAlpaca-12k.json --ctx 32768 --out out/sft
+    python train.py --sft --sft-template longalpaca --model 7b-32k-merged --data LongAlpaca-12k.json --ctx 32768 --out sft
     # full fine-tuning: every parameter trains; writes a whole model in the base's layout
-    torchrun --standalone --nproc_per_node=8 train.py --full --model llama-2-7b-hf --data redpajama.jsonl --ctx 8192 --out out/7b-8k-full
+    torchrun --standalone --nproc_per_node=8 train.py --full --model llama-2-7b-hf --data redpajama.jsonl --ctx 8192 --out 7b-full
     # pre-train a small model from scratch (full parameters, no LoRA; the CPU demo does this)
     python train.py --from-scratch demo --tokenizer tok.model --data corpus/ --ctx 256 --lr 2e-3 --out out/base
     # memory and FLOPs of a run, without loading any weights (estimate.py)
@@ -49,9 +50,9 @@ what a checkpoint holds and why a kill cannot break it, in checkpoint.py):
     few answer tokens weigh less, and the result does not depend on how the batch is split across ranks.
   * Mixed precision (GPU): the frozen base stays bf16; the trainable tensors (LoRA, embeddings, norms; all
     of them with --full) are fp32 and are what AdamW sees, so optimizer state exists only for them (140M
-    numbers of LLaMA2-7B with LoRA+, not 6.7B). FSDP2 computes in bf16 (MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32)): its one
-    requirement, a single dtype over the *trainable* parameters of each fully_shard group, holds because
-    all of them are fp32. A single process uses torch.autocast(bf16) for the same effect.
+    numbers of LLaMA2-7B with LoRA+, not 6.7B). FSDP2 computes in bf16 (MixedPrecisionPolicy(param_dtype=
+    bf16, reduce_dtype=fp32)): its one requirement, a single dtype over the *trainable* parameters of each
+    fully_shard group, holds because all of them are fp32. A single process uses torch.autocast(bf16).
   * Logging: rank 0 prints each step's loss, lr, tokens/s, time, peak memory (CUDA max allocated, or max RSS)
     and ETA, and appends them to out/metrics.jsonl, with the held-out losses (full attention).
 """
