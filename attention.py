@@ -33,10 +33,11 @@ The rules, for query i and key j (always j <= i, except in the wrap ablation):
   * s2 (S²-Attn): heads 0..H/2-1 see their group, ⌊i/g⌋ = ⌊j/g⌋; heads H/2..H-1 see groups shifted by half
     a group, ⌊(i+g/2)/g⌋ = ⌊(j+g/2)/g⌋, so the first and the last half-group are segments of their own.
     This is what LongLoRA's FlashAttention-2 training path computes; nothing wraps around.
-  * s2 with wrap=True: the paper's Algorithm 1, which rolls the shifted heads by g/2 (torch.roll) before
-    cutting groups. The last half-group and the first one then share a group and, causality being taken in
-    the rolled order, the first g/2 queries of the shifted heads SEE THE LAST g/2 TOKENS OF THE SEQUENCE,
-    i.e. the future (rows 0-3, keys 12-15 above). Kept only to reproduce the paper's ablation.
+  * s2 with wrap=True: the paper's Algorithm 1 and LongLoRA's non-flash fallback (forward_noflashattn in
+    llama_attn_replace.py), which roll the shifted heads by g/2 (torch.roll) before cutting groups. The
+    last half-group and the first one then share a group and, causality being taken in the rolled order,
+    the first g/2 queries of the shifted heads SEE THE LAST g/2 TOKENS OF THE SEQUENCE, i.e. the future
+    (rows 0-3, keys 12-15 above). Kept only to reproduce the paper's ablation.
   * sf (SF-Attn, our reading of SinkLoRA, whose code does not include it): s2 without wrap, plus the first
     `sink_tokens` positions of the sequence visible to every query of every head (causally: a query at
     i < sink_tokens sees the sinks j <= i only). The shifted groups stay in their own positions.
@@ -52,7 +53,9 @@ The ablation of the SinkLoRA paper is two knobs: the mode chooses the sinks (s2:
 
 Group size: `group_size=None` means LongLoRA's ratio g = T/4, rounded down to an even number (half a
 group must be a whole number of tokens), so it follows T; pass an int for a fixed g (it must be even,
-2 <= g <= T). If T is not a multiple of g the last group is shorter.
+g >= 2). If T is not a multiple of g the last group is shorter. A g larger than T makes the plain heads'
+group the whole row and cuts the shifted heads at g/2 only: what LongLoRA's SFT path does with its fixed
+8192 on shorter batches (data.longlora_sft_group_size). With wrap, g <= T.
 
 Padding: `lengths` (B,) gives the number of real tokens of each row (right padding). Keys at
 j >= lengths[b] are never attended and the outputs at padded query positions are zeros. Causality
@@ -90,7 +93,7 @@ BACKENDS = ("auto", "reference", "sdpa", "flash")
 
 # ----------------------------------------------------------------------------- the specification
 
-def resolve_group_size(mode, T, group_size=None):
+def resolve_group_size(mode, T, group_size=None, wrap=False):
     """The group size g used for T tokens: LongLoRA's T/4 (made even) when group_size is None."""
     if mode == "full":
         return None
@@ -102,8 +105,8 @@ def resolve_group_size(mode, T, group_size=None):
     g = int(group_size)
     if g < 2:
         raise ValueError(f"group_size must be at least 2, got {g}")
-    if g > T:
-        raise ValueError(f"group_size {g} is larger than the sequence length T={T}")
+    if g > T and wrap:
+        raise ValueError(f"group_size {g} is larger than the sequence length T={T} (with wrap)")
     if g % 2:
         raise ValueError(f"group_size must be even for mode {mode!r} (half of the heads shift by g/2), got {g}")
     return g
@@ -117,7 +120,7 @@ def attention_pattern(mode, T, H, *, group_size=None, sink_tokens=4, wrap=False)
     causal = j <= i  # (T, T)
     if mode == "full":
         return causal.expand(H, T, T).clone()
-    g = resolve_group_size(mode, T, group_size)
+    g = resolve_group_size(mode, T, group_size, wrap)
     half = g // 2
     plain = (i // g == j // g) & causal  # heads 0 .. H/2-1
     if wrap:
@@ -359,7 +362,7 @@ def attention(q, k, v, mode="full", *, group_size=None, sink_tokens=4, wrap=Fals
     q (B, T, H, D); k, v (B, T, H_kv, D) with H % H_kv == 0 (grouped-query attention: query head h uses
     kv head h // (H/H_kv)). Returns a contiguous (B, T, H, D) in the dtype of q.
       mode        "full" | "s2" | "sf"
-      group_size  g, an even int in [2, T], or None for LongLoRA's T/4; ignored by "full"
+      group_size  g, an even int >= 2 (<= T with wrap), or None for LongLoRA's T/4; ignored by "full"
       sink_tokens number of global sink tokens of "sf" (default 4); ignored by "full" and "s2"
       wrap        the paper's cyclic roll of the shifted heads (s2/sf ablation; leaks the future)
       lengths     None or a LongTensor (B,) of real tokens per row (right padding): keys at
@@ -378,7 +381,7 @@ def attention(q, k, v, mode="full", *, group_size=None, sink_tokens=4, wrap=Fals
     if lengths is not None and (lengths.shape != (B,) or bool((lengths < 0).any()) or bool((lengths > T).any())):
         raise ValueError(f"lengths must be a (B,) tensor of values in [0, T={T}], got {lengths.tolist()}")
     _check_mode(mode, H, sink_tokens)
-    g = resolve_group_size(mode, T, group_size)
+    g = resolve_group_size(mode, T, group_size, wrap)
 
     if backend == "auto":
         backend = "flash" if _flash_available(q) else "sdpa"

@@ -3,7 +3,7 @@ Data preparation: documents -> one memory-mapped token file, tokenized once; win
 held-out split and the sample order. train.py trains on it, eval.py and demo.py evaluate on it.
 
     text files, folders, JSONL/JSON ({"text": ...})         JSON/JSONL records {instruction, input?, output}
-        │ prepare_tokens: [BOS] text [EOS] per document         │ prepare_sft: [BOS] [INST] prompt [/INST] answer [EOS]
+        │ prepare_tokens: [BOS] text [EOS] per document         │ prepare_sft: [BOS] prompt answer [EOS] (llama2 | longalpaca)
         ▼                                                       ▼
     tokens.bin (uint16 when the vocabulary fits, else uint32) + tokens.bin.json (+ tokens.bin.index.npy for SFT)
         │ PackedData: windows of ctx + 1 tokens                 │ SFTData: one example per row, right-padded
@@ -17,14 +17,30 @@ held-out split and the sample order. train.py trains on it, eval.py and demo.py 
     the same inputs and tokenizer reuses the file (train.py --token-cache DIR shares it between runs;
     eval.py --tokens reads it).
   * Packing. Window i is tokens[i*ctx : i*ctx + ctx + 1]: input = window[:-1], target = window[1:].
-    Neighbouring windows share one token, so every token but the very first is a target exactly once. As
-    in LongLoRA and most pre-training, a window may span two documents; the EOS/BOS pair marks the border.
+    Neighbouring windows share one token, so every token but the very first is a target exactly once. A
+    window may span two documents; the EOS/BOS pair marks the border. LongLoRA's fine-tune.py does it
+    differently (tokenize_fn, mapped over batches of 1000 documents): it joins each batch's texts with
+    the EOS token, tokenizes that once (one BOS at its start: one BOS per 1000 documents), pads it with
+    [PAD] (a token it adds, id 32000) to a multiple of ctx and cuts rows of ctx tokens, which do not
+    overlap; the [PAD] positions get no loss (DataCollatorForLanguageModeling).
   * Held-out split: round(n * fraction) windows (train.py --heldout 0.01: every ~100th), spread evenly over
     the whole corpus (not the tail of the last file), deterministically.
-  * SFT: LLaMA2-chat's format [BOS] "[INST] instruction\n\ninput [/INST]" output [EOS], prompt and answer
-    tokenized separately so that the border is exact; prompt tokens get target -100. Each micro-batch is
-    right-padded to a multiple of `multiple` (8, or train.py's --group-size) so that the S²/SF groups tile
-    it; padded positions get target -100 and the model gets `lengths`, so padded keys are never attended.
+  * SFT (train.py --sft): records {instruction, input?, output} in one of two prompt formats (sft_prompt):
+    "llama2" (the default), LLaMA2-chat's user turn "[INST] instruction\n\ninput [/INST]", the format
+    sample.py --chat prompts in, so a model tuned on it answers there; or "longalpaca", the exact strings
+    of LongLoRA's supervised-fine-tune.py, which LongAlpaca models were trained on (LLaMA2-chat's system
+    prompt when there is an input, "[INST]instruction[/INST]" without). Prompt tokens get target -100.
+    Each micro-batch is right-padded to a multiple of `multiple` (8, or train.py's --group-size); padded
+    positions get target -100 and the model gets `lengths`, so padded keys are never attended.
+  * SFT attention groups. LongLoRA's SFT pads a batch to its longest example (T tokens) and uses groups
+    of T/4 if T is a multiple of 4096, else 8192 (longlora_sft_group_size): an example of 1000 tokens gets
+    full attention, where T/4 would give it groups of 250. train.py uses this rule by default for --sft
+    (--sft-group-size official), so a short example is trained as it is used; "quarter" is T/4 of the
+    padded batch.
+  * SFT loss weighting. train.py's loss is the mean over all answer tokens of the global batch (every
+    micro-batch of every rank): an answer token weighs the same in any batch. LongLoRA's scripts use HF
+    Trainer (transformers 4.34), whose loss is the mean over one micro-batch's answer tokens, averaged
+    over the accumulation steps and the ranks: a token of a short answer weighs more.
   * Order: each epoch is a permutation drawn from (seed, epoch), so the data position is a function of the
     step alone and a resumed run reads exactly the batches the uninterrupted one would have.
 """
@@ -228,24 +244,65 @@ class PackedData:
 # ----------------------------------------------------------------------------------------------------
 # Supervised fine-tuning data: [INST] prompt [/INST] answer, loss on the answer only
 
-def sft_example(tokenizer, rec):
-    """(ids, n_prompt): [BOS] "[INST] instruction\\n\\ninput [/INST]" answer [EOS], LLaMA2-chat's format.
+# LongAlpaca's templates, from LongLoRA's supervised-fine-tune.py (PROMPT_DICT "prompt_input_llama2" for a
+# record with a non-empty input, "prompt_llama2" without): LLaMA2-chat's default system prompt, then the
+# instruction and the input; without input, no system prompt and no spaces inside the [INST] tags.
+LONGALPACA_SYSTEM = (
+    "[INST] <<SYS>>\n"
+    "You are a helpful, respectful and honest assistant. Always answer as helpfully as possible, while being safe.  "
+    "Your answers should not include any harmful, unethical, racist, sexist, toxic, dangerous, or illegal content. "
+    "Please ensure that your responses are socially unbiased and positive in nature.\n\n"
+    "If a question does not make any sense, or is not factually coherent, explain why instead of answering something "
+    "not correct. If you don't know the answer to a question, please don't share false information.\n"
+    "<</SYS>> \n\n ")
+SFT_TEMPLATES = ("llama2", "longalpaca")
 
-    Prompt and answer are encoded separately (then concatenated) so that the boundary between them is
-    exact: the first n_prompt ids are the prompt and get no loss.
+
+def sft_prompt(rec, template="llama2"):
+    """The prompt text of a record {instruction, input?, output}.
+
+      llama2      "[INST] instruction\n\ninput [/INST]" (or "[INST] instruction [/INST]"), fields stripped:
+                  LLaMA2-chat's user turn, the format sample.py --chat prompts in
+      longalpaca  supervised-fine-tune.py's exact strings, fields as they are (see LONGALPACA_SYSTEM)
     """
-    instruction, inp = rec["instruction"].strip(), (rec.get("input") or "").strip()
-    prompt = f"[INST] {instruction}\n\n{inp} [/INST]" if inp else f"[INST] {instruction} [/INST]"
-    prompt_ids = tokenizer.encode(prompt, bos=tokenizer.bos_id >= 0, eos=False)
+    inp = rec.get("input") or ""
+    if template == "longalpaca":
+        return (LONGALPACA_SYSTEM + f"{rec['instruction']} \n{inp} [/INST]" if inp != ""
+                else f"[INST]{rec['instruction']}[/INST]")
+    instruction, inp = rec["instruction"].strip(), inp.strip()
+    return f"[INST] {instruction}\n\n{inp} [/INST]" if inp else f"[INST] {instruction} [/INST]"
+
+
+def sft_example(tokenizer, rec, template="llama2"):
+    """(ids, n_prompt): [BOS] prompt answer [EOS]; the first n_prompt ids are the prompt and get no loss.
+
+    llama2: prompt and (stripped) answer are encoded separately, then concatenated, so that the border is
+    exact. longalpaca, as supervised-fine-tune.py: prompt + answer encoded as one text (the answer follows
+    "[/INST]" without a space), n_prompt = the length of the prompt encoded alone.
+    """
+    bos = tokenizer.bos_id >= 0
+    prompt = sft_prompt(rec, template)
+    prompt_ids = tokenizer.encode(prompt, bos=bos, eos=False)
+    if template == "longalpaca":
+        return tokenizer.encode(prompt + rec["output"], bos=bos, eos=True), len(prompt_ids)
     answer_ids = tokenizer.encode(rec["output"].strip(), bos=False, eos=True)
     return prompt_ids + answer_ids, len(prompt_ids)
 
 
-def prepare_sft(paths, tokenizer, out_path):
-    """Tokenize JSON/JSONL records {instruction, input?, output} once. Returns (tokens memmap, index) where
-    index (N, 3) int64 holds each example's start, prompt length and total length in the token file."""
+def longlora_sft_group_size(n_tokens):
+    """S²-Attn group size of LongLoRA's SFT (llama_attn_replace_sft.py, forward_flashattn) for a batch
+    whose longest example has n_tokens tokens (it pads to the longest, truncated at the context): a
+    quarter of it when it is a multiple of 4096, else 8192. A group larger than the batch is the whole
+    row for half of the heads, and cuts the other half at 4096 (attention.py allows g > T for this):
+    an example under 4097 tokens gets full attention."""
+    return n_tokens // 4 if n_tokens % 4096 == 0 else 8192
+
+
+def prepare_sft(paths, tokenizer, out_path, template="llama2"):
+    """Tokenize JSON/JSONL records {instruction, input?, output} once, in `template`'s format. Returns (tokens
+    memmap, index) where index (N, 3) int64 holds each example's start, prompt length and total length."""
     files = source_files(paths)
-    key = data_key(files, tokenizer, "sft")
+    key = data_key(files, tokenizer, f"sft-{template}")
     index_path = out_path + ".index.npy"
     if _cached(out_path, key) is None or not os.path.exists(index_path):
         if tokenizer.eos_id < 0:
@@ -259,7 +316,7 @@ def prepare_sft(paths, tokenizer, out_path):
                     ok = isinstance(rec, dict) and all(isinstance(rec.get(k), str) for k in ("instruction", "output"))
                     if not ok:
                         raise ValueError(f"{path}: record {i} needs string fields 'instruction' and 'output'")
-                    ids, n_prompt = sft_example(tokenizer, rec)
+                    ids, n_prompt = sft_example(tokenizer, rec, template)
                     index.append((start, n_prompt, len(ids)))
                     start += len(ids)
                     yield ids

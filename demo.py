@@ -25,7 +25,7 @@ in-process calls to their main() and public functions, not toy copies), with the
                  parameters): 120 steps x 4 sequences of 1024 tokens, lr 3e-3 with 10 warmup steps then
                  cosine to 3e-4; once per training attention: full, s2 with the paper's cyclic roll
                  (--shift-wrap, which lets the first half-group see the last tokens), s2 (no wrap), sf
-                 (SinkLoRA: s2 plus 4 sink tokens every query sees). Every variant of a seed sees the
+                 (our reading of SinkLoRA's SF-Attn: s2 plus 4 sink tokens every query sees). Every variant of a seed sees the
                  same batches from the same LoRA initialisation; two seeds.        -> train.py --attn ...
   6. evaluate    held-out perplexity at S, 2S, 4S on the first 131,072 held-out tokens (non-overlapping
                  windows, full attention, as the papers evaluate) for the base (no interpolation), the
@@ -96,9 +96,10 @@ SETTINGS = {
     ),
 }
 
-# The extension variants: name -> train.py flags. "s2, wrap" is the paper's Algorithm 1, whose cyclic
-# roll lets the first half-group of the shifted heads see the last tokens (future ones); "s2" is what
-# LongLoRA's FlashAttention path computes (no wrap); "sf" is SinkLoRA's SF-Attn (s2 + 4 sink tokens).
+# The extension variants: name -> train.py flags. "s2, wrap" is the paper's Algorithm 1 (and LongLoRA's
+# non-flash fallback), whose cyclic roll lets the first half-group of the shifted heads see the last tokens
+# (future ones); "s2" is what LongLoRA's default FlashAttention path computes (no wrap); "sf" is our reading
+# of SinkLoRA's SF-Attn (s2 + 4 sink tokens).
 VARIANTS = {
     "full": ["--attn", "full"],
     "s2, wrap": ["--attn", "s2", "--shift-wrap"],

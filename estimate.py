@@ -5,7 +5,7 @@ loaded): what to check before renting GPUs.
     python train.py --estimate --preset llama2-7b --ctx 32768 --gpus 8     # or --model DIR (its config only)
     python estimate.py --preset llama2-7b --ctx 32768 --gpus 8             # the same: train.py's flags and checks
 
-The run it describes is train.py's: bf16 compute under FSDP2 over --gpus GPUs, LoRA+ (or --from-scratch),
+The run it describes is train.py's: bf16 compute under FSDP2 over --gpus GPUs, LoRA+ (or --full, --from-scratch),
 --attn, --batch-size x --grad-accum sequences of --ctx tokens per GPU and step. Memory, in bytes per GPU:
 
   * sharded state: the frozen bf16 base, plus the fp32 trainable weights, their gradients and AdamW's two
@@ -191,9 +191,9 @@ def run_estimate(a):
         name = a.preset or a.from_scratch or "llama2-7b"
         m = preset(name)
     e = estimate(m, a.ctx, a.attn, a.gpus, a.batch_size, a.grad_accum, a.lora_r, a.lora_targets,
-                 not a.no_train_embed, not a.no_train_norms, full=bool(a.from_scratch), group_size=a.group_size,
+                 not a.no_train_embed, not a.no_train_norms, full=bool(a.from_scratch or a.full), group_size=a.group_size,
                  sinks=a.sink_tokens)
-    print(format_estimate(e, name, a.ctx, a.attn, a.gpus, a.batch_size, a.grad_accum, bool(a.from_scratch)))
+    print(format_estimate(e, name, a.ctx, a.attn, a.gpus, a.batch_size, a.grad_accum, bool(a.from_scratch or a.full)))
     return 0
 
 

@@ -35,9 +35,11 @@ each scoring its L-1 predictions; each token is scored at most once.
 Passkey retrieval as in LongLoRA's passkey_retrivial.py (from landmark attention): a task description,
 filler text ("The grass is green. The sky is blue. ..." repeated), the line "The pass key is 12345.
 Remember it. 12345 is the pass key." at a random depth, more filler, and "What is the pass key? The
-pass key is". Greedy decoding of as many tokens as the key has; correct only if they are exactly the
-key's tokens. Differences: the key is a random 5-digit number (LongLoRA draws 1..49999, so some keys
-are shorter), and the prompt is assembled in tokens so its length is exactly the one asked for.
+pass key is". Decoding of as many tokens as the key has; correct only if they are exactly the key's
+tokens. Differences: we always decode greedily, where LongLoRA's generate() call sets neither do_sample
+nor temperature, so it decodes as the model's generation_config.json says (greedy only if that does not
+enable sampling); the key is a random 5-digit number (LongLoRA draws 1..49999, so some keys are shorter);
+and the prompt is assembled in tokens so its length is exactly the one asked for.
 
 In-process use (demo.py): `perplexity(model, tokens, seq_len, stride)`, `passkey_prompt(...)`,
 `passkey_accuracy(model, tokenizer, lengths, trials)`, `main(argv)`.

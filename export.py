@@ -196,6 +196,21 @@ def write_meta(args: ModelArgs, state: dict, out_dir, tokenizer_path=None):
         _copy_file(tokenizer_path, os.path.join(out_dir, "tokenizer.model"))
 
 
+def write_model(args: ModelArgs, state: dict, out_dir, layout, tokenizer_path=None, shard_size="5GB"):
+    """A whole model (a state dict in Meta's names, output.weight included) in the layout "hf", "meta" or
+    "own", with the RoPE scaling and context of `args` in its config (lora.py merge; train.py --full)."""
+    if layout == "hf":
+        write_hf(args, state, out_dir, tokenizer_path, shard_size)
+    elif layout == "meta":
+        write_meta(args, state, out_dir, tokenizer_path)
+    else:
+        with torch.device("meta"):
+            plain = Transformer(args)
+        plain.load_state_dict(state, strict=True, assign=True)
+        if args.tie_embeddings:
+            plain.output.weight = plain.tok_embeddings.weight
+        plain.save_pretrained(out_dir, tokenizer_path=tokenizer_path)
+
 def peft_adapter(model: Transformer) -> tuple:
     """(adapter_config dict, {HF/PEFT name: tensor}) in PEFT's LoRA layout for a model with loaded LoRA.
 
@@ -399,18 +414,7 @@ def merge_command(a):
     model = load_finetuned(a.base, a.adapter)
     args = model.args
     state = merge_lora(model.state_dict(), model.lora_config)
-    tok = model.tokenizer.path if model.tokenizer else None
-    if a.format == "hf":
-        write_hf(args, state, a.out, tok, a.shard_size)
-    elif a.format == "meta":
-        write_meta(args, state, a.out, tok)
-    else:
-        with torch.device("meta"):
-            plain = Transformer(args)
-        plain.load_state_dict(state, strict=True, assign=True)
-        if args.tie_embeddings:
-            plain.output.weight = plain.tok_embeddings.weight
-        plain.save_pretrained(a.out, tokenizer_path=tok)
+    write_model(args, state, a.out, a.format, model.tokenizer.path if model.tokenizer else None, a.shard_size)
     print(f"merged {a.adapter} into {a.base} -> {a.out} ({a.format} layout; rope scaling {args.rope_scaling:g}, "
           f"context {args.max_seq_len})")
 

@@ -431,25 +431,30 @@ def check_state_dict(state, expected, where):
             raise CheckpointError(f"{where}: tensor {k} has shape {tuple(state[k].shape)}, the model expects {shape}")
 
 
-def read_checkpoint(path):
-    """(ModelArgs, state dict in Meta's names) from any supported directory."""
+def checkpoint_layout(path):
+    """Which layout the directory `path` holds: "meta", "own" or "hf" (read_checkpoint's dispatch)."""
     if not os.path.exists(path):
         raise CheckpointError(f"{path}: no such file or directory")
     if not os.path.isdir(path):
         raise CheckpointError(f"{path}: expected a directory holding a checkpoint")
     has = lambda name: os.path.exists(os.path.join(path, name))
     if glob.glob(os.path.join(path, "consolidated.*.pth")):
-        return read_meta(path)
+        return "meta"
     if has("params.json") and has("model.safetensors"):
-        return read_own(path)
+        return "own"
     if has("config.json"):
-        return read_hf(path)
+        return "hf"
     if has("params.json"):
         raise CheckpointError(f"{path}: params.json but no consolidated.NN.pth shards or model.safetensors")
     if glob.glob(os.path.join(path, "*.safetensors")):
         raise CheckpointError(f"{path}: safetensors files but no config.json")
     raise CheckpointError(f"{path}: not a checkpoint directory (expected Meta's params.json + consolidated.NN.pth, "
                           "or HF's config.json + *.safetensors)")
+
+
+def read_checkpoint(path):
+    """(ModelArgs, state dict in Meta's names) from any supported directory."""
+    return {"meta": read_meta, "own": read_own, "hf": read_hf}[checkpoint_layout(path)](path)
 
 
 def _read_json(path):

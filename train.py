@@ -15,11 +15,14 @@ the result):
                                         ▼
     out/metrics.jsonl, out/checkpoints/step-NNNNNN/ (resumable; checkpoint.py), and the result:
     out/adapter.safetensors + out/adapter_config.json (lora.py's format; sample.py and `lora.py merge` load it)
+    --full: every parameter trains (fp32 masters), no LoRA; the result is the whole model in --model's layout
+    and dtype, with the RoPE scaling and the new context in its config (export.write_model)
 
-Defaults are LongLoRA's recipe: S²-Attn with groups of ctx/4, LoRA r=8 α=16 on the attention projections
-with trainable embeddings and norms, AdamW lr 2e-5 (betas 0.9/0.999, weight decay 0), 20 warmup steps then
-constant, batch 1 per device, gradient accumulation 8, 1000 steps, grad clip 1.0, bf16 on GPU, activation
-checkpointing on. --ctx sets the RoPE interpolation factor to ceil(ctx / the base's original context).
+Defaults are LongLoRA's recipe: S²-Attn with groups of ctx/4 (--sft: its SFT rule, see data.py), LoRA r=8
+α=16 on the attention projections with trainable embeddings and norms, AdamW lr 2e-5 (betas 0.9/0.999,
+weight decay 0), 20 warmup steps then constant, batch 1 per device, gradient accumulation 8, 1000 steps,
+grad clip 1.0, bf16 on GPU, activation checkpointing on. --ctx sets the RoPE interpolation factor to
+ceil(ctx / the base's original context).
 
 Launch:
 
@@ -31,8 +34,10 @@ Launch:
     torchrun --nnodes=2 --nproc_per_node=8 --rdzv-backend=c10d --rdzv-endpoint=HOST:29500 train.py --model ... --out ...
     # continue a run that stopped (same flags, plus --resume; the losses continue exactly)
     torchrun --standalone --nproc_per_node=8 train.py --model llama-2-7b ... --out out/7b-32k --resume out/7b-32k
-    # supervised fine-tuning on instruction data (LongAlpaca-style JSON), LLaMA2's [INST] format
-    python train.py --sft --model out/7b-32k-merged --data LongAlpaca-12k.json --ctx 32768 --out out/sft
+    # supervised fine-tuning on instruction data as LongAlpaca (templates, groups and loss weighting: data.py)
+    python train.py --sft --sft-template longalpaca --model 7b-32k-merged --data LongAlpaca-12k.json --ctx 32768 --out sft
+    # full fine-tuning: every parameter trains; writes a whole model in the base's layout
+    torchrun --standalone --nproc_per_node=8 train.py --full --model llama-2-7b-hf --data redpajama.jsonl --ctx 8192 --out 7b-full
     # pre-train a small model from scratch (full parameters, no LoRA; the CPU demo does this)
     python train.py --from-scratch demo --tokenizer tok.model --data corpus/ --ctx 256 --lr 2e-3 --out out/base
     # memory and FLOPs of a run, without loading any weights (estimate.py)
@@ -41,16 +46,15 @@ Launch:
 Decisions a reader should know about (packing, the held-out split and the sample order are in data.py;
 what a checkpoint holds and why a kill cannot break it, in checkpoint.py):
   * The loss of a step is the mean over all target tokens of the global batch (all micro-batches of all
-    ranks), not a mean of per-micro-batch means; so SFT batches with few answer tokens weigh less, and the
-    result does not depend on how the batch is split across ranks.
-  * Mixed precision (GPU): the frozen base stays bf16; the trainable tensors (LoRA, embeddings, norms) are
-    fp32 and are what AdamW sees, so optimizer state exists only for them (140M numbers of LLaMA2-7B, not
-    6.7B). FSDP2 computes in bf16 (MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32)): its one
-    requirement, a single dtype over the *trainable* parameters of each fully_shard group, holds because
-    all of them are fp32. A single process uses torch.autocast(bf16) for the same effect.
-  * Logging: each step rank 0 prints loss, lr, tokens/s, step time, peak memory (CUDA max allocated, or the
-    process's max RSS on CPU) and the ETA, and appends the same to out/metrics.jsonl (plus heldout_loss
-    records, with full attention, before training and every --eval-every steps when asked, and at the end).
+    ranks), not a mean of per-micro-batch means as in LongLoRA's HF Trainer scripts; so SFT batches with
+    few answer tokens weigh less, and the result does not depend on how the batch is split across ranks.
+  * Mixed precision (GPU): the frozen base stays bf16; the trainable tensors (LoRA, embeddings, norms; all
+    of them with --full) are fp32 and are what AdamW sees, so optimizer state exists only for them (140M
+    numbers of LLaMA2-7B with LoRA+, not 6.7B). FSDP2 computes in bf16 (MixedPrecisionPolicy(param_dtype=
+    bf16, reduce_dtype=fp32)): its one requirement, a single dtype over the *trainable* parameters of each
+    fully_shard group, holds because all of them are fp32. A single process uses torch.autocast(bf16).
+  * Logging: rank 0 prints each step's loss, lr, tokens/s, time, peak memory (CUDA max allocated, or max RSS)
+    and ETA, and appends them to out/metrics.jsonl, with the held-out losses (full attention).
 """
 
 import argparse
@@ -71,10 +75,13 @@ import torch.distributed as dist
 from attention import resolve_group_size
 from checkpoint import (check_checkpoint, checkpoint_dirs, find_checkpoint, full_trainable_state, load_checkpoint,
                         save_checkpoint)
-from data import PackedData, SFTData, open_tokens, prepare_sft, prepare_tokens, sample_positions, split_heldout
+from data import (SFT_TEMPLATES, PackedData, SFTData, longlora_sft_group_size, open_tokens, prepare_sft, prepare_tokens,
+                  sample_positions, split_heldout)
 from estimate import run_estimate
+from export import write_model
 from lora import DEFAULT_TARGETS, TARGETS, apply_lora, mark_trainable, save_adapter, trainable_summary
-from model import PRESETS, CheckpointError, ModelArgs, Tokenizer, Transformer, atomic_write, find_tokenizer, preset
+from model import (PRESETS, CheckpointError, ModelArgs, Tokenizer, Transformer, atomic_write, checkpoint_layout,
+                   find_tokenizer, preset)
 
 
 class UsageError(Exception):
@@ -110,11 +117,17 @@ def build_parser():
     src.add_argument("--from-scratch", metavar="PRESET", choices=sorted(PRESETS),
                      help="full-parameter training of a randomly initialised PRESET (no LoRA, RoPE unscaled, vocabulary "
                           "from --tokenizer); the result is a whole model in model.py's layout")
+    src.add_argument("--full", action="store_true", help="full fine-tuning of --model (or --preset): every parameter trains, "
+                     "no LoRA (LongLoRA's --low_rank_training False); the result is a whole model in --model's layout")
     src.add_argument("--tokenizer", help="sentencepiece tokenizer.model (default: the one next to --model)")
     d = p.add_argument_group("data")
     d.add_argument("--data", nargs="+", help="training text: files, folders (all files inside) or JSONL/JSON with a "
                    "'text' field; with --sft, JSON/JSONL records {instruction, input?, output}")
-    d.add_argument("--sft", action="store_true", help="supervised fine-tuning: LLaMA2 [INST] format, loss on answers only")
+    d.add_argument("--sft", action="store_true", help="supervised fine-tuning: instruction records, loss on answers only")
+    d.add_argument("--sft-template", choices=SFT_TEMPLATES, default="llama2", help="--sft prompt format: LLaMA2-chat's "
+                   "[INST] turn (as sample.py --chat), or LongAlpaca's exact one (LongLoRA's supervised-fine-tune.py)")
+    d.add_argument("--sft-group-size", choices=("official", "quarter"), help="--sft groups: LongLoRA's SFT rule (default; "
+                   "see data.py) or T/4 of the padded batch (the default with --shift-wrap, as LongLoRA's non-flash path)")
     d.add_argument("--ctx", type=int, default=8192, help="training sequence length; sets the RoPE interpolation factor "
                    "ceil(ctx / the model's original context)")
     d.add_argument("--heldout", type=float, default=0.01, help="fraction of sequences held out for evaluation (evenly spread)")
@@ -126,7 +139,7 @@ def build_parser():
     at.add_argument("--group-size", type=int, help="S²/SF group size (default ctx/4, LongLoRA's ratio)")
     at.add_argument("--sink-tokens", type=int, default=4, help="SF-Attn: leading tokens every query sees")
     at.add_argument("--shift-wrap", action="store_true", help="S²: the paper's cyclic roll (leaks future tokens; ablation only)")
-    lo = p.add_argument_group("LoRA (not with --from-scratch)")
+    lo = p.add_argument_group("LoRA (not with --from-scratch or --full)")
     lo.add_argument("--lora-r", type=int, help="LoRA rank (default 8)")
     lo.add_argument("--lora-alpha", type=float, help="LoRA alpha; the update is scaled by alpha/r (default 16)")
     lo.add_argument("--lora-dropout", type=float, help="dropout on the LoRA input (default 0)")
@@ -169,12 +182,13 @@ def check_args(a):
     if len(sources) != 1:
         raise UsageError("give exactly one of --model, --preset, --from-scratch" + (f" (got {', '.join('--' + s.replace('_', '-') for s in sources)})" if sources else ""))
     lora_flags = [f for f in ("lora_r", "lora_alpha", "lora_dropout", "lora_targets") if getattr(a, f) is not None]
-    if a.from_scratch and (lora_flags or a.no_train_embed or a.no_train_norms):
-        raise UsageError(f"--from-scratch trains every parameter; --{(lora_flags or ['no_train_embed'])[0].replace('_', '-')} does not apply")
-    a.lora_r = 8 if a.lora_r is None else a.lora_r
-    a.lora_alpha = 16.0 if a.lora_alpha is None else a.lora_alpha
-    a.lora_dropout = 0.0 if a.lora_dropout is None else a.lora_dropout
-    a.lora_targets = list(DEFAULT_TARGETS) if a.lora_targets is None else a.lora_targets
+    if a.full and a.from_scratch:
+        raise UsageError("--full fine-tunes --model or --preset; --from-scratch already trains every parameter")
+    if (a.from_scratch or a.full) and (lora_flags or a.no_train_embed or a.no_train_norms):
+        raise UsageError(f"--{'full' if a.full else 'from-scratch'} trains every parameter; "
+                         f"--{(lora_flags or ['no_train_embed'])[0].replace('_', '-')} does not apply")
+    for flag, default in (("lora_r", 8), ("lora_alpha", 16.0), ("lora_dropout", 0.0), ("lora_targets", list(DEFAULT_TARGETS))):
+        setattr(a, flag, default if getattr(a, flag) is None else getattr(a, flag))
     for flag in ("ctx", "steps", "batch_size", "grad_accum", "save_every", "keep", "log_every", "gpus", "lora_r"):
         if getattr(a, flag) < 1:
             raise UsageError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(a, flag)}")
@@ -198,6 +212,11 @@ def check_args(a):
                              + (" (ctx/4 rounded to even; use a ctx divisible by 8)" if a.group_size is None else ""))
     elif a.group_size is not None:
         raise UsageError("--group-size applies to --attn s2/sf, not full")
+    sft_groups = a.sft and a.attn != "full" and a.group_size is None  # chosen per micro-batch by --sft-group-size
+    if (a.sft_group_size and not sft_groups) or (a.sft_group_size == "official" and a.shift_wrap):
+        raise UsageError("--sft-group-size applies to --sft with --attn s2/sf and no --group-size" if not sft_groups else
+                         "--sft-group-size official can exceed a batch, which --shift-wrap's roll cannot; use quarter")
+    a.sft_group_size = (a.sft_group_size or ("quarter" if a.shift_wrap else "official")) if sft_groups else None
     # SFT pads each batch to a multiple of this, so that a padded length is also tiled by the groups.
     a.pad_multiple = a.group_size if (a.attn != "full" and a.group_size) else 8
     if a.sft and a.ctx % a.pad_multiple:
@@ -228,7 +247,7 @@ def check_args(a):
 def load_data(a, tokenizer, local_rank, distributed):
     """(train split, held-out split or None). The local rank 0 of each machine tokenizes; the others wait."""
     cache = a.token_cache or os.path.join(a.out, "tokens")
-    kind = "sft" if a.sft else "text"
+    kind = f"sft-{a.sft_template}" if a.sft else "text"
 
     def prepare(paths):
         key = hashlib.sha256(json.dumps([sorted(map(os.path.abspath, paths)), kind]).encode()).hexdigest()[:16]
@@ -236,7 +255,7 @@ def load_data(a, tokenizer, local_rank, distributed):
 
         def run():
             os.makedirs(cache, exist_ok=True)
-            (prepare_sft if a.sft else prepare_tokens)(paths, tokenizer, path)
+            prepare_sft(paths, tokenizer, path, a.sft_template) if a.sft else prepare_tokens(paths, tokenizer, path)
 
         on_some_ranks(run, local_rank == 0, distributed)  # one tokenizer per machine; the others wait for it
         if a.sft:
@@ -285,7 +304,9 @@ def build_model(a, tokenizer, device, distributed):
     else:
         # Straight to this rank's device: fully_shard then shards in place and frees the full copy, instead of
         # every rank holding a converted copy of the whole model in host RAM at once.
-        model = Transformer.from_pretrained(a.model, dtype=frozen_dtype, device=device)
+        # (--full: in the checkpoint's own dtype, which the result is written in; every tensor becomes fp32 below)
+        model = Transformer.from_pretrained(a.model, dtype=None if a.full else frozen_dtype, device=device)
+    a.save_dtype = model.tok_embeddings.weight.dtype
     args = model.args
     if args.vocab_size < tokenizer.vocab_size:
         raise UsageError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model only {args.vocab_size} embeddings")
@@ -293,7 +314,7 @@ def build_model(a, tokenizer, device, distributed):
         # Position interpolation (LongLoRA): squeeze ctx positions into the range the model was trained on.
         args.extend_context(a.ctx)
     args.attn, args.group_size, args.sink_tokens, args.shift_wrap = a.attn, a.group_size, a.sink_tokens, a.shift_wrap
-    if a.from_scratch:
+    if a.from_scratch or a.full:
         model.requires_grad_(True)
     else:
         apply_lora(model, r=a.lora_r, alpha=a.lora_alpha, dropout=a.lora_dropout, targets=a.lora_targets)
@@ -461,6 +482,7 @@ def trajectory_config(a, world):
     keys = ["model", "preset", "from_scratch", "data", "eval_data", "sft", "ctx", "attn", "group_size", "sink_tokens",
             "shift_wrap", "lora_r", "lora_alpha", "lora_dropout", "lora_targets", "no_train_embed", "no_train_norms",
             "lr", "warmup", "schedule", "min_lr_ratio", "weight_decay", "beta2", "grad_clip", "seed", "heldout", "dtype"]
+    keys += (["full"] if a.full else []) + (["sft_template", "sft_group_size"] if a.sft else [])  # (older runs lack them)
     if a.schedule == "cosine":
         keys.append("steps")  # the cosine's length; a constant schedule may be extended by a larger --steps
     cfg = {k: getattr(a, k) for k in keys}
@@ -483,7 +505,7 @@ def train(a):
     log0(rank, f"model: {model.num_params() / 1e6:.2f}M parameters, ctx {a.ctx}, rope scaling {model.args.rope_scaling:g}, "
                f"attn {a.attn}, {'bf16' if a.bf16 else 'fp32'}, {world} process(es) on {device.type}" +
                (", FSDP" if distributed else ""))
-    log0(rank, f"{'trainable: all parameters (from scratch)' if a.from_scratch else trainable_summary(model)}; "
+    log0(rank, f"{'trainable: all parameters' if a.from_scratch or a.full else trainable_summary(model)}; "
                f"data: {len(train_data)} training sequences, {len(held_data) if held_data else 0} held out")
 
     # -- optimizer: only trainable tensors, so AdamW keeps fp32 state for nothing else; no decay on norms
@@ -555,6 +577,8 @@ def train(a):
                                     sum(float(x.numel() if l is None else l.sum()) for x, _, l in micro)], device, distributed)
         loss_sum = torch.zeros((), device=device)
         for x, y, lengths in micro:
+            if a.sft_group_size == "official":  # LongLoRA's rule, from the longest example (truncated at ctx)
+                model.args.group_size = longlora_sft_group_size(min(int(lengths.max()) + 1, a.ctx))
             ls = token_loss_sum(model, x.to(device), y.to(device), None if lengths is None else lengths.to(device), autocast)
             # FSDP averages gradients over ranks; times `world` makes it the sum, / n_target the global token mean.
             (ls * world / max(n_target, 1)).backward()
@@ -581,23 +605,26 @@ def train(a):
             save_checkpoint(a.out, step, model, opt, run_state(step), a.keep, rank, world)
     run_eval(step)
 
-    # -- the result: an adapter (LoRA) or a whole model (from scratch), written by rank 0
+    # -- the result, written by rank 0: an adapter (LoRA), or a whole model in the base's layout (--full,
+    # --from-scratch) in the base's dtype, with the RoPE scaling and the new context in its config
     tensors = full_trainable_state(model, keep=rank == 0)
     if rank == 0:
-        with torch.device("meta"):
-            shadow = Transformer(ModelArgs(**asdict(model.args)))
-        if not a.from_scratch:
+        args = ModelArgs(**{**asdict(model.args), "attn": "full", "group_size": None})  # how the result is used
+        if a.full or a.from_scratch:
+            if args.tie_embeddings:
+                tensors["output.weight"] = tensors["tok_embeddings.weight"]
+            layout = checkpoint_layout(a.model) if a.model else "own"
+            write_model(args, {k: v.to(a.save_dtype) for k, v in tensors.items()}, a.out, layout, tok_path)
+        else:
+            with torch.device("meta"):
+                shadow = Transformer(args)
             cfg = model.lora_config
             apply_lora(shadow, r=cfg["r"], alpha=cfg["alpha"], dropout=cfg["dropout"], targets=cfg["targets"])
             mark_trainable(shadow, embed=cfg["embed"], norms=cfg["norms"])
-        shadow.load_state_dict(tensors, strict=False, assign=True)  # frozen tensors stay on meta: never read
-        if a.from_scratch:
-            shadow.args.attn, shadow.args.group_size = "full", None
-            shadow.save_pretrained(a.out, tokenizer_path=tok_path)
-        else:
+            shadow.load_state_dict(tensors, strict=False, assign=True)  # frozen tensors stay on meta: never read
             save_adapter(shadow, a.out, ctx=a.ctx, extra={"train_args": {k: v for k, v in vars(a).items()
                                                                          if isinstance(v, (int, float, str, list, type(None)))}})
-        log0(rank, f"wrote {'model' if a.from_scratch else 'adapter'} to {a.out}")
+        log0(rank, f"wrote {'model' if a.full or a.from_scratch else 'adapter'} to {a.out}")
     if distributed:
         dist.barrier()
     return 0
@@ -627,18 +654,11 @@ def main(argv=None) -> int:
 if __name__ == "__main__":
     code = main()
     if "WORLD_SIZE" in os.environ:
-        # Under torchrun, leave without the interpreter's shutdown (main() has already destroyed the
-        # process group; every file is written and closed). Why: gloo runs collectives on its own C++
-        # threads, and a thread drops its last reference to a finished collective a moment *after* the
-        # caller's wait() returns; the final barrier even keeps the collectives still in flight when it was
-        # called (often the last all-gather of the adapter on rank 1), freeing them only when the barrier
-        # itself is freed. Freeing them releases their Python-owned tensors, which takes the GIL.
-        # destroy_process_group() does not stop gloo's threads, and DTensor/FSDP internals keep the group
-        # alive, so the threads outlive main(). If the interpreter is already shutting down, Python 3.11
-        # ends a thread that asks for the GIL with pthread_exit; that unwinds through a C++ destructor and
-        # std::terminate aborts the rank ("terminate called without an active exception", exit -6) after a
-        # run that succeeded (~1 in 30 torchrun runs on 2 CPU ranks). os._exit ends the process without
-        # that shutdown, so a gloo thread can never be caught half-way; nothing left needs it.
+        # Under torchrun, leave without the interpreter's shutdown (the process group is destroyed, every file
+        # written). gloo's C++ threads outlive main() and free their finished collectives (Python tensors: they
+        # take the GIL) a moment after wait() returns; during shutdown Python 3.11 ends such a thread with
+        # pthread_exit, which unwinds through a C++ destructor: std::terminate aborts a rank whose run
+        # succeeded (exit -6, ~1 in 30 runs on 2 CPU ranks). os._exit skips that shutdown; nothing needs it.
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)

@@ -1,6 +1,7 @@
 """data.py: documents are packed as [BOS] text [EOS] (checked against sentencepiece itself), the token file
 is reused until an input changes, the held-out split is spread and deterministic, SFT learns only the
-answer and pads without changing a row's loss."""
+answer and pads without changing a row's loss; LongAlpaca's templates and SFT group sizes equal LongLoRA's
+official code (its strings and rule copied here as the independent reference)."""
 
 import json
 import os
@@ -11,7 +12,8 @@ import sentencepiece as spm
 import torch
 
 from conftest import STDLIB, stdlib_text
-from data import PackedData, SFTData, prepare_sft, prepare_tokens, split_heldout
+from attention import _plan
+from data import PackedData, SFTData, longlora_sft_group_size, prepare_sft, prepare_tokens, sft_example, sft_prompt, split_heldout
 from model import Tokenizer, Transformer, preset
 from train import token_loss_sum
 
@@ -110,3 +112,53 @@ def test_sft_learns_only_the_answer_and_pads_to_a_multiple_of_8(sp_model, tmp_pa
         a = token_loss_sum(model, *alone, torch.autocast("cpu", enabled=False))
         both = token_loss_sum(model, x[2:], y[2:], lengths[2:], torch.autocast("cpu", enabled=False))
     assert x.shape[1] > alone[0].shape[1] and torch.allclose(a, both, atol=1e-4)
+
+
+# LongLoRA's supervised-fine-tune.py (dvlab-research/LongLoRA, PROMPT_DICT, lines 69-75), copied verbatim:
+# SupervisedDataset uses "prompt_input_llama2" when a record's input is not "", else "prompt_llama2" (line 187).
+OFFICIAL_PROMPT_INPUT = (
+    "[INST] <<SYS>>\n"
+    "You are a helpful, respectful and honest assistant. Always answer as helpfully as possible, while being safe.  Your answers should not include any harmful, unethical, racist, sexist, toxic, dangerous, or illegal content. Please ensure that your responses are socially unbiased and positive in nature.\n\n"
+    "If a question does not make any sense, or is not factually coherent, explain why instead of answering something not correct. If you don't know the answer to a question, please don't share false information.\n"
+    "<</SYS>> \n\n {instruction} \n{input} [/INST]"
+)
+OFFICIAL_PROMPT_NO_INPUT = "[INST]{instruction}[/INST]"
+
+
+def test_longalpaca_template_is_supervised_fine_tunes_text_and_tokenization(sp_model):
+    tok, sp = Tokenizer(sp_model), spm.SentencePieceProcessor(model_file=sp_model)
+    recs = [{"instruction": " Summarize the paper below. ", "input": "Paper text\n", "output": " It extends LLaMA2."},
+            {"instruction": "Who wrote bisect.py?", "input": "", "output": "Tim Peters, says its header."},
+            {"instruction": "Name a function.", "output": "bisect_left"}]
+    for rec in recs:
+        official = (OFFICIAL_PROMPT_INPUT if rec.get("input", "") != "" else OFFICIAL_PROMPT_NO_INPUT).format_map(rec)
+        assert sft_prompt(rec, "longalpaca") == official
+        # preprocess(): source + target tokenized as one text with BOS, target = output + EOS; the first
+        # len(tokenized source) tokens get no loss
+        ids, n_prompt = sft_example(tok, rec, "longalpaca")
+        assert ids == [sp.bos_id()] + sp.encode(official + rec["output"]) + [sp.eos_id()]
+        assert n_prompt == 1 + len(sp.encode(official))
+    assert sft_prompt(recs[0], "llama2") == "[INST] Summarize the paper below.\n\nPaper text [/INST]"  # ours, stripped
+
+
+def official_sft_segments(q_len):
+    """llama_attn_replace_sft.py, forward_flashattn (lines 102-117), for one row without padding: the
+    cu_seqlens it builds over the two halves of the heads, as segments [plain heads, shifted heads]."""
+    group_size = int(q_len * (1 / 4)) if q_len % 4096 == 0 else 8192  # group_size_ratio = 1/4, sft_group_size = 8192
+    bsz, max_s = 1, q_len
+    cu_q_lens = torch.tensor([0, q_len, 2 * q_len], dtype=torch.int32)  # unpad_input of 2 rows of q_len tokens
+    tmp = torch.arange(0, max_s, group_size, dtype=cu_q_lens.dtype)
+    tmp2 = tmp + group_size // 2
+    tmp2[tmp2 >= max_s] = torch.iinfo(tmp2.dtype).min
+    tmp = torch.stack([tmp, tmp2]).repeat(bsz, 1) + cu_q_lens[:-1].unsqueeze(-1)
+    cu = torch.cat([tmp, cu_q_lens[1:].unsqueeze(-1)], dim=-1).view(-1)
+    cu = cu[cu >= 0].tolist()
+    return [[(a, e) for a, e in zip(cu, cu[1:]) if a < q_len and e <= q_len],  # the plain heads' row
+            [(a - q_len, e - q_len) for a, e in zip(cu, cu[1:]) if a >= q_len]]  # the shifted heads' row
+
+
+@pytest.mark.parametrize("q_len", [100, 1000, 4095, 4096, 5000, 8192, 8200, 12288, 16000, 16384, 32768])
+def test_sft_group_size_cuts_every_batch_where_longlora_sft_does(q_len):
+    g = longlora_sft_group_size(q_len)
+    ours = [[(a, e) for a, e, _, _ in half] for half in _plan("s2", q_len, g, 0, False)]
+    assert ours == official_sft_segments(q_len)

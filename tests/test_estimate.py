@@ -69,3 +69,16 @@ def test_estimate_is_consistent_across_ctx_attention_and_checkpointing(capsys):
     assert "total with checkpointing" in out and "attention" in out and "6.74B" in out
     assert est.main(["--preset", "llama2-7b", "--ctx", "32768", "--gpus", "8"]) == 0  # python estimate.py ...
     assert capsys.readouterr().out == out
+
+
+def test_full_fine_tuning_estimate_shards_fp32_weights_gradients_and_adamw_of_every_parameter(capsys):
+    """train.py --estimate --full reaches estimate's full fine-tuning: 16 bytes per parameter, sharded."""
+    assert train.main(["--estimate", "--full", "--preset", "llama2-7b", "--ctx", "8192", "--gpus", "8"]) == 0
+    out = capsys.readouterr().out
+    assert "trainable 6.74B (full fine-tuning)" in out
+    e = estimate(preset("llama2-7b"), 8192, "s2", 8, 1, 8, full=True)
+    sharded = sum(e["memory"][k] for k in ("frozen weights (bf16)", "trainable weights (fp32)", "gradients (fp32)",
+                                           "AdamW state (2 x fp32)"))
+    assert abs(sharded - 16 * 6_738_415_616 / 8) < 1e3 and e["memory"]["frozen weights (bf16)"] == 0
+    lora = estimate(preset("llama2-7b"), 8192, "s2", 8, 1, 8)
+    assert e["total_ckpt"] > lora["total_ckpt"] + 10e9  # the paper: 46.3 GB (full) against 25.6 GB (LoRA+) at 8k

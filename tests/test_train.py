@@ -136,6 +136,25 @@ def test_sft_loss_is_the_global_token_mean_on_one_process_and_on_two_ranks(base_
     assert abs(h1[2] - h2[2]) <= FSDP_LOSS_TOL
 
 
+@pytest.mark.parametrize("rule", ["official", "quarter"])
+def test_sft_attention_groups_follow_the_chosen_rule(rule, base_dir, tmp_path, monkeypatch):
+    """official (the default): LongLoRA's SFT rule from the batch's longest example, here 8192 > T, so the
+    plain heads see whole rows; quarter: T/4 of the padded batch."""
+    import model as model_py
+
+    seen, attention = [], model_py.attention
+    monkeypatch.setattr(model_py, "attention", lambda q, k, v, mode, **kw: seen.append((mode, q.shape[1], kw["group_size"]))
+                        or attention(q, k, v, mode, **kw))
+    doc = open(os.path.join(STDLIB, "bisect.py")).read()
+    recs = [{"instruction": f"Quote part {i}.", "output": doc[i * 53:i * 53 + 40 * (i + 1)]} for i in range(4)]
+    (tmp_path / "sft.json").write_text(json.dumps(recs))
+    args = common(base_dir, str(tmp_path / "sft.json"), str(tmp_path / "tok"), ctx=256, steps=2, grad_accum=1, heldout=0,
+                  out=str(tmp_path / "out"), sft_group_size=rule) + ["--sft"]
+    assert train.main(args) == 0
+    groups = [(T, g) for mode, T, g in seen if mode == "s2"]
+    assert groups and all(g == (8192 if rule == "official" else None) for _, g in groups), groups
+
+
 def test_bf16_fsdp_trains_fp32_copies_of_only_the_trainable_tensors(base_dir, corpus, token_cache, tmp_path):
     # GPU recipe on the CPU: frozen base in bf16, trainable tensors fp32, bf16 compute / fp32 reduction.
     ref, out = str(tmp_path / "fp32"), str(tmp_path / "bf16")
@@ -158,6 +177,73 @@ def test_bf16_fsdp_trains_fp32_copies_of_only_the_trainable_tensors(base_dir, co
     (l_ref, _), (l_bf16, _) = losses(ref), losses(out)
     for s in l_ref:
         assert abs(l_ref[s] - l_bf16[s]) <= BF16_LOSS_TOL
+
+
+@pytest.fixture(scope="module")
+def hf_base(tmp_path_factory, sp_model):
+    """A tiny random LLaMA written by transformers itself (64 positions, so ctx 128 scales RoPE by 2)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    d = tmp_path_factory.mktemp("hf_base")
+    torch.manual_seed(0)
+    cfg = LlamaConfig(hidden_size=64, intermediate_size=192, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=512, max_position_embeddings=64, rms_norm_eps=1e-5)
+    LlamaForCausalLM(cfg).save_pretrained(str(d))
+    (d / "tokenizer.model").write_bytes(open(sp_model, "rb").read())
+    return str(d)
+
+
+def test_full_fine_tuning_two_ranks_equal_one_process_resumes_exactly_and_exports_an_hf_model(hf_base, corpus,
+                                                                                             token_cache, tmp_path):
+    """--full: every parameter trains under FSDP; HF in, HF out, RoPE scaling recorded, transformers agrees."""
+    from transformers import LlamaForCausalLM
+
+    one, two, resumed = (str(tmp_path / n) for n in ("one", "two", "resumed"))
+    assert train.main(common(hf_base, corpus, token_cache, grad_accum=2, out=one) + ["--full"]) == 0
+    run_torchrun(common(hf_base, corpus, token_cache, grad_accum=1, out=two) + ["--full"])
+    run_torchrun(common(hf_base, corpus, token_cache, grad_accum=1, out=resumed,
+                        resume=os.path.join(two, "checkpoints", "step-000002")) + ["--full"])
+    (l1, _), (l2, _), (l3, _) = losses(one), losses(two), losses(resumed)
+    assert sorted(l1) == sorted(l2) == [1, 2, 3] and list(l3) == [3]
+    for s in l1:
+        assert abs(l1[s] - l2[s]) <= FSDP_LOSS_TOL, (s, l1[s], l2[s])
+    assert abs(l3[3] - l2[3]) <= RESUME_TOL
+    base = Transformer.from_pretrained(hf_base).state_dict()
+    m1, m2, m3 = (Transformer.from_pretrained(d) for d in (one, two, resumed))  # strict: every tensor, no other
+    for d in (one, two, resumed):
+        assert os.path.exists(os.path.join(d, "config.json")) and not os.path.exists(os.path.join(d, "adapter.safetensors"))
+    s1, s2, s3 = m1.state_dict(), m2.state_dict(), m3.state_dict()
+    for k in base:
+        assert not torch.equal(s1[k], base[k]), k  # every parameter trained
+        assert torch.allclose(s1[k], s2[k], atol=FSDP_WEIGHT_TOL, rtol=0), k
+        assert torch.allclose(s2[k], s3[k], atol=RESUME_TOL, rtol=0), k
+    assert (m1.args.rope_scaling, m1.args.max_seq_len) == (2.0, 128)
+    # transformers reads the same model, RoPE scaling included, and computes the same logits
+    hf = LlamaForCausalLM.from_pretrained(one).eval()
+    tokens = torch.randint(0, 512, (1, 128), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ours = m1.eval()(tokens)
+        theirs = hf(tokens).logits
+    assert (ours - theirs).abs().max() <= 1e-4
+
+
+@pytest.mark.parametrize("layout", ["meta", "own"])
+def test_full_fine_tuning_writes_the_bases_layout(layout, hf_base, corpus, token_cache, tmp_path):
+    from export import write_model
+    from model import checkpoint_layout
+
+    base_dir, out = str(tmp_path / "base"), str(tmp_path / "out")
+    base = Transformer.from_pretrained(hf_base, dtype=torch.bfloat16 if layout == "meta" else torch.float32)
+    write_model(base.args, base.state_dict(), base_dir, layout, base.tokenizer.path)  # a bf16 Meta base, an fp32 own one
+    assert train.main(common(base_dir, corpus, token_cache, steps=1, grad_accum=1, out=out) + ["--full"]) == 0
+    assert checkpoint_layout(out) == layout
+    tuned = Transformer.from_pretrained(out)  # strict
+    assert (tuned.args.rope_scaling, tuned.args.max_seq_len, tuned.args.attn) == (2.0, 128, "full")
+    trained = load_file(os.path.join(out, "checkpoints", "step-000001", "trainable.safetensors"))
+    assert trained.keys() == tuned.state_dict().keys()
+    for k, v in tuned.state_dict().items():  # the fp32 masters, written in the base's dtype
+        assert v.dtype == base.state_dict()[k].dtype and torch.equal(v, trained[k].to(v.dtype)), k
+        assert not torch.equal(trained[k], base.state_dict()[k].float()), k  # it trained
 
 
 # train.main with a torch.save that stops, says so, and sleeps before the optimizer file of checkpoint 4
@@ -248,6 +334,8 @@ BAD = {
     "empty dataset": (dict(data="EMPTY"), "empty dataset"),
     "data below one sequence": (dict(data="SHORT"), "fewer than one sequence"),
     "lora flag with from-scratch": (dict(model=None, from_scratch="tiny", tokenizer="TOK", lora_r=4), "--lora-r does not apply"),
+    "lora flag with full": (dict(full="", lora_targets="wq"), "--full trains every parameter; --lora-targets does not apply"),
+    "sft group rule without sft": (dict(sft_group_size="official"), "--sft-group-size applies to --sft"),
     "two model sources": (dict(preset="tiny"), "exactly one of --model, --preset, --from-scratch"),
     "resume from another config": (dict(resume="RUN", lr=5e-4, out="NEW"), "lr=0.001"),
     "out holds checkpoints": (dict(out="RUN"), "already holds checkpoints"),
@@ -267,7 +355,7 @@ def test_bad_input_is_one_line_and_exit_2(case, base_dir, corpus, token_cache, s
     argv = []
     for k, v in args.items():
         if v is not None:
-            argv += [f"--{k.replace('_', '-')}", str(v)]
+            argv += [f"--{k.replace('_', '-')}"] + ([str(v)] if v != "" else [])  # "": a switch
     assert train.main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
