@@ -4,6 +4,7 @@
     python bench.py attention --quick    # the same at T = 1024, 2048 (seconds instead of minutes)
     python bench.py train --threads 1    # one LoRA training step at ctx 4096: full, s2, sf, and HF + PEFT
     python bench.py sample               # decode tokens/s: KV cache vs recomputation, h2o vs full, ours vs HF
+    python bench.py gpu                  # the GPU acceptance check of gpu_check.py (one CUDA GPU, ~minutes)
 
 `attention` times forward + backward of attention.attention() for each mode on the same inputs
 (B=1, H=8, D=64, group size T/4, 4 sinks) and reports the median time, the peak memory, and both as
@@ -21,6 +22,7 @@ import time
 
 import torch
 
+import gpu_check
 from attention import attention
 
 MODES = ("full", "s2", "sf")
@@ -240,7 +242,8 @@ def bench_train(args):
             step(k)
             times[k].append(time.perf_counter() - t0)
             cpu[k].append(time.process_time() - c0)
-    peaks = {k: _peak_alloc_bytes(lambda: step(k), torch.cuda.is_available()) for k in variants}
+    # the memory of the device the step ran on: this bench runs on the CPU even where CUDA exists
+    peaks = {k: _peak_alloc_bytes(lambda: step(k), x.device.type == "cuda") for k in variants}
     tokens = args.batch_size * T
     print(f"train step (forward + backward + AdamW), preset {args.preset}, batch {args.batch_size} x ctx {T} "
           f"(RoPE scaling {scaling:g}), LoRA r=8 alpha=16 on wq wk wv wo + embeddings and norms, activation "
@@ -427,6 +430,12 @@ def main():
     p.add_argument("--repeats", type=int, default=3, help="runs per variant, round-robin; the best counts (default 3)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
     p.set_defaults(run=bench_sample)
+
+    p = sub.add_parser("gpu", help="the GPU acceptance check (gpu_check.py): every CUDA path end to end, one table",
+                       description="Attention backends in bf16 against the reference, train.py under torchrun and in one "
+                                   "process, sample.py with each cache, eval.py against the CPU, and GPU figures. Without "
+                                   "CUDA it prints one line and exits 0.")
+    p.set_defaults(run=lambda args: sys.exit(gpu_check.main()))
 
     args = parser.parse_args()
     if args.command == "attention":
