@@ -28,6 +28,12 @@ from attention import attention
 MODES = ("full", "s2", "sf")
 
 
+def fail(message):
+    """A user's mistake: one `error:` line and exit status 2, no traceback."""
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
 # ----------------------------------------------------------------------------- attention
 
 def _step(q, k, v, grad_out, mode, backend):
@@ -86,7 +92,7 @@ def _peak_bytes(q, k, v, grad_out, mode, backend):
 def bench_attention(args):
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("error: --device cuda but CUDA is not available")
+        fail("--device cuda but CUDA is not available")
     Ts = [1024, 2048] if args.quick else args.T
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -440,11 +446,13 @@ def main():
     args = parser.parse_args()
     if args.command == "attention":
         if args.repeats < 1:
-            raise SystemExit(f"error: --repeats must be at least 1, got {args.repeats}")
+            fail(f"--repeats must be at least 1, got {args.repeats}")
         if args.threads < 0:
-            raise SystemExit(f"error: --threads must be >= 0, got {args.threads}")
+            fail(f"--threads must be >= 0, got {args.threads}")
         if min(args.T) < 8:
-            raise SystemExit(f"error: every --T must be at least 8 (group size T/4 must be even and >= 2), got {min(args.T)}")
+            fail(f"every --T must be at least 8 (group size T/4 must be even and >= 2), got {min(args.T)}")
+        if args.backend == "flash" and (args.device == "cpu" or "float32" in args.dtype):
+            fail("--backend flash runs on CUDA fp16/bf16 only: add --device cuda --dtype bfloat16")
     args.run(args)
 
 

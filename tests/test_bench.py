@@ -58,3 +58,10 @@ def test_gpu_checks_attention_comparison_passes_sdpa_and_catches_a_wrong_result(
     monkeypatch.setattr(A, "_sdpa_grouped", lambda *args: grouped(*args) * 1.03)
     [(_, result, _, ok)] = gpu_check.check_attention("cpu", ["sdpa"])
     assert not ok, result
+
+
+def test_attention_bench_refuses_flash_on_fp32_or_cpu_with_one_error_line():
+    r = subprocess.run([sys.executable, "bench.py", "attention", "--backend", "flash", "--device", "cuda"],
+                       cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 2 and r.stdout == ""
+    assert r.stderr.splitlines() == ["error: --backend flash runs on CUDA fp16/bf16 only: add --device cuda --dtype bfloat16"]
