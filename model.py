@@ -156,9 +156,9 @@ def rope_rotate(args: ModelArgs, positions: torch.Tensor):
     """rotate(x, p): RoPE of x (B, T, H, D) by positions p, for one forward pass.
 
     The cos and sin of `positions` (the forward's own) are computed here, once, and every layer reuses
-    them: a decoding step would otherwise spend about half of its small kernels recomputing the same
-    angles twice per layer. Other positions (the sink cache rotates by index in the cache) are computed
-    on demand.
+    them, instead of recomputing the same angles for q and for k in every layer: a decoding step is a
+    few hundred small kernels, and those were a fifth of them. Other positions (the sink cache rotates
+    by index in the cache) are computed on demand.
     """
     cos, sin = rope_angles(positions, args.head_dim, args.rope_theta, args.rope_scaling)  # (T, D/2) each
 
