@@ -181,7 +181,9 @@ class Attention(nn.Module):
         self.wv = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
         self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
 
-    def forward(self, x, positions, rotate, lengths=None, cache=None):
+    def forward(self, x, positions, lengths=None, cache=None, rotate=None):
+        """rotate: the forward's rope_rotate, shared by all layers; a layer called alone makes its own."""
+        rotate = rotate or rope_rotate(self.args, positions)
         B, T, _ = x.shape
         q = self.wq(x).view(B, T, self.n_heads, self.head_dim)  # (B, T, H, D)
         k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)  # (B, T, H_kv, D)
@@ -219,8 +221,8 @@ class TransformerBlock(nn.Module):
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
         self.feed_forward = FeedForward(args.dim, args.hidden_dim)
 
-    def forward(self, x, positions, rotate, lengths=None, cache=None):
-        h = x + self.attention(self.attention_norm(x), positions, rotate, lengths, cache)
+    def forward(self, x, positions, lengths=None, cache=None, rotate=None):
+        h = x + self.attention(self.attention_norm(x), positions, lengths, cache, rotate)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -307,9 +309,9 @@ class Transformer(nn.Module):
         h = self.tok_embeddings(tokens)  # (B, T, dim)
         for layer in self.layers:
             if self.gradient_checkpointing and self.training:
-                h = torch.utils.checkpoint.checkpoint(layer, h, positions, rotate, lengths, None, use_reentrant=False)
+                h = torch.utils.checkpoint.checkpoint(layer, h, positions, lengths, None, rotate, use_reentrant=False)
             else:
-                h = layer(h, positions, rotate, lengths, cache)
+                h = layer(h, positions, lengths, cache, rotate)
         if cache is not None:
             cache.pos += T
         logits = self.output(self.norm(h))  # (B, T, vocab_size)
