@@ -74,7 +74,15 @@ Three implementations of the same function, all tested against the dense pattern
     group), with separate query and key boundaries (cu_seqlens) when keys are prepended; its causal
     mask is aligned to the bottom right, which is what a group with prepended keys needs. Padding is
     handled by cutting each row at its length, so batches with padding and several rows are right.
-backend="auto" picks flash when flash-attn is installed and q is fp16/bf16 on CUDA, sdpa otherwise.
+backend="auto" picks flash when q is fp16/bf16 on CUDA and flash-attn >= 2.1 provides
+flash_attn_varlen_func (before 2.1 its causal mask was aligned to the top left, which is wrong for a
+group with prepended keys; flash-attn 4 installs only flash_attn.cute), sdpa otherwise.
+
+The lengths of the rows are read to the host once (`lengths.tolist()`), and everything built from
+them and from T, g (the flash path's packed indices and cu_seqlens, the padding mask) is built once on
+the device and kept in a small cache: the layers of a model, and the recomputation of each layer in
+backward, then reuse it without a host->device copy. A model reads the lengths once per forward and
+passes them as ints (a tuple), so that no layer waits for the device.
 
 Usage:
     from attention import attention
@@ -82,7 +90,10 @@ Usage:
     python attention.py --T 16 --group-size 8          # draw the patterns
 """
 import argparse
+import functools
+import itertools
 import math
+import re
 
 import torch
 import torch.nn.functional as F
@@ -135,8 +146,16 @@ def attention_pattern(mode, T, H, *, group_size=None, sink_tokens=4, wrap=False)
     return torch.cat([plain.expand(H // 2, T, T), shifted.expand(H // 2, T, T)])  # (H, T, T)
 
 
+@functools.lru_cache(maxsize=32)
+def _valid(T, lengths, device):
+    """(B, T) bool on the device, True at the real tokens of each row; lengths a tuple of B ints.
+    Built once per (T, lengths, device): every layer reuses it without a host->device copy."""
+    return (torch.arange(T)[None, :] < torch.tensor(lengths)[:, None]).to(device)
+
+
 def _reference(q, k, v, pattern, lengths):
-    """Dense masked attention in fp32: the readable definition the fast paths are tested against."""
+    """Dense masked attention in fp32: the readable definition the fast paths are tested against.
+    lengths: None or a tuple of B ints."""
     B, T, H, D = q.shape
     rep = H // k.shape[2]
     k = k.repeat_interleave(rep, dim=2)  # (B, T, H, D): query head h uses kv head h // rep
@@ -145,7 +164,7 @@ def _reference(q, k, v, pattern, lengths):
     scores = torch.einsum("bihd,bjhd->bhij", q.to(dtype), k.to(dtype)) / math.sqrt(D)  # (B, H, T, T)
     allowed = pattern.to(q.device)[None]  # (1, H, T, T)
     if lengths is not None:
-        valid = torch.arange(T, device=q.device)[None, :] < lengths.to(q.device)[:, None]  # (B, T)
+        valid = _valid(T, lengths, q.device)  # (B, T)
         # padded queries may look anywhere (keeps their softmax finite); their output is zeroed below
         allowed = allowed & valid[:, None, None, :] | ~valid[:, None, :, None]  # (B, H, T, T)
     probs = scores.masked_fill(~allowed, float("-inf")).softmax(dim=-1)  # (B, H, T, T)
@@ -180,13 +199,13 @@ def _segments(T, g, shifted, wrap, sinks):
             else:  # the group wraps: the tail [a, T) comes first, then the head [0, a+m-T) sees all of it
                 segments.append((a, T, 0, min(sinks, a)))
                 segments.insert(0, (0, a + m - T, a, T))
-    return segments
+    return tuple(segments)
 
 
 def _plan(mode, T, g, sink_tokens, wrap):
-    """The segments of each half of the heads: [plain heads, shifted heads]."""
+    """The segments of each half of the heads: (plain heads, shifted heads), tuples (cache keys of _packing)."""
     sinks = sink_tokens if mode == "sf" else 0
-    return [_segments(T, g, False, wrap, sinks), _segments(T, g, True, wrap, sinks)]
+    return _segments(T, g, False, wrap, sinks), _segments(T, g, True, wrap, sinks)
 
 
 # ----------------------------------------------------------------------------- sdpa backend
@@ -199,8 +218,7 @@ def _sdpa_full(q, k, v, lengths):
     # fused CPU and CUDA kernels already lay their output out this way, so this copies nothing.)
     out = out.transpose(1, 2).contiguous()  # (B, T, H, D)
     if lengths is not None:
-        valid = torch.arange(T, device=q.device)[None, :] < lengths.to(q.device)[:, None]  # (B, T)
-        out = out * valid[:, :, None, None]  # padded queries -> zeros
+        out = out * _valid(T, lengths, q.device)[:, :, None, None]  # padded queries -> zeros
     return out
 
 
@@ -230,7 +248,7 @@ def _attend_segments(q, k, v, segments, L):
         sizes.append(T - sum(sizes))  # the padded tail
     # (a split or cat of a single piece would still copy, and the backward of a split is a cat)
     q_parts, k_parts, v_parts = ((t.split(sizes) if len(sizes) > 1 else (t,)) for t in (q, k, v))
-    part_starts = [0, *torch.tensor(sizes).cumsum(0).tolist()]
+    part_starts = [0, *itertools.accumulate(sizes)]
 
     def prefix_rows(parts, full, p0, p1):
         # rows [p0, p1), taken from the split part that holds them if there is one: the backward of a
@@ -267,7 +285,7 @@ def _sdpa_grouped(q, k, v, plan, lengths):
         # the halves of the query heads must find their own kv heads; with an odd number of kv heads
         # (multi-query attention, say) one kv head serves both halves, so expand them to H heads
         k, v = k.repeat_interleave(H // k.shape[2], dim=2), v.repeat_interleave(H // k.shape[2], dim=2)
-    Ls = [T] * B if lengths is None else lengths.tolist()
+    Ls = [T] * B if lengths is None else lengths
     rows = []
     # one row at a time, each a view; (squeeze for a single row: its backward is a view too, unbind's a stack)
     unbind = (lambda t: t.unbind(0)) if B > 1 else (lambda t: (t.squeeze(0),))
@@ -280,30 +298,40 @@ def _sdpa_grouped(q, k, v, plan, lengths):
 
 # ----------------------------------------------------------------------------- flash backend
 
+@functools.cache
 def _flash_varlen():
-    """flash_attn_varlen_func, imported only when the flash backend runs (tests replace this function)."""
+    """(flash_attn_varlen_func, None) when a usable flash-attn is installed, else (None, why not). Looked up once.
+
+    Usable means FlashAttention-2 at version 2.1 or later: before 2.1, when a sequence has more keys than
+    queries its causal mask is aligned to the top left (query r sees keys c <= r), so a group with
+    prepended sink or wrapped keys would silently attend to the wrong keys; from 2.1 on it is aligned to
+    the bottom right (c <= r + len_k - len_q), what the prepended keys need. flash-attn 4's wheel installs
+    only the package flash_attn.cute, without flash_attn_varlen_func: the import below fails for it.
+    """
     try:
+        import flash_attn
         from flash_attn import flash_attn_varlen_func
     except ImportError as e:
-        raise ValueError(f"backend 'flash' needs the flash-attn package, which cannot be imported ({e})") from e
-    return flash_attn_varlen_func
+        return None, f"flash-attn 2 cannot be imported ({e})"
+    version = getattr(flash_attn, "__version__", "")
+    found = re.match(r"(\d+)\.(\d+)", version)
+    if found is None or tuple(map(int, found.groups())) < (2, 1):
+        return None, (f"flash-attn {version or '(no version)'} is older than 2.1, whose causal mask is aligned to "
+                      "the top left: wrong for S2/SF groups with prepended keys")
+    return flash_attn_varlen_func, None
 
 
-def _flash_available(q):
-    if q.device.type != "cuda" or q.dtype not in (torch.float16, torch.bfloat16):
-        return False
-    try:
-        import flash_attn  # noqa: F401
-    except ImportError:
-        return False
-    return True
+def _flash_runs_on(q):
+    """FlashAttention-2 runs on CUDA fp16/bf16 tensors only."""
+    return q.device.type == "cuda" and q.dtype in (torch.float16, torch.bfloat16)
 
 
 def _pack(segments, T, Ls, device):
     """Row indices into the flattened (B*T) tokens, and the cumulative boundaries, for every (row, segment).
 
     Each row is cut at its own length, so padding never enters a sequence and sequence b of the
-    batch starts at b*T: the boundaries come from the real lengths, not from T.
+    batch starts at b*T: the boundaries come from the real lengths, not from T. Built on the host,
+    then copied to the device in one go; _packing keeps the result.
     """
     q_rows, k_rows, q_lens, k_lens = [], [], [], []
     for b, L in enumerate(Ls):
@@ -315,27 +343,40 @@ def _pack(segments, T, Ls, device):
             k_rows += [torch.arange(b * T + p0, b * T + p1), q_rows[-1]]  # prefix keys, then the segment
             q_lens.append(e - a)
             k_lens.append(e - a + p1 - p0)
-    cu_q = torch.tensor([0, *q_lens]).cumsum(0).to(device=device, dtype=torch.int32)  # (n_seq + 1,)
-    cu_k = torch.tensor([0, *k_lens]).cumsum(0).to(device=device, dtype=torch.int32)  # (n_seq + 1,)
-    return torch.cat(q_rows).to(device), torch.cat(k_rows).to(device), cu_q, cu_k, max(q_lens), max(k_lens)
+    q_rows, k_rows = torch.cat(q_rows), torch.cat(k_rows)
+    cu_q = torch.tensor([0, *itertools.accumulate(q_lens)], dtype=torch.int32)  # (n_seq + 1,)
+    cu_k = torch.tensor([0, *itertools.accumulate(k_lens)], dtype=torch.int32)  # (n_seq + 1,)
+    # one host->device copy of the four index tensors together
+    on_device = torch.cat([q_rows, k_rows, cu_q.long(), cu_k.long()]).to(device)
+    q_rows, k_rows, cu_q, cu_k = on_device.split([len(q_rows), len(k_rows), len(cu_q), len(cu_k)])
+    return q_rows, k_rows, cu_q.int(), cu_k.int(), max(q_lens), max(k_lens)
+
+
+@functools.lru_cache(maxsize=32)
+def _packing(segments, T, Ls, device):
+    """_pack's result, kept on the device: the layers of a model (and their recomputation in backward)
+    share one packing per half of the heads instead of rebuilding and copying it each time."""
+    return _pack(segments, T, Ls, device)
 
 
 def _flash(q, k, v, plan, lengths):
     B, T, H, D = q.shape
-    Ls = [T] * B if lengths is None else lengths.tolist()
+    Ls = (T,) * B if lengths is None else lengths
     if plan is None:  # full attention: one sequence per row, all heads together
-        heads = [(q, k, v, [(0, T, 0, 0)])]
+        heads = [(q, k, v, ((0, T, 0, 0),))]
     else:
         if k.shape[2] % 2:  # see _sdpa_grouped
             k, v = k.repeat_interleave(H // k.shape[2], dim=2), v.repeat_interleave(H // k.shape[2], dim=2)
         heads = list(zip(q.chunk(2, dim=2), k.chunk(2, dim=2), v.chunk(2, dim=2), plan))
     if sum(Ls) == 0:
         return q.new_zeros(B, T, H, D)
-    varlen = _flash_varlen()
+    varlen, why_not = _flash_varlen()
+    if varlen is None:
+        raise ValueError(f"backend 'flash': {why_not}")
     outs = []
     for qh, kh, vh, segments in heads:  # (B, T, h, D), (B, T, h_kv, D)
         h, h_kv = qh.shape[2], kh.shape[2]
-        q_rows, k_rows, cu_q, cu_k, max_q, max_k = _pack(segments, T, Ls, q.device)
+        q_rows, k_rows, cu_q, cu_k, max_q, max_k = _packing(segments, T, Ls, q.device)
         qp = qh.reshape(B * T, h, D)[q_rows]  # (total_q, h, D): the packed queries
         kp = kh.reshape(B * T, h_kv, D)[k_rows]  # (total_k, h_kv, D)
         vp = vh.reshape(B * T, h_kv, D)[k_rows]  # (total_k, h_kv, D)
@@ -365,8 +406,9 @@ def attention(q, k, v, mode="full", *, group_size=None, sink_tokens=4, wrap=Fals
       group_size  g, an even int >= 2 (<= T with wrap), or None for LongLoRA's T/4; ignored by "full"
       sink_tokens number of global sink tokens of "sf" (default 4); ignored by "full" and "s2"
       wrap        the paper's cyclic roll of the shifted heads (s2/sf ablation; leaks the future)
-      lengths     None or a LongTensor (B,) of real tokens per row (right padding): keys at
-                  j >= lengths[b] are never attended, outputs at padded queries are zeros
+      lengths     None, or the real tokens per row (right padding) as a tuple of B ints or a LongTensor
+                  (B,) (read once with .tolist(), which waits for the device: a model passes ints);
+                  keys at j >= lengths[b] are never attended, outputs at padded queries are zeros
       backend     "auto" | "reference" | "sdpa" | "flash"
     """
     if backend not in BACKENDS:
@@ -378,13 +420,20 @@ def attention(q, k, v, mode="full", *, group_size=None, sink_tokens=4, wrap=Fals
         raise ValueError(f"k, v {tuple(k.shape)} do not fit q {tuple(q.shape)} (same B, T, D and H % H_kv == 0 needed)")
     if not (q.dtype == k.dtype == v.dtype):
         raise ValueError(f"q, k, v must have one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
-    if lengths is not None and (lengths.shape != (B,) or bool((lengths < 0).any()) or bool((lengths > T).any())):
-        raise ValueError(f"lengths must be a (B,) tensor of values in [0, T={T}], got {lengths.tolist()}")
+    if torch.is_tensor(lengths):
+        lengths = lengths.tolist()
+    if lengths is not None:
+        lengths = tuple(lengths)  # a cache key of the masks and packings built from it
+        if len(lengths) != B or not all(isinstance(L, int) and 0 <= L <= T for L in lengths):
+            raise ValueError(f"lengths must be B={B} ints in [0, T={T}], got {list(lengths)}")
     _check_mode(mode, H, sink_tokens)
     g = resolve_group_size(mode, T, group_size, wrap)
 
     if backend == "auto":
-        backend = "flash" if _flash_available(q) else "sdpa"
+        backend = "flash" if _flash_runs_on(q) and _flash_varlen()[0] is not None else "sdpa"
+    if backend == "flash" and not _flash_runs_on(q):
+        raise ValueError(f"backend 'flash' needs CUDA fp16/bf16 tensors, got {q.dtype} on {q.device.type}; "
+                         "use backend 'sdpa' or 'auto'")
     if backend == "reference":
         pattern = attention_pattern(mode, T, H, group_size=g, sink_tokens=sink_tokens, wrap=wrap)
         return _reference(q, k, v, pattern, lengths)

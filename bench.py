@@ -5,6 +5,7 @@
     python bench.py train --threads 1    # one LoRA training step at ctx 4096: full, s2, sf, and HF + PEFT;
                                          # then at vocab 32000, ctx 8192: the loss and feed-forward whole vs chunked
     python bench.py sample               # decode tokens/s: KV cache vs recomputation, h2o vs full, ours vs HF
+    python bench.py gpu                  # the GPU acceptance check of gpu_check.py (one CUDA GPU, ~minutes)
 
 `attention` times forward + backward of attention.attention() for each mode on the same inputs
 (B=1, H=8, D=64, group size T/4, 4 sinks) and reports the median time, the peak memory, and both as
@@ -22,9 +23,16 @@ import time
 
 import torch
 
+import gpu_check
 from attention import attention
 
 MODES = ("full", "s2", "sf")
+
+
+def fail(message):
+    """A user's mistake: one `error:` line and exit status 2, no traceback."""
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(2)
 
 
 # ----------------------------------------------------------------------------- attention
@@ -85,7 +93,7 @@ def _peak_bytes(q, k, v, grad_out, mode, backend):
 def bench_attention(args):
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("error: --device cuda but CUDA is not available")
+        fail("--device cuda but CUDA is not available")
     Ts = [1024, 2048] if args.quick else args.T
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -241,7 +249,8 @@ def bench_train(args):
             step(k)
             times[k].append(time.perf_counter() - t0)
             cpu[k].append(time.process_time() - c0)
-    peaks = {k: _peak_alloc_bytes(lambda: step(k), torch.cuda.is_available()) for k in variants}
+    # the memory of the device the step ran on: this bench runs on the CPU even where CUDA exists
+    peaks = {k: _peak_alloc_bytes(lambda: step(k), x.device.type == "cuda") for k in variants}
     tokens = args.batch_size * T
     print(f"train step (forward + backward + AdamW), preset {args.preset}, batch {args.batch_size} x ctx {T} "
           f"(RoPE scaling {scaling:g}), LoRA r=8 alpha=16 on wq wk wv wo + embeddings and norms, activation "
@@ -519,14 +528,22 @@ def main():
     p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
     p.set_defaults(run=bench_sample)
 
+    p = sub.add_parser("gpu", help="the GPU acceptance check (gpu_check.py): every CUDA path end to end, one table",
+                       description="Attention backends in bf16 against the reference, train.py under torchrun and in one "
+                                   "process, sample.py with each cache, eval.py against the CPU, and GPU figures. Without "
+                                   "CUDA it prints one line and exits 0.")
+    p.set_defaults(run=lambda args: sys.exit(gpu_check.main()))
+
     args = parser.parse_args()
     if args.command == "attention":
         if args.repeats < 1:
-            raise SystemExit(f"error: --repeats must be at least 1, got {args.repeats}")
+            fail(f"--repeats must be at least 1, got {args.repeats}")
         if args.threads < 0:
-            raise SystemExit(f"error: --threads must be >= 0, got {args.threads}")
+            fail(f"--threads must be >= 0, got {args.threads}")
         if min(args.T) < 8:
-            raise SystemExit(f"error: every --T must be at least 8 (group size T/4 must be even and >= 2), got {min(args.T)}")
+            fail(f"every --T must be at least 8 (group size T/4 must be even and >= 2), got {min(args.T)}")
+        if args.backend == "flash" and (args.device == "cpu" or "float32" in args.dtype):
+            fail("--backend flash runs on CUDA fp16/bf16 only: add --device cuda --dtype bfloat16")
     args.run(args)
 
 

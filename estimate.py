@@ -75,20 +75,19 @@ def layer_activation_bytes(m: ModelArgs, full=False, norms=True, lora_r=8, targe
                      gradient 2d (only if the norm trains)
       wq wk wv       their shared bf16 input 2d, kept for the LoRA A matrices (full fine-tuning: for the weights)
       LoRA           each target's A·x, r numbers: 2r per target
-      RoPE           the cos/sin tables, computed for q and k: 4 x (head_dim / 2) fp32 = 8 head_dim
+      RoPE           nothing per layer: its cos/sin are computed once per forward and shared by every layer
       attention      q, k, v and the output in bf16 (2d + 4kv + 2d; the output is also wo's input) and the
                      fp32 log-sum-exp per head 4H (FlashAttention and SDPA keep no T x T matrix)
       SwiGLU         w1·x (for silu), silu(w1·x) and w3·x (for their product): 3 x 2F; full fine-tuning
                      also keeps the frozen-in-LoRA inputs of w1/w3 (2d) and of w2 (2F)
     """
-    d, kv, F_, H, hd = m.dim, m.n_kv_heads * m.head_dim, m.hidden_dim, m.n_heads, m.head_dim
+    d, kv, F_, H = m.dim, m.n_kv_heads * m.head_dim, m.hidden_dim, m.n_heads
     norm = 4 * d + 4 + (2 * d if norms or full else 0)  # + the fp32 rsqrt, one number per token
     attn_inputs = 2 * d
     lora = 0 if full else 2 * lora_r * sum(t in targets for t in ("wq", "wk", "wv", "wo", "w1", "w2", "w3"))
-    rope = 8 * hd
     attn = 2 * d + 4 * kv + 2 * d + 4 * H
     ffn = 3 * 2 * F_ + (2 * d + 2 * F_ if full else 0)
-    return 2 * norm + attn_inputs + lora + rope + attn + ffn
+    return 2 * norm + attn_inputs + lora + attn + ffn
 
 
 def estimate(m: ModelArgs, ctx, attn, gpus, batch, accum, lora_r=8, targets=DEFAULT_TARGETS, embed=True,

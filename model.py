@@ -171,6 +171,24 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return out.flatten(-2).type_as(x)
 
 
+def rope_rotate(args: ModelArgs, positions: torch.Tensor):
+    """rotate(x, p): RoPE of x (B, T, H, D) by positions p, for one forward pass.
+
+    The cos and sin of `positions` (the forward's own) are computed here, once, and every layer reuses
+    them, instead of recomputing the same angles for q and for k in every layer: a decoding step is a
+    few hundred small kernels, and those were a fifth of them. Other positions (the sink cache rotates
+    by index in the cache) are computed on demand.
+    """
+    cos, sin = rope_angles(positions, args.head_dim, args.rope_theta, args.rope_scaling)  # (T, D/2) each
+
+    def rotate(x, p):
+        if p is positions:
+            return apply_rope(x, cos, sin)
+        return apply_rope(x, *rope_angles(p, args.head_dim, args.rope_theta, args.rope_scaling))
+
+    return rotate
+
+
 class Attention(nn.Module):
     def __init__(self, args: ModelArgs, layer_id: int):
         super().__init__()
@@ -182,11 +200,9 @@ class Attention(nn.Module):
         self.wv = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
         self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
 
-    def rotate(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        cos, sin = rope_angles(positions, self.head_dim, self.args.rope_theta, self.args.rope_scaling)
-        return apply_rope(x, cos, sin)
-
-    def forward(self, x, positions, lengths=None, cache=None):
+    def forward(self, x, positions, lengths=None, cache=None, rotate=None):
+        """rotate: the forward's rope_rotate, shared by all layers; a layer called alone makes its own."""
+        rotate = rotate or rope_rotate(self.args, positions)
         B, T, _ = x.shape
         q = self.wq(x).view(B, T, self.n_heads, self.head_dim)  # (B, T, H, D)
         k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)  # (B, T, H_kv, D)
@@ -194,9 +210,9 @@ class Attention(nn.Module):
         if cache is not None:
             # Incremental decoding: the cache decides which past keys the new queries see (and when
             # to rotate them, see sample.py's sink cache), so it receives q and k before RoPE.
-            y = cache.attend(self.layer_id, q, k, v, positions, self.rotate)
+            y = cache.attend(self.layer_id, q, k, v, positions, rotate)
         else:
-            q, k = self.rotate(q, positions), self.rotate(k, positions)
+            q, k = rotate(q, positions), rotate(k, positions)
             a = self.args
             y = attention(q, k, v, mode=a.attn, group_size=a.group_size, sink_tokens=a.sink_tokens,
                           wrap=a.shift_wrap, lengths=lengths)  # (B, T, H, D)
@@ -242,8 +258,8 @@ class TransformerBlock(nn.Module):
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
         self.feed_forward = FeedForward(args.dim, args.hidden_dim)
 
-    def forward(self, x, positions, lengths=None, cache=None):
-        h = x + self.attention(self.attention_norm(x), positions, lengths, cache)
+    def forward(self, x, positions, lengths=None, cache=None, rotate=None):
+        h = x + self.attention(self.attention_norm(x), positions, lengths, cache, rotate)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -324,12 +340,17 @@ class Transformer(nn.Module):
         B, T = tokens.shape
         start = cache.pos if cache is not None else 0
         positions = torch.arange(start, start + T, device=tokens.device)
+        rotate = rope_rotate(self.args, positions)  # cos/sin once for all layers
+        if torch.is_tensor(lengths):
+            # read to the host once here, not in every layer (each read waits for the device); attention.py
+            # builds its masks and packed indices from these ints once and reuses them in every layer
+            lengths = tuple(lengths.tolist())
         h = self.tok_embeddings(tokens)  # (B, T, dim)
         for layer in self.layers:
             if self.gradient_checkpointing and self.training:
-                h = torch.utils.checkpoint.checkpoint(layer, h, positions, lengths, None, use_reentrant=False)
+                h = torch.utils.checkpoint.checkpoint(layer, h, positions, lengths, None, rotate, use_reentrant=False)
             else:
-                h = layer(h, positions, lengths, cache)
+                h = layer(h, positions, lengths, cache, rotate)
         if cache is not None:
             cache.pos += T
         h = self.norm(h)  # (B, T, dim)

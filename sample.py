@@ -112,7 +112,7 @@ class H2OCache:
         q, k = rotate(q, positions), rotate(k, positions)  # absolute positions: H₂O never moves a token
         k, v = k.transpose(1, 2), v.transpose(1, 2)  # (B, H_kv, T, D)
         # Query head h uses KV head h // n_rep, so view the H query heads as (H_kv, n_rep).
-        qg = q.float().transpose(1, 2).reshape(B, H_kv, H // H_kv, T, D)  # (B, H_kv, n_rep, T, D)
+        qg = q.transpose(1, 2).reshape(B, H_kv, H // H_kv, T, D)  # (B, H_kv, n_rep, T, D)
         if T == 1 and self.in_place and self.k[layer_id] is not None and self.k[layer_id].shape[2] == self.budget:
             y = self.decode_step(layer_id, qg, k, v, positions)  # (B, H_kv, n_rep, 1, D)
         else:
@@ -131,12 +131,14 @@ class H2OCache:
             old = (self.k[layer_id], self.v[layer_id], self.score[layer_id], self.kept[layer_id])
             keys, values, score, kept = (torch.cat([o, n], dim=2) for o, n in zip(old, new))
         S = keys.shape[2]  # cached + new
-        # We need the attention weights themselves, which SDPA does not return: compute them explicitly.
-        att = torch.einsum("bgrtd,bgsd->bgrts", qg, keys.float()) / math.sqrt(D)  # (B, H_kv, n_rep, T, S)
+        # We need the attention weights themselves, which SDPA does not return: compute them explicitly, in
+        # the cache's dtype (an fp32 copy of the whole cache would cost as much traffic as the full cache
+        # H₂O saves), and upcast only the scores (B, H_kv, n_rep, T, S) for the softmax and the tally.
+        att = torch.einsum("bgrtd,bgsd->bgrts", qg, keys).float() / math.sqrt(D)  # (B, H_kv, n_rep, T, S)
         # every cached token is in the past of every new query; the new tokens are causal among themselves
         visible = torch.ones(T, S, dtype=torch.bool, device=qg.device).tril(diagonal=S - T)  # (T, S)
         att = att.masked_fill(~visible, float("-inf")).softmax(dim=-1)
-        y = torch.einsum("bgrts,bgsd->bgrtd", att, values.float())  # (B, H_kv, n_rep, T, D)
+        y = torch.einsum("bgrts,bgsd->bgrtd", att.to(values.dtype), values)  # (B, H_kv, n_rep, T, D)
         score = score + att.sum(dim=(2, 3))  # (B, H_kv, S): summed over the group's heads and the queries
         if S > self.budget:
             idx = h2o_keep(score, kept, self.heavy, self.recent)  # (B, H_kv, budget)
@@ -151,11 +153,13 @@ class H2OCache:
         with the lowest score outside the recent window. k, v (B, H_kv, 1, D)."""
         keys, values, score, kept = self.k[layer_id], self.v[layer_id], self.score[layer_id], self.kept[layer_id]
         D = qg.shape[-1]
-        # scores against the cache and against the new token itself, softmax over both together
-        att_cache = torch.einsum("bgrtd,bgsd->bgrts", qg, keys.float())  # (B, H_kv, n_rep, 1, S)
-        att_self = (qg * k[:, :, None].float()).sum(-1, keepdim=True)  # (B, H_kv, n_rep, 1, 1)
-        att = (torch.cat([att_cache, att_self], dim=-1) / math.sqrt(D)).softmax(dim=-1)  # (B, H_kv, n_rep, 1, S+1)
-        y = torch.einsum("bgrts,bgsd->bgrtd", att[..., :-1], values.float()) + att[..., -1:] * v[:, :, None].float()
+        # scores against the cache and against the new token itself, in the cache's dtype (see
+        # append_and_evict); softmax over both together in fp32
+        att_cache = torch.einsum("bgrtd,bgsd->bgrts", qg, keys)  # (B, H_kv, n_rep, 1, S)
+        att_self = (qg * k[:, :, None]).sum(-1, keepdim=True)  # (B, H_kv, n_rep, 1, 1)
+        att = (torch.cat([att_cache, att_self], dim=-1).float() / math.sqrt(D)).softmax(dim=-1)  # (B, H_kv, n_rep, 1, S+1)
+        p = att.to(values.dtype)
+        y = torch.einsum("bgrts,bgsd->bgrtd", p[..., :-1], values) + p[..., -1:] * v[:, :, None]  # (B, H_kv, n_rep, 1, D)
         received = att.sum(dim=(2, 3))  # (B, H_kv, S+1)
         score += received[..., :-1]
         # The recent window is the `recent` newest tokens, the new one included: positions > pos - recent.

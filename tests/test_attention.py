@@ -7,7 +7,11 @@ CPU with a pure-PyTorch stand-in for flash_attn_varlen_func that follows its doc
 (packed sequences, int32 cu_seqlens, causal mask aligned to the bottom right, GQA by head blocks).
 Tolerance for float32 against the float64 reference: 1e-5 (absolute and relative), outputs and grads.
 """
+import functools
 import math
+import os
+import sys
+import types
 
 import pytest
 import torch
@@ -22,13 +26,14 @@ TOL = dict(rtol=1e-5, atol=1e-5)
 # ----------------------------------------------------------------------------- helpers
 
 def flash_varlen_standin(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0,
-                         softmax_scale=None, causal=False):
+                         softmax_scale=None, causal=False, top_left=False):
     """flash_attn_varlen_func's documented semantics in plain PyTorch (float64 inside).
 
     q (total_q, H, D), k, v (total_k, H_kv, D); sequence i is q[cu_q[i]:cu_q[i+1]] against
     k[cu_k[i]:cu_k[i+1]]; with causal=True query r of a sequence sees keys c <= r + len_k - len_q (the
     mask is aligned to the bottom right); a row that sees nothing outputs zeros; query head h uses kv
-    head h // (H / H_kv).
+    head h // (H / H_kv). top_left=True: flash-attn before 2.1, whose causal mask was aligned to the top
+    left (query r sees keys c <= r), to show what that version would compute.
     """
     assert cu_seqlens_q.dtype == torch.int32 and cu_seqlens_k.dtype == torch.int32
     assert cu_seqlens_q[0] == 0 and cu_seqlens_q[-1] == q.shape[0] and cu_seqlens_k[-1] == k.shape[0]
@@ -45,7 +50,7 @@ def flash_varlen_standin(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_
         scores = torch.einsum("qhd,khd->hqk", qi, ki) * scale  # (H, Lq, Lk)
         if causal:
             r, c = torch.arange(len_q[i])[:, None], torch.arange(len_k[i])[None, :]
-            scores = scores.masked_fill(c > r + len_k[i] - len_q[i], float("-inf"))
+            scores = scores.masked_fill(c > r + (0 if top_left else len_k[i] - len_q[i]), float("-inf"))
         probs = scores.softmax(-1).nan_to_num(0.0)  # all-masked rows -> zeros
         outs.append(torch.einsum("hqk,khd->qhd", probs, vi))
     return torch.cat(outs).to(q.dtype)
@@ -53,14 +58,15 @@ def flash_varlen_standin(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_
 
 @pytest.fixture
 def flash_standin(monkeypatch):
-    """Route backend='flash' to the stand-in and record what it was called with."""
+    """Route backend='flash' to the stand-in, let it run on CPU tensors, and record what it was called with."""
     calls = []
 
     def varlen(*args, **kwargs):
         calls.append((args, kwargs))
         return flash_varlen_standin(*args, **kwargs)
 
-    monkeypatch.setattr(A, "_flash_varlen", lambda: varlen)
+    monkeypatch.setattr(A, "_flash_varlen", lambda: (varlen, None))
+    monkeypatch.setattr(A, "_flash_runs_on", lambda q: True)  # as if q were CUDA fp16/bf16
     return calls
 
 
@@ -316,8 +322,122 @@ def test_flash_path_cuts_sequences_at_each_rows_length(flash_standin):
 
 def test_auto_backend_is_sdpa_on_cpu():
     q, k, v = inputs(1, 16, 2, 2)
-    assert not A._flash_available(q.bfloat16())
+    assert not A._flash_runs_on(q.bfloat16())
     torch.testing.assert_close(attention(q, k, v, "s2"), attention(q, k, v, "s2", backend="sdpa"), rtol=0, atol=0)
+
+
+def test_flash_runs_only_on_cuda_half_precision():
+    # device and dtype are all _flash_runs_on reads: stand-ins with a CUDA device reach its logic without a GPU
+    on = lambda device, dtype: A._flash_runs_on(types.SimpleNamespace(device=torch.device(device), dtype=dtype))
+    assert on("cuda", torch.bfloat16) and on("cuda", torch.float16)
+    assert not on("cuda", torch.float32) and not on("cpu", torch.bfloat16) and not on("meta", torch.float16)
+
+
+@pytest.fixture
+def fresh_flash_lookup():
+    """_flash_varlen looks flash-attn up once per process: forget it before and after the test."""
+    A._flash_varlen.cache_clear()
+    yield
+    A._flash_varlen.cache_clear()
+
+
+def fake_flash_attn(version, with_varlen=True, calls=None):
+    """A module that looks like an installed flash_attn package of this version."""
+    module = types.ModuleType("flash_attn")
+    if version is not None:
+        module.__version__ = version
+    if with_varlen:
+        def flash_attn_varlen_func(*args, **kwargs):
+            calls.append(args)
+            return flash_varlen_standin(*args, **kwargs)
+        module.flash_attn_varlen_func = flash_attn_varlen_func
+    return module
+
+
+@pytest.mark.parametrize("installed,picked", [
+    ("2.6.3", "flash"),
+    ("2.1.0", "flash"),
+    ("2.7.4.post1", "flash"),
+    ("2.0.9", "sdpa"),  # causal mask aligned to the top left: wrong for prepended keys
+    ("flash-attn-4", "sdpa"),  # only flash_attn.cute: no flash_attn_varlen_func
+    ("not installed", "sdpa"),
+])
+def test_auto_picks_flash_only_for_flash_attn_2_1_or_later(installed, picked, monkeypatch, fresh_flash_lookup):
+    calls = []
+    if installed == "not installed":
+        monkeypatch.setitem(sys.modules, "flash_attn", None)  # `import flash_attn` raises ImportError
+    elif installed == "flash-attn-4":
+        monkeypatch.setitem(sys.modules, "flash_attn", fake_flash_attn(None, with_varlen=False))
+        monkeypatch.setitem(sys.modules, "flash_attn.cute", types.ModuleType("flash_attn.cute"))
+    else:
+        monkeypatch.setitem(sys.modules, "flash_attn", fake_flash_attn(installed, calls=calls))
+    monkeypatch.setattr(A, "_flash_runs_on", lambda q: True)  # as if q were CUDA bf16
+    q, k, v = inputs(1, 16, 2, 2)
+    out = attention(q, k, v, "sf", group_size=8, sink_tokens=2)
+    assert ("flash" if calls else "sdpa") == picked
+    torch.testing.assert_close(out, attention(q, k, v, "sf", group_size=8, sink_tokens=2, backend="sdpa"), **TOL)
+
+
+def test_forced_flash_on_cpu_or_fp32_or_old_flash_attn_is_a_clear_value_error(monkeypatch, fresh_flash_lookup):
+    q, k, v = inputs(1, 16, 2, 2)
+    for dtype in (torch.float32, torch.bfloat16):  # CPU tensors: refused before any flash-attn lookup
+        with pytest.raises(ValueError, match="needs CUDA fp16/bf16 tensors, got torch.(float32|bfloat16) on cpu"):
+            attention(q.to(dtype), k.to(dtype), v.to(dtype), "s2", backend="flash")
+    monkeypatch.setattr(A, "_flash_runs_on", lambda q: True)
+    monkeypatch.setitem(sys.modules, "flash_attn", fake_flash_attn("2.0.4", calls=[]))
+    with pytest.raises(ValueError, match="flash-attn 2.0.4 is older than 2.1"):
+        attention(q, k, v, "s2", backend="flash")
+
+
+@pytest.mark.parametrize("mode,wrap", [("sf", False), ("s2", True), ("sf", True)])
+def test_flash_needs_the_bottom_right_causal_mask_of_2_1(mode, wrap, monkeypatch):
+    # why auto refuses flash-attn < 2.1: its top-left mask gives each group's queries the prepended keys
+    # (sinks, or the wrapped tail) and cuts off as many of their own; the bottom-right mask is right
+    q, k, v = inputs(2, 32, 4, 2)
+    kw = dict(group_size=8, sink_tokens=4, wrap=wrap)
+    ref = attention(q, k, v, mode, backend="reference", **kw)
+    monkeypatch.setattr(A, "_flash_runs_on", lambda q: True)
+    errors = {}
+    for top_left in (False, True):
+        varlen = functools.partial(flash_varlen_standin, top_left=top_left)
+        monkeypatch.setattr(A, "_flash_varlen", lambda: (varlen, None))
+        errors[top_left] = (attention(q, k, v, mode, backend="flash", **kw) - ref).abs().max().item()
+    assert errors[False] < 1e-5 and errors[True] > 0.1, errors
+
+
+def test_flash_packing_is_built_once_per_forward_and_no_layer_waits_for_the_device(monkeypatch, flash_standin):
+    # A 4-layer model, SFT-style padded rows, activation checkpointing: 4 layers x (forward + recompute) x 2
+    # halves of the heads would build the packing 16 times; it must be built once per half, and no
+    # layer may read a tensor back to the host (tolist/item/bool wait for the GPU). The model reads
+    # the lengths once per forward.
+    from model import Transformer, preset
+
+    built, reads = [], []
+    pack = A._pack
+    monkeypatch.setattr(A, "_pack", lambda *args: built.append(args[1:3]) or pack(*args))
+    A._packing.cache_clear()
+
+    def counting(name):
+        original = getattr(torch.Tensor, name)
+
+        def read(self, *args):
+            reads.append((name, os.path.basename(sys._getframe(1).f_code.co_filename)))
+            return original(self, *args)
+        return read
+
+    torch.manual_seed(0)
+    model = Transformer(preset("tiny", n_layers=4, attn="sf", group_size=8, sink_tokens=2)).train()
+    model.gradient_checkpointing = True
+    tokens = torch.randint(0, 256, (2, 32))
+    lengths = torch.tensor([32, 19])
+    with monkeypatch.context() as patch:
+        for name in ("tolist", "item", "__bool__"):
+            patch.setattr(torch.Tensor, name, counting(name))
+        model(tokens, lengths=lengths).sum().backward()
+    ours = [r for r in reads if r[1] in ("attention.py", "model.py")]  # (not the stand-in's own reads)
+    assert ours == [("tolist", "model.py")]
+    assert built == [(32, (32, 19))] * 2  # (T, lengths) for the plain and the shifted half of the heads
+    assert len(flash_standin) == 4 * 2 * 2  # the flash path did run: layers x (forward, recompute) x halves
 
 
 # ----------------------------------------------------------------------------- bad input

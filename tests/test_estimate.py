@@ -9,7 +9,7 @@ import train
 from attention import attention_pattern
 from estimate import estimate, layer_activation_bytes, param_counts, visible_pairs
 from lora import apply_lora, mark_trainable
-from model import ModelArgs, Transformer, preset
+from model import ModelArgs, Transformer, apply_rope, preset, rope_angles
 
 
 
@@ -39,10 +39,13 @@ def test_estimated_activations_are_what_autograd_saves(full):
         saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
         return t
 
+    # RoPE's cos/sin are computed once per forward and shared by the layers, as Transformer.forward does
+    cos, sin = rope_angles(torch.arange(T), m.head_dim, m.rope_theta)
+    shared = {cos.untyped_storage().data_ptr(), sin.untyped_storage().data_ptr()}
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         for layer in model.layers:
-            h = layer(h, torch.arange(T))
-    measured = sum(v for k, v in saved.items() if k not in params) / (m.n_layers * T)
+            h = layer(h, torch.arange(T), rotate=lambda x, p: apply_rope(x, cos, sin))
+    measured = sum(v for k, v in saved.items() if k not in params | shared) / (m.n_layers * T)
     assert abs(measured - layer_activation_bytes(m, full=full)) <= 0.01 * measured
 
 

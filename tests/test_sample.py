@@ -356,3 +356,49 @@ def test_cli_fails_cleanly_on_each_bad_input(tmp_path, model_dir, sp_model):
         assert err.count("\n") == 1 and err.startswith("error: "), f"{name}: {err!r}"
         assert all(w in err for w in words), f"{name}: {err!r} should mention {words}"
         assert out == "", name
+
+
+# ----------------------------------------------------------------------------------------------------
+# Decoding does no needless work
+
+
+@pytest.mark.parametrize("kind", ["full", "h2o"])
+def test_a_decoding_step_computes_the_rope_angles_once_for_all_layers(kind, monkeypatch):
+    import model as M
+
+    model = make_model(n_layers=3)
+    calls = []
+    monkeypatch.setattr(M, "rope_angles", lambda *a, **k: calls.append(a[0].tolist()) or rope_angles(*a, **k))
+    cache = make_cache(model, kind, 10, 4, heavy=3, recent=3)
+    run_with_cache(model, torch.randint(0, 256, (1, 12)), cache, prefill=10, chunk=10)
+    assert calls == [list(range(10)), [10], [11]]  # one per forward pass, not two per layer
+
+
+def test_h2o_decoding_in_bf16_makes_no_fp32_copy_of_the_cache():
+    # The scores are computed in the cache's dtype and only they, (B, H_kv, n_rep, 1, S), are upcast:
+    # record every tensor the decoding step creates and look for an fp32 one as large as a layer's keys.
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Record(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.fp32 = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, (tuple, list)) else (out,):
+                if isinstance(t, torch.Tensor) and t.dtype == torch.float32:
+                    self.fp32.append((str(func), t.numel()))
+            return out
+
+    model = make_model(dim=128, n_heads=8, n_kv_heads=2).to(torch.bfloat16)  # n_rep 4, head dim 16
+    cache = make_cache(model, "h2o", 200, 2, heavy=100, recent=100)
+    ids = torch.randint(0, 256, (1, 202))
+    with torch.no_grad():
+        model(ids[:, :200], cache=cache)
+        model(ids[:, 200:201], cache=cache)  # the cache is full: the in-place step runs
+        keys = cache.k[0].numel()  # (1, 2, 200, 16): 6400
+        with Record() as rec:
+            logits = model(ids[:, 201:202], cache=cache)
+    assert cache.k[0].dtype == torch.bfloat16 and logits.dtype == torch.bfloat16
+    assert max(n for _, n in rec.fp32) < keys / 2, sorted(rec.fp32, key=lambda r: -r[1])[:3]

@@ -1,0 +1,264 @@
+"""The GPU acceptance check: does the CUDA path work end to end? `python bench.py gpu` runs it.
+
+    python bench.py gpu                  # one CUDA GPU, a stock PyTorch; flash-attn is used when it imports
+
+It builds everything it needs in a temporary folder (a sentencepiece tokenizer and a tiny random
+LLaMA, trained on Python standard-library source as text; nothing is downloaded), then checks:
+
+  1. attention.attention() for every mode (full, s2, sf, and the wrap ablation of s2 and sf, with and
+     without padding) in bf16 on CUDA, forward and backward, with the sdpa backend, and with flash when
+     flash-attn >= 2.1 imports, against the fp32 reference on the same bf16 inputs. Tolerance: the
+     largest error of the output and of dq, dk, dv, relative to the largest value of the reference, at
+     most ATTN_TOL (bf16 keeps 8 bits of mantissa: one rounding is up to 0.4%);
+  2. train.py, a LoRA fine-tuning of the tiny model at ctx 512 with S²-Attn, for STEPS steps, under
+     `torchrun --nproc_per_node=1` (NCCL, FSDP2, bf16 weights) and in one process (bf16 autocast):
+     the loss goes down, a resume from the middle checkpoint repeats the losses within LOSS_TOL, and
+     the peak memory train.py logs is shown;
+  3. sample.py with each KV cache (full, h2o, sink) in bf16 on CUDA: it generates every token asked for;
+  4. eval.py ppl in bf16 on CUDA equals the fp32 CPU result within LOSS_TOL (mean loss in nats);
+  5. figures: attention forward+backward time of full, s2 and sf at T = 8k, 16k and 32k in bf16
+     (B=1, H=8, D=64, as `bench.py attention`), and train.py's tokens/s from check 2.
+
+It prints one table and exits 1 if any check failed. Without CUDA it says so in one line and exits 0,
+claiming nothing. CI does not run it. It lives in its own file, not in bench.py, because it is a
+sequence of end-to-end runs of the CLIs rather than one benchmark, and bench.py stays readable.
+"""
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import time
+
+import torch
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+ATTN_TOL = 0.02  # max |fast - reference| / max |reference|, outputs and gradients
+LOSS_TOL = 0.02  # nats: bf16 against fp32, and a resumed bf16 run against the uninterrupted one
+STEPS = 8  # train.py steps per run; checkpoints at STEPS/2 and STEPS
+TEXTS = ("argparse.py", "dataclasses.py", "pathlib.py", "typing.py")  # real text on every machine with Python
+
+
+# ----------------------------------------------------------------------------- the table
+
+def format_table(rows):
+    """rows: (check, result, requirement, ok) -> a Markdown table and a last line with the verdict.
+    ok is True, False, or None for a figure that has no target."""
+    lines = ["| check | result | requirement | |", "| --- | --- | --- | --- |"]
+    for check, result, requirement, ok in rows:
+        lines.append(f"| {check} | {result} | {requirement} | {'' if ok is None else 'ok' if ok else 'FAILED'} |")
+    failed = sum(ok is False for *_, ok in rows)
+    lines.append(f"\n{failed} of {sum(ok is not None for *_, ok in rows)} checks failed" if failed else
+                 f"\nall {sum(ok is not None for *_, ok in rows)} checks passed")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- what the checks run on
+
+def make_workspace(work):
+    """A tokenizer, a text corpus, a short prompt file and a tiny random base model (model.py's layout) under work/."""
+    import sentencepiece as spm
+
+    from model import Transformer, preset
+
+    corpus = os.path.join(work, "corpus")
+    os.makedirs(corpus)
+    stdlib = sysconfig.get_paths()["stdlib"]
+    for name in TEXTS:
+        shutil.copy(os.path.join(stdlib, name), corpus)
+    text = os.path.join(work, "corpus.txt")
+    with open(text, "w", encoding="utf-8") as f:
+        f.write("\n".join(open(os.path.join(corpus, n), encoding="utf-8").read() for n in TEXTS))
+    spm.SentencePieceTrainer.train(
+        input=text, model_prefix=os.path.join(work, "tokenizer"), model_type="bpe", vocab_size=512,
+        byte_fallback=True, split_digits=True, bos_id=1, eos_id=2, unk_id=0, pad_id=-1, minloglevel=2)
+    prompt = os.path.join(work, "prompt.txt")
+    with open(prompt, "w", encoding="utf-8") as f:
+        f.write(open(text, encoding="utf-8").read()[:120])  # about 80 tokens: the tiny model holds 128
+    base = os.path.join(work, "base")
+    torch.manual_seed(0)
+    Transformer(preset("tiny", vocab_size=512)).save_pretrained(base, tokenizer_path=os.path.join(work, "tokenizer.model"))
+    return base, corpus, prompt
+
+
+def run(cmd, what):
+    """Run a CLI of the project; its stdout, or a RuntimeError with the end of its stderr."""
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    if r.returncode != 0:
+        tail = (r.stderr or r.stdout).strip().splitlines()[-3:]
+        raise RuntimeError(f"{what} exited with {r.returncode}: {' / '.join(tail)}")
+    return r.stdout + r.stderr
+
+
+# ----------------------------------------------------------------------------- 1. attention
+
+def check_attention(device, backends):
+    """(check, result, requirement, ok) rows: each backend and mode against the reference, bf16 fwd + bwd."""
+    from attention import attention
+
+    cases = [("full", False, None), ("s2", False, None), ("sf", False, None), ("s2", True, None),
+             ("sf", True, None), ("s2", False, (256, 131)), ("sf", False, (256, 131))]
+    B, T, H, H_kv, D = 2, 256, 8, 4, 64
+    g = torch.Generator().manual_seed(0)
+    rows = []
+    for backend in backends:
+        worst, where = 0.0, ""
+        for mode, wrap, lengths in cases:
+            q = torch.randn(B, T, H, D, generator=g).to(device, torch.bfloat16)
+            k, v = (torch.randn(B, T, H_kv, D, generator=g).to(device, torch.bfloat16) for _ in range(2))
+            grad = torch.randn(B, T, H, D, generator=g).to(device, torch.bfloat16)
+            kw = dict(group_size=64, sink_tokens=4, wrap=wrap,
+                      lengths=None if lengths is None else torch.tensor(lengths, device=device))
+            results = []
+            for dtype, name in ((torch.bfloat16, backend), (torch.float32, "reference")):
+                leaves = [t.to(dtype, copy=True).requires_grad_() for t in (q, k, v)]
+                out = attention(*leaves, mode, backend=name, **kw)
+                out.backward(grad.to(dtype))
+                results.append([out, *(t.grad for t in leaves)])
+            for what, fast, ref in zip(("out", "dq", "dk", "dv"), *results):
+                err = ((fast.float() - ref).abs().max() / ref.abs().max().clamp_min(1e-6)).item()
+                if err > worst:
+                    worst, where = err, f"{mode}{' wrap' if wrap else ''}{' padded' if lengths else ''} {what}"
+        rows.append((f"attention {backend}, bf16, fwd + bwd vs fp32 reference ({len(cases)} cases)",
+                     f"worst {worst:.4f} ({where})", f"<= {ATTN_TOL}", worst <= ATTN_TOL))
+    return rows
+
+
+# ----------------------------------------------------------------------------- 2. train.py
+
+def losses(run_dir):
+    """{step: loss} and the last step's record from train.py's metrics.jsonl."""
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        recs = [json.loads(line) for line in f if line.strip()]
+    steps = [r for r in recs if "loss" in r]
+    return {r["step"]: r["loss"] for r in steps}, steps
+
+
+def check_train(base, corpus, work, launcher, label):
+    """Train STEPS steps, then resume from the middle checkpoint; rows and the median tokens/s."""
+    out = os.path.join(work, f"run-{label.split()[0]}")
+    argv = ["--model", base, "--data", corpus, "--ctx", "512", "--attn", "s2", "--steps", str(STEPS),
+            "--batch-size", "2", "--grad-accum", "1", "--lr", "5e-3", "--warmup", "1",
+            "--save-every", str(STEPS // 2), "--token-cache", os.path.join(work, "tokens"), "--out", out]
+    run([*launcher, os.path.join(ROOT, "train.py"), *argv], f"train.py ({label})")
+    first, recs = losses(out)
+    half = STEPS // 2
+    early, late = statistics.mean(first[s] for s in (1, 2)), statistics.mean(first[s] for s in (STEPS - 1, STEPS))
+    run([*launcher, os.path.join(ROOT, "train.py"), *argv, "--resume", os.path.join(out, "checkpoints", f"step-{half:06d}")],
+        f"train.py --resume ({label})")
+    again, _ = losses(out)
+    drift = max(abs(again[s] - first[s]) for s in range(half + 1, STEPS + 1))
+    tokens_per_s = statistics.median(r["tokens_per_s"] for r in recs[1:])  # the first step warms up
+    return [
+        (f"train.py {label}: loss goes down", f"{early:.3f} (steps 1-2) -> {late:.3f} (steps {STEPS - 1}-{STEPS})",
+         "lower", late < early),
+        (f"train.py {label}: resume at step {half} repeats steps {half + 1}-{STEPS}", f"max difference {drift:.4f}",
+         f"<= {LOSS_TOL}", drift <= LOSS_TOL),
+        (f"train.py {label}: peak memory", f"{recs[-1]['peak_mem_gb']:.2f} GB", "printed", None),
+    ], tokens_per_s
+
+
+# ----------------------------------------------------------------------------- 3. sample.py, 4. eval.py
+
+def check_sample(base, prompt, device):
+    rows = []
+    for cache in ("full", "h2o", "sink"):
+        text = run([sys.executable, os.path.join(ROOT, "sample.py"), "--model", base, "--prompt", prompt,
+                    "--max-new-tokens", "32", "--temperature", "0", "--kv-cache", cache, "--recent", "16",
+                    "--heavy", "16", "--dtype", "bfloat16", "--device", device], f"sample.py --kv-cache {cache}")
+        rows.append((f"sample.py --kv-cache {cache}, bf16, {device}", text.strip().splitlines()[-1][:80],
+                     "runs to the end", True))
+    return rows
+
+
+def check_eval(base, corpus, work, device):
+    loss = {}
+    for dev, dtype in ((device, "bfloat16"), ("cpu", "float32")):
+        out = os.path.join(work, f"ppl-{dev}.json")
+        run([sys.executable, os.path.join(ROOT, "eval.py"), "ppl", "--model", base, "--data", corpus, "--seq-lens", "256",
+             "--stride", "0", "--max-tokens", "16384", "--dtype", dtype, "--device", dev, "--out", out], f"eval.py ppl ({dev})")
+        with open(out) as f:
+            loss[dev] = json.load(f)["results"][0]["loss"]
+    diff = abs(loss[device] - loss["cpu"])
+    return [(f"eval.py ppl, bf16 {device} vs fp32 cpu (mean loss)", f"{loss[device]:.4f} vs {loss['cpu']:.4f}",
+             f"within {LOSS_TOL}", diff <= LOSS_TOL)]
+
+
+# ----------------------------------------------------------------------------- 5. figures
+
+def attention_figures(device, Ts=(8192, 16384, 32768)):
+    """Forward+backward ms of full, s2 and sf in bf16 (median of 5 after a warm-up), as `bench.py attention`."""
+    from bench import MODES, _step
+
+    rows = []
+    g = torch.Generator().manual_seed(0)
+    for T in Ts:
+        q, k, v = (torch.randn(1, T, 8, 64, generator=g).to(device, torch.bfloat16).requires_grad_() for _ in range(3))
+        grad = torch.randn(1, T, 8, 64, generator=g).to(device, torch.bfloat16)
+        ms = {}
+        for mode in MODES:
+            _step(q, k, v, grad, mode, "auto")
+            times = []
+            for _ in range(5):
+                torch.cuda.synchronize(device)
+                t0 = time.perf_counter()
+                _step(q, k, v, grad, mode, "auto")
+                torch.cuda.synchronize(device)
+                times.append(time.perf_counter() - t0)
+            ms[mode] = statistics.median(times) * 1e3
+        rows.append((f"attention bf16 fwd + bwd, T={T}", f"full {ms['full']:.2f} ms, s2 {ms['s2']:.2f} ms, sf {ms['sf']:.2f} ms",
+                     f"s2 speed-up vs full {ms['full'] / ms['s2']:.2f}x", None))
+    return rows
+
+
+# ----------------------------------------------------------------------------- main
+
+def main():
+    if not torch.cuda.is_available():
+        print("no CUDA device: the GPU acceptance check needs one; nothing was checked")
+        return 0
+    from attention import _flash_varlen
+
+    device = "cuda"
+    t_start = time.perf_counter()
+    backends = ["sdpa"] + (["flash"] if _flash_varlen()[0] is not None else [])
+    print(f"GPU acceptance check on {torch.cuda.get_device_name()}, torch {torch.__version__} (CUDA {torch.version.cuda}), "
+          f"attention backends {', '.join(backends)}{'' if 'flash' in backends else ' (flash-attn >= 2.1 not importable)'}",
+          flush=True)
+    rows = []
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1"]
+    with tempfile.TemporaryDirectory() as work:
+        base, corpus, prompt = make_workspace(work)
+        speeds = {}
+
+        def train(launcher, label):
+            result, speeds[label] = check_train(base, corpus, work, launcher, label)
+            return result
+
+        steps = [
+            ("attention", lambda: check_attention(device, backends)),
+            ("train torchrun", lambda: train(torchrun, "torchrun --nproc_per_node=1 (NCCL, FSDP2, bf16)")),
+            ("train one process", lambda: train([sys.executable], "one process (bf16 autocast)")),
+            ("sample", lambda: check_sample(base, prompt, device)),
+            ("eval", lambda: check_eval(base, corpus, work, device)),
+            ("figures", lambda: attention_figures(device)),
+        ]
+        for name, step in steps:
+            t0 = time.perf_counter()
+            try:
+                rows += step()
+            except Exception as e:  # one broken part must not hide the others: record it and go on
+                rows.append((name, f"{type(e).__name__}: {str(e)[:160]}", "runs", False))
+            print(f"  {name}: {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
+        for label, tps in speeds.items():
+            rows.append((f"train.py tokens/s, {label}, tiny preset, ctx 512, batch 2", f"{tps:,.0f}", "", None))
+    print(format_table(rows))
+    print(f"(total {time.perf_counter() - t_start:.0f} s)")
+    return 1 if any(ok is False for *_, ok in rows) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
