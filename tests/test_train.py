@@ -4,6 +4,7 @@ checkpoint (checkpoint.py), training lowers held-out loss, clean failures, no fl
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -11,13 +12,14 @@ import sys
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
 
 from conftest import ROOT, STDLIB
-from checkpoint import find_checkpoint
-from data import open_tokens, split_heldout
+from checkpoint import checkpoint_dirs, find_checkpoint
+from data import SFTData, open_tokens, prepare_sft, split_heldout
 from lora import apply_lora, mark_trainable
-from model import Transformer, preset
+from model import Tokenizer, Transformer, preset
 import train
 
 # Two ranks (FSDP, gloo) against one process, fp32 on the CPU. The sums of two ranks' gradients are
@@ -25,6 +27,7 @@ import train
 FSDP_LOSS_TOL, FSDP_WEIGHT_TOL = 1e-5, 1e-6
 RESUME_TOL = 1e-6  # a resumed fp32 run repeats the uninterrupted one (observed: exactly)
 BF16_LOSS_TOL = 2e-2  # bf16 compute against fp32, same data (observed ~3e-4)
+BF16_UPDATE_TOL = 0.5  # |bf16 update - fp32 update| / |fp32 update| of each trainable tensor after 2 steps (observed ≤ 0.18)
 
 
 def run_torchrun(args, n=2, env=None):
@@ -136,6 +139,41 @@ def test_sft_loss_is_the_global_token_mean_on_one_process_and_on_two_ranks(base_
     assert abs(h1[2] - h2[2]) <= FSDP_LOSS_TOL
 
 
+def test_step_loss_and_gradient_are_the_global_token_mean_of_an_independent_forward(base_dir, sp_model, tmp_path):
+    """One step over 4 SFT rows of very different answer lengths (2 micro-batches of 2): the logged loss
+    and the logged (pre-clip) gradient norm are those of sum(cross-entropy over all answer tokens) / their
+    number, computed here by a plain forward and backward of each row alone, without train.py's loop. A mean
+    of per-micro-batch means weighs the tokens of the short answers more, and differs."""
+    doc = open(os.path.join(STDLIB, "bisect.py")).read()
+    recs = [{"instruction": f"Quote part {i}.", "output": doc[300 * i:300 * i + n]} for i, n in enumerate((8, 200, 20, 120))]
+    data = tmp_path / "sft.json"
+    data.write_text(json.dumps(recs))
+    out = str(tmp_path / "run")
+    argv = ["--model", base_dir, "--data", str(data), "--sft", "--ctx", "128", "--attn", "full", "--heldout", "0",
+            "--steps", "1", "--batch-size", "2", "--grad-accum", "2", "--lr", "1e-3", "--out", out]
+    assert train.main(argv) == 0
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        logged = [json.loads(line) for line in f][0]
+    # the same rows, each alone (step 1 of 4 rows x 1 epoch sees every row once, in some order)
+    tok = Tokenizer(sp_model)
+    tokens, index = prepare_sft([str(data)], tok, str(tmp_path / "sft.bin"))
+    rows = [SFTData(tokens, index, 128, 8, tok.eos_id).batch([i]) for i in range(4)]
+    torch.manual_seed(0)  # train.py's LoRA init: --seed 0, then the same calls
+    model = Transformer.from_pretrained(base_dir)
+    apply_lora(model)
+    mark_trainable(model)
+    n_answer = sum(int((y != -100).sum()) for _, y, _ in rows)
+    assert len({int((y != -100).sum()) for _, y, _ in rows}) == 4  # answer lengths differ: the weighting matters
+    loss = sum(F.cross_entropy(model(x)[0], y[0], ignore_index=-100, reduction="sum") for x, y, _ in rows) / n_answer
+    loss.backward()
+    grad_norm = torch.sqrt(sum((p.grad ** 2).sum() for p in model.parameters() if p.requires_grad)).item()
+    assert abs(logged["loss"] - loss.item()) <= 1e-5, (logged["loss"], loss.item())
+    assert abs(logged["grad_norm"] - grad_norm) <= 1e-4 * grad_norm, (logged["grad_norm"], grad_norm)
+    # the LoRA A matrices match train.py's init (their gradient is 0 while B is 0, so step 1 keeps them)
+    trained = load_file(os.path.join(out, "adapter.safetensors"))
+    assert torch.equal(trained["layers.0.attention.wq.lora_a"], model.layers[0].attention.wq.lora_a.detach())
+
+
 def test_bf16_fsdp_trains_fp32_copies_of_only_the_trainable_tensors(base_dir, corpus, token_cache, tmp_path):
     # GPU recipe on the CPU: frozen base in bf16, trainable tensors fp32, bf16 compute / fp32 reduction.
     ref, out = str(tmp_path / "fp32"), str(tmp_path / "bf16")
@@ -158,6 +196,15 @@ def test_bf16_fsdp_trains_fp32_copies_of_only_the_trainable_tensors(base_dir, co
     (l_ref, _), (l_bf16, _) = losses(ref), losses(out)
     for s in l_ref:
         assert abs(l_ref[s] - l_bf16[s]) <= BF16_LOSS_TOL
+    # it trained, as the fp32 run did: every trainable tensor moved from its start (LoRA B from 0, the rest
+    # from the base) in the fp32 run's direction; the frozen ones have no optimizer state (above)
+    fp32 = load_file(os.path.join(ref, "adapter.safetensors"))
+    assert adapter.keys() == fp32.keys() == trainable
+    start = {k: torch.zeros_like(t) if k.endswith("lora_b") else base.state_dict()[k] for k, t in fp32.items()
+             if not k.endswith("lora_a")}  # (A starts random; its first update comes at step 2, once B is not 0)
+    for k, t0 in start.items():
+        moved, moved_fp32 = adapter[k] - t0, fp32[k] - t0
+        assert moved_fp32.norm() > 0 and (moved - moved_fp32).norm() <= BF16_UPDATE_TOL * moved_fp32.norm(), k
 
 
 # train.main with a torch.save that stops, says so, and sleeps before the optimizer file of checkpoint 4
@@ -204,9 +251,38 @@ def test_kill_during_a_save_keeps_the_previous_checkpoint_and_resume_repeats_the
     assert sorted(os.listdir(ckpts)) == ["step-000002", "step-000004"]  # the half-written one is gone
 
 
-def test_training_from_scratch_lowers_heldout_loss_and_saves_a_loadable_model(corpus, sp_model, tmp_path):
+def test_old_checkpoints_are_deleted_only_after_the_new_one_is_complete(base_dir, corpus, token_cache, tmp_path, monkeypatch):
+    """--keep 2, a checkpoint every step for 5 steps: whenever an older checkpoint is deleted, the one being
+    saved is already complete on disk (state.json, written last), so a kill at that moment leaves it."""
+    import checkpoint
+
+    out = str(tmp_path / "run")
+    saving, deleted = [], []
+    rmtree, save = shutil.rmtree, train.save_checkpoint
+
+    def observed_save(run_dir, step, *args, **kwargs):
+        saving.append(step)
+        save(run_dir, step, *args, **kwargs)
+        assert [os.path.basename(d) for d in checkpoint_dirs(out)] == [f"step-{s:06d}" for s in saving[-2:]]
+
+    def observed_rmtree(path, *args, **kwargs):
+        name = os.path.basename(path)
+        if name.startswith("step-") and name != f"step-{saving[-1]:06d}":
+            new = os.path.join(out, "checkpoints", f"step-{saving[-1]:06d}", "state.json")
+            deleted.append((name, saving[-1], os.path.exists(new)))
+        return rmtree(path, *args, **kwargs)
+
+    monkeypatch.setattr(train, "save_checkpoint", observed_save)
+    monkeypatch.setattr(checkpoint.shutil, "rmtree", observed_rmtree)
+    assert train.main(common(base_dir, corpus, token_cache, steps=5, grad_accum=1, save_every=1, keep=2, out=out)) == 0
+    assert [(name, step) for name, step, _ in deleted] == [(f"step-{s:06d}", s + 2) for s in (1, 2, 3)]
+    assert all(complete for _, _, complete in deleted), deleted
+
+
+def test_training_from_scratch_lowers_heldout_loss_measured_with_full_attention_and_saves_a_loadable_model(corpus, sp_model, tmp_path):
+    # trained with S²-Attn; the held-out loss must be that of full attention, as the model is used
     out = str(tmp_path / "scratch")
-    argv = ["--from-scratch", "tiny", "--tokenizer", sp_model, "--data", corpus, "--ctx", "64", "--attn", "full",
+    argv = ["--from-scratch", "tiny", "--tokenizer", sp_model, "--data", corpus, "--ctx", "64", "--attn", "s2",
             "--steps", "40", "--batch-size", "4", "--grad-accum", "1", "--lr", "3e-3", "--warmup", "4",
             "--schedule", "cosine", "--heldout", "0.02", "--eval-every", "20", "--eval-samples", "16",
             "--save-every", "40", "--out", out]
@@ -220,17 +296,22 @@ def test_training_from_scratch_lowers_heldout_loss_and_saves_a_loadable_model(co
                                                             if n.endswith(".bin")][0]))
     n = (len(tokens) - 1) // 64
     _, held_ids = split_heldout(n, 0.02)
-    total, count = 0.0, 0
-    with torch.no_grad():
-        for w in held_ids[:16]:
-            seq = torch.from_numpy(np.asarray(tokens[w * 64:w * 64 + 65], dtype=np.int64))[None]
-            _, loss = model(seq[:, :-1], seq[:, 1:])
-            total, count = total + loss.item() * 64, count + 64
-    assert abs(total / count - held[40]) < 1e-4
+    seqs = torch.stack([torch.from_numpy(np.asarray(tokens[w * 64:w * 64 + 65], dtype=np.int64)) for w in held_ids[:16]])
+
+    def heldout_loss(attn):  # mean over all 16 x 64 targets, by a plain forward and cross-entropy
+        model.args.attn = attn
+        with torch.no_grad():
+            return F.cross_entropy(model(seqs[:, :-1]).flatten(0, 1), seqs[:, 1:].flatten()).item()
+
+    assert abs(heldout_loss("full") - held[40]) < 1e-4
+    assert abs(heldout_loss("s2") - held[40]) > 1e-3  # so the line above can tell the two attentions apart
 
 
 # ----------------------------------------------------------------------------------------------------
 # Bad input: one line, exit 2
+
+
+SMALL_RUN = dict(lr=1e-3, warmup=1, grad_accum=1, steps=2)  # what small_run trained with, and one step more
 
 
 @pytest.fixture(scope="module")
@@ -251,6 +332,10 @@ BAD = {
     "two model sources": (dict(preset="tiny"), "exactly one of --model, --preset, --from-scratch"),
     "resume from another config": (dict(resume="RUN", lr=5e-4, out="NEW"), "lr=0.001"),
     "out holds checkpoints": (dict(out="RUN"), "already holds checkpoints"),
+    "resume from a checkpoint missing a tensor": (dict(resume="RUN-MISSING", **SMALL_RUN, out="NEW"),
+                                                  "tensor layers.0.attention.wq.lora_b is missing"),
+    "resume from a checkpoint with an extra tensor": (dict(resume="RUN-EXTRA", **SMALL_RUN, out="NEW"),
+                                                      "tensor layers.0.attention.wq.bias is unexpected"),
     "unknown flag": (dict(colour="red"), "unrecognized arguments"),
 }
 
@@ -262,6 +347,15 @@ def test_bad_input_is_one_line_and_exit_2(case, base_dir, corpus, token_cache, s
     (tmp_path / "short.txt").write_text("x = 1\n")
     subst = {"EMPTY": str(tmp_path / "empty.txt"), "SHORT": str(tmp_path / "short.txt"), "RUN": small_run,
              "NEW": str(tmp_path / "new"), "TOK": sp_model}
+    for name, edit in [("RUN-MISSING", lambda t: t.pop("layers.0.attention.wq.lora_b")),
+                       ("RUN-EXTRA", lambda t: t.update({"layers.0.attention.wq.bias": torch.zeros(64)}))]:
+        if name in kw.values():  # small_run's checkpoint with one tensor dropped from, or added to, its file
+            ckpt = os.path.join(tmp_path, name, "step-000001")
+            shutil.copytree(os.path.join(small_run, "checkpoints", "step-000001"), ckpt)
+            tensors = load_file(os.path.join(ckpt, "trainable.safetensors"))
+            edit(tensors)
+            save_file(tensors, os.path.join(ckpt, "trainable.safetensors"))
+            subst[name] = ckpt
     args = dict(model=base_dir, data=corpus, ctx=128, steps=1, token_cache=token_cache, out=str(tmp_path / "out"))
     args.update({k: subst.get(v, v) for k, v in kw.items()})
     argv = []
