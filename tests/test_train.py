@@ -3,6 +3,7 @@ checkpoint (checkpoint.py), training lowers held-out loss, clean failures, no fl
 (Data preparation: test_data.py; --estimate: test_estimate.py.)"""
 
 import json
+import math
 import os
 import shutil
 import signal
@@ -16,6 +17,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from conftest import ROOT, STDLIB
+from attention import resolve_group_size
 from checkpoint import checkpoint_dirs, find_checkpoint
 from data import SFTData, open_tokens, prepare_sft, split_heldout
 from lora import apply_lora, mark_trainable
@@ -305,6 +307,81 @@ def test_training_from_scratch_lowers_heldout_loss_measured_with_full_attention_
 
     assert abs(heldout_loss("full") - held[40]) < 1e-4
     assert abs(heldout_loss("s2") - held[40]) > 1e-3  # so the line above can tell the two attentions apart
+
+
+# ----------------------------------------------------------------------------------------------------
+# The recipe: train.py's defaults are LongLoRA's, and a run uses them
+
+# Our reading of LongLoRA's recipe: the fine-tuning command of dvlab-research/LongLoRA's README
+# (--learning_rate 2e-5 --weight_decay 0.0 --warmup_steps 20 --lr_scheduler_type constant_with_warmup
+# --per_device_train_batch_size 1 --gradient_accumulation_steps 8 --max_steps 1000 --bf16 True), the settings
+# it leaves to HF TrainingArguments' defaults (adam_beta1 0.9, adam_beta2 0.999, adam_epsilon 1e-8,
+# max_grad_norm 1.0), fine-tune.py's LoraConfig(r=8, lora_alpha=16, lora_dropout=0, q/k/v/o_proj) with
+# trainable "embed,norm", and S²-Attn's group size ratio 1/4 (paper, Sec. 3.2). The sink count is SinkLoRA's.
+RECIPE = {"lr": 2e-5, "warmup": 20, "schedule": "constant", "weight_decay": 0.0, "beta2": 0.999, "grad_clip": 1.0,
+          "batch_size": 1, "grad_accum": 8, "steps": 1000, "dtype": "auto", "attn": "s2", "group_size": None,
+          "sink_tokens": 4, "shift_wrap": False, "lora_r": 8, "lora_alpha": 16.0, "lora_dropout": 0.0,
+          "lora_targets": ["wq", "wk", "wv", "wo"], "no_train_embed": False, "no_train_norms": False,
+          "no_grad_ckpt": False}
+
+
+def test_defaults_are_longloras_recipe():
+    a = train.build_parser().parse_args(["--model", ".", "--data", ".", "--out", "o"])
+    train.check_args(a)
+    assert {k: getattr(a, k) for k in RECIPE} == RECIPE
+
+
+def test_a_default_run_trains_with_the_recipe(base_dir, corpus, token_cache, tmp_path, monkeypatch):
+    """Two steps with every recipe default except the length of the run (and a weight decay, to see where it
+    goes): what AdamW, the clipping and the model get, and the logged schedule and tokens per step."""
+    seen = {}
+
+    class SpyAdamW(torch.optim.AdamW):
+        def __init__(self, groups, **kw):
+            seen["groups"], seen["kw"] = [(g["weight_decay"], [p.ndim for p in g["params"]]) for g in groups], kw
+            super().__init__(groups, **kw)
+
+    clip = torch.nn.utils.clip_grad_norm_
+
+    def spy_clip(params, max_norm, *args, **kw):
+        seen.setdefault("max_norm", []).append(max_norm)
+        return clip(params, max_norm, *args, **kw)
+
+    build = train.build_model
+    monkeypatch.setattr(torch.optim, "AdamW", SpyAdamW)
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", spy_clip)
+    monkeypatch.setattr(train, "build_model", lambda *a, **k: seen.setdefault("model", build(*a, **k)))
+    out = str(tmp_path / "run")
+    argv = ["--model", base_dir, "--data", corpus, "--token-cache", token_cache, "--ctx", "128", "--steps", "2",
+            "--weight-decay", "0.1", "--out", out]
+    assert train.main(argv) == 0
+    assert seen["kw"] == {"lr": 2e-5, "betas": (0.9, 0.999), "eps": 1e-8}
+    (wd_matrices, ndims_matrices), (wd_vectors, ndims_vectors) = seen["groups"]  # decay on matrices, not norms
+    assert wd_matrices == 0.1 and min(ndims_matrices) == 2 and wd_vectors == 0.0 and set(ndims_vectors) == {1}
+    assert seen["max_norm"] == [1.0, 1.0]
+    model = seen["model"]
+    assert model.args.attn == "s2" and resolve_group_size("s2", 128, model.args.group_size) == 128 // 4
+    assert model.gradient_checkpointing
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        steps = [r for r in map(json.loads, f) if "loss" in r]
+    assert [r["lr"] for r in steps] == [2e-5 * 1 / 20, 2e-5 * 2 / 20]  # linear warmup over 20 steps
+    assert [r["tokens"] for r in steps] == [1 * 8 * 128] * 2  # batch 1 x accumulation 8 sequences of ctx
+    cfg = json.load(open(os.path.join(out, "adapter_config.json")))
+    assert (cfg["r"], cfg["alpha"], cfg["dropout"], cfg["targets"], cfg["embed"], cfg["norms"]) == \
+        (8, 16.0, 0.0, ["wq", "wk", "wv", "wo"], True, True)
+
+
+@pytest.mark.parametrize("schedule", ["constant", "cosine"])
+def test_lr_warms_up_linearly_then_stays_or_follows_a_cosine_to_the_floor(schedule):
+    a = train.build_parser().parse_args(["--schedule", schedule, "--steps", "120"])
+    assert a.min_lr_ratio == 0.1
+    lr = [train.lr_at(s, a) for s in range(1, 121)]
+    assert lr[:20] == pytest.approx([2e-5 * s / 20 for s in range(1, 21)], rel=1e-12)
+    if schedule == "constant":
+        assert lr[20:] == [2e-5] * 100
+    else:  # half a cosine from lr right after warmup to lr x min_lr_ratio at the last step
+        expect = [2e-6 + (2e-5 - 2e-6) * 0.5 * (1 + math.cos(math.pi * (s - 20) / 100)) for s in range(21, 121)]
+        assert lr[20:] == pytest.approx(expect, rel=1e-12) and lr[-1] == pytest.approx(2e-6, rel=1e-12)
 
 
 # ----------------------------------------------------------------------------------------------------
