@@ -74,6 +74,17 @@ def test_caches_with_budget_covering_the_sequence_equal_one_full_forward(kind, r
     assert (logits - reference).abs().max().item() <= TOL
 
 
+@pytest.mark.parametrize("rope_scaling", [1.0, 4.0])
+def test_sink_cache_covering_the_sequence_gives_the_full_caches_logits_exactly_and_h2o_within_rounding(rope_scaling):
+    model = make_model(rope_scaling=rope_scaling)
+    ids = torch.randint(0, 256, (2, 60), generator=torch.Generator().manual_seed(2))
+    full = run_with_cache(model, ids, make_cache(model, "full", 60, 0, batch_size=2), prefill=41, chunk=16)
+    sink = run_with_cache(model, ids, SinkCache(model.args, sink_tokens=4, recent=56), prefill=41, chunk=16)
+    h2o = run_with_cache(model, ids, H2OCache(model.args, heavy=30, recent=30), prefill=41, chunk=16)
+    assert torch.equal(sink, full)  # the same SDPA calls on the same keys
+    assert (h2o - full).abs().max().item() <= TOL  # an explicit softmax instead of SDPA (observed ~1e-5)
+
+
 @pytest.mark.parametrize("kind", ["h2o", "sink"])
 def test_generate_with_a_budget_covering_the_sequence_equals_the_full_cache(kind):
     model = make_model(seed=3)
