@@ -367,3 +367,12 @@ def test_cli_fails_cleanly_on_each_bad_input(tmp_path, model_dir, sp_model):
         assert err.count("\n") == 1 and err.startswith("error: "), f"{name}: {err!r}"
         assert all(w in err for w in words), f"{name}: {err!r} should mention {words}"
         assert out == "", name
+
+
+def test_defaults_are_metas_sampling_and_streamingllms_sinks():
+    # meta-llama/llama's example_chat_completion.py samples with temperature 0.6, top_p 0.9; StreamingLLM
+    # keeps 4 attention-sink tokens (its start_size)
+    from sample import parse_args
+
+    a = parse_args(["--model", "m", "--prompt", "p"])
+    assert (a.temperature, a.top_p, a.top_k, a.kv_cache, a.sink_tokens) == (0.6, 0.9, 0, "full", 4)
