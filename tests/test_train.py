@@ -209,6 +209,26 @@ def test_bf16_fsdp_trains_fp32_copies_of_only_the_trainable_tensors(base_dir, co
         assert moved_fp32.norm() > 0 and (moved - moved_fp32).norm() <= BF16_UPDATE_TOL * moved_fp32.norm(), k
 
 
+def test_bf16_in_one_process_computes_in_bf16_with_a_bf16_base_and_fp32_trainable_tensors(base_dir, corpus, token_cache, tmp_path, monkeypatch):
+    """--dtype bf16 without torchrun: the frozen base is stored in bf16, the trainable tensors in fp32, and the
+    forward runs under autocast, so the matrix products (here: the output layer's) compute in bf16."""
+    seen = {}
+    build = train.build_model
+
+    def spy_build(*args, **kwargs):
+        model = build(*args, **kwargs)
+        seen["dtypes"] = {n: (p.dtype, p.requires_grad) for n, p in model.named_parameters()}
+        model.output.register_forward_hook(lambda m, i, o: seen.update(output=o.dtype))  # returns None: o stays
+        return model
+
+    monkeypatch.setattr(train, "build_model", spy_build)
+    out = str(tmp_path / "run")
+    assert train.main(common(base_dir, corpus, token_cache, steps=1, grad_accum=1, dtype="bf16", out=out)) == 0
+    assert seen["output"] == torch.bfloat16
+    assert all(dtype == (torch.float32 if trains else torch.bfloat16) for dtype, trains in seen["dtypes"].values())
+    assert {t.dtype for t in load_file(os.path.join(out, "adapter.safetensors")).values()} == {torch.float32}
+
+
 # train.main with a torch.save that stops, says so, and sleeps before the optimizer file of checkpoint 4
 PAUSE_IN_SAVE = """
 import sys, time, torch, train
