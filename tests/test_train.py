@@ -1,5 +1,7 @@
-"""train.py: FSDP equals one process, resume repeats the losses, a kill during a save leaves the previous
-checkpoint (checkpoint.py), training lowers held-out loss, clean failures, no flag shadows torchrun's.
+"""train.py: the step loss is the global token mean of an independent forward, FSDP equals one process, bf16
+trains like fp32, resume repeats the losses, a kill during a save leaves the previous checkpoint and old
+ones go only after a new one is complete (checkpoint.py), training lowers the held-out loss (full
+attention), the defaults are LongLoRA's recipe, clean failures, no flag shadows torchrun's.
 (Data preparation: test_data.py; --estimate: test_estimate.py.)"""
 
 import json
