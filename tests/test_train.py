@@ -34,10 +34,9 @@ BF16_LOSS_TOL = 2e-2  # bf16 compute against fp32, same data (observed ~3e-4)
 BF16_UPDATE_TOL = 0.5  # |bf16 update - fp32 update| / |fp32 update| of each trainable tensor after 2 steps (observed ≤ 0.18)
 
 
-def run_torchrun(args, n=2, env=None):
-    """train.py under torchrun with n ranks (FSDP over gloo), as a subprocess."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
-           os.path.join(ROOT, "train.py"), *args]
+def run_torchrun(args, n=2, env=None, script=os.path.join(ROOT, "train.py")):
+    """train.py (or a script that runs it) under torchrun with n ranks (FSDP over gloo), as a subprocess."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}", script, *args]
     r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env={**os.environ, **(env or {})}, timeout=300)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
     return r
@@ -178,17 +177,38 @@ def test_step_loss_and_gradient_are_the_global_token_mean_of_an_independent_forw
     assert torch.equal(trained["layers.0.attention.wq.lora_a"], model.layers[0].attention.wq.lora_a.detach())
 
 
+# train.py under torchrun, each rank comparing its shard of every frozen parameter after training with the
+# one it started with; a rank prints the names that changed
+FROZEN_WATCH = """
+import os, sys, torch, train
+build, start = train.build_model, {}
+def watched_build(*args, **kwargs):
+    model = build(*args, **kwargs)
+    start.update({n: p.to_local().clone() for n, p in model.named_parameters() if not p.requires_grad}, model=model)
+    return model
+train.build_model = watched_build
+code = train.main(sys.argv[1:])
+end = {n: p.to_local() for n, p in start.pop("model").named_parameters() if not p.requires_grad}
+print(f"{len(start)} frozen parameters, changed:", [n for n in start if not torch.equal(end[n], start[n])], flush=True)
+os._exit(code)  # as train.py does under torchrun (see its end)
+"""
+
+
 def test_bf16_fsdp_trains_fp32_copies_of_only_the_trainable_tensors(base_dir, corpus, token_cache, tmp_path):
     # GPU recipe on the CPU: frozen base in bf16, trainable tensors fp32, bf16 compute / fp32 reduction.
     ref, out = str(tmp_path / "fp32"), str(tmp_path / "bf16")
     assert train.main(common(base_dir, corpus, token_cache, grad_accum=2, steps=2, out=ref)) == 0
-    run_torchrun(common(base_dir, corpus, token_cache, grad_accum=1, steps=2, dtype="bf16", eval_every=1, out=out))
+    (tmp_path / "watch.py").write_text(f"import sys\nsys.path.insert(0, {ROOT!r})\n" + FROZEN_WATCH)
+    r = run_torchrun(common(base_dir, corpus, token_cache, grad_accum=1, steps=2, dtype="bf16", eval_every=1, out=out),
+                     script=str(tmp_path / "watch.py"))
     optim = torch.load(os.path.join(out, "checkpoints", "step-000002", "optimizer.pt"), weights_only=True)
     base = Transformer.from_pretrained(base_dir)
     apply_lora(base)
     mark_trainable(base)
     trainable = {n for n, p in base.named_parameters() if p.requires_grad}
     assert set(optim["state"]) == trainable  # no optimizer state for the frozen base
+    frozen = {n for n, p in base.named_parameters() if not p.requires_grad}
+    assert r.stdout.count(f"{len(frozen)} frozen parameters, changed: []") == 2, r.stdout[-2000:]  # on both ranks
     for state in optim["state"].values():
         assert state["exp_avg"].dtype == state["exp_avg_sq"].dtype == torch.float32
     adapter = load_file(os.path.join(out, "adapter.safetensors"))
@@ -201,7 +221,7 @@ def test_bf16_fsdp_trains_fp32_copies_of_only_the_trainable_tensors(base_dir, co
     for s in l_ref:
         assert abs(l_ref[s] - l_bf16[s]) <= BF16_LOSS_TOL
     # it trained, as the fp32 run did: every trainable tensor moved from its start (LoRA B from 0, the rest
-    # from the base) in the fp32 run's direction; the frozen ones have no optimizer state (above)
+    # from the base) in the fp32 run's direction; the frozen ones stayed (above)
     fp32 = load_file(os.path.join(ref, "adapter.safetensors"))
     assert adapter.keys() == fp32.keys() == trainable
     start = {k: torch.zeros_like(t) if k.endswith("lora_b") else base.state_dict()[k] for k, t in fp32.items()
