@@ -11,7 +11,7 @@ import sentencepiece as spm
 import torch
 
 from conftest import STDLIB, stdlib_text
-from data import PackedData, SFTData, prepare_sft, prepare_tokens, split_heldout
+from data import PackedData, SFTData, prepare_sft, prepare_tokens, sample_positions, split_heldout
 from model import Tokenizer, Transformer, preset
 from train import token_loss_sum
 
@@ -74,6 +74,15 @@ def test_heldout_split_is_deterministic_disjoint_and_spread_over_the_corpus():
     assert np.diff(held).max() <= 2 * 1000 / 50 and held[0] < 40 and held[-1] > 960
     assert np.array_equal(split_heldout(1000, 0.05)[1], held)
     assert len(split_heldout(1, 0.5)[1]) == 0 and len(split_heldout(5, 0.01)[1]) == 1
+
+
+def test_sample_order_is_a_fresh_permutation_each_epoch_drawn_from_the_seed():
+    n = 50
+    first_two_epochs = sample_positions(n, 0, 0, 2 * n)
+    e0, e1 = first_two_epochs[:n], first_two_epochs[n:]
+    assert sorted(e0) == sorted(e1) == list(range(n)) and list(e0) != list(e1)  # every item once per epoch
+    assert list(sample_positions(n, 0, 37, 20)) == list(first_two_epochs[37:57])  # a function of the position
+    assert list(sample_positions(n, 1, 0, n)) != list(e0)  # and of the seed
 
 
 def test_sft_learns_only_the_answer_and_pads_to_a_multiple_of_8(sp_model, tmp_path):

@@ -145,14 +145,15 @@ def test_sft_loss_is_the_global_token_mean_on_one_process_and_on_two_ranks(base_
 def test_step_loss_and_gradient_are_the_global_token_mean_of_an_independent_forward(base_dir, sp_model, tmp_path):
     """One step over 4 SFT rows of very different answer lengths (2 micro-batches of 2): the logged loss
     and the logged (pre-clip) gradient norm are those of sum(cross-entropy over all answer tokens) / their
-    number, computed here by a plain forward and backward of each row alone, without train.py's loop. A mean
-    of per-micro-batch means weighs the tokens of the short answers more, and differs."""
+    number, computed here by a plain forward and backward of each row alone, without train.py's loop, on the
+    base with the position interpolation --ctx implies. A mean of per-micro-batch means weighs the tokens of
+    the short answers more, and differs."""
     doc = open(os.path.join(STDLIB, "bisect.py")).read()
     recs = [{"instruction": f"Quote part {i}.", "output": doc[300 * i:300 * i + n]} for i, n in enumerate((8, 200, 20, 120))]
     data = tmp_path / "sft.json"
     data.write_text(json.dumps(recs))
     out = str(tmp_path / "run")
-    argv = ["--model", base_dir, "--data", str(data), "--sft", "--ctx", "128", "--attn", "full", "--heldout", "0",
+    argv = ["--model", base_dir, "--data", str(data), "--sft", "--ctx", "256", "--attn", "full", "--heldout", "0",
             "--steps", "1", "--batch-size", "2", "--grad-accum", "2", "--lr", "1e-3", "--out", out]
     assert train.main(argv) == 0
     with open(os.path.join(out, "metrics.jsonl")) as f:
@@ -160,9 +161,10 @@ def test_step_loss_and_gradient_are_the_global_token_mean_of_an_independent_forw
     # the same rows, each alone (step 1 of 4 rows x 1 epoch sees every row once, in some order)
     tok = Tokenizer(sp_model)
     tokens, index = prepare_sft([str(data)], tok, str(tmp_path / "sft.bin"))
-    rows = [SFTData(tokens, index, 128, 8, tok.eos_id).batch([i]) for i in range(4)]
+    rows = [SFTData(tokens, index, 256, 8, tok.eos_id).batch([i]) for i in range(4)]
     torch.manual_seed(0)  # train.py's LoRA init: --seed 0, then the same calls
-    model = Transformer.from_pretrained(base_dir)
+    # --ctx 256 on a base of 128 positions: position interpolation by ceil(256 / 128) = 2
+    model = Transformer.from_pretrained(base_dir, rope_scaling=2.0, max_seq_len=256)
     apply_lora(model)
     mark_trainable(model)
     n_answer = sum(int((y != -100).sum()) for _, y, _ in rows)
@@ -175,6 +177,8 @@ def test_step_loss_and_gradient_are_the_global_token_mean_of_an_independent_forw
     # the LoRA A matrices match train.py's init (their gradient is 0 while B is 0, so step 1 keeps them)
     trained = load_file(os.path.join(out, "adapter.safetensors"))
     assert torch.equal(trained["layers.0.attention.wq.lora_a"], model.layers[0].attention.wq.lora_a.detach())
+    cfg = json.load(open(os.path.join(out, "adapter_config.json")))
+    assert (cfg["rope_scaling"], cfg["max_seq_len"]) == (2.0, 256)
 
 
 # train.py under torchrun, each rank comparing its shard of every frozen parameter after training with the
