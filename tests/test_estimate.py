@@ -1,10 +1,14 @@
 """estimate.py (train.py --estimate): parameter counts against LLaMA2-7B's published size, activation bytes
 against autograd's saved tensors, attention FLOPs against attention.py's masks, and the scaling laws."""
 
+import os
+import re
+
 import pytest
 import torch
 
 import estimate as est
+from conftest import ROOT
 import train
 from attention import attention_pattern
 from estimate import estimate, layer_activation_bytes, param_counts, visible_pairs
@@ -69,3 +73,21 @@ def test_estimate_is_consistent_across_ctx_attention_and_checkpointing(capsys):
     assert "total with checkpointing" in out and "attention" in out and "6.74B" in out
     assert est.main(["--preset", "llama2-7b", "--ctx", "32768", "--gpus", "8"]) == 0  # python estimate.py ...
     assert capsys.readouterr().out == out
+
+
+def test_readme_table_of_llama2_7b_is_what_the_estimate_computes():
+    """The README's table (`train.py --estimate --preset llama2-7b --ctx N --gpus 8`): every figure in it is
+    this estimate's, rounded as printed there."""
+    readme = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
+    rows = re.findall(r"^\| (\d+) \| ([\d.]+) \| ([\d.]+) \| ([\d.]+) \| \*\*([\d.]+)\*\* \| ([\d.]+) \| \*\*[\d.]+\*\* \| "
+                      r"([\d.]+) \| ([\d.]+) \|$", readme, re.M)
+    assert [int(r[0]) for r in rows] == [8192, 16384, 32768, 65536]
+    for ctx, *figures in rows:
+        e = estimate(preset("llama2-7b"), int(ctx), "s2", 8, 1, 8)
+        mem = e["memory"]
+        sharded = sum(v for k, v in mem.items() if k.startswith(("frozen", "trainable", "gradients", "AdamW")))
+        ours = [sharded / 1e9, mem["FSDP gathered weights (bf16)"] / 1e9, mem["activations, checkpointing"] / 1e9,
+                e["total_ckpt"] / 1e9, e["total_no_ckpt"] / 1e9, e["attn_flops"] / 1e15,
+                (e["attn_flops"] + e["dense_flops"]) / 1e15]
+        for printed, value in zip(figures, ours):
+            assert printed == f"{value:.{len(printed.split('.')[1])}f}", (ctx, printed, value)
