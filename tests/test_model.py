@@ -201,7 +201,10 @@ def corrupt(tmp_path, kind):
         d = tmp_path / "nowhere"
     elif kind.startswith(("hf_", "meta_", "own_")):  # one tensor dropped from, or added to, every file
         fmt, what = kind.split("_", 1)
-        edit = (lambda s, name: s.pop(name)) if what == "missing_tensor" else (lambda s, name: s.update({name + "_x": s[name].clone()}))
+        if what == "missing_tensor":
+            edit = lambda s, name: s.pop(name)  # noqa: E731
+        else:
+            edit = lambda s, name: s.update({name + "_x": s[name].clone()})  # noqa: E731
         if fmt == "hf":  # the sharded save: edit the shard that holds the up projection of layer 1
             from safetensors.torch import load_file, save_file
             for f in d.glob("model-*.safetensors"):

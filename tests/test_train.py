@@ -235,7 +235,8 @@ def test_bf16_fsdp_trains_fp32_copies_of_only_the_trainable_tensors(base_dir, co
         assert moved_fp32.norm() > 0 and (moved - moved_fp32).norm() <= BF16_UPDATE_TOL * moved_fp32.norm(), k
 
 
-def test_bf16_in_one_process_computes_in_bf16_with_a_bf16_base_and_fp32_trainable_tensors(base_dir, corpus, token_cache, tmp_path, monkeypatch):
+def test_bf16_in_one_process_computes_in_bf16_with_a_bf16_base_and_fp32_trainable_tensors(base_dir, corpus, token_cache,
+                                                                                          tmp_path, monkeypatch):
     """--dtype bf16 without torchrun: the frozen base is stored in bf16, the trainable tensors in fp32, and the
     forward runs under autocast, so the matrix products (here: the output layer's) compute in bf16."""
     seen = {}
@@ -328,7 +329,8 @@ def test_old_checkpoints_are_deleted_only_after_the_new_one_is_complete(base_dir
     assert all(complete for _, _, complete in deleted), deleted
 
 
-def test_training_from_scratch_lowers_heldout_loss_measured_with_full_attention_and_saves_a_loadable_model(corpus, sp_model, tmp_path):
+def test_training_from_scratch_lowers_heldout_loss_measured_with_full_attention_and_saves_a_loadable_model(
+        corpus, sp_model, tmp_path):
     # trained with S²-Attn; the held-out loss must be that of full attention, as the model is used
     out = str(tmp_path / "scratch")
     argv = ["--from-scratch", "tiny", "--tokenizer", sp_model, "--data", corpus, "--ctx", "64", "--attn", "s2",
