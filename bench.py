@@ -193,13 +193,33 @@ def _peer_model(ours, mode):
     return peer
 
 
+def _ours_model(preset_name, T, mode):
+    """train.py's model for ctx T: RoPE scaled by ceil(T / original context), LoRA r=8 on wq wk wv wo with a
+    LoRA B that has trained a little (so that its path is not all zeros), embeddings and norms trainable,
+    activation checkpointing, train mode."""
+    from lora import apply_lora, mark_trainable
+    from model import Transformer, preset
+
+    torch.manual_seed(0)
+    scaling = float(-(-T // preset(preset_name).max_seq_len))
+    m = Transformer(preset(preset_name, rope_scaling=scaling, max_seq_len=T, attn=mode))
+    apply_lora(m)
+    mark_trainable(m)
+    with torch.no_grad():
+        for n, p in m.named_parameters():
+            if n.endswith("lora_b"):
+                p.normal_(0, 0.02, generator=torch.Generator().manual_seed(2))
+    m.gradient_checkpointing = True
+    m.train()
+    return m
+
+
 def bench_train(args):
     """One training step (forward, backward, AdamW) of train.py's recipe for each attention mode, and the same
     step in HF transformers + PEFT as the peer; tokens/s and peak memory."""
     import torch.nn.functional as F
 
-    from lora import apply_lora, mark_trainable
-    from model import Transformer, preset
+    from model import preset
     from train import token_loss_sum
 
     if args.threads:
@@ -213,16 +233,7 @@ def bench_train(args):
     nograd = torch.autocast("cpu", enabled=False)
     variants = {}
     for mode in MODES:
-        torch.manual_seed(0)
-        m = Transformer(preset(args.preset, rope_scaling=scaling, max_seq_len=T, attn=mode))
-        apply_lora(m)
-        mark_trainable(m)
-        with torch.no_grad():  # a LoRA that has trained a little, so that its path is not all zeros
-            for n, p in m.named_parameters():
-                if n.endswith("lora_b"):
-                    p.normal_(0, 0.02, generator=torch.Generator().manual_seed(2))
-        m.gradient_checkpointing = True
-        m.train()
+        m = _ours_model(args.preset, T, mode)
         variants["ours", mode] = (m, lambda m: token_loss_sum(m, x, y, None, nograd))
         if not args.no_peer:
             peer = _peer_model(m, mode)
@@ -362,6 +373,29 @@ def bench_chunking(args):
     print(f"feed-forward: forward + backward of preset {args.preset} with FFN hidden 2048 and vocab 256, all weights "
           f"trained, chunked loss: peak {whole / 2**20:.0f} MiB whole, {chunked / 2**20:.0f} MiB in chunks of "
           f"{CHUNK_SIZE} ({whole / chunked:.1f}x less)")
+def _hf_and_ours(preset_name):
+    """An HF LlamaForCausalLM of the preset's shape (room for 1024 positions, no EOS, weights spread so that
+    greedy choices are clear-cut), and the same weights loaded into ours through save_pretrained."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import transformers
+
+    from model import Transformer, preset
+
+    a = preset(preset_name, max_seq_len=1024)  # room for 32 + 256 tokens
+    cfg = transformers.LlamaConfig(
+        hidden_size=a.dim, intermediate_size=a.hidden_dim, num_hidden_layers=a.n_layers,
+        num_attention_heads=a.n_heads, num_key_value_heads=a.n_kv_heads, vocab_size=a.vocab_size,
+        max_position_embeddings=a.max_seq_len, rms_norm_eps=a.norm_eps, tie_word_embeddings=False,
+        bos_token_id=None, eos_token_id=None, pad_token_id=None)  # no EOS: both generate every token
+    torch.manual_seed(0)
+    hf = transformers.LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():  # HF's init gives near-uniform logits; spread them so greedy choices are clear-cut
+        for pname, p in hf.named_parameters():
+            p.copy_(1 + 0.3 * torch.randn_like(p) if "norm" in pname else 0.2 * torch.randn_like(p))
+    with tempfile.TemporaryDirectory() as d:
+        hf.save_pretrained(d)
+        ours = Transformer.from_pretrained(d).eval()
+    return hf, ours
 
 
 def bench_sample(args):
@@ -448,20 +482,8 @@ def bench_sample(args):
     print("| --- | --- | ---: | ---: | ---: | --- |")
     ratios = {}
     for name in ("tiny", "demo"):
-        a = preset(name, max_seq_len=1024)  # room for 32 + 256 tokens
-        cfg = transformers.LlamaConfig(
-            hidden_size=a.dim, intermediate_size=a.hidden_dim, num_hidden_layers=a.n_layers,
-            num_attention_heads=a.n_heads, num_key_value_heads=a.n_kv_heads, vocab_size=a.vocab_size,
-            max_position_embeddings=a.max_seq_len, rms_norm_eps=a.norm_eps, tie_word_embeddings=False,
-            bos_token_id=None, eos_token_id=None, pad_token_id=None)  # no EOS: both generate every token
-        torch.manual_seed(0)
-        hf = transformers.LlamaForCausalLM(cfg).eval()
-        with torch.no_grad():  # HF's init gives near-uniform logits; spread them so greedy choices are clear-cut
-            for pname, p in hf.named_parameters():
-                p.copy_(1 + 0.3 * torch.randn_like(p) if "norm" in pname else 0.2 * torch.randn_like(p))
-        with tempfile.TemporaryDirectory() as d:
-            hf.save_pretrained(d)
-            ours = Transformer.from_pretrained(d).eval()
+        hf, ours = _hf_and_ours(name)
+        a = ours.args
         prompt = torch.randint(0, a.vocab_size, (32,), generator=g).tolist()
         n = 256
         ids = torch.tensor([prompt])

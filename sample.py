@@ -42,8 +42,9 @@ Three caches, all with the `attend(layer_id, q, k, v, positions, rotate)` method
 `--heavy` and `--recent` take a size (an integer: 256) or a ratio of the prompt length (0.1). The cache
 stores at most heavy + recent (h2o) or sink + recent (sink) tokens between forward passes; a chunk being
 processed attends to those plus itself, causally (`--prefill-chunk 1` gives the strict token-by-token
-policy). With a budget at least as long as the sequence both give exactly the full cache's result
-(tests/test_sample.py checks it).
+policy). With a budget at least as long as the sequence both generate exactly the full cache's tokens;
+the sink cache's logits are identical to the full cache's, H₂O's agree within rounding (it computes the
+attention weights explicitly, for its scores; tests/test_sample.py checks both).
 """
 
 import argparse

@@ -1,7 +1,8 @@
 """data.py: documents are packed as [BOS] text [EOS] (checked against sentencepiece itself), the token file
 is reused until an input changes, the held-out split is spread and deterministic, SFT learns only the
-answer and pads without changing a row's loss; LongAlpaca's templates and SFT group sizes equal LongLoRA's
-official code (its strings and rule copied here as the independent reference)."""
+answer and pads without changing a row's loss (lengths hide the padding even from the wrap ablation);
+LongAlpaca's templates and SFT group sizes equal LongLoRA's official code (its strings and rule copied
+here as the independent reference)."""
 
 import json
 import os
@@ -13,7 +14,8 @@ import torch
 
 from conftest import STDLIB, stdlib_text
 from attention import _plan
-from data import PackedData, SFTData, longlora_sft_group_size, prepare_sft, prepare_tokens, sft_example, sft_prompt, split_heldout
+from data import (PackedData, SFTData, longlora_sft_group_size, prepare_sft, prepare_tokens, sample_positions, sft_example,
+                  sft_prompt, split_heldout)
 from model import Tokenizer, Transformer, preset
 from train import token_loss_sum
 
@@ -78,6 +80,15 @@ def test_heldout_split_is_deterministic_disjoint_and_spread_over_the_corpus():
     assert len(split_heldout(1, 0.5)[1]) == 0 and len(split_heldout(5, 0.01)[1]) == 1
 
 
+def test_sample_order_is_a_fresh_permutation_each_epoch_drawn_from_the_seed():
+    n = 50
+    first_two_epochs = sample_positions(n, 0, 0, 2 * n)
+    e0, e1 = first_two_epochs[:n], first_two_epochs[n:]
+    assert sorted(e0) == sorted(e1) == list(range(n)) and list(e0) != list(e1)  # every item once per epoch
+    assert list(sample_positions(n, 0, 37, 20)) == list(first_two_epochs[37:57])  # a function of the position
+    assert list(sample_positions(n, 1, 0, n)) != list(e0)  # and of the seed
+
+
 def test_sft_learns_only_the_answer_and_pads_to_a_multiple_of_8(sp_model, tmp_path):
     doc = open(os.path.join(STDLIB, "bisect.py")).read()
     recs = [{"instruction": "Summarize this module.", "input": doc[:400], "output": "Binary search helpers."},
@@ -105,13 +116,20 @@ def test_sft_learns_only_the_answer_and_pads_to_a_multiple_of_8(sp_model, tmp_pa
         assert (y[b, n:] == -100).all() and (x[b, n:] == tok.eos_id).all()  # padding: no loss, pad input
         if b == 1:  # a long answer is cut at ctx + 1 tokens, the prompt kept whole
             assert n == min(ctx, int(index[1, 2]) - 1)
-    # with full attention, padding another row changes nothing for this row (lengths hide the padded keys)
-    model = Transformer(preset("tiny", vocab_size=512)).eval()
-    alone = SFTData(tokens, index, ctx, 8, tok.eos_id).batch([2])
+    # lengths hide the padded keys: with S²'s cyclic roll (--shift-wrap) the first half-group of the shifted
+    # heads sees the last positions, here padding; whatever the pad tokens are, the short row's loss is the
+    # same (causality alone hides right padding from every other attention, so this is where lengths matter)
+    n = int(lengths[2])
+    g = 2 * n  # the whole short row lies in the first half-group, which the roll joins with the last g/2 positions
+    model = Transformer(preset("tiny", vocab_size=512, attn="s2", group_size=g, shift_wrap=True)).eval()
+    other_pad = x[2:].clone()
+    other_pad[0, n:] = torch.arange(T - n) % 500 + 3
+    nograd = torch.autocast("cpu", enabled=False)
     with torch.no_grad():
-        a = token_loss_sum(model, *alone, torch.autocast("cpu", enabled=False))
-        both = token_loss_sum(model, x[2:], y[2:], lengths[2:], torch.autocast("cpu", enabled=False))
-    assert x.shape[1] > alone[0].shape[1] and torch.allclose(a, both, atol=1e-4)
+        loss = token_loss_sum(model, x[2:], y[2:], lengths[2:], nograd)
+        assert T - n >= g // 2 and torch.allclose(token_loss_sum(model, other_pad, y[2:], lengths[2:], nograd), loss, atol=1e-5)
+        # the probe can fail: without lengths the pad tokens reach the loss
+        assert (token_loss_sum(model, other_pad, y[2:], None, nograd) - loss).abs() > 1e-3
 
 
 # LongLoRA's supervised-fine-tune.py (dvlab-research/LongLoRA, PROMPT_DICT, lines 69-75), copied verbatim:

@@ -1,10 +1,14 @@
 """estimate.py (train.py --estimate): parameter counts against LLaMA2-7B's published size, activation bytes
 against autograd's saved tensors, attention FLOPs against attention.py's masks, and the scaling laws."""
 
+import os
+import re
+
 import pytest
 import torch
 
 import estimate as est
+from conftest import ROOT
 import train
 from attention import attention_pattern
 from estimate import estimate, layer_activation_bytes, param_counts, visible_pairs
@@ -85,3 +89,19 @@ def test_full_fine_tuning_estimate_shards_fp32_weights_gradients_and_adamw_of_ev
     assert abs(sharded - 16 * 6_738_415_616 / 8) < 1e3 and e["memory"]["frozen weights (bf16)"] == 0
     lora = estimate(preset("llama2-7b"), 8192, "s2", 8, 1, 8)
     assert e["total_ckpt"] > lora["total_ckpt"] + 10e9  # the paper: 46.3 GB (full) against 25.6 GB (LoRA+) at 8k
+def test_readme_table_of_llama2_7b_is_what_the_estimate_computes():
+    """The README's table (`train.py --estimate --preset llama2-7b --ctx N --gpus 8`): every figure in it is
+    this estimate's, rounded as printed there."""
+    readme = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
+    rows = re.findall(r"^\| (\d+) \| ([\d.]+) \| ([\d.]+) \| ([\d.]+) \| \*\*([\d.]+)\*\* \| ([\d.]+) \| \*\*[\d.]+\*\* \| "
+                      r"([\d.]+) \| ([\d.]+) \|$", readme, re.M)
+    assert [int(r[0]) for r in rows] == [8192, 16384, 32768, 65536]
+    for ctx, *figures in rows:
+        e = estimate(preset("llama2-7b"), int(ctx), "s2", 8, 1, 8)
+        mem = e["memory"]
+        sharded = sum(v for k, v in mem.items() if k.startswith(("frozen", "trainable", "gradients", "AdamW")))
+        ours = [sharded / 1e9, mem["FSDP gathered weights (bf16)"] / 1e9, mem["activations, checkpointing"] / 1e9,
+                e["total_ckpt"] / 1e9, e["total_no_ckpt"] / 1e9, e["attn_flops"] / 1e15,
+                (e["attn_flops"] + e["dense_flops"]) / 1e15]
+        for printed, value in zip(figures, ours):
+            assert printed == f"{value:.{len(printed.split('.')[1])}f}", (ctx, printed, value)

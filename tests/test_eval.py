@@ -222,3 +222,13 @@ def test_cli_fails_with_one_line_on_bad_input(model_dir, tmp_path, capsys, case)
     assert ev.main(["ppl", "--model", model_dir, "--seq-lens", "64", *argv]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1
+
+
+def test_defaults_are_longloras_evaluation_protocol():
+    # LongLoRA's eval.py: windows every 256 tokens (--sliding_window 256), full attention at evaluation;
+    # its passkey test runs 10 prompts per length
+    from eval import parse_args
+
+    ppl = parse_args(["ppl", "--model", "m", "--data", "d"])
+    assert (ppl.stride, ppl.attn) == (256, "full")
+    assert parse_args(["passkey", "--model", "m"]).trials == 10

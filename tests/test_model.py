@@ -254,6 +254,35 @@ def corrupt(tmp_path, kind):
         os.remove(d / ("consolidated.01.pth" if kind == "missing_meta_shard" else "params.json"))
     elif kind == "missing_dir":
         d = tmp_path / "nowhere"
+    elif kind.startswith(("hf_", "meta_", "own_")):  # one tensor dropped from, or added to, every file
+        fmt, what = kind.split("_", 1)
+        if what == "missing_tensor":
+            edit = lambda s, name: s.pop(name)  # noqa: E731
+        else:
+            edit = lambda s, name: s.update({name + "_x": s[name].clone()})  # noqa: E731
+        if fmt == "hf":  # the sharded save: edit the shard that holds the up projection of layer 1
+            from safetensors.torch import load_file, save_file
+            for f in d.glob("model-*.safetensors"):
+                sd = load_file(f)
+                if "model.layers.1.mlp.up_proj.weight" in sd:
+                    edit(sd, "model.layers.1.mlp.up_proj.weight")
+                    save_file(sd, f, metadata={"format": "pt"})
+        elif fmt == "meta":
+            src = Transformer.from_pretrained(str(d))
+            d = tmp_path / "meta"
+            write_meta_shards(src, d, n_shards=2)
+            for f in d.glob("consolidated.*.pth"):
+                sd = torch.load(f, weights_only=True)
+                edit(sd, "layers.1.feed_forward.w3.weight")
+                torch.save(sd, f)
+        else:
+            from safetensors.torch import load_file, save_file
+            src = Transformer.from_pretrained(str(d))
+            d = tmp_path / "own"
+            src.save_pretrained(str(d))
+            sd = load_file(d / "model.safetensors")
+            edit(sd, "layers.1.feed_forward.w3.weight")
+            save_file(sd, d / "model.safetensors", metadata={"format": "pt"})
     return d
 
 
@@ -266,6 +295,13 @@ BAD = {
     "missing_meta_shard": "shard is missing",
     "missing_params": "no params.json",
     "missing_dir": "no such file or directory",
+    # every loader is strict: one tensor too few or too many stops the load
+    "hf_missing_tensor": "missing tensor layers.1.feed_forward.w3.weight",
+    "hf_unexpected_tensor": "unexpected tensor model.layers.1.mlp.up_proj.weight_x",
+    "meta_missing_tensor": "missing tensor layers.1.feed_forward.w3.weight",
+    "meta_unexpected_tensor": "unexpected tensor layers.1.feed_forward.w3.weight_x",
+    "own_missing_tensor": "missing tensor layers.1.feed_forward.w3.weight",
+    "own_unexpected_tensor": "unexpected tensor layers.1.feed_forward.w3.weight_x",
 }
 
 

@@ -74,6 +74,17 @@ def test_caches_with_budget_covering_the_sequence_equal_one_full_forward(kind, r
     assert (logits - reference).abs().max().item() <= TOL
 
 
+@pytest.mark.parametrize("rope_scaling", [1.0, 4.0])
+def test_sink_cache_covering_the_sequence_gives_the_full_caches_logits_exactly_and_h2o_within_rounding(rope_scaling):
+    model = make_model(rope_scaling=rope_scaling)
+    ids = torch.randint(0, 256, (2, 60), generator=torch.Generator().manual_seed(2))
+    full = run_with_cache(model, ids, make_cache(model, "full", 60, 0, batch_size=2), prefill=41, chunk=16)
+    sink = run_with_cache(model, ids, SinkCache(model.args, sink_tokens=4, recent=56), prefill=41, chunk=16)
+    h2o = run_with_cache(model, ids, H2OCache(model.args, heavy=30, recent=30), prefill=41, chunk=16)
+    assert torch.equal(sink, full)  # the same SDPA calls on the same keys
+    assert (h2o - full).abs().max().item() <= TOL  # an explicit softmax instead of SDPA (observed ~1e-5)
+
+
 @pytest.mark.parametrize("kind", ["h2o", "sink"])
 def test_generate_with_a_budget_covering_the_sequence_equals_the_full_cache(kind):
     model = make_model(seed=3)
@@ -402,3 +413,12 @@ def test_h2o_decoding_in_bf16_makes_no_fp32_copy_of_the_cache():
             logits = model(ids[:, 201:202], cache=cache)
     assert cache.k[0].dtype == torch.bfloat16 and logits.dtype == torch.bfloat16
     assert max(n for _, n in rec.fp32) < keys / 2, sorted(rec.fp32, key=lambda r: -r[1])[:3]
+
+
+def test_defaults_are_metas_sampling_and_streamingllms_sinks():
+    # meta-llama/llama's example_chat_completion.py samples with temperature 0.6, top_p 0.9; StreamingLLM
+    # keeps 4 attention-sink tokens (its start_size)
+    from sample import parse_args
+
+    a = parse_args(["--model", "m", "--prompt", "p"])
+    assert (a.temperature, a.top_p, a.top_k, a.kv_cache, a.sink_tokens) == (0.6, 0.9, 0, "full", 4)

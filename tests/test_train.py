@@ -1,9 +1,13 @@
-"""train.py: FSDP equals one process, resume repeats the losses, a kill during a save leaves the previous
-checkpoint (checkpoint.py), training lowers held-out loss, clean failures, no flag shadows torchrun's.
+"""train.py: the step loss is the global token mean of an independent forward, FSDP equals one process, bf16
+trains like fp32, resume repeats the losses, a kill during a save leaves the previous checkpoint and old
+ones go only after a new one is complete (checkpoint.py), training lowers the held-out loss (full
+attention), the defaults are LongLoRA's recipe, clean failures, no flag shadows torchrun's.
 (Data preparation: test_data.py; --estimate: test_estimate.py.)"""
 
 import json
+import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -11,13 +15,15 @@ import sys
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
 
 from conftest import ROOT, STDLIB
-from checkpoint import find_checkpoint
-from data import open_tokens, split_heldout
+from attention import resolve_group_size
+from checkpoint import checkpoint_dirs, find_checkpoint
+from data import SFTData, open_tokens, prepare_sft, split_heldout
 from lora import apply_lora, mark_trainable
-from model import Transformer, preset
+from model import Tokenizer, Transformer, preset
 import train
 
 # Two ranks (FSDP, gloo) against one process, fp32 on the CPU. The sums of two ranks' gradients are
@@ -25,12 +31,12 @@ import train
 FSDP_LOSS_TOL, FSDP_WEIGHT_TOL = 1e-5, 1e-6
 RESUME_TOL = 1e-6  # a resumed fp32 run repeats the uninterrupted one (observed: exactly)
 BF16_LOSS_TOL = 2e-2  # bf16 compute against fp32, same data (observed ~3e-4)
+BF16_UPDATE_TOL = 0.5  # |bf16 update - fp32 update| / |fp32 update| of each trainable tensor after 2 steps (observed ≤ 0.18)
 
 
-def run_torchrun(args, n=2, env=None):
-    """train.py under torchrun with n ranks (FSDP over gloo), as a subprocess."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
-           os.path.join(ROOT, "train.py"), *args]
+def run_torchrun(args, n=2, env=None, script=os.path.join(ROOT, "train.py")):
+    """train.py (or a script that runs it) under torchrun with n ranks (FSDP over gloo), as a subprocess."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}", script, *args]
     r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env={**os.environ, **(env or {})}, timeout=300)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
     return r
@@ -155,17 +161,77 @@ def test_sft_attention_groups_follow_the_chosen_rule(rule, base_dir, tmp_path, m
     assert groups and all(g == (8192 if rule == "official" else None) for _, g in groups), groups
 
 
+def test_step_loss_and_gradient_are_the_global_token_mean_of_an_independent_forward(base_dir, sp_model, tmp_path):
+    """One step over 4 SFT rows of very different answer lengths (2 micro-batches of 2): the logged loss
+    and the logged (pre-clip) gradient norm are those of sum(cross-entropy over all answer tokens) / their
+    number, computed here by a plain forward and backward of each row alone, without train.py's loop, on the
+    base with the position interpolation --ctx implies. A mean of per-micro-batch means weighs the tokens of
+    the short answers more, and differs."""
+    doc = open(os.path.join(STDLIB, "bisect.py")).read()
+    recs = [{"instruction": f"Quote part {i}.", "output": doc[300 * i:300 * i + n]} for i, n in enumerate((8, 200, 20, 120))]
+    data = tmp_path / "sft.json"
+    data.write_text(json.dumps(recs))
+    out = str(tmp_path / "run")
+    argv = ["--model", base_dir, "--data", str(data), "--sft", "--ctx", "256", "--attn", "full", "--heldout", "0",
+            "--steps", "1", "--batch-size", "2", "--grad-accum", "2", "--lr", "1e-3", "--out", out]
+    assert train.main(argv) == 0
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        logged = [json.loads(line) for line in f][0]
+    # the same rows, each alone (step 1 of 4 rows x 1 epoch sees every row once, in some order)
+    tok = Tokenizer(sp_model)
+    tokens, index = prepare_sft([str(data)], tok, str(tmp_path / "sft.bin"))
+    rows = [SFTData(tokens, index, 256, 8, tok.eos_id).batch([i]) for i in range(4)]
+    torch.manual_seed(0)  # train.py's LoRA init: --seed 0, then the same calls
+    # --ctx 256 on a base of 128 positions: position interpolation by ceil(256 / 128) = 2
+    model = Transformer.from_pretrained(base_dir, rope_scaling=2.0, max_seq_len=256)
+    apply_lora(model)
+    mark_trainable(model)
+    n_answer = sum(int((y != -100).sum()) for _, y, _ in rows)
+    assert len({int((y != -100).sum()) for _, y, _ in rows}) == 4  # answer lengths differ: the weighting matters
+    loss = sum(F.cross_entropy(model(x)[0], y[0], ignore_index=-100, reduction="sum") for x, y, _ in rows) / n_answer
+    loss.backward()
+    grad_norm = torch.sqrt(sum((p.grad ** 2).sum() for p in model.parameters() if p.requires_grad)).item()
+    assert abs(logged["loss"] - loss.item()) <= 1e-5, (logged["loss"], loss.item())
+    assert abs(logged["grad_norm"] - grad_norm) <= 1e-4 * grad_norm, (logged["grad_norm"], grad_norm)
+    # the LoRA A matrices match train.py's init (their gradient is 0 while B is 0, so step 1 keeps them)
+    trained = load_file(os.path.join(out, "adapter.safetensors"))
+    assert torch.equal(trained["layers.0.attention.wq.lora_a"], model.layers[0].attention.wq.lora_a.detach())
+    cfg = json.load(open(os.path.join(out, "adapter_config.json")))
+    assert (cfg["rope_scaling"], cfg["max_seq_len"]) == (2.0, 256)
+
+
+# train.py under torchrun, each rank comparing its shard of every frozen parameter after training with the
+# one it started with; a rank prints the names that changed
+FROZEN_WATCH = """
+import os, sys, torch, train
+build, start = train.build_model, {}
+def watched_build(*args, **kwargs):
+    model = build(*args, **kwargs)
+    start.update({n: p.to_local().clone() for n, p in model.named_parameters() if not p.requires_grad}, model=model)
+    return model
+train.build_model = watched_build
+code = train.main(sys.argv[1:])
+end = {n: p.to_local() for n, p in start.pop("model").named_parameters() if not p.requires_grad}
+print(f"{len(start)} frozen parameters, changed:", [n for n in start if not torch.equal(end[n], start[n])], flush=True)
+os._exit(code)  # as train.py does under torchrun (see its end)
+"""
+
+
 def test_bf16_fsdp_trains_fp32_copies_of_only_the_trainable_tensors(base_dir, corpus, token_cache, tmp_path):
     # GPU recipe on the CPU: frozen base in bf16, trainable tensors fp32, bf16 compute / fp32 reduction.
     ref, out = str(tmp_path / "fp32"), str(tmp_path / "bf16")
     assert train.main(common(base_dir, corpus, token_cache, grad_accum=2, steps=2, out=ref)) == 0
-    run_torchrun(common(base_dir, corpus, token_cache, grad_accum=1, steps=2, dtype="bf16", eval_every=1, out=out))
+    (tmp_path / "watch.py").write_text(f"import sys\nsys.path.insert(0, {ROOT!r})\n" + FROZEN_WATCH)
+    r = run_torchrun(common(base_dir, corpus, token_cache, grad_accum=1, steps=2, dtype="bf16", eval_every=1, out=out),
+                     script=str(tmp_path / "watch.py"))
     optim = torch.load(os.path.join(out, "checkpoints", "step-000002", "optimizer.pt"), weights_only=True)
     base = Transformer.from_pretrained(base_dir)
     apply_lora(base)
     mark_trainable(base)
     trainable = {n for n, p in base.named_parameters() if p.requires_grad}
     assert set(optim["state"]) == trainable  # no optimizer state for the frozen base
+    frozen = {n for n, p in base.named_parameters() if not p.requires_grad}
+    assert r.stdout.count(f"{len(frozen)} frozen parameters, changed: []") == 2, r.stdout[-2000:]  # on both ranks
     for state in optim["state"].values():
         assert state["exp_avg"].dtype == state["exp_avg_sq"].dtype == torch.float32
     adapter = load_file(os.path.join(out, "adapter.safetensors"))
@@ -177,6 +243,36 @@ def test_bf16_fsdp_trains_fp32_copies_of_only_the_trainable_tensors(base_dir, co
     (l_ref, _), (l_bf16, _) = losses(ref), losses(out)
     for s in l_ref:
         assert abs(l_ref[s] - l_bf16[s]) <= BF16_LOSS_TOL
+    # it trained, as the fp32 run did: every trainable tensor moved from its start (LoRA B from 0, the rest
+    # from the base) in the fp32 run's direction; the frozen ones stayed (above)
+    fp32 = load_file(os.path.join(ref, "adapter.safetensors"))
+    assert adapter.keys() == fp32.keys() == trainable
+    start = {k: torch.zeros_like(t) if k.endswith("lora_b") else base.state_dict()[k] for k, t in fp32.items()
+             if not k.endswith("lora_a")}  # (A starts random; its first update comes at step 2, once B is not 0)
+    for k, t0 in start.items():
+        moved, moved_fp32 = adapter[k] - t0, fp32[k] - t0
+        assert moved_fp32.norm() > 0 and (moved - moved_fp32).norm() <= BF16_UPDATE_TOL * moved_fp32.norm(), k
+
+
+def test_bf16_in_one_process_computes_in_bf16_with_a_bf16_base_and_fp32_trainable_tensors(base_dir, corpus, token_cache,
+                                                                                          tmp_path, monkeypatch):
+    """--dtype bf16 without torchrun: the frozen base is stored in bf16, the trainable tensors in fp32, and the
+    forward runs under autocast, so the matrix products (here: the output layer's) compute in bf16."""
+    seen = {}
+    build = train.build_model
+
+    def spy_build(*args, **kwargs):
+        model = build(*args, **kwargs)
+        seen["dtypes"] = {n: (p.dtype, p.requires_grad) for n, p in model.named_parameters()}
+        model.output.register_forward_hook(lambda m, i, o: seen.update(output=o.dtype))  # returns None: o stays
+        return model
+
+    monkeypatch.setattr(train, "build_model", spy_build)
+    out = str(tmp_path / "run")
+    assert train.main(common(base_dir, corpus, token_cache, steps=1, grad_accum=1, dtype="bf16", out=out)) == 0
+    assert seen["output"] == torch.bfloat16
+    assert all(dtype == (torch.float32 if trains else torch.bfloat16) for dtype, trains in seen["dtypes"].values())
+    assert {t.dtype for t in load_file(os.path.join(out, "adapter.safetensors")).values()} == {torch.float32}
 
 
 @pytest.fixture(scope="module")
@@ -262,7 +358,8 @@ sys.exit(train.main(sys.argv[1:]))
 
 def test_kill_during_a_save_keeps_the_previous_checkpoint_and_resume_repeats_the_losses(base_dir, corpus, token_cache, tmp_path):
     out = str(tmp_path / "run")
-    args = common(base_dir, corpus, token_cache, grad_accum=2, steps=4, out=out)
+    # LoRA dropout: the losses after the resume repeat only if the random stream is restored too
+    args = common(base_dir, corpus, token_cache, grad_accum=2, steps=4, lora_dropout=0.1, out=out)
     # train.py in a subprocess whose torch.save sleeps before the optimizer file of checkpoint 4 (the weights
     # are written by then, the rest not), so that the test can kill it in the middle of the save
     proc = subprocess.Popen([sys.executable, "-c", PAUSE_IN_SAVE, *args], cwd=ROOT, text=True, stdout=subprocess.PIPE,
@@ -290,9 +387,39 @@ def test_kill_during_a_save_keeps_the_previous_checkpoint_and_resume_repeats_the
     assert sorted(os.listdir(ckpts)) == ["step-000002", "step-000004"]  # the half-written one is gone
 
 
-def test_training_from_scratch_lowers_heldout_loss_and_saves_a_loadable_model(corpus, sp_model, tmp_path):
+def test_old_checkpoints_are_deleted_only_after_the_new_one_is_complete(base_dir, corpus, token_cache, tmp_path, monkeypatch):
+    """--keep 2, a checkpoint every step for 5 steps: whenever an older checkpoint is deleted, the one being
+    saved is already complete on disk (state.json, written last), so a kill at that moment leaves it."""
+    import checkpoint
+
+    out = str(tmp_path / "run")
+    saving, deleted = [], []
+    rmtree, save = shutil.rmtree, train.save_checkpoint
+
+    def observed_save(run_dir, step, *args, **kwargs):
+        saving.append(step)
+        save(run_dir, step, *args, **kwargs)
+        assert [os.path.basename(d) for d in checkpoint_dirs(out)] == [f"step-{s:06d}" for s in saving[-2:]]
+
+    def observed_rmtree(path, *args, **kwargs):
+        name = os.path.basename(path)
+        if name.startswith("step-") and name != f"step-{saving[-1]:06d}":
+            new = os.path.join(out, "checkpoints", f"step-{saving[-1]:06d}", "state.json")
+            deleted.append((name, saving[-1], os.path.exists(new)))
+        return rmtree(path, *args, **kwargs)
+
+    monkeypatch.setattr(train, "save_checkpoint", observed_save)
+    monkeypatch.setattr(checkpoint.shutil, "rmtree", observed_rmtree)
+    assert train.main(common(base_dir, corpus, token_cache, steps=5, grad_accum=1, save_every=1, keep=2, out=out)) == 0
+    assert [(name, step) for name, step, _ in deleted] == [(f"step-{s:06d}", s + 2) for s in (1, 2, 3)]
+    assert all(complete for _, _, complete in deleted), deleted
+
+
+def test_training_from_scratch_lowers_heldout_loss_measured_with_full_attention_and_saves_a_loadable_model(
+        corpus, sp_model, tmp_path):
+    # trained with S²-Attn; the held-out loss must be that of full attention, as the model is used
     out = str(tmp_path / "scratch")
-    argv = ["--from-scratch", "tiny", "--tokenizer", sp_model, "--data", corpus, "--ctx", "64", "--attn", "full",
+    argv = ["--from-scratch", "tiny", "--tokenizer", sp_model, "--data", corpus, "--ctx", "64", "--attn", "s2",
             "--steps", "40", "--batch-size", "4", "--grad-accum", "1", "--lr", "3e-3", "--warmup", "4",
             "--schedule", "cosine", "--heldout", "0.02", "--eval-every", "20", "--eval-samples", "16",
             "--save-every", "40", "--out", out]
@@ -306,17 +433,97 @@ def test_training_from_scratch_lowers_heldout_loss_and_saves_a_loadable_model(co
                                                             if n.endswith(".bin")][0]))
     n = (len(tokens) - 1) // 64
     _, held_ids = split_heldout(n, 0.02)
-    total, count = 0.0, 0
-    with torch.no_grad():
-        for w in held_ids[:16]:
-            seq = torch.from_numpy(np.asarray(tokens[w * 64:w * 64 + 65], dtype=np.int64))[None]
-            loss = model(seq[:, :-1], seq[:, 1:])
-            total, count = total + loss.item() * 64, count + 64
-    assert abs(total / count - held[40]) < 1e-4
+    seqs = torch.stack([torch.from_numpy(np.asarray(tokens[w * 64:w * 64 + 65], dtype=np.int64)) for w in held_ids[:16]])
+
+    def heldout_loss(attn):  # mean over all 16 x 64 targets, by a plain forward and cross-entropy
+        model.args.attn = attn
+        with torch.no_grad():
+            return F.cross_entropy(model(seqs[:, :-1]).flatten(0, 1), seqs[:, 1:].flatten()).item()
+
+    assert abs(heldout_loss("full") - held[40]) < 1e-4
+    assert abs(heldout_loss("s2") - held[40]) > 1e-3  # so the line above can tell the two attentions apart
+
+
+# ----------------------------------------------------------------------------------------------------
+# The recipe: train.py's defaults are LongLoRA's, and a run uses them
+
+# Our reading of LongLoRA's recipe: the fine-tuning command of dvlab-research/LongLoRA's README
+# (--learning_rate 2e-5 --weight_decay 0.0 --warmup_steps 20 --lr_scheduler_type constant_with_warmup
+# --per_device_train_batch_size 1 --gradient_accumulation_steps 8 --max_steps 1000 --bf16 True), the settings
+# it leaves to HF TrainingArguments' defaults (adam_beta1 0.9, adam_beta2 0.999, adam_epsilon 1e-8,
+# max_grad_norm 1.0), fine-tune.py's LoraConfig(r=8, lora_alpha=16, lora_dropout=0, q/k/v/o_proj) with
+# trainable "embed,norm", and S²-Attn's group size ratio 1/4 (paper, Sec. 3.2). The sink count is SinkLoRA's.
+RECIPE = {"lr": 2e-5, "warmup": 20, "schedule": "constant", "weight_decay": 0.0, "beta2": 0.999, "grad_clip": 1.0,
+          "batch_size": 1, "grad_accum": 8, "steps": 1000, "dtype": "auto", "attn": "s2", "group_size": None,
+          "sink_tokens": 4, "shift_wrap": False, "lora_r": 8, "lora_alpha": 16.0, "lora_dropout": 0.0,
+          "lora_targets": ["wq", "wk", "wv", "wo"], "no_train_embed": False, "no_train_norms": False,
+          "no_grad_ckpt": False}
+
+
+def test_defaults_are_longloras_recipe():
+    a = train.build_parser().parse_args(["--model", ".", "--data", ".", "--out", "o"])
+    train.check_args(a)
+    assert {k: getattr(a, k) for k in RECIPE} == RECIPE
+
+
+def test_a_default_run_trains_with_the_recipe(base_dir, corpus, token_cache, tmp_path, monkeypatch):
+    """Two steps with every recipe default except the length of the run (and a weight decay, to see where it
+    goes): what AdamW, the clipping and the model get, and the logged schedule and tokens per step."""
+    seen = {}
+
+    class SpyAdamW(torch.optim.AdamW):
+        def __init__(self, groups, **kw):
+            seen["groups"], seen["kw"] = [(g["weight_decay"], [p.ndim for p in g["params"]]) for g in groups], kw
+            super().__init__(groups, **kw)
+
+    clip = torch.nn.utils.clip_grad_norm_
+
+    def spy_clip(params, max_norm, *args, **kw):
+        seen.setdefault("max_norm", []).append(max_norm)
+        return clip(params, max_norm, *args, **kw)
+
+    build = train.build_model
+    monkeypatch.setattr(torch.optim, "AdamW", SpyAdamW)
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", spy_clip)
+    monkeypatch.setattr(train, "build_model", lambda *a, **k: seen.setdefault("model", build(*a, **k)))
+    out = str(tmp_path / "run")
+    argv = ["--model", base_dir, "--data", corpus, "--token-cache", token_cache, "--ctx", "128", "--steps", "2",
+            "--weight-decay", "0.1", "--out", out]
+    assert train.main(argv) == 0
+    assert seen["kw"] == {"lr": 2e-5, "betas": (0.9, 0.999), "eps": 1e-8}
+    (wd_matrices, ndims_matrices), (wd_vectors, ndims_vectors) = seen["groups"]  # decay on matrices, not norms
+    assert wd_matrices == 0.1 and min(ndims_matrices) == 2 and wd_vectors == 0.0 and set(ndims_vectors) == {1}
+    assert seen["max_norm"] == [1.0, 1.0]
+    model = seen["model"]
+    assert model.args.attn == "s2" and resolve_group_size("s2", 128, model.args.group_size) == 128 // 4
+    assert model.gradient_checkpointing
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        steps = [r for r in map(json.loads, f) if "loss" in r]
+    assert [r["lr"] for r in steps] == [2e-5 * 1 / 20, 2e-5 * 2 / 20]  # linear warmup over 20 steps
+    assert [r["tokens"] for r in steps] == [1 * 8 * 128] * 2  # batch 1 x accumulation 8 sequences of ctx
+    cfg = json.load(open(os.path.join(out, "adapter_config.json")))
+    assert (cfg["r"], cfg["alpha"], cfg["dropout"], cfg["targets"], cfg["embed"], cfg["norms"]) == \
+        (8, 16.0, 0.0, ["wq", "wk", "wv", "wo"], True, True)
+
+
+@pytest.mark.parametrize("schedule", ["constant", "cosine"])
+def test_lr_warms_up_linearly_then_stays_or_follows_a_cosine_to_the_floor(schedule):
+    a = train.build_parser().parse_args(["--schedule", schedule, "--steps", "120"])
+    assert a.min_lr_ratio == 0.1
+    lr = [train.lr_at(s, a) for s in range(1, 121)]
+    assert lr[:20] == pytest.approx([2e-5 * s / 20 for s in range(1, 21)], rel=1e-12)
+    if schedule == "constant":
+        assert lr[20:] == [2e-5] * 100
+    else:  # half a cosine from lr right after warmup to lr x min_lr_ratio at the last step
+        expect = [2e-6 + (2e-5 - 2e-6) * 0.5 * (1 + math.cos(math.pi * (s - 20) / 100)) for s in range(21, 121)]
+        assert lr[20:] == pytest.approx(expect, rel=1e-12) and lr[-1] == pytest.approx(2e-6, rel=1e-12)
 
 
 # ----------------------------------------------------------------------------------------------------
 # Bad input: one line, exit 2
+
+
+SMALL_RUN = dict(lr=1e-3, warmup=1, grad_accum=1, steps=2)  # what small_run trained with, and one step more
 
 
 @pytest.fixture(scope="module")
@@ -339,6 +546,10 @@ BAD = {
     "two model sources": (dict(preset="tiny"), "exactly one of --model, --preset, --from-scratch"),
     "resume from another config": (dict(resume="RUN", lr=5e-4, out="NEW"), "lr=0.001"),
     "out holds checkpoints": (dict(out="RUN"), "already holds checkpoints"),
+    "resume from a checkpoint missing a tensor": (dict(resume="RUN-MISSING", **SMALL_RUN, out="NEW"),
+                                                  "tensor layers.0.attention.wq.lora_b is missing"),
+    "resume from a checkpoint with an extra tensor": (dict(resume="RUN-EXTRA", **SMALL_RUN, out="NEW"),
+                                                      "tensor layers.0.attention.wq.bias is unexpected"),
     "unknown flag": (dict(colour="red"), "unrecognized arguments"),
 }
 
@@ -350,6 +561,15 @@ def test_bad_input_is_one_line_and_exit_2(case, base_dir, corpus, token_cache, s
     (tmp_path / "short.txt").write_text("x = 1\n")
     subst = {"EMPTY": str(tmp_path / "empty.txt"), "SHORT": str(tmp_path / "short.txt"), "RUN": small_run,
              "NEW": str(tmp_path / "new"), "TOK": sp_model}
+    for name, edit in [("RUN-MISSING", lambda t: t.pop("layers.0.attention.wq.lora_b")),
+                       ("RUN-EXTRA", lambda t: t.update({"layers.0.attention.wq.bias": torch.zeros(64)}))]:
+        if name in kw.values():  # small_run's checkpoint with one tensor dropped from, or added to, its file
+            ckpt = os.path.join(tmp_path, name, "step-000001")
+            shutil.copytree(os.path.join(small_run, "checkpoints", "step-000001"), ckpt)
+            tensors = load_file(os.path.join(ckpt, "trainable.safetensors"))
+            edit(tensors)
+            save_file(tensors, os.path.join(ckpt, "trainable.safetensors"))
+            subst[name] = ckpt
     args = dict(model=base_dir, data=corpus, ctx=128, steps=1, token_cache=token_cache, out=str(tmp_path / "out"))
     args.update({k: subst.get(v, v) for k, v in kw.items()})
     argv = []
