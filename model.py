@@ -31,11 +31,13 @@ Usage:
 """
 
 import argparse
+import contextlib
 import glob
 import json
 import math
 import os
 import sys
+from collections import namedtuple
 from dataclasses import asdict, dataclass, fields
 from typing import Optional
 
@@ -301,6 +303,7 @@ class Transformer(nn.Module):
         if args.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
         self.gradient_checkpointing = False  # recompute each block in backward (train.py turns it on)
+        self.offload_activations = False  # with checkpointing: keep the blocks' inputs in host memory
         self.chunk_size = CHUNK_SIZE  # tokens per chunk of the loss
         self.tokenizer = None  # set by from_pretrained when a tokenizer.model sits next to the weights
         self.init_weights()
@@ -325,11 +328,17 @@ class Transformer(nn.Module):
         start = cache.pos if cache is not None else 0
         positions = torch.arange(start, start + T, device=tokens.device)
         h = self.tok_embeddings(tokens)  # (B, T, dim)
-        for layer in self.layers:
-            if self.gradient_checkpointing and self.training:
-                h = torch.utils.checkpoint.checkpoint(layer, h, positions, lengths, None, use_reentrant=False)
-            else:
-                h = layer(h, positions, lengths, cache)
+        if torch.is_autocast_enabled(h.device.type):  # the residual stream in the compute dtype, as under FSDP's bf16
+            h = h.to(torch.get_autocast_dtype(h.device.type))
+        checkpointing = self.gradient_checkpointing and self.training
+        # Offloading: what checkpointing saves of each block, its input, waits for backward in (pinned) host memory.
+        offload = checkpointing and self.offload_activations and torch.is_grad_enabled()
+        with torch.autograd.graph.save_on_cpu(pin_memory=h.is_cuda) if offload else contextlib.nullcontext():
+            for layer in self.layers:
+                if checkpointing:
+                    h = torch.utils.checkpoint.checkpoint(layer, h, positions, lengths, None, use_reentrant=False)
+                else:
+                    h = layer(h, positions, lengths, cache)
         if cache is not None:
             cache.pos += T
         h = self.norm(h)  # (B, T, dim)
@@ -373,8 +382,9 @@ class Transformer(nn.Module):
         expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
         if args.tie_embeddings:
             expected.pop("output.weight")
-        check_state_dict(state, expected, path)
-        state = {k: v.to(device=device, dtype=dtype if v.is_floating_point() and dtype else v.dtype) for k, v in state.items()}
+        check_state_dict(state.specs, expected, path)
+        state = {k: v.to(device=device, dtype=dtype if v.is_floating_point() and dtype else v.dtype)
+                 for k, v in state.read(list(state.specs)).items()}
         if args.tie_embeddings:
             state["output.weight"] = state["tok_embeddings.weight"]
         model.load_state_dict(state, strict=True, assign=True)
@@ -431,8 +441,20 @@ def check_state_dict(state, expected, where):
             raise CheckpointError(f"{where}: tensor {k} has shape {tuple(state[k].shape)}, the model expects {shape}")
 
 
+# A checkpoint's tensors by Meta's name, read from disk only when asked for. specs[name]: the tensor's shape and
+# dtype as a meta tensor, known without reading data. read(names, rows=None) -> {name: tensor}: a group of tensors,
+# each file opened once and released after, so no file stays mapped beyond the group (Meta's model-parallel
+# shards are joined here, tensor by tensor); rows(name, shape) -> (start, end) reads only those rows of dim 0
+# (each FSDP rank reads its own shard: shard.py).
+Weights = namedtuple("Weights", "specs read")
+
+
+def _rows(t, rows, name):
+    return t if rows is None else t[slice(*rows(name, t.shape))]
+
+
 def read_checkpoint(path):
-    """(ModelArgs, state dict in Meta's names) from any supported directory."""
+    """(ModelArgs, Weights in Meta's names) from any supported directory."""
     if not os.path.exists(path):
         raise CheckpointError(f"{path}: no such file or directory")
     if not os.path.isdir(path):
@@ -466,11 +488,11 @@ def read_own(path):
     unknown = sorted(set(params) - known)
     if unknown:
         raise CheckpointError(f"{path}/params.json: unknown field {unknown[0]}")
-    return ModelArgs(**params), _read_safetensors([os.path.join(path, "model.safetensors")])
+    return ModelArgs(**params), _read_safetensors([os.path.join(path, "model.safetensors")], lambda k: (k, None))
 
 
 def read_meta(path):
-    """Meta's layout. Model-parallel shards split each matrix across files; merge them back.
+    """Meta's layout. Model-parallel shards split each matrix across files; merge them back, one tensor at a time.
 
     Row-parallel layers were split on their input (dim 1): tok_embeddings, wo, w2. Every other matrix was
     split on its output (dim 0). 1-D tensors (the norms) are replicated: take shard 0's.
@@ -484,31 +506,55 @@ def read_meta(path):
     for i, f in enumerate(files):
         if os.path.basename(f) != f"consolidated.{i:02d}.pth":
             raise CheckpointError(f"{path}: missing shard consolidated.{i:02d}.pth ({len(files)} shards found)")
-    shards = []
-    for f in files:
-        try:
-            shards.append(torch.load(f, map_location="cpu", mmap=True, weights_only=True))
-        except Exception as e:  # a truncated or foreign file: say which one
-            raise CheckpointError(f"{f}: cannot read shard ({type(e).__name__}: {str(e).splitlines()[0]})") from None
-    state = {}
+
+    def load():  # memory-mapped: reading the index costs no tensor data
+        shards = []
+        for f in files:
+            try:
+                shards.append(torch.load(f, map_location="cpu", mmap=True, weights_only=True))
+            except Exception as e:  # a truncated or foreign file: say which one
+                raise CheckpointError(f"{f}: cannot read shard ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+        return shards
+
+    def cat_dim(key, parts):  # None: not split across the shards
+        if parts[0].ndim == 1 or len(parts) == 1:
+            return None
+        return 1 if key == "tok_embeddings.weight" or key.endswith(("attention.wo.weight", "feed_forward.w2.weight")) else 0
+
+    def read(names, rows=None):
+        shards, out = load(), {}
+        for key in names:
+            parts, dim = [s[key] for s in shards], cat_dim(key, [s[key] for s in shards])
+            if dim is None:
+                out[key] = _rows(parts[0], rows, key).clone()
+            elif dim == 1 or rows is None:
+                out[key] = torch.cat([_rows(p, rows, key) for p in parts], dim=dim)
+            else:  # rows of a matrix split on dim 0: only the parts that hold them
+                start, end = rows(key, (sum(p.shape[0] for p in parts), *parts[0].shape[1:]))
+                offsets = [sum(p.shape[0] for p in parts[:i]) for i in range(len(parts))]
+                out[key] = torch.cat([p[max(start - o, 0):max(end - o, 0)] for p, o in zip(parts, offsets)])
+        return out  # the shards' memory maps close here: no file stays mapped beyond the group
+
+    specs = {}
+    shards = load()
     for key in shards[0]:
         if key == "rope.freqs":  # a derived buffer some Meta checkpoints carry
             continue
         parts = [s.get(key) for s in shards]
         if any(p is None for p in parts):
             raise CheckpointError(f"{path}: tensor {key} is missing from shard {parts.index(None):02d}")
-        if parts[0].ndim == 1 or len(parts) == 1:
-            state[key] = parts[0]
-        else:
-            dim = 1 if key == "tok_embeddings.weight" or key.endswith(("attention.wo.weight", "feed_forward.w2.weight")) else 0
-            state[key] = torch.cat(parts, dim=dim)
+        dim, shape = cat_dim(key, parts), list(parts[0].shape)
+        if dim is not None:
+            shape[dim] = sum(p.shape[dim] for p in parts)
+        specs[key] = torch.empty(shape, dtype=parts[0].dtype, device="meta")
     for i, s in enumerate(shards[1:], 1):
         extra = sorted(set(s) - set(shards[0]))
         if extra:
             raise CheckpointError(f"{path}: unexpected tensor {extra[0]} in shard {i:02d}")
+    del shards
     vocab = params.get("vocab_size", -1)
     if vocab is None or vocab <= 0:  # Meta's params.json says -1: the tokenizer decides; read it off the weights
-        vocab = state["tok_embeddings.weight"].shape[0] if "tok_embeddings.weight" in state else 32000
+        vocab = specs["tok_embeddings.weight"].shape[0] if "tok_embeddings.weight" in specs else 32000
     args = ModelArgs(
         dim=params["dim"], n_layers=params["n_layers"], n_heads=params["n_heads"],
         n_kv_heads=params.get("n_kv_heads"), vocab_size=vocab, multiple_of=params.get("multiple_of", 256),
@@ -517,11 +563,11 @@ def read_meta(path):
         max_seq_len=params.get("max_seq_len", 4096), original_max_seq_len=params.get("original_max_seq_len"),
     )
     # params.json does not say how many shards there were; a lost last shard shows up as short matrices.
-    wq = state.get("layers.0.attention.wq.weight")
+    wq = specs.get("layers.0.attention.wq.weight")
     if wq is not None and wq.shape[0] < args.dim:
         raise CheckpointError(f"{path}: layers.0.attention.wq.weight has {wq.shape[0]} rows but params.json says dim "
                               f"{args.dim}: a consolidated.NN.pth shard is missing ({len(files)} found)")
-    return args, state
+    return args, Weights(specs, read)
 
 
 # HF's names, one regular expression-free table: Meta name pattern <- HF name pattern.
@@ -615,38 +661,56 @@ def read_hf(path):
         files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
         if not files:
             raise CheckpointError(f"{path}: config.json but no *.safetensors weights")
-    hf_state = _read_safetensors(files)
     names = hf_key_map(args.n_layers)
-    state = {}
-    for k, v in hf_state.items():
-        if k.endswith("rotary_emb.inv_freq"):  # a derived buffer old HF checkpoints carry
-            continue
+
+    def meta_name(k):  # (Meta's name, a fix applied to the whole tensor) or None to skip
+        if k.endswith("rotary_emb.inv_freq") or (args.tie_embeddings and k == "lm_head.weight"):
+            return None  # a derived buffer old HF checkpoints carry; a tied head is the embedding
         if k not in names:
             raise CheckpointError(f"{path}: unexpected tensor {k}")
         meta = names[k]
-        if meta.endswith("attention.wq.weight"):
-            v = hf_to_meta_qk(v, args.n_heads)
-        elif meta.endswith("attention.wk.weight"):
-            v = hf_to_meta_qk(v, args.n_kv_heads)
-        state[meta] = v
-    if args.tie_embeddings:
-        state.pop("output.weight", None)
-    return args, state
+        if meta.endswith(("attention.wq.weight", "attention.wk.weight")):
+            heads = args.n_heads if meta.endswith("wq.weight") else args.n_kv_heads
+            return meta, lambda w: hf_to_meta_qk(w, heads)
+        return meta, None
+
+    return args, _read_safetensors(files, meta_name)
 
 
-def _read_safetensors(files):
-    """Tensors from safetensors files, read lazily (memory-mapped) one at a time."""
+def _read_safetensors(files, rename):
+    """Weights of safetensors files, memory-mapped: rename(file's name) -> (our name, fix or None) or None."""
     from safetensors import safe_open
 
-    state = {}
-    for f in files:
+    def opened(f):
         try:
-            with safe_open(f, framework="pt", device="cpu") as sf:
-                for k in sf.keys():
-                    state[k] = sf.get_tensor(k)
+            return safe_open(f, framework="pt", device="cpu")
         except Exception as e:  # truncated or corrupt file
             raise CheckpointError(f"{f}: cannot read safetensors file ({str(e).splitlines()[0]})") from None
-    return state
+
+    specs, where = {}, {}
+    for f in files:
+        with opened(f) as sf:
+            for k in sf.keys():
+                named = rename(k)
+                if named is None:
+                    continue
+                sl = sf.get_slice(k)  # the header only: no tensor data is read
+                specs[named[0]] = torch.empty(sl.get_shape(), dtype=sl[:0].dtype, device="meta")
+                where[named[0]] = (f, k, named[1])
+
+    def read(names, rows=None):
+        out = {}
+        for f in sorted({where[n][0] for n in names}):
+            with opened(f) as sf:
+                for name in (n for n in names if where[n][0] == f):
+                    _, k, fix = where[name]
+                    if fix is not None:  # rows of the fixed tensor: read it whole, one tensor at a time
+                        out[name] = _rows(fix(sf.get_tensor(k)), rows, name).clone()
+                    else:
+                        out[name] = sf.get_slice(k)[slice(*rows(name, specs[name].shape))] if rows else sf.get_tensor(k)
+        return out
+
+    return Weights(specs, read)
 
 
 # ----------------------------------------------------------------------------------------------------
