@@ -75,9 +75,9 @@ from data import PackedData, SFTData, open_tokens, prepare_sft, prepare_tokens, 
 from estimate import run_estimate
 from lora import (DEFAULT_TARGETS, TARGETS, apply_lora, init_lora_, lora_modules, mark_trainable, save_adapter,
                   trainable_summary)
-from model import (PRESETS, CheckpointError, ModelArgs, Tokenizer, Transformer, atomic_write, find_tokenizer, preset,
-                   read_checkpoint)
+from model import PRESETS, CheckpointError, ModelArgs, Tokenizer, Transformer, atomic_write, find_tokenizer, preset
 from shard import load_weights, shard_model
+from weights import read_checkpoint
 
 
 class UsageError(Exception):

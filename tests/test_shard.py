@@ -14,9 +14,10 @@ import torch
 
 from conftest import ROOT
 from export import write_hf
-from model import ModelArgs, Transformer, read_checkpoint
+from model import ModelArgs, Transformer
 from shard import load_weights, shard_model
 from test_model import write_meta_shards
+from weights import read_checkpoint
 
 # ~240 MB in fp32; the largest tensors are the two 32000 x 512 embeddings (65.5 MB each)
 BIG = ModelArgs(dim=512, n_layers=8, n_heads=8, n_kv_heads=4, vocab_size=32000, multiple_of=256, max_seq_len=256)
