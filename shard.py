@@ -71,6 +71,8 @@ def load_weights(model, weights, device, lora_init, where):
     sharded = {k for k, p in params.items() if isinstance(p, DTensor)}
     rank, world = (dist.get_rank(), dist.get_world_size()) if sharded else (0, 1)
     model.to_empty(device=device)  # FSDP2 re-points each DTensor at its (padded) local shard
+    if model.args.tie_embeddings:  # to_empty made the shared parameter two: tie them again
+        model.output.weight = model.tok_embeddings.weight
     params = dict(model.named_parameters())
 
     def rows(name, shape):
@@ -89,5 +91,3 @@ def load_weights(model, weights, device, lora_init, where):
                 if local.shape != src.shape:  # FSDP2 split differently than shard_rows assumes: never silently
                     raise CheckpointError(f"{where}: {name}: local shard {tuple(local.shape)}, read {tuple(src.shape)}")
                 local.copy_(src)
-    if model.args.tie_embeddings and not sharded:  # to_empty re-created the shared parameter: tie it again
-        model.output.weight = model.tok_embeddings.weight
