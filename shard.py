@@ -2,10 +2,11 @@
 FSDP2 for train.py: shard a model built on the meta device, then fill it from a checkpoint, each rank
 reading only its own shard of each tensor.
 
+    args, weights = read_checkpoint(path)                         # weights.py: configs and indexes only
     with torch.device("meta"): model = Transformer(args)          # no memory
     apply_lora(model); mark_trainable(model); set dtypes           # still no memory
     shard_model(model, device, bf16)                               # DTensors on meta, 1/W of each tensor per rank
-    load_weights(model, weights, device, lora_init)               # each rank reads its rows, one block at a time
+    load_weights(model, weights, device, lora_init, path)         # each rank reads its rows, one block at a time
 
 Why each rank reads its own rows instead of rank 0 reading and broadcasting (set_model_state_dict with
 full_state_dict=True, broadcast_from_rank0=True, PyTorch's standard route): given a whole-model state dict,
@@ -13,15 +14,15 @@ that route holds the whole model in rank 0's host memory (138 GB for LLaMA2-70B)
 it still moves every byte through rank 0 and then over the network to all W ranks. Here every rank opens the
 memory-mapped files itself and reads just the rows of dim 0 that FSDP2 gives it (rank r of W holds rows
 [r·c, (r+1)·c) of an n-row tensor, c = ceil(n / W)): no communication at all, each byte is read from disk once
-per node, and a rank's host memory grows by its shard plus one tensor (a row slice of Meta's dim-1-split
-matrices is joined from its pieces; HF's q/k rows are permuted, so those are read whole, one at a time). Files
-are opened per block and released after, so no more than one block's pages stay mapped. The price: every
-machine must see the checkpoint (as every rank already had to before this file existed).
+per node, and besides its shard (on its device) a rank's host memory holds one block's rows at a time (a row
+slice of Meta's dim-1-split matrices is joined from its pieces; HF's q/k rows are permuted, so those are read
+whole, one tensor at a time). Files are opened per block and released after, so no more than one block's pages
+stay mapped. The price: every machine must see the checkpoint (as every rank already had to before).
 
 Strict as Transformer.from_pretrained: every rank checks the names and shapes against the model before reading
-(the same files give the same error everywhere, before any collective, so no rank waits for another).
-The LoRA matrices are not in the checkpoint: `lora_init` holds their full initial values, drawn on the CPU
-from the seeded generator in module order, so one process and W ranks start from the same numbers.
+(the same files give the same error everywhere; train.py also gathers every rank's outcome, so no rank waits
+for another). The LoRA matrices are not in the checkpoint: `lora_init_values` draws their full initial values
+on the CPU, so one process and W ranks start from the same numbers.
 """
 
 import math
@@ -29,6 +30,7 @@ import math
 import torch
 import torch.distributed as dist
 
+from lora import init_lora_, lora_modules
 from model import CheckpointError, check_state_dict
 
 
@@ -56,6 +58,17 @@ def shard_rows(n, rank, world):
     """(start, end): the rows of an n-row tensor that FSDP2's dim-0 Shard places on `rank` (torch.chunk's split)."""
     c = math.ceil(n / world)
     return min(rank * c, n), min((rank + 1) * c, n)
+
+
+def lora_init_values(model):
+    """{name: full CPU tensor}: the initial LoRA matrices of a model on the meta device, drawn as LoRALinear draws
+    them, from the CPU generator in module order; the same numbers on every rank and in one process."""
+    out = {}
+    for name, m in lora_modules(model):
+        a, b = torch.empty(m.lora_a.shape), torch.empty(m.lora_b.shape)
+        init_lora_(a, b)
+        out[name + ".lora_a"], out[name + ".lora_b"] = a, b
+    return out
 
 
 def load_weights(model, weights, device, lora_init, where):

@@ -10,7 +10,8 @@ the result):
     base model (bf16, frozen) ──► RoPE interpolation: positions / ceil(ctx / original context)
                               ──► LoRA r=8 α=16 on wq wk wv wo, + embeddings and norms train (fp32)
                               ──► S²-Attn (or SF-Attn) while training, full attention for evaluation
-                              ──► FSDP2: fully_shard(every block), then fully_shard(model)
+                              ──► FSDP2: fully_shard(every block), then fully_shard(model), all on the meta
+                                  device; then each rank reads only its own shard of the weights (shard.py)
                                         │ AdamW, warmup then constant (or cosine), grad clip 1
                                         ▼
     out/metrics.jsonl, out/checkpoints/step-NNNNNN/ (resumable; checkpoint.py), and the result:
@@ -73,10 +74,9 @@ from checkpoint import (check_checkpoint, checkpoint_dirs, find_checkpoint, full
                         save_checkpoint)
 from data import PackedData, SFTData, open_tokens, prepare_sft, prepare_tokens, sample_positions, split_heldout
 from estimate import run_estimate
-from lora import (DEFAULT_TARGETS, TARGETS, apply_lora, init_lora_, lora_modules, mark_trainable, save_adapter,
-                  trainable_summary)
+from lora import DEFAULT_TARGETS, TARGETS, apply_lora, mark_trainable, save_adapter, trainable_summary
 from model import PRESETS, CheckpointError, ModelArgs, Tokenizer, Transformer, atomic_write, find_tokenizer, preset
-from shard import load_weights, shard_model
+from shard import load_weights, lora_init_values, shard_model
 from weights import read_checkpoint
 
 
@@ -306,11 +306,7 @@ def build_model(a, tokenizer, device, distributed):
     else:
         apply_lora(model, r=a.lora_r, alpha=a.lora_alpha, dropout=a.lora_dropout, targets=a.lora_targets)
         mark_trainable(model, embed=not a.no_train_embed, norms=not a.no_train_norms)
-    lora_init = {}
-    if weights is not None:  # LoRA on meta: draw its init on the CPU, the same numbers on every rank
-        for name, m in lora_modules(model):
-            lora_init[name + ".lora_a"], lora_init[name + ".lora_b"] = torch.empty(m.lora_a.shape), torch.empty(m.lora_b.shape)
-            init_lora_(lora_init[name + ".lora_a"], lora_init[name + ".lora_b"])
+    lora_init = lora_init_values(model) if weights is not None else {}  # drawn now: the seed's next numbers
     for p in model.parameters():  # on meta this only records the dtype the checkpoint's tensors are converted to
         p.data = p.data.float() if p.requires_grad else p.data.to(frozen_dtype)
     model.gradient_checkpointing = not a.no_grad_ckpt
