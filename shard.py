@@ -83,6 +83,10 @@ def load_weights(model, weights, device, lora_init, where):
     check_state_dict(weights.specs, expected, where)
     sharded = {k for k, p in params.items() if isinstance(p, DTensor)}
     rank, world = (dist.get_rank(), dist.get_world_size()) if sharded else (0, 1)
+    # Buffers (none today: RoPE's angles are computed in forward) would come out of to_empty uninitialised and
+    # would have to be recomputed after it; refuse rather than train on garbage.
+    if next(model.buffers(), None) is not None:
+        raise NotImplementedError("load_weights: the model has buffers; compute them after to_empty")
     model.to_empty(device=device)  # FSDP2 re-points each DTensor at its (padded) local shard
     if model.args.tie_embeddings:  # to_empty made the shared parameter two: tie them again
         model.output.weight = model.tok_embeddings.weight
