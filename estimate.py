@@ -13,13 +13,19 @@ The run it describes is train.py's: bf16 compute under FSDP2 over --gpus GPUs, L
   * FSDP gathered: the block that computes plus the one prefetched, all-gathered in bf16, the root's
     embedding and output matrices (gathered from forward to backward), and one block's gradients before
     they are reduce-scattered;
+  * unsharded gradients: with gradient accumulation and LoRA, FSDP reduces only after the last micro-batch,
+    so until then each GPU keeps every trainable tensor's whole gradient in fp32 (full fine-tuning reduces
+    every micro-batch instead: a whole fp32 gradient of every parameter would cost more than it saves);
   * activations: counted from the tensors autograd keeps for model.py (layer_activation_bytes; a test
     checks it against autograd's saved tensors). With checkpointing, each block's input (2·dim bytes per
-    token and layer) plus the larger of one recomputed block and the loss (12 bytes per vocabulary entry
-    per token: the fp32 log-softmax, its gradient and the logits' gradient alive together).
+    token and layer, bf16) plus the larger of one recomputed block (its activations, the gradients in flight
+    through it, one feed-forward chunk's widest tensors) and the loss (12 bytes per vocabulary entry for one
+    chunk of model.CHUNK_SIZE tokens: the fp32 log-softmax, its gradient and the logits' gradient alive
+    together). With --offload-activations the blocks' inputs move to the host's pinned memory, reported
+    separately (per GPU and for all GPUs: the host of 8 GPUs holds 8 times that).
 
 FLOPs count a multiply-add as 2, backward as twice the forward, plus the forward recomputed by
-checkpointing; attention counts the (query, key) pairs each pattern lets a head compute (visible_pairs; a
+checkpointing (the chunked feed-forward's twice, the loss chunks' output projection once); attention counts the (query, key) pairs each pattern lets a head compute (visible_pairs; a
 test checks it against attention.py's masks). Left out, as in any estimate of tensor bytes: the CUDA
 context and library workspaces, communication buckets, and the caching allocator's fragmentation.
 """
@@ -30,7 +36,7 @@ import sys
 
 from attention import resolve_group_size
 from lora import DEFAULT_TARGETS
-from model import CheckpointError, ModelArgs, hf_config_to_args, preset
+from model import CHUNK_SIZE, CheckpointError, ModelArgs, hf_config_to_args, preset
 
 
 def param_counts(m: ModelArgs, lora_r, targets, embed, norms, full):
@@ -66,7 +72,7 @@ def visible_pairs(mode, T, g, sinks):
     return (plain + shifted) / 2
 
 
-def layer_activation_bytes(m: ModelArgs, full=False, norms=True, lora_r=8, targets=DEFAULT_TARGETS):
+def layer_activation_bytes(m: ModelArgs, full=False, norms=True, lora_r=8, targets=DEFAULT_TARGETS, ffn_chunked=False):
     """Bytes per token that autograd keeps for one TransformerBlock of model.py computing in bf16 (what
     FSDP's bf16 mixed precision does), read off the backward graph. A frozen matmul keeps only its
     weight, not its input, which is why LoRA saves most of the activations of full fine-tuning.
@@ -79,20 +85,23 @@ def layer_activation_bytes(m: ModelArgs, full=False, norms=True, lora_r=8, targe
       attention      q, k, v and the output in bf16 (2d + 4kv + 2d; the output is also wo's input) and the
                      fp32 log-sum-exp per head 4H (FlashAttention and SDPA keep no T x T matrix)
       SwiGLU         w1·x (for silu), silu(w1·x) and w3·x (for their product): 3 x 2F; full fine-tuning
-                     also keeps the frozen-in-LoRA inputs of w1/w3 (2d) and of w2 (2F)
+                     also keeps the frozen-in-LoRA inputs of w1/w3 (2d) and of w2 (2F). Run over checkpointed
+                     chunks (ffn_chunked: the sequence is longer than model.CHUNK_SIZE), only the chunks' input,
+                     the bf16 ffn_norm output 2d, is kept; the rest exists for one chunk at a time (estimate())
     """
     d, kv, F_, H = m.dim, m.n_kv_heads * m.head_dim, m.hidden_dim, m.n_heads
     norm = 4 * d + 4 + (2 * d if norms or full else 0)  # + the fp32 rsqrt, one number per token
     attn_inputs = 2 * d
     lora = 0 if full else 2 * lora_r * sum(t in targets for t in ("wq", "wk", "wv", "wo", "w1", "w2", "w3"))
     attn = 2 * d + 4 * kv + 2 * d + 4 * H
-    ffn = 3 * 2 * F_ + (2 * d + 2 * F_ if full else 0)
+    ffn = 2 * d if ffn_chunked else 3 * 2 * F_ + (2 * d + 2 * F_ if full else 0)
     return 2 * norm + attn_inputs + lora + attn + ffn
 
 
 def estimate(m: ModelArgs, ctx, attn, gpus, batch, accum, lora_r=8, targets=DEFAULT_TARGETS, embed=True,
-             norms=True, full=False, group_size=None, sinks=4):
-    """Per-GPU memory (bytes) and FLOPs per optimizer step of a bf16 FSDP run; see the comments for each term."""
+             norms=True, full=False, group_size=None, sinks=4, chunk=CHUNK_SIZE, offload=False):
+    """Per-GPU memory (bytes) and FLOPs per optimizer step of a bf16 FSDP run; see the comments for each term.
+    chunk: model.CHUNK_SIZE, tokens per chunk of the loss and of the feed-forward; offload: --offload-activations."""
     c = param_counts(m, lora_r, targets, embed, norms, full)
     d, kv, F_, V, L, H, hd = m.dim, m.n_kv_heads * m.head_dim, m.hidden_dim, m.vocab_size, m.n_layers, m.n_heads, m.head_dim
     B, T, W = batch, ctx, gpus
@@ -108,18 +117,35 @@ def estimate(m: ModelArgs, ctx, attn, gpus, batch, accum, lora_r=8, targets=DEFA
     # before they are reduce-scattered.
     block_grads = 2 * (c["block"] if full else c["trainable"] / L)
     mem["FSDP gathered weights (bf16)"] = 2 * (2 * c["block"] + c["root"]) + block_grads
-    per_layer = layer_activation_bytes(m, full, norms, lora_r, targets)  # per token, see below
-    # The loss: in forward the bf16 logits, their fp32 copy and the fp32 log-softmax exist together (10 bytes
-    # per vocabulary entry); backward starts with the saved log-softmax, its gradient and the gradient of
-    # the fp32 logits alive together: 12 bytes x V per token, the peak.
-    loss_peak = 12 * B * T * V
+    # Gradient accumulation: FSDP reduce-scatters the gradients after the last micro-batch only
+    # (set_requires_gradient_sync), so until then every trainable tensor keeps an unsharded gradient, in fp32
+    # (FSDP2 accumulates in the reduce dtype). Full fine-tuning reduces every micro-batch (see train.py).
+    mem["unsharded gradients (fp32)"] = 4 * c["trainable"] if accum > 1 and W > 1 and not full else 0
+    ffn_chunked = T > chunk
+    per_layer = layer_activation_bytes(m, full, norms, lora_r, targets, ffn_chunked)  # per token, see there
+    # The loss, over chunks of `chunk` tokens of the flattened batch: one chunk's logits exist at a time, at
+    # most 12 bytes per vocabulary entry and token (backward: the recomputed fp32 log-softmax, its gradient
+    # and the logits' gradient alive together); besides, the final norm's bf16 output (the chunks' input) and
+    # its gradient, gathered from the chunks, for every token: 2 x 2d.
+    loss_peak = 12 * V * min(chunk, B * T) + 2 * 2 * d * B * T
     final_norm = (6 if norms or full else 4) * d * B * T  # the last RMSNorm, as in a block
-    # With checkpointing only each block's input survives the forward (2d per token and layer); the peak
-    # is that plus the larger of the loss and one block recomputed in backward (its activations plus the
-    # gradients in flight through its widest tensors, ~2 x 2F).
+    # One block recomputed in backward: its activations, plus the gradients in flight through it for every
+    # token: the gradient arriving at its output and the one leaving at its input (2 x 2d, bf16), attention's
+    # dq, dk, dv and output gradient (2d + 4kv + 2d) and FlashAttention-2's fp32 dq accumulator (4d); plus
+    # the feed-forward's widest tensors for one chunk (B x chunk tokens; the whole sequence when not chunked):
+    # the gradients through its two F-wide products (2 x 2F) and, when chunked, the chunk's own recomputed
+    # w1·x, silu(w1·x) and w3·x (3 x 2F; unchunked they are part of per_layer).
+    in_flight = 2 * 2 * d + (2 * d + 4 * kv + 2 * d) + 4 * d
+    ffn_tokens = B * min(chunk, T)
+    block_peak = (per_layer + in_flight) * B * T + (2 * 2 * F_ + (3 * 2 * F_ if ffn_chunked else 0)) * ffn_tokens
+    # With checkpointing only each block's input survives the forward (2d per token and layer, bf16: the
+    # embedding output is cast to the compute dtype), and the peak adds the larger of the loss and one
+    # recomputed block. Offloaded (--offload-activations), those inputs wait in the host's pinned memory and
+    # the GPU holds the one block's input that its recompute has brought back.
     saved_inputs = L * 2 * d * B * T
-    mem["activations, checkpointing"] = saved_inputs + final_norm + max(loss_peak, (per_layer + 4 * F_) * B * T)
-    mem["activations, no checkpointing"] = L * per_layer * B * T + final_norm + loss_peak
+    mem["activations, checkpointing"] = ((2 * d * B * T if offload else saved_inputs) + final_norm
+                                         + max(loss_peak, block_peak))
+    mem["activations, no checkpointing"] = L * per_layer * B * T + final_norm + loss_peak  # the FFN chunks regardless
     static = sum(v for k, v in mem.items() if not k.startswith("activations"))
     # FLOPs per optimizer step, all GPUs together (a multiply-add counts 2):
     tokens = B * T * accum * W
@@ -136,9 +162,12 @@ def estimate(m: ModelArgs, ctx, attn, gpus, batch, accum, lora_r=8, targets=DEFA
     lora_matmul = c["lora"]
     fwd = 2 * (c["matmul"] + lora_matmul)
     bwd = 2 * (c["matmul"] + lora_matmul) + 2 * (c["matmul"] if full else lora_matmul)
-    recompute = 2 * (blocks_matmul + lora_matmul)
+    # The chunked feed-forward runs its forward once more inside the recomputed block, and each loss chunk its
+    # output projection once more in backward.
+    recompute = 2 * (blocks_matmul + lora_matmul) + (2 * L * 3 * d * F_ if ffn_chunked else 0) + 2 * V * d
     dense_flops = (fwd + bwd + recompute) * tokens
     return dict(params=c, memory=mem, static=static, tokens=tokens, group=g, attn_flops=attn_flops,
+                host=saved_inputs if offload else 0,
                 dense_flops=dense_flops, total_ckpt=static + mem["activations, checkpointing"],
                 total_no_ckpt=static + mem["activations, no checkpointing"])
 
@@ -158,6 +187,9 @@ def format_estimate(e, name, ctx, attn, gpus, batch, accum, full):
         lines.append(f"  {k:<34} {v / GB:8.2f}")
     lines.append(f"  {'total with checkpointing':<34} {e['total_ckpt'] / GB:8.2f}")
     lines.append(f"  {'total without checkpointing':<34} {e['total_no_ckpt'] / GB:8.2f}")
+    if e["host"]:
+        lines.append(f"host memory per GPU (pinned, offloaded block inputs): {e['host'] / GB:.2f} GB ({e['host'] * gpus / GB:.1f} GB "
+                     f"for {gpus} GPU(s))")
     total = e["attn_flops"] + e["dense_flops"]
     lines.append(f"FLOPs per step (all GPUs): attention {e['attn_flops'] / 1e15:.1f} PFLOP, dense {e['dense_flops'] / 1e15:.1f} "
                  f"PFLOP, total {total / 1e15:.1f} PFLOP ({total / gpus / 1e15:.1f} per GPU; attention "
@@ -191,7 +223,7 @@ def run_estimate(a):
         m = preset(name)
     e = estimate(m, a.ctx, a.attn, a.gpus, a.batch_size, a.grad_accum, a.lora_r, a.lora_targets,
                  not a.no_train_embed, not a.no_train_norms, full=bool(a.from_scratch or a.full), group_size=a.group_size,
-                 sinks=a.sink_tokens)
+                 sinks=a.sink_tokens, offload=a.offload_activations)
     print(format_estimate(e, name, a.ctx, a.attn, a.gpus, a.batch_size, a.grad_accum, bool(a.from_scratch or a.full)))
     return 0
 

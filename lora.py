@@ -100,8 +100,7 @@ class LoRALinear(nn.Module):
             self.reset_lora_parameters()
 
     def reset_lora_parameters(self):
-        nn.init.kaiming_uniform_(self.lora_a, a=math.sqrt(5))  # uniform(±1/sqrt(in)), nn.Linear's default
-        nn.init.zeros_(self.lora_b)
+        init_lora_(self.lora_a, self.lora_b)
 
     def forward(self, x):
         y = F.linear(x, self.weight)  # (..., out), the frozen path
@@ -112,6 +111,12 @@ class LoRALinear(nn.Module):
     def extra_repr(self):
         out_features, in_features = self.weight.shape
         return f"in={in_features}, out={out_features}, r={self.r}, alpha={self.alpha:g}"
+
+
+def init_lora_(lora_a, lora_b):
+    """In place: A Kaiming-uniform, B zero. Also used on full-size CPU tensors when the model is sharded (shard.py)."""
+    nn.init.kaiming_uniform_(lora_a, a=math.sqrt(5))  # uniform(±1/sqrt(in)), nn.Linear's default
+    nn.init.zeros_(lora_b)
 
 
 def apply_lora(model: Transformer, r: int = 8, alpha: float = 16, dropout: float = 0.0,

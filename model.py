@@ -31,12 +31,13 @@ Usage:
 """
 
 import argparse
-import glob
+import contextlib
+import itertools
 import json
 import math
 import os
 import sys
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from typing import Optional
 
 import torch
@@ -317,6 +318,7 @@ class Transformer(nn.Module):
         if args.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
         self.gradient_checkpointing = False  # recompute each block in backward (train.py turns it on)
+        self.offload_activations = False  # with checkpointing: keep the blocks' inputs in host memory
         self.chunk_size = CHUNK_SIZE  # tokens per chunk of the loss
         self.tokenizer = None  # set by from_pretrained when a tokenizer.model sits next to the weights
         self.init_weights()
@@ -346,11 +348,17 @@ class Transformer(nn.Module):
             # builds its masks and packed indices from these ints once and reuses them in every layer
             lengths = tuple(lengths.tolist())
         h = self.tok_embeddings(tokens)  # (B, T, dim)
-        for layer in self.layers:
-            if self.gradient_checkpointing and self.training:
-                h = torch.utils.checkpoint.checkpoint(layer, h, positions, lengths, None, rotate, use_reentrant=False)
-            else:
-                h = layer(h, positions, lengths, cache, rotate)
+        if torch.is_autocast_enabled(h.device.type):  # the residual stream in the compute dtype, as under FSDP's bf16
+            h = h.to(torch.get_autocast_dtype(h.device.type))
+        checkpointing = self.gradient_checkpointing and self.training
+        # Offloading: what checkpointing saves of each block, its input, waits for backward in (pinned) host memory.
+        offload = checkpointing and self.offload_activations and torch.is_grad_enabled()
+        with torch.autograd.graph.save_on_cpu(pin_memory=h.is_cuda) if offload else contextlib.nullcontext():
+            for layer in self.layers:
+                if checkpointing:
+                    h = torch.utils.checkpoint.checkpoint(layer, h, positions, lengths, None, rotate, use_reentrant=False)
+                else:
+                    h = layer(h, positions, lengths, cache, rotate)
         if cache is not None:
             cache.pos += T
         h = self.norm(h)  # (B, T, dim)
@@ -383,19 +391,24 @@ class Transformer(nn.Module):
         this project's layout (`params.json` + `model.safetensors`). Strict: a missing, unexpected or
         mis-shaped tensor raises CheckpointError naming it. `overrides` replace ModelArgs fields.
 
-        The model is built on the meta device and the checkpoint's tensors are assigned into it one at a
-        time (memory-mapped, converted to dtype/device as they arrive), so loading needs about one copy
-        of the weights in RAM, not two.
+        The model is built on the meta device and the checkpoint's tensors are assigned into it one block at
+        a time (read from the memory-mapped files, converted to dtype/device as they arrive), so loading needs
+        about one copy of the weights in RAM, not two.
         """
-        args, state = read_checkpoint(path)
+        from weights import read_checkpoint  # weights.py reads the files and builds on this file's ModelArgs
+
+        args, weights = read_checkpoint(path)
         args = ModelArgs(**{**asdict(args), **overrides})
         with torch.device("meta"):
             model = cls(args)
         expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
         if args.tie_embeddings:
             expected.pop("output.weight")
-        check_state_dict(state, expected, path)
-        state = {k: v.to(device=device, dtype=dtype if v.is_floating_point() and dtype else v.dtype) for k, v in state.items()}
+        check_state_dict(weights.specs, expected, path)
+        state = {}
+        for _, names in itertools.groupby(weights.specs, key=lambda k: k.split(".")[:2]):  # ["layers", "0"], ...
+            state.update({k: v.to(device=device, dtype=dtype if v.is_floating_point() and dtype else v.dtype)
+                          for k, v in weights.read(list(names)).items()})
         if args.tie_embeddings:
             state["output.weight"] = state["tok_embeddings.weight"]
         model.load_state_dict(state, strict=True, assign=True)
@@ -452,102 +465,12 @@ def check_state_dict(state, expected, where):
             raise CheckpointError(f"{where}: tensor {k} has shape {tuple(state[k].shape)}, the model expects {shape}")
 
 
-def checkpoint_layout(path):
-    """Which layout the directory `path` holds: "meta", "own" or "hf" (read_checkpoint's dispatch)."""
-    if not os.path.exists(path):
-        raise CheckpointError(f"{path}: no such file or directory")
-    if not os.path.isdir(path):
-        raise CheckpointError(f"{path}: expected a directory holding a checkpoint")
-    has = lambda name: os.path.exists(os.path.join(path, name))
-    if glob.glob(os.path.join(path, "consolidated.*.pth")):
-        return "meta"
-    if has("params.json") and has("model.safetensors"):
-        return "own"
-    if has("config.json"):
-        return "hf"
-    if has("params.json"):
-        raise CheckpointError(f"{path}: params.json but no consolidated.NN.pth shards or model.safetensors")
-    if glob.glob(os.path.join(path, "*.safetensors")):
-        raise CheckpointError(f"{path}: safetensors files but no config.json")
-    raise CheckpointError(f"{path}: not a checkpoint directory (expected Meta's params.json + consolidated.NN.pth, "
-                          "or HF's config.json + *.safetensors)")
-
-
-def read_checkpoint(path):
-    """(ModelArgs, state dict in Meta's names) from any supported directory."""
-    return {"meta": read_meta, "own": read_own, "hf": read_hf}[checkpoint_layout(path)](path)
-
-
 def _read_json(path):
     try:
         with open(path) as f:
             return json.load(f)
     except (OSError, json.JSONDecodeError) as e:
         raise CheckpointError(f"{path}: cannot read JSON ({e})") from None
-
-
-def read_own(path):
-    params = _read_json(os.path.join(path, "params.json"))
-    known = {f.name for f in fields(ModelArgs)}
-    unknown = sorted(set(params) - known)
-    if unknown:
-        raise CheckpointError(f"{path}/params.json: unknown field {unknown[0]}")
-    return ModelArgs(**params), _read_safetensors([os.path.join(path, "model.safetensors")])
-
-
-def read_meta(path):
-    """Meta's layout. Model-parallel shards split each matrix across files; merge them back.
-
-    Row-parallel layers were split on their input (dim 1): tok_embeddings, wo, w2. Every other matrix was
-    split on its output (dim 0). 1-D tensors (the norms) are replicated: take shard 0's.
-    """
-    params_path = os.path.join(path, "params.json")
-    if not os.path.exists(params_path):
-        raise CheckpointError(f"{path}: consolidated.NN.pth shards but no params.json")
-    params = _read_json(params_path)
-    files = sorted(glob.glob(os.path.join(path, "consolidated.*.pth")))
-    # Shards are numbered 00 .. N-1: a gap means a missing file, which would silently mis-merge.
-    for i, f in enumerate(files):
-        if os.path.basename(f) != f"consolidated.{i:02d}.pth":
-            raise CheckpointError(f"{path}: missing shard consolidated.{i:02d}.pth ({len(files)} shards found)")
-    shards = []
-    for f in files:
-        try:
-            shards.append(torch.load(f, map_location="cpu", mmap=True, weights_only=True))
-        except Exception as e:  # a truncated or foreign file: say which one
-            raise CheckpointError(f"{f}: cannot read shard ({type(e).__name__}: {str(e).splitlines()[0]})") from None
-    state = {}
-    for key in shards[0]:
-        if key == "rope.freqs":  # a derived buffer some Meta checkpoints carry
-            continue
-        parts = [s.get(key) for s in shards]
-        if any(p is None for p in parts):
-            raise CheckpointError(f"{path}: tensor {key} is missing from shard {parts.index(None):02d}")
-        if parts[0].ndim == 1 or len(parts) == 1:
-            state[key] = parts[0]
-        else:
-            dim = 1 if key == "tok_embeddings.weight" or key.endswith(("attention.wo.weight", "feed_forward.w2.weight")) else 0
-            state[key] = torch.cat(parts, dim=dim)
-    for i, s in enumerate(shards[1:], 1):
-        extra = sorted(set(s) - set(shards[0]))
-        if extra:
-            raise CheckpointError(f"{path}: unexpected tensor {extra[0]} in shard {i:02d}")
-    vocab = params.get("vocab_size", -1)
-    if vocab is None or vocab <= 0:  # Meta's params.json says -1: the tokenizer decides; read it off the weights
-        vocab = state["tok_embeddings.weight"].shape[0] if "tok_embeddings.weight" in state else 32000
-    args = ModelArgs(
-        dim=params["dim"], n_layers=params["n_layers"], n_heads=params["n_heads"],
-        n_kv_heads=params.get("n_kv_heads"), vocab_size=vocab, multiple_of=params.get("multiple_of", 256),
-        ffn_dim_multiplier=params.get("ffn_dim_multiplier"), norm_eps=params.get("norm_eps", 1e-5),
-        rope_theta=params.get("rope_theta", 10000.0), rope_scaling=params.get("rope_scaling", 1.0),
-        max_seq_len=params.get("max_seq_len", 4096), original_max_seq_len=params.get("original_max_seq_len"),
-    )
-    # params.json does not say how many shards there were; a lost last shard shows up as short matrices.
-    wq = state.get("layers.0.attention.wq.weight")
-    if wq is not None and wq.shape[0] < args.dim:
-        raise CheckpointError(f"{path}: layers.0.attention.wq.weight has {wq.shape[0]} rows but params.json says dim "
-                              f"{args.dim}: a consolidated.NN.pth shard is missing ({len(files)} found)")
-    return args, state
 
 
 # HF's names, one regular expression-free table: Meta name pattern <- HF name pattern.
@@ -626,53 +549,6 @@ def hf_config_to_args(cfg, where="config.json") -> ModelArgs:
         max_seq_len=max_pos if original else round(max_pos * factor), original_max_seq_len=original or max_pos,
         tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
     )
-
-
-def read_hf(path):
-    args = hf_config_to_args(_read_json(os.path.join(path, "config.json")), f"{path}/config.json")
-    index = os.path.join(path, "model.safetensors.index.json")
-    if os.path.exists(index):
-        names = sorted(set(_read_json(index)["weight_map"].values()))
-        files = [os.path.join(path, n) for n in names]
-        for f in files:
-            if not os.path.exists(f):
-                raise CheckpointError(f"{path}: missing shard {os.path.basename(f)} named in model.safetensors.index.json")
-    else:
-        files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
-        if not files:
-            raise CheckpointError(f"{path}: config.json but no *.safetensors weights")
-    hf_state = _read_safetensors(files)
-    names = hf_key_map(args.n_layers)
-    state = {}
-    for k, v in hf_state.items():
-        if k.endswith("rotary_emb.inv_freq"):  # a derived buffer old HF checkpoints carry
-            continue
-        if k not in names:
-            raise CheckpointError(f"{path}: unexpected tensor {k}")
-        meta = names[k]
-        if meta.endswith("attention.wq.weight"):
-            v = hf_to_meta_qk(v, args.n_heads)
-        elif meta.endswith("attention.wk.weight"):
-            v = hf_to_meta_qk(v, args.n_kv_heads)
-        state[meta] = v
-    if args.tie_embeddings:
-        state.pop("output.weight", None)
-    return args, state
-
-
-def _read_safetensors(files):
-    """Tensors from safetensors files, read lazily (memory-mapped) one at a time."""
-    from safetensors import safe_open
-
-    state = {}
-    for f in files:
-        try:
-            with safe_open(f, framework="pt", device="cpu") as sf:
-                for k in sf.keys():
-                    state[k] = sf.get_tensor(k)
-        except Exception as e:  # truncated or corrupt file
-            raise CheckpointError(f"{f}: cannot read safetensors file ({str(e).splitlines()[0]})") from None
-    return state
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -10,7 +10,8 @@ the result):
     base model (bf16, frozen) ──► RoPE interpolation: positions / ceil(ctx / original context)
                               ──► LoRA r=8 α=16 on wq wk wv wo, + embeddings and norms train (fp32)
                               ──► S²-Attn (or SF-Attn) while training, full attention for evaluation
-                              ──► FSDP2: fully_shard(every block), then fully_shard(model)
+                              ──► FSDP2: fully_shard(every block), then fully_shard(model), all on the meta
+                                  device; then each rank reads only its own shard of the weights (shard.py)
                                         │ AdamW, warmup then constant (or cosine), grad clip 1
                                         ▼
     out/metrics.jsonl, out/checkpoints/step-NNNNNN/ (resumable; checkpoint.py), and the result:
@@ -80,8 +81,9 @@ from data import (SFT_TEMPLATES, PackedData, SFTData, longlora_sft_group_size, o
 from estimate import run_estimate
 from export import write_model
 from lora import DEFAULT_TARGETS, TARGETS, apply_lora, mark_trainable, save_adapter, trainable_summary
-from model import (PRESETS, CheckpointError, ModelArgs, Tokenizer, Transformer, atomic_write, checkpoint_layout,
-                   find_tokenizer, preset)
+from model import PRESETS, CheckpointError, ModelArgs, Tokenizer, Transformer, atomic_write, find_tokenizer, preset
+from shard import load_weights, lora_init_values, shard_model
+from weights import checkpoint_layout, read_checkpoint
 
 
 class UsageError(Exception):
@@ -161,6 +163,8 @@ def build_parser():
     o.add_argument("--dtype", choices=("auto", "bf16", "fp32"), default="auto",
                    help="compute dtype: auto = bf16 on GPU (frozen weights bf16, trainable fp32), fp32 on CPU")
     o.add_argument("--no-grad-ckpt", action="store_true", help="keep all activations instead of recomputing blocks in backward")
+    o.add_argument("--offload-activations", action="store_true", help="keep the checkpointed block inputs in (pinned) "
+                   "host memory until backward needs them: GPU memory for contexts that do not fit otherwise")
     r = p.add_argument_group("output")
     r.add_argument("--out", help="output folder: metrics.jsonl, checkpoints/, and the final adapter or model")
     r.add_argument("--save-every", type=int, default=100, help="checkpoint every N steps (and at the end)")
@@ -195,6 +199,8 @@ def check_args(a):
     for flag in ("warmup", "eval_every", "eval_samples", "weight_decay", "grad_clip", "sink_tokens"):
         if getattr(a, flag) < 0:
             raise UsageError(f"--{flag.replace('_', '-')} must be >= 0, got {getattr(a, flag)}")
+    if a.offload_activations and a.no_grad_ckpt:
+        raise UsageError("--offload-activations moves the checkpointed block inputs; it needs checkpointing (drop --no-grad-ckpt)")
     if not a.lr > 0:
         raise UsageError(f"--lr must be > 0, got {a.lr}")
     if not 0 <= a.heldout < 1:
@@ -293,20 +299,21 @@ def load_data(a, tokenizer, local_rank, distributed):
 
 
 def build_model(a, tokenizer, device, distributed):
-    """The model with LoRA (or all parameters) trainable, trainable tensors fp32, frozen ones in the compute dtype."""
+    """The model with LoRA (or all parameters) trainable, trainable tensors fp32, frozen ones in the compute dtype.
+    A --model is built on the meta device, sharded, and then filled: each rank reads only its shard (shard.py)."""
     frozen_dtype = torch.bfloat16 if a.bf16 else torch.float32
     torch.manual_seed(a.seed)  # the same random init (and LoRA init) on every rank
+    weights = None
     if a.from_scratch:
-        args = preset(a.from_scratch, vocab_size=tokenizer.vocab_size, max_seq_len=a.ctx)
-        model = Transformer(args)
+        model = Transformer(preset(a.from_scratch, vocab_size=tokenizer.vocab_size, max_seq_len=a.ctx))
     elif a.preset:
         model = Transformer(preset(a.preset, vocab_size=tokenizer.vocab_size))
     else:
-        # Straight to this rank's device: fully_shard then shards in place and frees the full copy, instead of
-        # every rank holding a converted copy of the whole model in host RAM at once.
-        # (--full: in the checkpoint's own dtype, which the result is written in; every tensor becomes fp32 below)
-        model = Transformer.from_pretrained(a.model, dtype=None if a.full else frozen_dtype, device=device)
-    a.save_dtype = model.tok_embeddings.weight.dtype
+        args, weights = on_some_ranks(lambda: read_checkpoint(a.model), True, distributed)
+        with torch.device("meta"):
+            model = Transformer(args)
+    # --full writes its result in the checkpoint's own dtype (every tensor trains in fp32 below)
+    a.save_dtype = weights.specs["tok_embeddings.weight"].dtype if weights is not None else torch.float32
     args = model.args
     if args.vocab_size < tokenizer.vocab_size:
         raise UsageError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model only {args.vocab_size} embeddings")
@@ -319,12 +326,16 @@ def build_model(a, tokenizer, device, distributed):
     else:
         apply_lora(model, r=a.lora_r, alpha=a.lora_alpha, dropout=a.lora_dropout, targets=a.lora_targets)
         mark_trainable(model, embed=not a.no_train_embed, norms=not a.no_train_norms)
-    for p in model.parameters():
+    lora_init = lora_init_values(model) if weights is not None else {}  # drawn now: the seed's next numbers
+    for p in model.parameters():  # on meta this only records the dtype the checkpoint's tensors are converted to
         p.data = p.data.float() if p.requires_grad else p.data.to(frozen_dtype)
     model.gradient_checkpointing = not a.no_grad_ckpt
+    model.offload_activations = a.offload_activations
     if distributed:
         shard_model(model, device, a.bf16)
-    else:
+    if weights is not None:
+        on_some_ranks(lambda: load_weights(model, weights, device, lora_init, a.model), True, distributed)
+    elif not distributed:
         model.to(device)
     return model
 
@@ -349,26 +360,6 @@ def setup_distributed():
         # collective, which can take longer than NCCL's 10-minute default.
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(hours=4))
     return rank, local_rank, world, device, True
-
-
-def shard_model(model, device, bf16):
-    """FSDP2: each TransformerBlock becomes one all-gather/reduce-scatter unit, the root holds the rest
-    (tok_embeddings, norm, output). Parameters become DTensors sharded on dim 0 across the ranks.
-
-    With bf16, parameters are all-gathered in bf16 and gradients reduce-scattered in fp32; the frozen
-    weights are already bf16 (no cast), the trainable fp32 ones are cast for the compute and keep fp32
-    sharded masters. FSDP2 asserts one original dtype over the *trainable* parameters of a group only
-    (frozen ones may differ), which holds because every trainable tensor is fp32.
-    """
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-
-    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
-    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else MixedPrecisionPolicy()
-    for block in model.layers:
-        fully_shard(block, mesh=mesh, mp_policy=mp)
-    fully_shard(model, mesh=mesh, mp_policy=mp)  # moves the parameters to `device` as it shards them
-    return model
 
 
 def all_sum(values, device, distributed):
@@ -465,9 +456,25 @@ def log0(rank, msg):
         print(msg, flush=True)
 
 
+def reset_peak_memory(device):
+    """Count the peak from here on (after loading): CUDA's statistics, or the process's peak RSS (Linux's VmHWM)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    elif os.path.exists("/proc/self/clear_refs"):
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")  # 5: reset the peak resident set size
+        except OSError:  # some sandboxes forbid it: the peak then includes loading
+            pass
+
+
 def peak_memory_gb(device):
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 1e9, "cuda max allocated"
+    if os.path.exists("/proc/self/status"):
+        with open("/proc/self/status") as f:
+            kb = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
+        return kb / 1e6, "max rss"
     import resource
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6, "max rss"  # Linux reports kilobytes
 
@@ -502,6 +509,7 @@ def train(a):
     tokenizer = Tokenizer(tok_path)
     train_data, held_data = load_data(a, tokenizer, local_rank, distributed)
     model = build_model(a, tokenizer, device, distributed)
+    reset_peak_memory(device)
     log0(rank, f"model: {model.num_params() / 1e6:.2f}M parameters, ctx {a.ctx}, rope scaling {model.args.rope_scaling:g}, "
                f"attn {a.attn}, {'bf16' if a.bf16 else 'fp32'}, {world} process(es) on {device.type}" +
                (", FSDP" if distributed else ""))
@@ -576,7 +584,10 @@ def train(a):
         n_target, n_real = all_sum([sum(float((y != -100).sum()) for _, y, _ in micro),
                                     sum(float(x.numel() if l is None else l.sum()) for x, _, l in micro)], device, distributed)
         loss_sum = torch.zeros((), device=device)
-        for x, y, lengths in micro:
+        for m, (x, y, lengths) in enumerate(micro):
+            if distributed:  # LoRA: reduce-scatter once per step, after the last micro-batch; every parameter
+                # training (--full, --from-scratch): every micro-batch, as a whole fp32 gradient of each would not fit
+                model.set_requires_gradient_sync(m == A - 1 or a.full or bool(a.from_scratch))
             if a.sft_group_size == "official":  # LongLoRA's rule, from the longest example (truncated at ctx)
                 model.args.group_size = longlora_sft_group_size(min(int(lengths.max()) + 1, a.ctx))
             ls = token_loss_sum(model, x.to(device), y.to(device), None if lengths is None else lengths.to(device), autocast)

@@ -321,9 +321,9 @@ def test_peft_export_loads_in_peft_with_equal_logits(base_dir, adapter_dir, tmp_
     adapter, ours = adapter_dir
     # The HF base: the unmodified base checkpoint in HF layout (q/k rows in HF's order), read by transformers.
     from export import write_hf
-    from model import read_checkpoint
-    args, state = read_checkpoint(base_dir)
-    write_hf(args, state, str(tmp_path / "base-hf"))
+    from weights import read_checkpoint
+    args, weights = read_checkpoint(base_dir)
+    write_hf(args, weights.read(list(weights.specs)), str(tmp_path / "base-hf"))
     out = tmp_path / "peft"
     assert main(["peft", "--base", base_dir, "--adapter", adapter, "--out", str(out)]) == 0
     cfg = json.load(open(out / "adapter_config.json"))

@@ -128,7 +128,7 @@ def test_chunked_feed_forward_equals_the_whole_sequence_forward_and_backward():
 
 
 def write_meta_shards(model: Transformer, out, n_shards: int, multiple_of: int = 32):
-    """Split a model the way Meta's model-parallel code did, written independently of model.read_meta."""
+    """Split a model the way Meta's model-parallel code did, written independently of weights.read_meta."""
     os.makedirs(out, exist_ok=True)
     sd = model.state_dict()
     row_parallel = ("tok_embeddings.weight", "attention.wo.weight", "feed_forward.w2.weight")  # split on input

@@ -97,10 +97,11 @@ def common(base_dir, corpus, token_cache, **kw):
 
 def test_two_fsdp_ranks_equal_one_process_and_resume_under_fsdp(base_dir, corpus, token_cache, tmp_path):
     one, two, resumed = (str(tmp_path / n) for n in ("one", "two", "resumed"))
-    # the same global batch of 2 sequences: 1 process x 2 micro-batches, or 2 ranks x 1
-    # --eval-every 2: a held-out evaluation (forward only) right before the step-2 checkpoint is saved
-    assert train.main(common(base_dir, corpus, token_cache, grad_accum=2, eval_every=2, out=one)) == 0
-    run_torchrun(common(base_dir, corpus, token_cache, grad_accum=1, eval_every=2, out=two))
+    # the same global batch of 4 sequences: 1 process x 4 micro-batches, or 2 ranks x 2 (FSDP reduces the
+    # gradients after the second only); --eval-every 2: a held-out evaluation (forward only) right before
+    # the step-2 checkpoint is saved
+    assert train.main(common(base_dir, corpus, token_cache, grad_accum=4, eval_every=2, out=one)) == 0
+    run_torchrun(common(base_dir, corpus, token_cache, grad_accum=2, eval_every=2, out=two))
     l1, h1 = losses(one)
     l2, h2 = losses(two)
     assert sorted(l1) == sorted(l2) == [1, 2, 3]
@@ -114,7 +115,7 @@ def test_two_fsdp_ranks_equal_one_process_and_resume_under_fsdp(base_dir, corpus
         assert torch.allclose(a1[k], a2[k], atol=FSDP_WEIGHT_TOL, rtol=0), k
     assert not torch.equal(a1["tok_embeddings.weight"], base.tok_embeddings.weight)  # it did train
     # resume the 2-rank run from its step-2 checkpoint, 2 ranks again (rank 0 reads, FSDP broadcasts)
-    run_torchrun(common(base_dir, corpus, token_cache, grad_accum=1, out=resumed,
+    run_torchrun(common(base_dir, corpus, token_cache, grad_accum=2, out=resumed,
                         resume=os.path.join(two, "checkpoints", "step-000002")))
     l3, _ = losses(resumed)
     assert list(l3) == [3] and abs(l3[3] - l2[3]) <= RESUME_TOL

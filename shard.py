@@ -1,0 +1,110 @@
+"""
+FSDP2 for train.py: shard a model built on the meta device, then fill it from a checkpoint, each rank
+reading only its own shard of each tensor.
+
+    args, weights = read_checkpoint(path)                         # weights.py: configs and indexes only
+    with torch.device("meta"): model = Transformer(args)          # no memory
+    apply_lora(model); mark_trainable(model); set dtypes           # still no memory
+    shard_model(model, device, bf16)                               # DTensors on meta, 1/W of each tensor per rank
+    load_weights(model, weights, device, lora_init, path)         # each rank reads its rows, one block at a time
+
+Why each rank reads its own rows instead of rank 0 reading and broadcasting (set_model_state_dict with
+full_state_dict=True, broadcast_from_rank0=True, PyTorch's standard route): given a whole-model state dict,
+that route holds the whole model in rank 0's host memory (138 GB for LLaMA2-70B), and fed one tensor at a time
+it still moves every byte through rank 0 and then over the network to all W ranks. Here every rank opens the
+memory-mapped files itself and reads just the rows of dim 0 that FSDP2 gives it (rank r of W holds rows
+[r·c, (r+1)·c) of an n-row tensor, c = ceil(n / W)): no communication at all, each byte is read from disk once
+per node, and besides its shard (on its device) a rank's host memory holds one block's rows at a time (a row
+slice of Meta's dim-1-split matrices is joined from its pieces; HF's q/k rows are permuted, so those are read
+whole, one tensor at a time). Files are opened per block and released after, so no more than one block's pages
+stay mapped. The price: every machine must see the checkpoint (as every rank already had to before).
+
+Strict as Transformer.from_pretrained: every rank checks the names and shapes against the model before reading
+(the same files give the same error everywhere; train.py also gathers every rank's outcome, so no rank waits
+for another). The LoRA matrices are not in the checkpoint: `lora_init_values` draws their full initial values
+on the CPU, so one process and W ranks start from the same numbers.
+"""
+
+import math
+
+import torch
+import torch.distributed as dist
+
+from lora import init_lora_, lora_modules
+from model import CheckpointError, check_state_dict
+
+
+def shard_model(model, device, bf16):
+    """FSDP2: each TransformerBlock becomes one all-gather/reduce-scatter unit, the root holds the rest
+    (tok_embeddings, norm, output). Parameters become DTensors sharded on dim 0 across the ranks.
+
+    With bf16, parameters are all-gathered in bf16 and gradients reduce-scattered in fp32; the frozen
+    weights are already bf16 (no cast), the trainable fp32 ones are cast for the compute and keep fp32
+    sharded masters. FSDP2 asserts one original dtype over the *trainable* parameters of a group only
+    (frozen ones may differ), which holds because every trainable tensor is fp32.
+    """
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else MixedPrecisionPolicy()
+    for block in model.layers:
+        fully_shard(block, mesh=mesh, mp_policy=mp)
+    fully_shard(model, mesh=mesh, mp_policy=mp)  # parameters on meta stay there, as DTensors, until load_weights
+    return model
+
+
+def shard_rows(n, rank, world):
+    """(start, end): the rows of an n-row tensor that FSDP2's dim-0 Shard places on `rank` (torch.chunk's split)."""
+    c = math.ceil(n / world)
+    return min(rank * c, n), min((rank + 1) * c, n)
+
+
+def lora_init_values(model):
+    """{name: full CPU tensor}: the initial LoRA matrices of a model on the meta device, drawn as LoRALinear draws
+    them, from the CPU generator in module order; the same numbers on every rank and in one process."""
+    out = {}
+    for name, m in lora_modules(model):
+        a, b = torch.empty(m.lora_a.shape), torch.empty(m.lora_b.shape)
+        init_lora_(a, b)
+        out[name + ".lora_a"], out[name + ".lora_b"] = a, b
+    return out
+
+
+def load_weights(model, weights, device, lora_init, where):
+    """Fill a model built on the meta device (plain, or sharded by shard_model) from `weights` (model.Weights)
+    plus `lora_init` ({name: full tensor} for what the checkpoint does not hold). Each parameter keeps the dtype
+    it has on meta; the checkpoint's tensors are converted straight from their own dtype (an fp16 embedding
+    becomes fp32 exactly, never through bf16)."""
+    from torch.distributed.tensor import DTensor
+
+    params = dict(model.named_parameters())  # a tied output weight is tok_embeddings' (one entry)
+    expected = {k: tuple(p.shape) for k, p in params.items() if k not in lora_init}
+    check_state_dict(weights.specs, expected, where)
+    sharded = {k for k, p in params.items() if isinstance(p, DTensor)}
+    rank, world = (dist.get_rank(), dist.get_world_size()) if sharded else (0, 1)
+    # Buffers (none today: RoPE's angles are computed in forward) would come out of to_empty uninitialised and
+    # would have to be recomputed after it; refuse rather than train on garbage.
+    if next(model.buffers(), None) is not None:
+        raise NotImplementedError("load_weights: the model has buffers; compute them after to_empty")
+    model.to_empty(device=device)  # FSDP2 re-points each DTensor at its (padded) local shard
+    if model.args.tie_embeddings:  # to_empty made the shared parameter two: tie them again
+        model.output.weight = model.tok_embeddings.weight
+    params = dict(model.named_parameters())
+
+    def rows(name, shape):
+        return shard_rows(shape[0], rank, world) if name in sharded else (0, shape[0])
+
+    # One block at a time; the root's tensors (the embeddings and output, the largest) first, while little of the
+    # shard is resident yet.
+    groups = [[k for k in params if not k.startswith("layers.")]]
+    groups += [[k for k in params if k.startswith(f"layers.{i}.")] for i in range(len(model.layers))]
+    with torch.no_grad():
+        for group in groups:
+            read = weights.read([k for k in group if k not in lora_init], rows)
+            for name in group:
+                src = lora_init[name][slice(*rows(name, lora_init[name].shape))] if name in lora_init else read.pop(name)
+                local = params[name].to_local() if name in sharded else params[name]
+                if local.shape != src.shape:  # FSDP2 split differently than shard_rows assumes: never silently
+                    raise CheckpointError(f"{where}: {name}: local shard {tuple(local.shape)}, read {tuple(src.shape)}")
+                local.copy_(src)
