@@ -95,22 +95,23 @@ def test_full_fine_tuning_estimate_shards_fp32_weights_gradients_and_adamw_of_ev
     assert e["total_ckpt"] > lora["total_ckpt"] + 10e9  # the paper: 46.3 GB (full) against 25.6 GB (LoRA+) at 8k
 
 
-def test_readme_table_of_llama2_7b_is_what_the_estimate_computes():
-    """The README's table (`train.py --estimate --preset llama2-7b --ctx N --gpus 8`): every figure in it is
-    this estimate's, rounded as printed there."""
+def test_readme_memory_table_is_what_the_estimate_computes():
+    """The README's table (`train.py --estimate --preset llama2-XB --ctx N --gpus 8`, with and without
+    --offload-activations): every figure in it is this estimate's, rounded as printed there."""
     readme = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
-    rows = re.findall(r"^\| (\d+) \| ([\d.]+) \| ([\d.]+) \| ([\d.]+) \| \*\*([\d.]+)\*\* \| ([\d.]+) \| \*\*[\d.]+\*\* \| "
-                      r"([\d.]+) \| ([\d.]+) \|$", readme, re.M)
-    assert [int(r[0]) for r in rows] == [8192, 16384, 32768, 65536]
-    for ctx, *figures in rows:
-        e = estimate(preset("llama2-7b"), int(ctx), "s2", 8, 1, 8)
+    rows = re.findall(r"^\| (\d+)B \| (\d+) \| ([\d.]+) \| ([\d.]+) \| ([\d.]+) \| \*\*([\d.]+)\*\* \| ([\d.]+) \| ([\d.]+) \|",
+                      readme, re.M)
+    assert [(int(r[0]), int(r[1])) for r in rows] == [(7, 8192), (7, 16384), (7, 32768), (7, 65536), (7, 100000),
+                                                     (13, 32768), (13, 65536), (70, 32768), (70, 65536)]
+    for size, ctx, *figures in rows:
+        e = estimate(preset(f"llama2-{size}b"), int(ctx), "s2", 8, 1, 8)
+        off = estimate(preset(f"llama2-{size}b"), int(ctx), "s2", 8, 1, 8, offload=True)
         mem = e["memory"]
         sharded = sum(v for k, v in mem.items() if k.startswith(("frozen", "trainable", "gradients", "AdamW")))
-        ours = [sharded / 1e9, mem["FSDP gathered weights (bf16)"] / 1e9, mem["activations, checkpointing"] / 1e9,
-                e["total_ckpt"] / 1e9, e["total_no_ckpt"] / 1e9, e["attn_flops"] / 1e15,
-                (e["attn_flops"] + e["dense_flops"]) / 1e15]
+        gathered = mem["FSDP gathered weights (bf16)"] + mem["unsharded gradients (fp32)"]
+        ours = [sharded, gathered, mem["activations, checkpointing"], e["total_ckpt"], off["total_ckpt"], off["host"]]
         for printed, value in zip(figures, ours):
-            assert printed == f"{value:.{len(printed.split('.')[1])}f}", (ctx, printed, value)
+            assert printed == f"{value / 1e9:.{len(printed.split('.')[1])}f}", (size, ctx, printed, value / 1e9)
 
 
 def test_offloading_moves_the_block_inputs_from_the_gpu_to_the_host():

@@ -327,7 +327,7 @@ def test_full_fine_tuning_two_ranks_equal_one_process_resumes_exactly_and_export
 @pytest.mark.parametrize("layout", ["meta", "own"])
 def test_full_fine_tuning_writes_the_bases_layout(layout, hf_base, corpus, token_cache, tmp_path):
     from export import write_model
-    from model import checkpoint_layout
+    from weights import checkpoint_layout
 
     base_dir, out = str(tmp_path / "base"), str(tmp_path / "out")
     base = Transformer.from_pretrained(hf_base, dtype=torch.bfloat16 if layout == "meta" else torch.float32)
