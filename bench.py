@@ -12,7 +12,6 @@ ratios to full attention. The modes run round-robin (full, s2, sf, full, s2, sf,
 in the machine's load during the run hits all of them alike. The targets of issue 3 are printed below
 the table: s2 at least 3x faster than full at T=8192, sf within 1.15x of s2, no mode above full in memory.
 """
-import argparse
 import json
 import os
 import statistics
@@ -23,6 +22,7 @@ import time
 import torch
 
 from attention import attention
+from cli import Parser, UsageError, entry
 
 MODES = ("full", "s2", "sf")
 
@@ -85,7 +85,7 @@ def _peak_bytes(q, k, v, grad_out, mode, backend):
 def bench_attention(args):
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("error: --device cuda but CUDA is not available")
+        raise UsageError(f"--device cuda but CUDA is not available")
     Ts = [1024, 2048] if args.quick else args.T
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -474,8 +474,10 @@ def bench_sample(args):
 
 # ----------------------------------------------------------------------------- command line
 
-def main():
-    parser = argparse.ArgumentParser(description="Benchmarks of the project (speed targets live here, not in tests).")
+@entry
+def main(argv=None):
+    parser = Parser(description="Benchmarks of the project (speed targets live here, not in tests).", examples=[
+        "python bench.py attention --quick", "python bench.py train --threads 1", "python bench.py sample"])
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("attention", help="forward+backward time and peak memory of full, s2 and sf attention",
@@ -519,16 +521,20 @@ def main():
     p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
     p.set_defaults(run=bench_sample)
 
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    if args.repeats < 1:
+        raise UsageError(f"--repeats must be at least 1, got {args.repeats}")
+    if args.threads < 0:
+        raise UsageError(f"--threads must be >= 0, got {args.threads}")
+    for flag in ("ctx", "batch_size", "chunk_ctx", "long"):
+        if getattr(args, flag, 1) < 1:
+            raise UsageError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
     if args.command == "attention":
-        if args.repeats < 1:
-            raise SystemExit(f"error: --repeats must be at least 1, got {args.repeats}")
-        if args.threads < 0:
-            raise SystemExit(f"error: --threads must be >= 0, got {args.threads}")
         if min(args.T) < 8:
-            raise SystemExit(f"error: every --T must be at least 8 (group size T/4 must be even and >= 2), got {min(args.T)}")
+            raise UsageError(f"every --T must be at least 8 (group size T/4 must be even and >= 2), got {min(args.T)}")
     args.run(args)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -59,7 +59,6 @@ is. What it does show is the papers' central comparison: how much of the damage 
 interpolation each training attention repairs, and how well each one uses the longer context.
 """
 
-import argparse
 import contextlib
 import hashlib
 import io
@@ -75,6 +74,7 @@ import torch
 import eval as evaluation  # eval.py; renamed so that it does not shadow the builtin
 import sample
 import train
+from cli import Parser, UsageError, entry
 from data import tokenize_documents
 from model import Tokenizer, Transformer, atomic_write
 
@@ -324,7 +324,8 @@ def run_stage(what, path, stamp, argv, module):
     t0 = time.time()
     code = module.main(argv)
     if code != 0:
-        raise SystemExit(f"error: {what} failed ({module.__name__}.py exited with {code}; see above)")
+        print(f"{what} failed ({module.__name__}.py exited with {code}; its error is above)", file=sys.stderr)
+        raise SystemExit(code)
     text = json.dumps({"stamp": stamp, "seconds": round(time.time() - t0, 1)})
     atomic_write(os.path.join(path, "demo_stamp.json"), lambda f: open(f, "w").write(text))
     log(f"{what}: done in {time.time() - t0:.0f} s")
@@ -347,9 +348,10 @@ def passkey_fits(tokenizer, n_tokens) -> bool:
         return False
 
 
+@entry
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description="\n\n".join(__doc__.strip().split("\n\n")[:2]),
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(description="\n\n".join(__doc__.strip().split("\n\n")[:2]),
+               examples=["python demo.py", "python demo.py --fast", "python demo.py --corpus DIR --threads 1"])
     p.add_argument("--out", default="out/demo", help="output folder (results and cached models; default out/demo)")
     p.add_argument("--fast", action="store_true", help="tiny everything: the same pipeline in seconds (a smoke test)")
     p.add_argument("--seeds", type=int, default=2, help="seeds for the extension runs (default 2: run-to-run noise)")
@@ -358,9 +360,9 @@ def main(argv=None) -> int:
                    "on a machine other jobs share, where more threads than free cores slow training many times over")
     a = p.parse_args(argv)
     if a.seeds < 1:
-        raise SystemExit(f"error: --seeds must be >= 1, got {a.seeds}")
+        raise UsageError(f"--seeds must be >= 1, got {a.seeds}")
     if a.threads is not None and a.threads < 1:
-        raise SystemExit(f"error: --threads must be >= 1, got {a.threads}")
+        raise UsageError(f"--threads must be >= 1, got {a.threads}")
     threads = torch.get_num_threads()
     torch.set_num_threads(a.threads or threads)
     try:
@@ -385,7 +387,7 @@ def run(a) -> int:
     try:
         train_docs, held_docs = read_corpus(root, stdlib=a.corpus is None, max_files=c["max_files"])
     except (FileNotFoundError, ValueError) as e:
-        raise SystemExit(f"error: --corpus {e}" if a.corpus else f"error: {e}")
+        raise UsageError(f"--corpus {e}" if a.corpus else str(e)) from None
     corpus_id = fingerprint([(p_, hashlib.md5(t.encode()).hexdigest()) for p_, t in train_docs + held_docs])
     log(f"corpus: {root}: {len(train_docs)} training files, {len(held_docs)} held-out files")
 
@@ -414,7 +416,7 @@ def run(a) -> int:
     held_tokens = tokenize_documents(held_paths, tokenizer)
     eval_tokens = held_tokens[: c["eval_tokens"]]
     if len(eval_tokens) < ctx:
-        raise SystemExit(f"error: the held-out text has {len(held_tokens)} tokens, fewer than one {ctx}-token evaluation "
+        raise UsageError(f"the held-out text has {len(held_tokens)} tokens, fewer than one {ctx}-token evaluation "
                          f"window; give --corpus more text")
     log(f"data: {len(train_docs)} training documents; held-out {len(held_tokens):,} tokens, {len(eval_tokens):,} evaluated")
 
@@ -495,7 +497,7 @@ def run(a) -> int:
         code = sample.main(["--model", base_dir, "--adapter", adapters[best, 0], "--prompt", prompt_path,
                             "--max-new-tokens", str(c["sample_tokens"]), "--seed", "0"])
     if code != 0:
-        raise SystemExit(f"error: sample.py exited with {code}")
+        raise SystemExit(code)  # sample.py printed its error
     text = f"# best model: {best} (seed 0); prompt: prompt.txt ({len(prompt_ids)} tokens), which ends with:\n" + \
         prompt_text[-400:] + "\n# continuation (sample.py, temperature 0.6, top-p 0.9, seed 0):\n" + buf.getvalue()
     atomic_write(os.path.join(out, "sample.txt"), lambda f: open(f, "w", encoding="utf-8").write(text))

@@ -30,7 +30,6 @@ Usage:
     loss = model(tokens, targets)           # mean cross-entropy; targets == -100 are ignored
 """
 
-import argparse
 import glob
 import json
 import math
@@ -44,6 +43,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from attention import attention
+from cli import Parser, entry, one_line
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -73,6 +73,10 @@ class ModelArgs:
     shift_wrap: bool = False  # the paper's cyclic roll (leaks future tokens; ablation only)
 
     def __post_init__(self):
+        for f in fields(self):  # values read from a config file: a number must be a number
+            v = getattr(self, f.name)
+            if f.name != "attn" and not (v is None or isinstance(v, int if type(f.default) is int else (int, float))):
+                raise ValueError(f"{f.name} must be a number, got {v!r}")
         if self.n_kv_heads is None:
             self.n_kv_heads = self.n_heads
         if self.dim % self.n_heads:
@@ -438,12 +442,12 @@ def checkpoint_layout(path):
     if not os.path.isdir(path):
         raise CheckpointError(f"{path}: expected a directory holding a checkpoint")
     has = lambda name: os.path.exists(os.path.join(path, name))
-    if glob.glob(os.path.join(path, "consolidated.*.pth")):
-        return "meta"
-    if has("params.json") and has("model.safetensors"):
-        return "own"
-    if has("config.json"):
-        return "hf"
+    found = [layout for layout, present in (("meta", glob.glob(os.path.join(path, "consolidated.*.pth"))),
+             ("own", has("params.json") and has("model.safetensors")), ("hf", has("config.json"))) if present]
+    if len(found) > 1:  # e.g. a leftover consolidated.00.pth beside a newer config.json: which one is meant?
+        raise CheckpointError(f"{path}: holds two checkpoint layouts ({' and '.join(found)}); move one of them elsewhere")
+    if found:
+        return found[0]
     if has("params.json"):
         raise CheckpointError(f"{path}: params.json but no consolidated.NN.pth shards or model.safetensors")
     if glob.glob(os.path.join(path, "*.safetensors")):
@@ -454,7 +458,14 @@ def checkpoint_layout(path):
 
 def read_checkpoint(path):
     """(ModelArgs, state dict in Meta's names) from any supported directory."""
-    return {"meta": read_meta, "own": read_own, "hf": read_hf}[checkpoint_layout(path)](path)
+    layout = checkpoint_layout(path)
+    try:
+        return {"meta": read_meta, "own": read_own, "hf": read_hf}[layout](path)
+    except CheckpointError:
+        raise
+    except (KeyError, ValueError) as e:  # a config lacking a field, or with values that make no model
+        config = os.path.join(path, "config.json" if layout == "hf" else "params.json")
+        raise CheckpointError(f"{config}: " + (f"no field {e}" if isinstance(e, KeyError) else one_line(e))) from None
 
 
 def _read_json(path):
@@ -522,7 +533,9 @@ def read_meta(path):
         max_seq_len=params.get("max_seq_len", 4096), original_max_seq_len=params.get("original_max_seq_len"),
     )
     # params.json does not say how many shards there were; a lost last shard shows up as short matrices.
-    wq = state.get("layers.0.attention.wq.weight")
+    wq = state.get("layers.0.attention.wq.weight")  # (dim, dim); a lost shard shortens dim 0 only
+    if wq is not None and wq.shape[1] != args.dim:
+        raise CheckpointError(f"{path}: params.json says dim {args.dim}, the weights have {wq.shape[1]} (another model's params.json?)")
     if wq is not None and wq.shape[0] < args.dim:
         raise CheckpointError(f"{path}: layers.0.attention.wq.weight has {wq.shape[0]} rows but params.json says dim "
                               f"{args.dim}: a consolidated.NN.pth shard is missing ({len(files)} found)")
@@ -666,7 +679,10 @@ class Tokenizer:
 
         if not os.path.isfile(model_path):
             raise FileNotFoundError(f"{model_path}: no such tokenizer file")
-        self.sp = spm.SentencePieceProcessor(model_file=model_path)
+        try:
+            self.sp = spm.SentencePieceProcessor(model_file=model_path)
+        except (RuntimeError, OSError) as e:  # sentencepiece raises RuntimeError("Internal: ...") on a foreign file
+            raise ValueError(f"{model_path}: not a sentencepiece tokenizer model ({one_line(e)})") from None
         self.path = model_path
         self.vocab_size = self.sp.vocab_size()
         self.bos_id, self.eos_id, self.pad_id = self.sp.bos_id(), self.sp.eos_id(), self.sp.pad_id()
@@ -690,28 +706,30 @@ def find_tokenizer(path) -> Optional[str]:
 # A small CLI: inspect a checkpoint, or smoke-test a preset with random weights.
 
 
+@entry
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Load a LLaMA2 checkpoint (or build a preset) and run one forward pass.")
+    p = Parser(description="Load a LLaMA2 checkpoint (or build a preset) and run one forward pass.", examples=[
+        "python model.py --preset tiny", "python model.py --model /path/to/llama-2-7b-hf --prompt 'The capital of France is'"])
     src = p.add_mutually_exclusive_group()
     src.add_argument("--model", help="checkpoint directory: Meta, HF or this project's layout")
-    src.add_argument("--preset", default="tiny", choices=sorted(PRESETS), help="random-weight model of a named shape (default: tiny)")
+    src.add_argument("--preset", default="tiny", choices=sorted(PRESETS), help="random-weight model of a named shape")
     p.add_argument("--prompt", default="Hello", help="text to run through the model (needs a tokenizer.model for --model)")
     p.add_argument("--seed", type=int, default=0, help="seed for the random preset weights and tokens")
     a = p.parse_args(argv)
     torch.manual_seed(a.seed)
-    try:
-        if a.model:
-            model = Transformer.from_pretrained(a.model)
-        else:
-            model = Transformer(preset(a.preset))
-    except (CheckpointError, FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    # A preset of billions of parameters is only described: built on the meta device, it holds no memory.
+    big = not a.model and PRESETS[a.preset]["dim"] >= 4096
+    with torch.device("meta" if big else "cpu"):
+        model = Transformer.from_pretrained(a.model) if a.model else Transformer(preset(a.preset))
     args = model.args
     print(f"model: {a.model or a.preset}: {model.num_params() / 1e6:.2f}M parameters, dim {args.dim}, "
           f"{args.n_layers} layers, {args.n_heads} heads ({args.n_kv_heads} kv), ffn {args.hidden_dim}, "
           f"vocab {args.vocab_size}, rope theta {args.rope_theta:g} scaling {args.rope_scaling:g}, context {args.max_seq_len} "
           f"(pre-training {args.original_max_seq_len})")
+    if big:
+        print(f"(built on the meta device: {model.num_params() * 4 / 1e9:.0f} GB of fp32 random weights are not allocated, "
+              "and no forward pass runs)")
+        return 0
     if model.tokenizer is not None:
         ids = model.tokenizer.encode(a.prompt)
     else:  # no tokenizer: random token ids stand in for the prompt

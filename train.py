@@ -57,7 +57,6 @@ what a checkpoint holds and why a kill cannot break it, in checkpoint.py):
     and ETA, and appends them to out/metrics.jsonl, with the held-out losses (full attention).
 """
 
-import argparse
 import datetime
 import hashlib
 import json
@@ -73,8 +72,8 @@ import torch
 import torch.distributed as dist
 
 from attention import resolve_group_size
-from checkpoint import (check_checkpoint, checkpoint_dirs, find_checkpoint, full_trainable_state, load_checkpoint,
-                        save_checkpoint)
+from cli import USER_ERRORS, Parser, UsageError, check_output, entry, one_line
+from checkpoint import checkpoint_dirs, find_resumable, full_trainable_state, load_checkpoint, save_checkpoint
 from data import (SFT_TEMPLATES, PackedData, SFTData, longlora_sft_group_size, open_tokens, prepare_sft, prepare_tokens,
                   sample_positions, split_heldout)
 from estimate import run_estimate
@@ -84,32 +83,17 @@ from model import (PRESETS, CheckpointError, ModelArgs, Tokenizer, Transformer, 
                    find_tokenizer, preset)
 
 
-class UsageError(Exception):
-    """A user's mistake on the command line: main() prints 'error: <message>' and returns 2."""
-
-
 # ----------------------------------------------------------------------------------------------------
 # Arguments
-
-
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows a flag's default unless there is none to show or the help text already says it."""
-
-    def _get_help_string(self, action):
-        if action.default in (None, False) or "default" in (action.help or ""):
-            return action.help
-        return super()._get_help_string(action)
-
-
-class Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, no usage dump, and main() returns 2 instead of exiting
-        raise UsageError(message)
 
 
 def build_parser():
     p = Parser(description="Long-context LoRA fine-tuning of LLaMA2 (LongLoRA / SinkLoRA) with FSDP2; "
                            "run with python (one process) or torchrun (several).",
-               formatter_class=HelpFormatter, allow_abbrev=False)
+               examples=["python train.py --model llama-2-7b --data pg19/train --ctx 8192 --out out/7b-8k",
+                         "torchrun --standalone --nproc_per_node=8 train.py --model llama-2-7b --data redpajama.jsonl "
+                         "--ctx 32768 --out out/7b-32k [--resume out/7b-32k]",
+                         "python train.py --estimate --preset llama2-7b --ctx 32768 --gpus 8"])
     src = p.add_argument_group("model")
     src.add_argument("--model", help="base checkpoint directory (Meta, HF or this project's layout)")
     src.add_argument("--preset", choices=sorted(PRESETS), help="instead of --model: a randomly initialised base of this "
@@ -195,8 +179,8 @@ def check_args(a):
     for flag in ("warmup", "eval_every", "eval_samples", "weight_decay", "grad_clip", "sink_tokens"):
         if getattr(a, flag) < 0:
             raise UsageError(f"--{flag.replace('_', '-')} must be >= 0, got {getattr(a, flag)}")
-    if not a.lr > 0:
-        raise UsageError(f"--lr must be > 0, got {a.lr}")
+    if not 0 < a.lr < math.inf:
+        raise UsageError(f"--lr must be a finite number > 0, got {a.lr}")
     if not 0 <= a.heldout < 1:
         raise UsageError(f"--heldout must be in [0, 1), got {a.heldout}")
     if not 0 <= a.min_lr_ratio <= 1:
@@ -238,6 +222,9 @@ def check_args(a):
         raise UsageError(f"--{'preset' if a.preset else 'from-scratch'} needs --tokenizer (a random model comes without one)")
     if a.resume and not os.path.isdir(a.resume):
         raise UsageError(f"--resume {a.resume}: no such directory")
+    check_output(a.out, "--out", is_dir=True)
+    if a.token_cache:
+        check_output(a.token_cache, "--token-cache", is_dir=True)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -387,8 +374,8 @@ def on_some_ranks(fn, here, distributed):
     if here:
         try:
             result = fn()
-        except (UsageError, CheckpointError, FileNotFoundError, ValueError) as e:
-            err = str(e)
+        except USER_ERRORS as e:
+            err = one_line(e)
     if distributed:
         errs = [None] * dist.get_world_size()
         dist.all_gather_object(errs, err)
@@ -524,16 +511,16 @@ def train(a):
             if checkpoint_dirs(a.out):
                 raise UsageError(f"--out {a.out} already holds checkpoints; add --resume {a.out} to continue, "
                                  "or choose another --out")
-            return None, 0
-        ckpt = find_checkpoint(a.resume)
-        step = check_checkpoint(ckpt, model, config)["step"]
-        if step >= a.steps:
-            raise UsageError(f"--resume {ckpt}: the checkpoint is at step {step}, nothing left to do for --steps {a.steps}")
-        return ckpt, step
+            return None, 0, None
+        ckpt, state, files = find_resumable(a.resume, model, config, lambda msg: print(msg, file=sys.stderr))
+        if state["step"] >= a.steps:
+            raise UsageError(f"--resume {ckpt}: the checkpoint is at step {state['step']}, nothing left to do for --steps {a.steps}")
+        return ckpt, state["step"], files
 
-    ckpt, start = broadcast0(on_some_ranks(find_resume, rank == 0, distributed), distributed)
+    ckpt, start, files = on_some_ranks(find_resume, rank == 0, distributed) or (None, None, None)
+    ckpt, start = broadcast0((ckpt, start), distributed)  # the files stay on rank 0, which broadcasts the tensors
     if ckpt:
-        load_checkpoint(ckpt, model, opt, rank, world, distributed)
+        load_checkpoint(files, model, opt, rank, world, distributed)
         log0(rank, f"resumed from {ckpt} at step {start}")
 
     metrics_path = os.path.join(a.out, "metrics.jsonl")
@@ -634,18 +621,14 @@ def train(a):
 # Entry point: a user's mistake is one "error:" line and exit 2, also under torchrun
 
 
+@entry
 def main(argv=None) -> int:
-    rank = int(os.environ.get("RANK", "0"))
     try:
         a = build_parser().parse_args(argv)
         if a.estimate and not (a.model or a.preset or a.from_scratch):
             a.preset = "llama2-7b"
         check_args(a)
         return run_estimate(a) if a.estimate else train(a)
-    except (UsageError, CheckpointError, FileNotFoundError, ValueError) as e:
-        if rank == 0:
-            print(f"error: {e}", file=sys.stderr)
-        return 2
     finally:
         if dist.is_available() and dist.is_initialized() and "WORLD_SIZE" in os.environ:
             dist.destroy_process_group()

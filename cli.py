@@ -1,0 +1,127 @@
+"""
+What every command line of this project shares, so that each script says it once:
+
+  * a user's mistake is one `error: ...` line on stderr and exit status 2, never a traceback, also under
+    torchrun (`entry`, around each script's main(argv));
+  * `--help` shows every default, which flags are required, and example commands (`Parser`);
+  * a file or folder that will be written is checked before the long work starts (`check_output`).
+
+    @entry
+    def main(argv=None) -> int:
+        p = Parser(description="...", examples=["python x.py --in a --out b"])
+        ...
+"""
+
+import argparse
+import functools
+import os
+import sys
+import tempfile
+
+
+class UsageError(Exception):
+    """A user's mistake found by a check of the arguments (the same on every rank under torchrun)."""
+
+
+# What a user's mistake raises, besides UsageError: the readers of checkpoints, tokenizers and data raise
+# ValueError (model.CheckpointError is one) with a message naming the file; paths that do not exist or cannot
+# be written raise OSError (FileNotFoundError, NotADirectoryError, PermissionError, ...). Anything else is a
+# bug, and keeps its traceback.
+USER_ERRORS = (UsageError, ValueError, OSError)
+
+
+def one_line(e: BaseException) -> str:
+    text = " ".join(str(e).split())
+    return text or type(e).__name__
+
+
+def report(e: BaseException):
+    """Print the error once. Under torchrun, an argument error is the same on every rank: the first rank of
+    each machine prints it; any other error is printed by the rank that met it, with its rank."""
+    rank, local_rank = os.environ.get("RANK"), os.environ.get("LOCAL_RANK", "0")
+    if rank is None or "WORLD_SIZE" not in os.environ:
+        print(f"error: {one_line(e)}", file=sys.stderr)
+    elif not isinstance(e, UsageError):
+        print(f"error: rank {rank}: {one_line(e)}", file=sys.stderr)
+    elif local_rank == "0":
+        print(f"error: {one_line(e)}", file=sys.stderr)
+    sys.stderr.flush()
+
+
+def entry(main):
+    """Decorate a script's main(argv) -> int: a user's mistake prints one `error:` line and returns 2;
+    Ctrl-C prints one line and returns 130 (the shell's code for SIGINT)."""
+
+    @functools.wraps(main)
+    def run(argv=None):
+        try:
+            return main(argv)
+        except USER_ERRORS as e:
+            report(e)
+            return 2
+        except KeyboardInterrupt:
+            print("interrupted", file=sys.stderr)
+            return 130
+
+    return run
+
+
+# ----------------------------------------------------------------------------------------------------
+# Arguments
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Every flag's help ends with its default (unless the text already states it) and says when it is required."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        default = action.default
+        shown = " ".join(map(str, default)) if isinstance(default, (list, tuple)) else str(default)
+        if (default not in (None, False, argparse.SUPPRESS) and action.option_strings
+                and not all(str(v) in text for v in (default if isinstance(default, (list, tuple)) else [default]))):
+            text += f" (default: {shown.replace('%', '%%')})"
+        if action.required and action.option_strings:
+            text += " (required)"
+        return text
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with HelpFormatter, no abbreviated flags, example commands below the flags, and a mistake
+    raised as UsageError (one line; `entry` prints it) instead of a usage dump and exit."""
+
+    def __init__(self, *args, examples=(), **kw):
+        kw.setdefault("formatter_class", HelpFormatter)
+        kw.setdefault("allow_abbrev", False)
+        if examples:
+            kw.setdefault("epilog", "examples:\n" + "\n".join(f"  {e}" for e in examples))
+        super().__init__(*args, **kw)
+
+    def error(self, message):
+        raise UsageError(message)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Outputs
+
+
+def check_output(path, flag, is_dir=False):
+    """Before any long work: make sure `path` can be written (as a directory with is_dir). It must not be
+    of the other kind (a file where a directory goes, or the reverse), and the nearest folder that exists,
+    `path` itself or a parent, must accept a new file: one is created there and removed again. That is
+    the only test that also holds for root (who ignores permission bits) and read-only file systems."""
+    path = os.path.abspath(path)
+    if os.path.exists(path) and os.path.isdir(path) != is_dir:
+        raise UsageError(f"{flag} {path}: is {'a file' if is_dir else 'a directory'}; expected "
+                         f"{'a directory' if is_dir else 'a file'}")
+    folder = path if is_dir else os.path.dirname(path)
+    existing = folder
+    while not os.path.exists(existing):  # a folder to write is created later, with its missing parents
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise UsageError(f"{flag} {path}: {existing} is a file, not a directory")
+    if existing != folder and not is_dir:  # a file goes into a folder that exists
+        raise UsageError(f"{flag} {path}: no such folder {folder}")
+    try:
+        tempfile.TemporaryFile(dir=existing).close()
+    except OSError as e:
+        raise UsageError(f"{flag} {path}: cannot write in {existing} ({e.strerror or e})") from None

@@ -1,0 +1,191 @@
+"""Bad input never crashes and nothing is lost: a table of user mistakes, every CLI. Each case must exit 2 with
+exactly one `error:` line on stderr, no traceback, and leave every file that existed before byte-identical.
+
+The cases run in this process (main(argv), as `python X.py` does via cli.entry); two of them also as real
+subprocesses. "Read-only" outputs: the tests run as root, whom permission bits do not stop, so an unwritable
+path here is one below a regular file (`FILE/out`), which no user can create; cli.check_output finds both
+kinds the same way, by creating a probe file in the nearest existing folder.
+"""
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import ROOT, STDLIB
+from lora import apply_lora, mark_trainable, save_adapter
+from model import Transformer, preset
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory, sp_model):
+    """Everything the cases point at: a tiny model, an adapter, a finished training run, and broken copies."""
+    torch.set_num_threads(1)
+    d = tmp_path_factory.mktemp("world")
+    w = {"tok": sp_model}
+
+    def path(name):
+        w[name] = str(d / name)
+        return w[name]
+
+    torch.manual_seed(0)
+    model = Transformer(preset("tiny", vocab_size=512))
+    model.save_pretrained(path("base"), tokenizer_path=sp_model)
+    apply_lora(model, r=2, alpha=4)
+    mark_trainable(model)
+    save_adapter(model, path("adapter"), ctx=128)
+    os.makedirs(path("corpus"))
+    shutil.copy(os.path.join(STDLIB, "argparse.py"), w["corpus"])
+    open(path("file"), "w").write("a regular file\n")
+    w["under"] = os.path.join(w["file"], "out")  # below a regular file: unwritable for anyone
+    open(path("garbage.model"), "wb").write(b"not a sentencepiece model\n" * 10)
+
+    shutil.copytree(w["base"], path("garbage_tok"))  # a model whose tokenizer.model is garbage
+    shutil.copy(w["garbage.model"], os.path.join(w["garbage_tok"], "tokenizer.model"))
+    os.makedirs(path("hf_no_hidden"))  # config.json without hidden_size
+    json.dump({"model_type": "llama", "num_attention_heads": 4, "num_hidden_layers": 2, "vocab_size": 512,
+               "intermediate_size": 192}, open(os.path.join(w["hf_no_hidden"], "config.json"), "w"))
+    shutil.copytree(w["base"], path("dim_str"))  # params.json with "dim": "64"
+    params = json.load(open(os.path.join(w["base"], "params.json")))
+    json.dump({**params, "dim": "64"}, open(os.path.join(w["dim_str"], "params.json"), "w"))
+    os.makedirs(path("meta_bad"))  # a Meta params.json of another size than its weights
+    torch.save(Transformer(preset("tiny", vocab_size=512)).state_dict(), os.path.join(w["meta_bad"], "consolidated.00.pth"))
+    json.dump({"dim": 128, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "vocab_size": 512, "multiple_of": 32},
+              open(os.path.join(w["meta_bad"], "params.json"), "w"))
+    shutil.copytree(w["base"], path("mixed"))  # a leftover Meta shard beside this project's layout
+    shutil.copy(os.path.join(w["meta_bad"], "consolidated.00.pth"), w["mixed"])
+
+    import train
+    assert train.main(train_args(w, path("run"), "--steps", "1", "--save-every", "1", "--keep", "1")) == 0
+    ckpt = "checkpoints/step-000001"
+    for name, damage in (("trainable.safetensors", "cut"), ("optimizer.pt", "cut"), ("rng.pt", "cut"), ("state.json", "junk")):
+        run = path(f"run_bad_{name.split('.')[0]}")
+        shutil.copytree(w["run"], run)
+        f = os.path.join(run, ckpt, name)
+        data = open(f, "rb").read()
+        open(f, "wb").write(data[: len(data) // 2] if damage == "cut" else b"{not json")
+    return w
+
+
+def train_args(w, out, *extra):
+    return ["--model", w["base"], "--data", w["corpus"], "--ctx", "32", "--grad-accum", "1", "--heldout", "0",
+            "--token-cache", os.path.join(os.path.dirname(w["base"]), "tokens"), "--out", out, *extra]
+
+
+def resume(bad):
+    return lambda w: train_args(w, w[bad], "--steps", "2", "--resume", w[bad])
+
+
+# (id, script, argv: list with {placeholders} or a function of the world, regex the error line must match)
+CASES = [
+    # model.py
+    ("model-garbage-tokenizer", "model", ["--model", "{garbage_tok}"], r"tokenizer\.model: not a sentencepiece"),
+    ("model-config-no-hidden-size", "model", ["--model", "{hf_no_hidden}"], r"config\.json: no field 'hidden_size'"),
+    ("model-params-dim-string", "model", ["--model", "{dim_str}"], r"params\.json: dim must be a number, got '64'"),
+    ("model-meta-params-wrong-size", "model", ["--model", "{meta_bad}"], r"params\.json says dim 128, the weights have 64"),
+    ("model-mixed-layouts", "model", ["--model", "{mixed}"], r"two checkpoint layouts \(meta and own\)"),
+    ("model-unknown-flag", "model", ["--bogus"], r"unrecognized arguments: --bogus"),
+    # sample.py
+    ("sample-temperature-nan", "sample", ["--model", "{base}", "--prompt", "hi there", "--temperature", "nan"], r"finite --temperature"),
+    ("sample-h2o-no-budget", "sample", ["--model", "{base}", "--prompt", "hi there", "--kv-cache", "h2o", "--heavy", "0",
+                                        "--recent", "0"], r"--kv-cache h2o needs --recent > 0"),
+    ("sample-sink-no-recent", "sample", ["--model", "{base}", "--prompt", "hi there", "--kv-cache", "sink", "--recent", "0"],
+     r"--kv-cache sink needs --recent > 0"),
+    ("sample-garbage-tokenizer", "sample", ["--model", "{garbage_tok}", "--prompt", "hi there"], r"not a sentencepiece"),
+    # eval.py: --out is checked before the compute (a missing folder would lose every result)
+    ("eval-out-below-file", "eval", ["ppl", "--model", "{base}", "--data", "{corpus}", "--seq-lens", "32",
+                                      "--out", "{file}/results.json"], r"--out .*is a file, not a directory"),
+    ("eval-out-in-missing-dir", "eval", ["ppl", "--model", "{base}", "--data", "{corpus}", "--seq-lens", "32",
+                                         "--out", "{base}/nope/results.json"], r"--out .*no such folder"),
+    ("eval-png-unwritable", "eval", ["passkey", "--model", "{base}", "--png", "{under}/p.png"], r"--png .*is a file"),
+    ("eval-garbage-tokenizer", "eval", ["ppl", "--model", "{garbage_tok}", "--data", "{corpus}"], r"not a sentencepiece"),
+    ("eval-no-task", "eval", [], r"required: task"),
+    # lora.py / export.py
+    ("merge-out-is-file", "export", ["merge", "--base", "{base}", "--adapter", "{adapter}", "--out", "{file}"],
+     r"--out .*is a file; expected a directory"),
+    ("merge-out-unwritable", "export", ["merge", "--base", "{base}", "--adapter", "{adapter}", "--out", "{under}"],
+     r"--out .*is a file, not a directory"),
+    ("peft-out-is-file", "export", ["peft", "--base", "{base}", "--adapter", "{adapter}", "--out", "{file}"], r"--out .*is a file"),
+    ("merge-out-is-base", "export", ["merge", "--base", "{base}", "--adapter", "{adapter}", "--out", "{base}/."],
+     r"must be a new directory"),
+    ("merge-garbage-tokenizer", "export", ["merge", "--base", "{garbage_tok}", "--adapter", "{adapter}", "--out", "{file}dir4"],
+     r"not a sentencepiece"),
+    # train.py
+    ("train-out-is-file", "train", lambda w: train_args(w, w["file"]), r"--out .*is a file; expected a directory"),
+    ("train-out-unwritable", "train", lambda w: train_args(w, w["under"]), r"--out .*is a file, not a directory"),
+    ("train-token-cache-is-file", "train", lambda w: train_args(w, w["file"] + "dir")[:-4] + [
+        "--token-cache", w["file"], "--out", w["file"] + "dir"], r"--token-cache .*is a file; expected a directory"),
+    ("train-garbage-tokenizer", "train", lambda w: train_args(w, os.path.join(w["file"] + "dir", "o"))
+     + ["--tokenizer", w["garbage.model"]], r"garbage\.model: not a sentencepiece"),
+    ("train-lr-inf", "train", lambda w: train_args(w, w["file"] + "dir2") + ["--lr", "inf"], r"--lr must be"),
+    ("train-resume-truncated-trainable", "train", resume("run_bad_trainable"), r"trainable\.safetensors: cannot read"),
+    ("train-resume-truncated-optimizer", "train", resume("run_bad_optimizer"), r"optimizer\.pt: cannot read"),
+    ("train-resume-truncated-rng", "train", resume("run_bad_rng"), r"rng\.pt: cannot read"),
+    ("train-resume-invalid-state-json", "train", resume("run_bad_state"), r"--resume .*state\.json"),
+    # bench.py, attention.py, demo.py
+    ("bench-train-repeats-0", "bench", ["train", "--repeats", "0"], r"--repeats must be at least 1"),
+    ("bench-attention-short-T", "bench", ["attention", "--T", "4"], r"--T must be at least 8"),
+    ("attention-T-1", "attention", ["--T", "1"], r"--T must be between 2 and 200"),
+    ("attention-odd-group", "attention", ["--T", "16", "--group-size", "3"], r"group"),
+    ("demo-seeds-0", "demo", ["--seeds", "0", "--out", "{under}"], r"--seeds must be >= 1"),
+    ("demo-missing-corpus", "demo", ["--fast", "--corpus", "{file}nope", "--out", "{file}dir3"], r"--corpus"),
+]
+
+
+def snapshot(root):
+    out = {}
+    for dirpath, _, names in os.walk(root):
+        for n in names:
+            p = os.path.join(dirpath, n)
+            out[p] = hashlib.sha256(open(p, "rb").read()).hexdigest()
+    return out
+
+
+def run_main(script, argv, capsys):
+    import importlib
+
+    module = importlib.import_module(script)
+    try:
+        code = module.main(argv)
+    except SystemExit as e:  # a script that would exit the interpreter: count it as its exit status
+        code = e.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.mark.parametrize("name,script,argv,pattern", CASES, ids=[c[0] for c in CASES])
+def test_a_mistake_is_one_error_line_and_exit_2(world, capsys, name, script, argv, pattern):
+    argv = argv(world) if callable(argv) else [a.format(**world) for a in argv]
+    root = os.path.dirname(world["base"])
+    before = snapshot(root)
+    code, out, err = run_main(script, argv, capsys)
+    errors = [line for line in err.splitlines() if "error:" in line]
+    assert code == 2 and len(errors) == 1 and "Traceback" not in out + err, (code, out[-2000:], err[-2000:])
+    assert errors[0].startswith("error: ") and re.search(pattern, errors[0]), errors[0]
+    after = snapshot(root)
+    assert {p: h for p, h in after.items() if p in before} == before, "a file that existed changed or vanished"
+
+
+@pytest.mark.parametrize("script,argv,pattern", [
+    ("sample.py", ["--model", "{base}", "--prompt", "hi", "--temperature", "nan"], r"finite --temperature"),
+    ("train.py", ["--model", "{base}", "--data", "{corpus}", "--out", "{under}"], r"--out .*is a file"),
+])
+def test_a_mistake_from_the_command_line_is_one_line_too(world, script, argv, pattern):
+    r = subprocess.run([sys.executable, os.path.join(ROOT, script), *[a.format(**world) for a in argv]],
+                       capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert r.returncode == 2 and "Traceback" not in r.stdout + r.stderr, r.stderr[-2000:]
+    assert len(r.stderr.strip().splitlines()) == 1 and re.search(pattern, r.stderr), r.stderr
+
+
+def test_a_70b_preset_is_described_without_allocating_it(capsys):
+    import model
+
+    assert model.main(["--preset", "llama2-70b"]) == 0
+    out = capsys.readouterr().out
+    assert "68976.65M parameters" in out and "meta device" in out
