@@ -480,7 +480,7 @@ def main(argv=None):
         "python bench.py attention --quick", "python bench.py train --threads 1", "python bench.py sample"])
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("attention", help="forward+backward time and peak memory of full, s2 and sf attention",
+    p = sub.add_parser("attention", examples=["python bench.py attention --quick", "python bench.py attention --T 8192 --dtype bfloat16 --device cuda"], help="forward+backward time and peak memory of full, s2 and sf attention",
                        description="Median forward+backward time and peak memory of full, S²-Attn and SF-Attn, "
                                    "with ratios to full attention.")
     p.add_argument("--T", type=int, nargs="+", default=[2048, 4096, 8192, 16384],
@@ -498,7 +498,7 @@ def main(argv=None):
                         "when other jobs share the machine")
     p.set_defaults(run=bench_attention)
 
-    p = sub.add_parser("train", help="training step tokens/s and peak memory per attention mode, and HF + PEFT",
+    p = sub.add_parser("train", examples=["python bench.py train --threads 1", "python bench.py train --only chunking"], help="training step tokens/s and peak memory per attention mode, and HF + PEFT",
                        description="tokens/s and peak memory of one LoRA training step (train.py's recipe) with "
                                    "full, s2 and sf attention, and the same step in HF transformers + PEFT.")
     p.add_argument("--preset", default="demo", help="model shape from model.py's PRESETS (default demo)")
@@ -513,7 +513,7 @@ def main(argv=None):
                    help="run one case: the attention modes (and the peer), or the chunked loss and feed-forward")
     p.set_defaults(run=lambda a: [f(a) for f, case in ((bench_train, "modes"), (bench_chunking, "chunking"))
                                   if a.only in (None, case)])
-    p = sub.add_parser("sample", help="generation tokens/s: KV cache vs recomputation, h2o vs full, ours vs HF generate",
+    p = sub.add_parser("sample", examples=["python bench.py sample", "python bench.py sample --long 4096 --repeats 5"], help="generation tokens/s: KV cache vs recomputation, h2o vs full, ours vs HF generate",
                        description="Decode tokens/s of sample.py: full KV cache vs recomputation, H2O at 20% vs the "
                                    "full cache at a long prompt, and ours vs HF transformers' generate on the same weights.")
     p.add_argument("--long", type=int, default=8192, help="prompt length of the h2o vs full comparison (default 8192)")

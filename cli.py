@@ -77,7 +77,7 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
         text = action.help or ""
         default = action.default
         shown = " ".join(map(str, default)) if isinstance(default, (list, tuple)) else str(default)
-        if (default not in (None, False, argparse.SUPPRESS) and action.option_strings
+        if (not any(default is v for v in (None, False, argparse.SUPPRESS)) and action.option_strings  # (0 == False)
                 and not all(str(v) in text for v in (default if isinstance(default, (list, tuple)) else [default]))):
             text += f" (default: {shown.replace('%', '%%')})"
         if action.required and action.option_strings:

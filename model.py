@@ -725,10 +725,8 @@ def main(argv=None):
     print(f"model: {a.model or a.preset}: {model.num_params() / 1e6:.2f}M parameters, dim {args.dim}, "
           f"{args.n_layers} layers, {args.n_heads} heads ({args.n_kv_heads} kv), ffn {args.hidden_dim}, "
           f"vocab {args.vocab_size}, rope theta {args.rope_theta:g} scaling {args.rope_scaling:g}, context {args.max_seq_len} "
-          f"(pre-training {args.original_max_seq_len})")
+          f"(pre-training {args.original_max_seq_len})" + ("; built on the meta device: no weights, no forward pass" if big else ""))
     if big:
-        print(f"(built on the meta device: {model.num_params() * 4 / 1e9:.0f} GB of fp32 random weights are not allocated, "
-              "and no forward pass runs)")
         return 0
     if model.tokenizer is not None:
         ids = model.tokenizer.encode(a.prompt)

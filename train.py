@@ -95,7 +95,8 @@ def build_parser():
                          "--ctx 32768 --out out/7b-32k [--resume out/7b-32k]",
                          "python train.py --estimate --preset llama2-7b --ctx 32768 --gpus 8"])
     src = p.add_argument_group("model")
-    src.add_argument("--model", help="base checkpoint directory (Meta, HF or this project's layout)")
+    src.add_argument("--model", help="base checkpoint directory (Meta, HF or this project's layout); "
+                     "one of --model, --preset, --from-scratch is required")
     src.add_argument("--preset", choices=sorted(PRESETS), help="instead of --model: a randomly initialised base of this "
                      "shape (LoRA training; for tests and --estimate)")
     src.add_argument("--from-scratch", metavar="PRESET", choices=sorted(PRESETS),
@@ -105,7 +106,7 @@ def build_parser():
                      "no LoRA (LongLoRA's --low_rank_training False); the result is a whole model in --model's layout")
     src.add_argument("--tokenizer", help="sentencepiece tokenizer.model (default: the one next to --model)")
     d = p.add_argument_group("data")
-    d.add_argument("--data", nargs="+", help="training text: files, folders (all files inside) or JSONL/JSON with a "
+    d.add_argument("--data", nargs="+", help="(required, except with --estimate) training text: files, folders (all files inside) or JSONL/JSON with a "
                    "'text' field; with --sft, JSON/JSONL records {instruction, input?, output}")
     d.add_argument("--sft", action="store_true", help="supervised fine-tuning: instruction records, loss on answers only")
     d.add_argument("--sft-template", choices=SFT_TEMPLATES, default="llama2", help="--sft prompt format: LLaMA2-chat's "
@@ -146,7 +147,7 @@ def build_parser():
                    help="compute dtype: auto = bf16 on GPU (frozen weights bf16, trainable fp32), fp32 on CPU")
     o.add_argument("--no-grad-ckpt", action="store_true", help="keep all activations instead of recomputing blocks in backward")
     r = p.add_argument_group("output")
-    r.add_argument("--out", help="output folder: metrics.jsonl, checkpoints/, and the final adapter or model")
+    r.add_argument("--out", help="(required, except with --estimate) output folder: metrics.jsonl, checkpoints/, and the final adapter or model")
     r.add_argument("--save-every", type=int, default=100, help="checkpoint every N steps (and at the end)")
     r.add_argument("--keep", type=int, default=2, help="checkpoints to keep")
     r.add_argument("--resume", metavar="DIR", help="continue from a checkpoint, or from the newest one of a run folder")

@@ -189,3 +189,34 @@ def test_a_70b_preset_is_described_without_allocating_it(capsys):
     assert model.main(["--preset", "llama2-70b"]) == 0
     out = capsys.readouterr().out
     assert "68976.65M parameters" in out and "meta device" in out
+
+
+# ----------------------------------------------------------------------------------------------------
+# --help: every default (0 included), which flags are required, and example commands
+
+HELP = [("model", []), ("sample", []), ("eval", []), ("eval", ["ppl"]), ("eval", ["passkey"]), ("train", []),
+        ("export", []), ("export", ["merge"]), ("export", ["peft"]), ("export", ["import"]), ("bench", []),
+        ("bench", ["attention"]), ("bench", ["train"]), ("bench", ["sample"]), ("attention", []), ("demo", [])]
+
+
+@pytest.mark.parametrize("script,sub", HELP, ids=[" ".join([s, *sub]) for s, sub in HELP])
+def test_help_shows_every_default_the_required_flags_and_examples(script, sub, monkeypatch, capsys):
+    import argparse
+    import importlib
+
+    shown = []
+    real = argparse.ArgumentParser.print_help
+    monkeypatch.setattr(argparse.ArgumentParser, "print_help", lambda self, file=None: (shown.append(self), real(self, file)))
+    code, out, err = run_main(script, [*sub, "--help"], capsys)
+    assert code == 0 and shown, err
+    parser, text = shown[-1], " ".join(out.split())  # argparse wraps lines: compare with whitespace collapsed
+    for action in parser._actions:
+        if not action.option_strings or any(action.default is v for v in (None, False, argparse.SUPPRESS)):  # 0 counts
+            continue
+        m = re.search(r"^  " + re.escape(action.option_strings[0]) + r"\b.*?(?=^  -|^\S|\Z)", out, re.M | re.S)
+        block = " ".join(m.group(0).split())  # this flag's help, up to the next flag
+        values = action.default if isinstance(action.default, (list, tuple)) else [action.default]
+        assert all(str(v) in block for v in values), (action.option_strings, action.default, block)
+        if action.required:
+            assert "(required)" in block, action.option_strings
+    assert "examples:" in text and out.split("examples:")[1].count("python") >= 1 + (len(HELP) > 0 and not sub), out
