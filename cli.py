@@ -14,9 +14,11 @@ What every command line of this project shares, so that each script says it once
 
 import argparse
 import functools
+import json
 import os
 import sys
 import tempfile
+import time
 
 
 class UsageError(Exception):
@@ -37,15 +39,26 @@ def one_line(e: BaseException) -> str:
 
 def report(e: BaseException):
     """Print the error once. Under torchrun, an argument error is the same on every rank: the first rank of
-    each machine prints it; any other error is printed by the rank that met it, with its rank."""
+    each machine prints it; any other error is printed by the rank that met it, with its rank.
+
+    torchrun stops every rank as soon as one exits, and then prints its own summary of the failure. So each
+    rank also writes the line into torchrun's error file (TORCHELASTIC_ERROR_FILE), which that summary shows
+    as the "Root Cause"; and a rank that prints nothing waits a moment, so that the one that prints is not
+    stopped before it has."""
     rank, local_rank = os.environ.get("RANK"), os.environ.get("LOCAL_RANK", "0")
+    line = f"error: {one_line(e)}"
     if rank is None or "WORLD_SIZE" not in os.environ:
-        print(f"error: {one_line(e)}", file=sys.stderr)
-    elif not isinstance(e, UsageError):
-        print(f"error: rank {rank}: {one_line(e)}", file=sys.stderr)
-    elif local_rank == "0":
-        print(f"error: {one_line(e)}", file=sys.stderr)
-    sys.stderr.flush()
+        print(line, file=sys.stderr)
+        return
+    if not isinstance(e, UsageError):
+        line = f"error: rank {rank}: {one_line(e)}"
+    if local_rank == "0" or not isinstance(e, UsageError):
+        print(line, file=sys.stderr, flush=True)
+    if os.environ.get("TORCHELASTIC_ERROR_FILE"):  # the format torch.distributed.elastic's @record writes
+        with open(os.environ["TORCHELASTIC_ERROR_FILE"], "w") as f:
+            json.dump({"message": {"message": line, "extraInfo": {"py_callstack": line, "timestamp": str(int(time.time()))}}}, f)
+    if local_rank != "0" and isinstance(e, UsageError):
+        time.sleep(2)
 
 
 def entry(main):

@@ -232,8 +232,9 @@ def check_args(a):
 # Data: tokenized once per machine (data.py), split into training and held-out windows
 
 
-def load_data(a, tokenizer, local_rank, distributed):
-    """(train split, held-out split or None). The local rank 0 of each machine tokenizes; the others wait."""
+def load_data(a, tokenizer, local_rank, distributed, wait_group=None):
+    """(train split, held-out split or None). The local rank 0 of each machine tokenizes; the others wait, in
+    `wait_group`'s collective, whose timeout allows for hours of tokenization."""
     cache = a.token_cache or os.path.join(a.out, "tokens")
     kind = f"sft-{a.sft_template}" if a.sft else "text"
 
@@ -245,7 +246,7 @@ def load_data(a, tokenizer, local_rank, distributed):
             os.makedirs(cache, exist_ok=True)
             prepare_sft(paths, tokenizer, path, a.sft_template) if a.sft else prepare_tokens(paths, tokenizer, path)
 
-        on_some_ranks(run, local_rank == 0, distributed)  # one tokenizer per machine; the others wait for it
+        on_some_ranks(run, local_rank == 0, distributed, wait_group)  # one tokenizer per machine; the others wait
         if a.sft:
             return open_tokens(path), np.load(path + ".index.npy")
         return open_tokens(path), None
@@ -322,21 +323,22 @@ def build_model(a, tokenizer, device, distributed):
 
 
 def setup_distributed():
-    """(rank, local_rank, world, device, distributed)."""
+    """(rank, local_rank, world, device, distributed, wait_group)."""
     if "WORLD_SIZE" not in os.environ:
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        return 0, 0, 1, device, False
+        return 0, 0, 1, device, False, None
     rank, local_rank, world = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank)
         device = torch.device("cuda", local_rank)
     else:
         device = torch.device("cpu")
-    if not dist.is_initialized():
-        # A long timeout: on the first run local rank 0 tokenizes the whole dataset while the others wait in a
-        # collective, which can take longer than NCCL's 10-minute default.
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(hours=4))
-    return rank, local_rank, world, device, True
+    if not dist.is_initialized():  # the default timeout: a rank that stops is noticed within minutes, not hours
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    # On the first run local rank 0 tokenizes the whole dataset while the others wait, which can take longer than
+    # NCCL's 10-minute default: that one wait happens in a group of its own (gloo: on the CPU) with a long timeout.
+    wait_group = dist.new_group(backend="gloo", timeout=datetime.timedelta(hours=4))
+    return rank, local_rank, world, device, True, wait_group
 
 
 def shard_model(model, device, bf16):
@@ -367,10 +369,10 @@ def all_sum(values, device, distributed):
     return t.tolist()
 
 
-def on_some_ranks(fn, here, distributed):
+def on_some_ranks(fn, here, distributed, group=None):
     """Run fn() on the ranks where `here` is true, and make every rank agree on the outcome: if it failed
     anywhere, all ranks raise the same UsageError (instead of the others waiting forever at a collective).
-    Returns fn's result where it ran, else None."""
+    Returns fn's result where it ran, else None. `group`: the process group to agree in (default: the world)."""
     result, err = None, None
     if here:
         try:
@@ -379,7 +381,7 @@ def on_some_ranks(fn, here, distributed):
             err = one_line(e)
     if distributed:
         errs = [None] * dist.get_world_size()
-        dist.all_gather_object(errs, err)
+        dist.all_gather_object(errs, err, group=group)
         err = next((e for e in errs if e), None)
     if err:
         raise UsageError(err)
@@ -479,7 +481,7 @@ def trajectory_config(a, world):
 
 
 def train(a):
-    rank, local_rank, world, device, distributed = setup_distributed()
+    rank, local_rank, world, device, distributed, wait_group = setup_distributed()
     a.bf16 = a.dtype == "bf16" or (a.dtype == "auto" and device.type == "cuda")
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if a.bf16 and not distributed else nullcontext()
 
@@ -488,7 +490,7 @@ def train(a):
     if not tok_path:
         raise UsageError(f"no tokenizer.model next to --model {a.model}; pass --tokenizer PATH")
     tokenizer = Tokenizer(tok_path)
-    train_data, held_data = load_data(a, tokenizer, local_rank, distributed)
+    train_data, held_data = load_data(a, tokenizer, local_rank, distributed, wait_group)
     model = build_model(a, tokenizer, device, distributed)
     log0(rank, f"model: {model.num_params() / 1e6:.2f}M parameters, ctx {a.ctx}, rope scaling {model.args.rope_scaling:g}, "
                f"attn {a.attn}, {'bf16' if a.bf16 else 'fp32'}, {world} process(es) on {device.type}" +

@@ -220,3 +220,23 @@ def test_help_shows_every_default_the_required_flags_and_examples(script, sub, m
         if action.required:
             assert "(required)" in block, action.option_strings
     assert "examples:" in text and out.split("examples:")[1].count("python") >= 1 + (len(HELP) > 0 and not sub), out
+
+
+# ----------------------------------------------------------------------------------------------------
+# Under torchrun: the error line is printed (once per machine) and is torchrun's "Root Cause"; no rank crashes
+
+
+@pytest.mark.parametrize("bad,pattern", [
+    (["--ctx", "0"], r"--ctx must be >= 1, got 0"),  # every rank finds it in its arguments
+    (["--resume", "{corpus}"], r"--resume .*no complete checkpoint"),  # rank 0 alone reads the disk; the others agree
+], ids=["bad-ctx", "bad-resume"])
+def test_a_mistake_under_torchrun_is_one_line_per_machine(world, bad, pattern):
+    argv = train_args(world, os.path.join(world["file"] + "dir5", "o"), "--steps", "1") + [b.format(**world) for b in bad]
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        os.path.join(ROOT, "train.py"), *argv], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    ours = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    assert r.returncode != 0 and len(ours) == 1 and re.search(pattern, ours[0]), r.stderr[-3000:]
+    assert re.search(r"traceback : error: " + pattern, r.stderr), r.stderr[-3000:]  # torchrun's summary names it too
+    assert 'train.py", line' not in r.stderr  # no traceback through our code
+    codes = re.findall(r"exitcode\s*: (-?\d+)", r.stderr)
+    assert codes and set(codes) <= {"2", "-15"}, codes  # exit 2, or stopped by torchrun after another rank's exit 2
