@@ -386,6 +386,10 @@ class Transformer(nn.Module):
             model.output.weight = model.tok_embeddings.weight
         tok = find_tokenizer(path)
         model.tokenizer = Tokenizer(tok) if tok else None
+        # Its ids must index the embedding, which may hold a few padding rows more, not thousands.
+        if tok and not args.vocab_size - 256 <= model.tokenizer.vocab_size <= args.vocab_size:
+            raise CheckpointError(f"{tok}: a {model.tokenizer.vocab_size}-token tokenizer does not fit the model's "
+                                  f"{args.vocab_size}-token embedding (another model's tokenizer?)")
         return model
 
     def save_pretrained(self, out_dir, tokenizer_path=None):

@@ -78,7 +78,7 @@ from data import (SFT_TEMPLATES, PackedData, SFTData, longlora_sft_group_size, o
                   sample_positions, split_heldout)
 from estimate import run_estimate
 from export import write_model
-from lora import DEFAULT_TARGETS, TARGETS, apply_lora, mark_trainable, save_adapter, trainable_summary
+from lora import DEFAULT_TARGETS, TARGETS, apply_lora, base_fingerprint, mark_trainable, save_adapter, trainable_summary
 from model import (PRESETS, CheckpointError, ModelArgs, Tokenizer, Transformer, atomic_write, checkpoint_layout,
                    find_tokenizer, preset)
 
@@ -295,6 +295,7 @@ def build_model(a, tokenizer, device, distributed):
         # every rank holding a converted copy of the whole model in host RAM at once.
         # (--full: in the checkpoint's own dtype, which the result is written in; every tensor becomes fp32 below)
         model = Transformer.from_pretrained(a.model, dtype=None if a.full else frozen_dtype, device=device)
+    a.base_fingerprint = base_fingerprint(model)  # recorded in the adapter: it loads on this base only
     a.save_dtype = model.tok_embeddings.weight.dtype
     args = model.args
     if args.vocab_size < tokenizer.vocab_size:
@@ -575,6 +576,12 @@ def train(a):
             loss_sum += ls.detach()
         loss = all_sum([loss_sum.item()], device, distributed)[0] / max(n_target, 1)
         grad_norm = torch.nn.utils.clip_grad_norm_(trainable, a.grad_clip if a.grad_clip > 0 else float("inf"))
+        if not (math.isfinite(loss) and math.isfinite(float(grad_norm))):  # (the same on every rank: all-reduced)
+            # Stop before the update: the weights, the checkpoints on disk and the output stay as they were.
+            last = checkpoint_dirs(a.out)[-1:]
+            raise UsageError(f"step {step}: the loss is {loss:g} and the gradient norm {float(grad_norm):g}: training "
+                             f"diverged (try a lower --lr); stopped before this step's update, no result written"
+                             + (f", the last checkpoint {last[0]} is kept" if last else ""))
         opt.step()
         opt.zero_grad(set_to_none=True)
         if device.type == "cuda":
@@ -612,7 +619,7 @@ def train(a):
             apply_lora(shadow, r=cfg["r"], alpha=cfg["alpha"], dropout=cfg["dropout"], targets=cfg["targets"])
             mark_trainable(shadow, embed=cfg["embed"], norms=cfg["norms"])
             shadow.load_state_dict(tensors, strict=False, assign=True)  # frozen tensors stay on meta: never read
-            save_adapter(shadow, a.out, ctx=a.ctx, extra={"train_args": {k: v for k, v in vars(a).items()
+            save_adapter(shadow, a.out, ctx=a.ctx, fingerprint=a.base_fingerprint, extra={"train_args": {k: v for k, v in vars(a).items()
                                                                          if isinstance(v, (int, float, str, list, type(None)))}})
         log0(rank, f"wrote {'model' if a.full or a.from_scratch else 'adapter'} to {a.out}")
     if distributed:

@@ -39,7 +39,14 @@ def world(tmp_path_factory, sp_model):
     model.save_pretrained(path("base"), tokenizer_path=sp_model)
     apply_lora(model, r=2, alpha=4)
     mark_trainable(model)
+    with torch.no_grad():  # as if trained: B != 0, so merging changes the weights
+        for name, p in model.named_parameters():
+            if name.endswith("lora_b"):
+                p.normal_(0, 0.1)
     save_adapter(model, path("adapter"), ctx=128)
+    torch.manual_seed(1)  # another base of the same shapes
+    Transformer(preset("tiny", vocab_size=512)).save_pretrained(path("other_base"), tokenizer_path=sp_model)
+    Transformer(preset("tiny", vocab_size=2048)).save_pretrained(path("big_vocab"), tokenizer_path=sp_model)
     os.makedirs(path("corpus"))
     shutil.copy(os.path.join(STDLIB, "argparse.py"), w["corpus"])
     open(path("file"), "w").write("a regular file\n")
@@ -61,7 +68,9 @@ def world(tmp_path_factory, sp_model):
     shutil.copytree(w["base"], path("mixed"))  # a leftover Meta shard beside this project's layout
     shutil.copy(os.path.join(w["meta_bad"], "consolidated.00.pth"), w["mixed"])
 
+    import export
     import train
+    assert export.main(["merge", "--base", w["base"], "--adapter", w["adapter"], "--out", path("merged"), "--format", "own"]) == 0
     assert train.main(train_args(w, path("run"), "--steps", "1", "--save-every", "1", "--keep", "1")) == 0
     ckpt = "checkpoints/step-000001"
     for name, damage in (("trainable.safetensors", "cut"), ("optimizer.pt", "cut"), ("rng.pt", "cut"), ("state.json", "junk")):
@@ -90,6 +99,8 @@ CASES = [
     ("model-params-dim-string", "model", ["--model", "{dim_str}"], r"params\.json: dim must be a number, got '64'"),
     ("model-meta-params-wrong-size", "model", ["--model", "{meta_bad}"], r"params\.json says dim 128, the weights have 64"),
     ("model-mixed-layouts", "model", ["--model", "{mixed}"], r"two checkpoint layouts \(meta and own\)"),
+    ("model-tokenizer-too-small", "model", ["--model", "{big_vocab}"],  # rule c
+     r"a 512-token tokenizer does not fit the model's 2048-token embedding"),
     ("model-unknown-flag", "model", ["--bogus"], r"unrecognized arguments: --bogus"),
     # sample.py
     ("sample-temperature-nan", "sample", ["--model", "{base}", "--prompt", "hi there", "--temperature", "nan"], r"finite --temperature"),
@@ -98,6 +109,12 @@ CASES = [
     ("sample-sink-no-recent", "sample", ["--model", "{base}", "--prompt", "hi there", "--kv-cache", "sink", "--recent", "0"],
      r"--kv-cache sink needs --recent > 0"),
     ("sample-garbage-tokenizer", "sample", ["--model", "{garbage_tok}", "--prompt", "hi there"], r"not a sentencepiece"),
+    ("sample-adapter-on-another-base", "sample", ["--model", "{other_base}", "--adapter", "{adapter}", "--prompt", "hi there"],
+     r"trained on another base model"),  # rule d
+    ("sample-adapter-on-its-merged-model", "sample", ["--model", "{merged}", "--adapter", "{adapter}", "--prompt", "hi there"],
+     r"already contains it"),
+    ("eval-adapter-on-its-merged-model", "eval", ["ppl", "--model", "{merged}", "--adapter", "{adapter}", "--data", "{corpus}"],
+     r"already contains it"),
     # eval.py: --out is checked before the compute (a missing folder would lose every result)
     ("eval-out-below-file", "eval", ["ppl", "--model", "{base}", "--data", "{corpus}", "--seq-lens", "32",
                                       "--out", "{file}/results.json"], r"--out .*is a file, not a directory"),
@@ -240,3 +257,33 @@ def test_a_mistake_under_torchrun_is_one_line_per_machine(world, bad, pattern):
     assert 'train.py", line' not in r.stderr  # no traceback through our code
     codes = re.findall(r"exitcode\s*: (-?\d+)", r.stderr)
     assert codes and set(codes) <= {"2", "-15"}, codes  # exit 2, or stopped by torchrun after another rank's exit 2
+
+
+# ----------------------------------------------------------------------------------------------------
+# Rules: a diverged run writes nothing; a damaged newest checkpoint falls back to the previous one
+
+
+def test_a_diverging_run_stops_before_the_update_and_writes_no_result(world, tmp_path, capsys):
+    import train
+
+    out = str(tmp_path / "run")
+    code = train.main(train_args(world, out, "--steps", "4", "--save-every", "1", "--warmup", "0", "--lr", "1e30"))
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("error:") == 1 and "diverged" in err, err
+    assert not os.path.exists(os.path.join(out, "adapter.safetensors"))
+    ckpts = sorted(os.listdir(os.path.join(out, "checkpoints")))
+    assert ckpts == ["step-000001"] and "step-000001 is kept" in err  # step 2 was never applied nor saved
+
+
+def test_resume_falls_back_from_a_damaged_newest_checkpoint_and_says_so(world, tmp_path, capsys):
+    import train
+
+    out = str(tmp_path / "run")
+    assert train.main(train_args(world, out, "--steps", "2", "--save-every", "1", "--keep", "2")) == 0
+    newest = os.path.join(out, "checkpoints", "step-000002", "optimizer.pt")
+    open(newest, "r+b").truncate(100)
+    capsys.readouterr()
+    assert train.main(train_args(world, out, "--steps", "3", "--save-every", "1", "--keep", "2", "--resume", out)) == 0
+    captured = capsys.readouterr()
+    assert "step-000002/optimizer.pt: cannot read" in captured.err and "previous checkpoint" in captured.err
+    assert f"resumed from {os.path.join(out, 'checkpoints', 'step-000001')} at step 1" in captured.out
