@@ -62,6 +62,7 @@ import hashlib
 import json
 import math
 import os
+import signal
 import sys
 import time
 from contextlib import nullcontext
@@ -481,7 +482,30 @@ def trajectory_config(a, world):
     return cfg
 
 
-def train(a):
+class StopSignals:
+    """While training: Ctrl-C (SIGINT) or SIGTERM (a preempted job) is remembered, and the loop acts on it at the end
+    of the step: it saves a checkpoint and returns 130 / 143, as the shell reports these signals. The same signal
+    again stops at once. (Under torchrun, Ctrl-C reaches every rank, then torchrun sends SIGTERM: not "again".)"""
+
+    def __enter__(self):
+        self.signum = None
+        self.old = {s: signal.signal(s, self.handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def handle(self, signum, frame):
+        if self.signum == signum:
+            raise KeyboardInterrupt
+        if self.signum is not None:
+            return
+        self.signum = signum
+        print(f"{signal.Signals(signum).name}: stopping after this step (again: at once)", file=sys.stderr, flush=True)
+
+    def __exit__(self, *exc):
+        for s, handler in self.old.items():
+            signal.signal(s, handler)
+
+
+def train(a, stop):
     rank, local_rank, world, device, distributed, wait_group = setup_distributed()
     a.bf16 = a.dtype == "bf16" or (a.dtype == "auto" and device.type == "cuda")
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if a.bf16 and not distributed else nullcontext()
@@ -574,7 +598,8 @@ def train(a):
             # FSDP averages gradients over ranks; times `world` makes it the sum, / n_target the global token mean.
             (ls * world / max(n_target, 1)).backward()
             loss_sum += ls.detach()
-        loss = all_sum([loss_sum.item()], device, distributed)[0] / max(n_target, 1)
+        loss, stopping = all_sum([loss_sum.item(), float(stop.signum or 0)], device, distributed)  # (every rank agrees)
+        loss /= max(n_target, 1)
         grad_norm = torch.nn.utils.clip_grad_norm_(trainable, a.grad_clip if a.grad_clip > 0 else float("inf"))
         if not (math.isfinite(loss) and math.isfinite(float(grad_norm))):  # (the same on every rank: all-reduced)
             # Stop before the update: the weights, the checkpoints on disk and the output stay as they were.
@@ -598,8 +623,12 @@ def train(a):
                        f"{dt:.2f} s/step | peak {peak:.2f} GB ({peak_kind}) | eta {fmt_time(eta)}")
         if a.eval_every and step % a.eval_every == 0 and step != a.steps:
             run_eval(step)
-        if step % a.save_every == 0 or step == a.steps:
+        if step % a.save_every == 0 or step == a.steps or stopping:
             save_checkpoint(a.out, step, model, opt, run_state(step), a.keep, rank, world)
+        if stopping:
+            log0(rank, f"stopped at step {step}: checkpoint saved in {a.out}/checkpoints; to continue, run the same "
+                       f"command with --resume {a.out}")
+            return 128 + (stop.signum or signal.SIGTERM)  # 130 for SIGINT, 143 for SIGTERM (as shells report them)
     run_eval(step)
 
     # -- the result, written by rank 0: an adapter (LoRA), or a whole model in the base's layout (--full,
@@ -638,7 +667,10 @@ def main(argv=None) -> int:
         if a.estimate and not (a.model or a.preset or a.from_scratch):
             a.preset = "llama2-7b"
         check_args(a)
-        return run_estimate(a) if a.estimate else train(a)
+        if a.estimate:
+            return run_estimate(a)
+        with StopSignals() as stop:
+            return train(a, stop)
     finally:
         if dist.is_available() and dist.is_initialized() and "WORLD_SIZE" in os.environ:
             dist.destroy_process_group()

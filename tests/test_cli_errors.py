@@ -287,3 +287,22 @@ def test_resume_falls_back_from_a_damaged_newest_checkpoint_and_says_so(world, t
     captured = capsys.readouterr()
     assert "step-000002/optimizer.pt: cannot read" in captured.err and "previous checkpoint" in captured.err
     assert f"resumed from {os.path.join(out, 'checkpoints', 'step-000001')} at step 1" in captured.out
+
+
+def test_sigterm_saves_a_checkpoint_says_how_to_resume_and_resume_works(world, tmp_path):
+    import signal
+
+    out = str(tmp_path / "run")
+    argv = train_args(world, out, "--steps", "100000", "--save-every", "100000")
+    p = subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), *argv], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    for line in p.stdout:  # wait until training runs
+        if line.startswith("step 2/"):
+            break
+    p.send_signal(signal.SIGTERM)  # a preempted job
+    rest, err = p.communicate(timeout=120)
+    assert p.returncode == 143 and "Traceback" not in err, err
+    step = int(re.search(r"stopped at step (\d+)", rest).group(1))
+    assert f"--resume {out}" in rest and os.path.isdir(os.path.join(out, "checkpoints", f"step-{step:06d}"))
+    import train
+    assert train.main(train_args(world, out, "--steps", str(step + 1), "--save-every", "100000", "--resume", out)) == 0
