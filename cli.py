@@ -4,7 +4,8 @@ What every command line of this project shares, so that each script says it once
   * a user's mistake is one `error: ...` line on stderr and exit status 2, never a traceback, also under
     torchrun (`entry`, around each script's main(argv));
   * `--help` shows every default, which flags are required, and example commands (`Parser`);
-  * a file or folder that will be written is checked before the long work starts (`check_output`).
+  * a file or folder that will be written is checked before the long work starts (`check_output`), and a
+    folder is written by one command at a time (`lock_output`).
 
     @entry
     def main(argv=None) -> int:
@@ -13,6 +14,7 @@ What every command line of this project shares, so that each script says it once
 """
 
 import argparse
+import fcntl
 import functools
 import json
 import os
@@ -115,6 +117,20 @@ class Parser(argparse.ArgumentParser):
 
 # ----------------------------------------------------------------------------------------------------
 # Outputs
+
+
+def lock_output(path, flag):
+    """An exclusive lock on the folder `path` (created if need be), held until the returned file is closed or the
+    process ends, even by a kill: a second command writing the same folder at the same time is refused, instead
+    of both interleaving their files."""
+    os.makedirs(path, exist_ok=True)
+    f = open(os.path.join(path, ".lock"), "a")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.close()
+        raise UsageError(f"{flag} {path}: another command is writing there now (it holds {path}/.lock)") from None
+    return f
 
 
 def check_output(path, flag, is_dir=False):

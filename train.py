@@ -65,7 +65,7 @@ import os
 import signal
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import ExitStack, nullcontext
 from dataclasses import asdict
 
 import numpy as np
@@ -73,7 +73,7 @@ import torch
 import torch.distributed as dist
 
 from attention import resolve_group_size
-from cli import USER_ERRORS, Parser, UsageError, check_output, entry, one_line
+from cli import USER_ERRORS, Parser, UsageError, check_output, entry, lock_output, one_line
 from checkpoint import checkpoint_dirs, find_resumable, full_trainable_state, load_checkpoint, save_checkpoint
 from data import (SFT_TEMPLATES, PackedData, SFTData, longlora_sft_group_size, open_tokens, prepare_sft, prepare_tokens,
                   sample_positions, split_heldout)
@@ -505,8 +505,10 @@ class StopSignals:
             signal.signal(s, handler)
 
 
-def train(a, stop):
+def train(a, stop, held):
     rank, local_rank, world, device, distributed, wait_group = setup_distributed()
+    # One run per --out at a time (rank 0 holds the lock until train.py ends; every rank learns if it is taken).
+    held.enter_context(on_some_ranks(lambda: lock_output(a.out, "--out"), rank == 0, distributed) or nullcontext())
     a.bf16 = a.dtype == "bf16" or (a.dtype == "auto" and device.type == "cuda")
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if a.bf16 and not distributed else nullcontext()
 
@@ -669,8 +671,8 @@ def main(argv=None) -> int:
         check_args(a)
         if a.estimate:
             return run_estimate(a)
-        with StopSignals() as stop:
-            return train(a, stop)
+        with StopSignals() as stop, ExitStack() as held:
+            return train(a, stop, held)
     finally:
         if dist.is_available() and dist.is_initialized() and "WORLD_SIZE" in os.environ:
             dist.destroy_process_group()

@@ -306,3 +306,19 @@ def test_sigterm_saves_a_checkpoint_says_how_to_resume_and_resume_works(world, t
     assert f"--resume {out}" in rest and os.path.isdir(os.path.join(out, "checkpoints", f"step-{step:06d}"))
     import train
     assert train.main(train_args(world, out, "--steps", str(step + 1), "--save-every", "100000", "--resume", out)) == 0
+
+
+def test_two_runs_cannot_write_one_out_at_the_same_time(world, tmp_path, capsys):
+    import cli
+    import train
+
+    out = str(tmp_path / "run")
+    other = cli.lock_output(out, "--out")  # another run, still writing there
+    try:
+        assert train.main(train_args(world, out, "--steps", "1")) == 2
+    finally:
+        other.close()
+    err = capsys.readouterr().err
+    assert err.count("error:") == 1 and "another command is writing there now" in err
+    assert not os.path.exists(os.path.join(out, "metrics.jsonl"))
+    assert train.main(train_args(world, out, "--steps", "1")) == 0  # free again once the other one ends
