@@ -112,20 +112,20 @@ def save_checkpoint(run_dir, step, model, opt, state, keep, rank, world):
         dist.barrier()
 
 
-def read_checkpoint_files(ckpt):
-    """(trainable tensors, optimizer state, RNG states) of a checkpoint, each file read whole: a truncated or
-    foreign file raises DamagedCheckpoint naming it."""
+def read_checkpoint_file(ckpt, name):
+    """One file of a checkpoint, read whole: a truncated or foreign file raises DamagedCheckpoint naming it."""
     from safetensors.torch import load_file
 
-    def read(name, load):
-        path = os.path.join(ckpt, name)
-        try:
-            return load(path)
-        except Exception as e:  # a damaged file can fail in any of the readers' own ways
-            raise DamagedCheckpoint(f"{path}: cannot read it ({type(e).__name__}: {one_line(e)})") from None
+    path = os.path.join(ckpt, name)
+    try:
+        return load_file(path) if name.endswith(".safetensors") else torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a damaged file can fail in any of the readers' own ways
+        raise DamagedCheckpoint(f"{path}: cannot read it ({type(e).__name__}: {one_line(e)})") from None
 
-    torch_load = lambda path: torch.load(path, map_location="cpu", weights_only=True)
-    return read("trainable.safetensors", load_file), read("optimizer.pt", torch_load), read("rng.pt", torch_load)
+
+def read_checkpoint_files(ckpt):
+    """(trainable tensors, optimizer state, RNG states) of a checkpoint (read_checkpoint_file)."""
+    return tuple(read_checkpoint_file(ckpt, name) for name in ("trainable.safetensors", "optimizer.pt", "rng.pt"))
 
 
 def find_resumable(path, model, config, say):
@@ -173,11 +173,8 @@ def load_checkpoint(files, model, opt, rank, world, distributed):
             torch.cuda.set_rng_state(rngs[rank]["cuda"])
 
 
-def check_checkpoint(ckpt, model, config):
-    """One-line CheckpointError if the checkpoint was written by a run with a different training config, or
-    does not hold exactly this model's trainable tensors. Returns its state.json."""
-    from safetensors import safe_open
-
+def read_state(ckpt):
+    """A checkpoint's state.json; DamagedCheckpoint naming it if it is not one."""
     path = os.path.join(ckpt, "state.json")
     try:
         with open(path) as f:
@@ -186,6 +183,15 @@ def check_checkpoint(ckpt, model, config):
             raise ValueError("expected a JSON object with an integer step and a config")
     except (OSError, ValueError) as e:
         raise DamagedCheckpoint(f"{path}: not a checkpoint's state ({type(e).__name__}: {one_line(e)})") from None
+    return state
+
+
+def check_checkpoint(ckpt, model, config):
+    """One-line CheckpointError if the checkpoint was written by a run with a different training config, or
+    does not hold exactly this model's trainable tensors. Returns its state.json."""
+    from safetensors import safe_open
+
+    state = read_state(ckpt)
     for k, v in config.items():
         if state["config"].get(k) != v:
             raise CheckpointError(f"--resume {ckpt}: it was trained with {k}={state['config'].get(k)!r}, this run has "

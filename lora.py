@@ -286,6 +286,8 @@ def read_adapter(adapter_dir):
     from safetensors.torch import load_file
 
     cfg_path, w_path = os.path.join(adapter_dir, ADAPTER_CONFIG), os.path.join(adapter_dir, ADAPTER_WEIGHTS)
+    if not os.path.exists(cfg_path) and any(os.path.exists(os.path.join(adapter_dir, f)) for f in ("state.json", "checkpoints")):
+        return checkpoint_as_adapter(adapter_dir)
     for p in (cfg_path, w_path):
         if not os.path.isfile(p):
             raise FileNotFoundError(f"{adapter_dir}: no {os.path.basename(p)} (not an adapter directory)")
@@ -305,6 +307,25 @@ def read_adapter(adapter_dir):
         tensors = load_file(w_path)
     except Exception as e:
         raise ValueError(f"{w_path}: cannot read safetensors file ({str(e).splitlines()[0]})") from None
+    return cfg, tensors
+
+
+def checkpoint_as_adapter(path):
+    """(config dict, {name: tensor}) as read_adapter gives them, from a LoRA run's checkpoint (train.py): `path`
+    is the checkpoint or its run folder (then its newest complete checkpoint). So a run that has not finished
+    (or was stopped) can be sampled, evaluated and merged from its last checkpoint."""
+    from checkpoint import find_checkpoint, read_checkpoint_file, read_state
+
+    ckpt = find_checkpoint(path)
+    state = read_state(ckpt)
+    c = state["config"]
+    if c.get("from_scratch") or c.get("full"):
+        raise ValueError(f"{ckpt}: a checkpoint of full-parameter training (every weight trains), not of a LoRA adapter")
+    tensors = read_checkpoint_file(ckpt, "trainable.safetensors")
+    cfg = dict(format="longlora-adapter", r=c["lora_r"], alpha=c["lora_alpha"], dropout=c["lora_dropout"],
+               targets=c["lora_targets"], embed=not c["no_train_embed"], norms=not c["no_train_norms"], base={},
+               rope_scaling=state["rope_scaling"], max_seq_len=c["ctx"],  # as train.py's save_adapter(ctx=--ctx)
+               base_fingerprint=state.get("base_fingerprint"), extra={"checkpoint": os.path.abspath(ckpt)})
     return cfg, tensors
 
 

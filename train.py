@@ -573,7 +573,8 @@ def train(a, stop, held):
 
     def run_state(step):
         return {"step": step, "samples_seen": step * config["global_batch"], "config": config,
-                "rope_scaling": model.args.rope_scaling, "max_seq_len": model.args.max_seq_len}
+                "rope_scaling": model.args.rope_scaling, "max_seq_len": model.args.max_seq_len,
+                "base_fingerprint": a.base_fingerprint}  # (lora.read_adapter reads a checkpoint as an adapter)
 
     # -- the loop
     model.train()

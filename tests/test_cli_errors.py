@@ -322,3 +322,20 @@ def test_two_runs_cannot_write_one_out_at_the_same_time(world, tmp_path, capsys)
     assert err.count("error:") == 1 and "another command is writing there now" in err
     assert not os.path.exists(os.path.join(out, "metrics.jsonl"))
     assert train.main(train_args(world, out, "--steps", "1")) == 0  # free again once the other one ends
+
+
+def test_a_checkpoint_reads_as_the_adapter_the_finished_run_writes(world, tmp_path):
+    """Rule j: sample.py, eval.py and lora.py merge take a checkpoint, or a run folder without an adapter yet
+    (then its newest checkpoint), as --adapter."""
+    import lora
+    import sample
+
+    unfinished = str(tmp_path / "run")  # the finished 1-step run, as if it had stopped before writing its adapter
+    shutil.copytree(world["run"], unfinished, ignore=shutil.ignore_patterns("adapter*"))
+    written = sample.load_model(world["base"], world["run"])  # adapter.safetensors of the finished run
+    for path in (unfinished, os.path.join(unfinished, "checkpoints", "step-000001")):
+        from_ckpt = sample.load_model(world["base"], path)
+        assert from_ckpt.args == written.args
+        for (k, a), (k2, b) in zip(from_ckpt.state_dict().items(), written.state_dict().items()):
+            assert k == k2 and torch.equal(a, b), k
+    assert lora.read_adapter(unfinished)[0]["extra"]["checkpoint"].endswith("step-000001")
