@@ -2,7 +2,7 @@
 The whole method on a CPU, end to end: a miniature LongLoRA / SinkLoRA reproduction on real text.
 
     python demo.py                 # ~28 min on 2 CPU cores (measured); results in out/demo/
-    python demo.py --fast          # the same pipeline with tiny everything (seconds), for a smoke test
+    python demo.py --fast          # the same pipeline with tiny everything (seconds), for a smoke test; out/demo-fast/
     python demo.py --corpus DIR    # your own folder of text files instead of the Python stdlib
     python demo.py --threads 1     # on a machine shared with other jobs (two threads then crawl)
 
@@ -74,7 +74,7 @@ import torch
 import eval as evaluation  # eval.py; renamed so that it does not shadow the builtin
 import sample
 import train
-from cli import Parser, UsageError, entry
+from cli import Parser, UsageError, check_output, entry
 from data import tokenize_documents
 from model import Tokenizer, Transformer, atomic_write
 
@@ -318,8 +318,12 @@ def run_stage(what, path, stamp, argv, module):
     if cached(path, stamp):
         log(f"{what}: cached in {path}")
         return
-    if os.path.isdir(path):
-        shutil.rmtree(path)  # an unfinished or outdated run: start it again
+    if os.path.isdir(path):  # an unfinished or outdated stage: start it again, if it is ours
+        if not os.path.exists(os.path.join(path, "demo_stamp.json")):
+            raise UsageError(f"{path} was not written by demo.py; move it away or choose another --out")
+        shutil.rmtree(path)
+    os.makedirs(path)
+    atomic_write(os.path.join(path, "demo_stamp.json"), lambda f: open(f, "w").write('{"stamp": null}'))  # ours, unfinished
     log(f"{what}: python {module.__name__}.py {' '.join(argv)}")
     t0 = time.time()
     code = module.main(argv)
@@ -352,13 +356,15 @@ def passkey_fits(tokenizer, n_tokens) -> bool:
 def main(argv=None) -> int:
     p = Parser(description="\n\n".join(__doc__.strip().split("\n\n")[:2]),
                examples=["python demo.py", "python demo.py --fast", "python demo.py --corpus DIR --threads 1"])
-    p.add_argument("--out", default="out/demo", help="output folder (results and cached models; default out/demo)")
+    p.add_argument("--out", help="output folder (results and cached models; default out/demo, with --fast "
+                   "out/demo-fast: a smoke test never touches the real run's results)")
     p.add_argument("--fast", action="store_true", help="tiny everything: the same pipeline in seconds (a smoke test)")
     p.add_argument("--seeds", type=int, default=2, help="seeds for the extension runs (default 2: run-to-run noise)")
     p.add_argument("--corpus", help="folder of your own UTF-8 text files (default: the Python standard library)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice); use 1 "
                    "on a machine other jobs share, where more threads than free cores slow training many times over")
     a = p.parse_args(argv)
+    a.out = a.out or ("out/demo-fast" if a.fast else "out/demo")
     if a.seeds < 1:
         raise UsageError(f"--seeds must be >= 1, got {a.seeds}")
     if a.threads is not None and a.threads < 1:
@@ -378,7 +384,12 @@ def run(a) -> int:
     lengths = [S, 2 * S, ctx]
     seeds = list(range(a.seeds))
     out = a.out
+    # Only into a folder of its own: a new or empty one, or one an earlier demo.py wrote (OUT/.demo, or older: its tokenizer stamp).
+    if os.path.isdir(out) and os.listdir(out) and not any(os.path.exists(os.path.join(out, m)) for m in (".demo", "tokenizer/demo_stamp.json")):
+        raise UsageError(f"--out {out} holds files demo.py did not write; choose a new or empty folder")
+    check_output(out, "--out", is_dir=True)
     os.makedirs(os.path.join(out, "data", "heldout"), exist_ok=True)
+    open(os.path.join(out, ".demo"), "a").close()
     t_start = time.time()
     timings = {}
 

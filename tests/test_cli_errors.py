@@ -339,3 +339,24 @@ def test_a_checkpoint_reads_as_the_adapter_the_finished_run_writes(world, tmp_pa
         for (k, a), (k2, b) in zip(from_ckpt.state_dict().items(), written.state_dict().items()):
             assert k == k2 and torch.equal(a, b), k
     assert lora.read_adapter(unfinished)[0]["extra"]["checkpoint"].endswith("step-000001")
+
+
+def test_the_fast_demo_has_its_own_folder_and_demo_deletes_only_its_own(tmp_path, monkeypatch, capsys):
+    """Rule h: `demo.py --fast` writes out/demo-fast, never the real run's out/demo; a stage folder demo.py did
+    not write is refused, not deleted; nor does it write into a foreign --out."""
+    import demo
+
+    seen = []
+    monkeypatch.setattr(demo, "run", lambda a: seen.append(a.out) or 0)
+    assert demo.main(["--fast"]) == 0 and demo.main([]) == 0
+    assert seen == ["out/demo-fast", "out/demo"]
+    monkeypatch.undo()
+
+    foreign = tmp_path / "results"
+    foreign.mkdir()
+    (foreign / "mine.txt").write_text("a user's file")
+    with pytest.raises(demo.UsageError, match="not written by demo.py"):
+        demo.run_stage("a stage", str(foreign), "stamp", [], None)
+    assert demo.main(["--fast", "--out", str(tmp_path)]) == 2  # tmp_path holds `results`, which is not the demo's
+    assert "demo.py did not write" in capsys.readouterr().err
+    assert (foreign / "mine.txt").read_text() == "a user's file" and sorted(os.listdir(tmp_path)) == ["results"]
