@@ -512,7 +512,8 @@ def run(a) -> int:
     text = f"# best model: {best} (seed 0); prompt: prompt.txt ({len(prompt_ids)} tokens), which ends with:\n" + \
         prompt_text[-400:] + "\n# continuation (sample.py, temperature 0.6, top-p 0.9, seed 0):\n" + buf.getvalue()
     atomic_write(os.path.join(out, "sample.txt"), lambda f: open(f, "w", encoding="utf-8").write(text))
-    res["sample"] = dict(model=best, prompt=prompt_path, continuation=buf.getvalue())
+    res["sample"] = dict(model=best, prompt=prompt_path, continuation=buf.getvalue(),  # sample.py's default model:
+                         base=os.path.relpath(base_dir, out), adapter=os.path.relpath(adapters[best, 0], out))
     timings["sample_s"] = round(time.time() - t0, 1)
 
     # -- results

@@ -5,6 +5,7 @@ Generate text from a LLaMA2 checkpoint (optionally + a LoRA adapter), with a ful
     python sample.py --model /ckpt/llama-2-7b-hf --adapter out/adapter --chat --prompt "Summarise the paper."
     cat book.txt | python sample.py --model DIR --prompt - --kv-cache h2o --heavy 0.1 --recent 0.1
     python sample.py --model DIR --prompt book.txt --kv-cache sink --sink-tokens 4 --recent 2048
+    python sample.py --prompt file.txt     # after `python demo.py`: the demo's best fine-tuned model
 
 The model directory may hold a base model, a merged export (`lora.py merge`), or a base plus `--adapter`;
 the RoPE scaling recorded in them is used. Text streams to stdout as it is generated; prefill and decode
@@ -47,6 +48,7 @@ policy). With a budget at least as long as the sequence both give exactly the fu
 """
 
 import argparse
+import json
 import math
 import os
 import re
@@ -56,7 +58,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from cli import Parser, entry
+from cli import Parser, UsageError, entry
 from model import KVCache, Transformer
 
 
@@ -387,12 +389,30 @@ def resolve_device_dtype(device, dtype):
 # CLI
 
 
+DEMO_RESULTS = os.path.join("out", "demo", "results.json")
+
+
+def demo_model():
+    """(base, adapter) of the best fine-tuned model of `python demo.py`, as its results.json names them: the model
+    sample.py uses when no --model is given (as nanoGPT's sample.py reads out/)."""
+    try:
+        with open(DEMO_RESULTS) as f:
+            best = json.load(f)["sample"]
+        root = os.path.dirname(DEMO_RESULTS)
+        return os.path.join(root, best["base"]), os.path.join(root, best["adapter"])
+    except (OSError, ValueError, KeyError, TypeError):
+        raise UsageError(f"no --model given and no demo model in {DEMO_RESULTS}: pass --model DIR (a checkpoint), "
+                         "or run `python demo.py` first") from None
+
+
 def parse_args(argv):
     p = Parser(description="Generate text from a LLaMA2 checkpoint (+ LoRA adapter), streaming to stdout.", examples=[
         "python sample.py --model out/llama-2-7b-longlora-32k --prompt paper.txt --max-new-tokens 256",
         "python sample.py --model /ckpt/llama-2-7b-hf --adapter out/adapter --chat --prompt 'Summarise the paper.'",
-        "cat book.txt | python sample.py --model DIR --prompt - --kv-cache h2o --heavy 0.1 --recent 0.1"])
-    p.add_argument("--model", required=True, help="checkpoint directory (Meta, HF or this project's layout; a merged export works)")
+        "cat book.txt | python sample.py --model DIR --prompt - --kv-cache h2o --heavy 0.1 --recent 0.1",
+        "python sample.py --prompt file.txt    # after `python demo.py`: its best fine-tuned model"])
+    p.add_argument("--model", help="checkpoint directory (Meta, HF or this project's layout; a merged export works). "
+                   f"Default: after `python demo.py`, the demo's best fine-tuned model (base + adapter, from {DEMO_RESULTS})")
     p.add_argument("--adapter", help="LoRA adapter directory written by train.py (its RoPE scaling and context are applied)")
     p.add_argument("--prompt", required=True,
                    help="a text file, - for stdin, or the prompt itself (one word containing a slash or a file extension is taken as a path)")
@@ -426,6 +446,11 @@ def parse_args(argv):
 def main(argv=None) -> int:
     a = parse_args(argv)
     text = read_prompt(a.prompt)
+    if a.model is None:
+        if a.adapter:
+            raise UsageError("--adapter needs --model, the base model it was trained on")
+        a.model, a.adapter = demo_model()
+        print(f"note: sampling from the demo's best model: --model {a.model} --adapter {a.adapter}", file=sys.stderr)
     device, dtype = resolve_device_dtype(a.device, a.dtype)
     model = load_model(a.model, a.adapter, dtype=dtype, device=device)
     tok = model.tokenizer

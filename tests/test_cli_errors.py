@@ -360,3 +360,21 @@ def test_the_fast_demo_has_its_own_folder_and_demo_deletes_only_its_own(tmp_path
     assert demo.main(["--fast", "--out", str(tmp_path)]) == 2  # tmp_path holds `results`, which is not the demo's
     assert "demo.py did not write" in capsys.readouterr().err
     assert (foreign / "mine.txt").read_text() == "a user's file" and sorted(os.listdir(tmp_path)) == ["results"]
+
+
+def test_sample_without_model_uses_the_demo_model_or_says_what_to_pass(world, tmp_path, monkeypatch, capsys):
+    """Section 6: `python sample.py --prompt file.txt` after `python demo.py` samples from the demo's best model."""
+    import sample
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "prompt.txt").write_text("def main(argv=None):\n")
+    assert sample.main(["--prompt", "prompt.txt"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "pass --model DIR" in err and "python demo.py" in err
+    demo_out = tmp_path / "out" / "demo"  # what demo.py leaves: results.json naming the base and the best adapter
+    shutil.copytree(world["base"], demo_out / "base")
+    shutil.copytree(world["adapter"], demo_out / "runs" / "s2-seed0")
+    (demo_out / "results.json").write_text(json.dumps({"sample": {"model": "s2", "base": "base", "adapter": "runs/s2-seed0"}}))
+    assert sample.main(["--prompt", "prompt.txt", "--max-new-tokens", "4"]) == 0
+    captured = capsys.readouterr()
+    assert "--adapter out/demo/runs/s2-seed0" in captured.err and captured.out.strip()
