@@ -74,7 +74,7 @@ import torch
 import eval as evaluation  # eval.py; renamed so that it does not shadow the builtin
 import sample
 import train
-from cli import Parser, UsageError, check_output, entry
+from cli import LOCK, Parser, UsageError, check_output, entry
 from data import tokenize_documents
 from model import Tokenizer, Transformer, atomic_write
 
@@ -318,12 +318,10 @@ def run_stage(what, path, stamp, argv, module):
     if cached(path, stamp):
         log(f"{what}: cached in {path}")
         return
-    if os.path.isdir(path):  # an unfinished or outdated stage: start it again, if it is ours
-        if not os.path.exists(os.path.join(path, "demo_stamp.json")):
+    if os.path.isdir(path):  # an unfinished or outdated stage: start it again, if it is ours (train.py stamped it)
+        if not any(os.path.exists(os.path.join(path, n)) for n in (LOCK, "demo_stamp.json")):
             raise UsageError(f"{path} was not written by demo.py; move it away or choose another --out")
         shutil.rmtree(path)
-    os.makedirs(path)
-    atomic_write(os.path.join(path, "demo_stamp.json"), lambda f: open(f, "w").write('{"stamp": null}'))  # ours, unfinished
     log(f"{what}: python {module.__name__}.py {' '.join(argv)}")
     t0 = time.time()
     code = module.main(argv)
@@ -385,9 +383,8 @@ def run(a) -> int:
     seeds = list(range(a.seeds))
     out = a.out
     # Only into a folder of its own: a new or empty one, or one an earlier demo.py wrote (OUT/.demo, or older: its tokenizer stamp).
-    if os.path.isdir(out) and os.listdir(out) and not any(os.path.exists(os.path.join(out, m)) for m in (".demo", "tokenizer/demo_stamp.json")):
-        raise UsageError(f"--out {out} holds files demo.py did not write; choose a new or empty folder")
-    check_output(out, "--out", is_dir=True)
+    check_output(out, "--out", is_dir=True, inputs=[("--corpus", a.corpus)] if a.corpus else [],
+                 ours=[".demo", "tokenizer/demo_stamp.json"])
     os.makedirs(os.path.join(out, "data", "heldout"), exist_ok=True)
     open(os.path.join(out, ".demo"), "a").close()
     t_start = time.time()

@@ -343,9 +343,11 @@ def run_passkey(a, model) -> dict:
 @entry
 def main(argv=None) -> int:
     a = parse_args(argv)
+    inputs = [("--model", a.model), ("--adapter", a.adapter), ("--tokens", getattr(a, "tokens", None))]
+    inputs = [(f, p) for f, p in inputs + [("--data", p) for p in getattr(a, "data", None) or []] if p]
     for flag in ("out", "png"):  # written after all the compute: checked before it
         if getattr(a, flag, None):
-            check_output(getattr(a, flag), f"--{flag}")
+            check_output(getattr(a, flag), f"--{flag}", inputs=inputs)
     device, dtype = resolve_device_dtype(a.device, a.dtype)
     model = load_model(a.model, a.adapter, dtype=dtype, device=device)
     result = run_ppl(a, model) if a.task == "ppl" else run_passkey(a, model)

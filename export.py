@@ -19,7 +19,7 @@ import sys
 
 import torch
 
-from cli import Parser, UsageError, check_output, entry
+from cli import Parser, check_output, entry, lock_output
 from lora import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, TARGETS, adapter_state, apply_lora, load_adapter, mark_trainable,
                   merge_lora, save_adapter)
 from model import (CheckpointError, ModelArgs, Tokenizer, Transformer, _read_json, atomic_write, check_state_dict,
@@ -414,6 +414,7 @@ def merge_command(a):
     model = load_finetuned(a.base, a.adapter)
     args = model.args
     state = merge_lora(model.state_dict(), model.lora_config)
+    lock = lock_output(a.out, "--out")  # noqa: F841 (held, and the folder stamped as ours, until the command ends)
     write_model(args, state, a.out, a.format, model.tokenizer.path if model.tokenizer else None, a.shard_size)
     print(f"merged {a.adapter} into {a.base} -> {a.out} ({a.format} layout; rope scaling {args.rope_scaling:g}, "
           f"context {args.max_seq_len})")
@@ -421,6 +422,7 @@ def merge_command(a):
 
 def peft_command(a):
     model = load_finetuned(a.base, a.adapter)
+    lock = lock_output(a.out, "--out")  # noqa: F841
     write_peft(model, a.out)
     print(f"wrote PEFT adapter {a.out}. Load it on the HF base model with its config (RoPE scaling {model.args.rope_scaling:g}):\n"
           f"  config = AutoConfig.from_pretrained({a.out!r})\n"
@@ -436,6 +438,7 @@ def import_command(a):
         raise ValueError(f"--ctx must be positive, got {a.ctx}")
     model, note = import_peft(a.peft, a.base, a.ctx)
     args, cfg = model.args, model.lora_config
+    lock = lock_output(a.out, "--out")  # noqa: F841
     save_adapter(model, a.out, ctx=args.max_seq_len, extra={"imported_from": os.path.abspath(a.peft), "note": note})
     print(f"imported {a.peft} onto {a.base} -> {a.out}: LoRA r={cfg['r']} alpha={cfg['alpha']:g} on {' '.join(cfg['targets'])}"
           f"{', embeddings' if cfg['embed'] else ''}{', norms' if cfg['norms'] else ''}; rope scaling {args.rope_scaling:g}, "
@@ -481,10 +484,8 @@ def main(argv=None) -> int:
                    "RoPE factor ceil(ctx / base context). Default: read from a config.json in --peft")
     i.add_argument("--out", required=True, help="new output directory for the adapter")
     a = p.parse_args(argv)
-    src = a.peft if a.command == "import" else a.adapter
-    if os.path.realpath(a.out) in (os.path.realpath(src), os.path.realpath(a.base)):  # symlinks resolved
-        raise UsageError(f"--out {a.out} must be a new directory, not the base or the adapter")
-    check_output(a.out, "--out", is_dir=True)
+    src = ("--peft", a.peft) if a.command == "import" else ("--adapter", a.adapter)
+    check_output(a.out, "--out", is_dir=True, inputs=[("--base", a.base), src])
     if a.command == "merge":
         parse_size(a.shard_size)
         merge_command(a)

@@ -224,9 +224,13 @@ def check_args(a):
         raise UsageError(f"--{'preset' if a.preset else 'from-scratch'} needs --tokenizer (a random model comes without one)")
     if a.resume and not os.path.isdir(a.resume):
         raise UsageError(f"--resume {a.resume}: no such directory")
-    check_output(a.out, "--out", is_dir=True)
-    if a.token_cache:
-        check_output(a.token_cache, "--token-cache", is_dir=True)
+    inputs = [(f"--{f.replace('_', '-')}", p) for f in ("model", "tokenizer", "data", "eval_data")
+              for p in ([getattr(a, f)] if isinstance(getattr(a, f), str) else getattr(a, f) or [])]
+    check_output(a.out, "--out", is_dir=True, inputs=inputs, ours=["metrics.jsonl"])  # (runs from before the stamp)
+    if a.token_cache:  # a cache holds the token files of many runs: one with our token files is ours
+        tc = a.token_cache
+        check_output(tc, "--token-cache", is_dir=True, inputs=inputs,
+                     ours=[n for n in os.listdir(tc) if n.endswith(".bin.json")] if os.path.isdir(tc) else [])
 
 
 # ----------------------------------------------------------------------------------------------------

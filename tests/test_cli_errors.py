@@ -65,6 +65,7 @@ def world(tmp_path_factory, sp_model):
     torch.save(Transformer(preset("tiny", vocab_size=512)).state_dict(), os.path.join(w["meta_bad"], "consolidated.00.pth"))
     json.dump({"dim": 128, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "vocab_size": 512, "multiple_of": 32},
               open(os.path.join(w["meta_bad"], "params.json"), "w"))
+    os.symlink(w["base"], path("link_to_base"))
     shutil.copytree(w["base"], path("mixed"))  # a leftover Meta shard beside this project's layout
     shutil.copy(os.path.join(w["meta_bad"], "consolidated.00.pth"), w["mixed"])
 
@@ -119,7 +120,7 @@ CASES = [
     ("eval-out-below-file", "eval", ["ppl", "--model", "{base}", "--data", "{corpus}", "--seq-lens", "32",
                                       "--out", "{file}/results.json"], r"--out .*is a file, not a directory"),
     ("eval-out-in-missing-dir", "eval", ["ppl", "--model", "{base}", "--data", "{corpus}", "--seq-lens", "32",
-                                         "--out", "{base}/nope/results.json"], r"--out .*no such folder"),
+                                         "--out", "{file}dir6/nope/results.json"], r"--out .*no such folder"),
     ("eval-png-unwritable", "eval", ["passkey", "--model", "{base}", "--png", "{under}/p.png"], r"--png .*is a file"),
     ("eval-garbage-tokenizer", "eval", ["ppl", "--model", "{garbage_tok}", "--data", "{corpus}"], r"not a sentencepiece"),
     ("eval-no-task", "eval", [], r"required: task"),
@@ -130,9 +131,17 @@ CASES = [
      r"--out .*is a file, not a directory"),
     ("peft-out-is-file", "export", ["peft", "--base", "{base}", "--adapter", "{adapter}", "--out", "{file}"], r"--out .*is a file"),
     ("merge-out-is-base", "export", ["merge", "--base", "{base}", "--adapter", "{adapter}", "--out", "{base}/."],
-     r"must be a new directory"),
+     r"--out .* is --base"),
     ("merge-garbage-tokenizer", "export", ["merge", "--base", "{garbage_tok}", "--adapter", "{adapter}", "--out", "{file}dir4"],
      r"not a sentencepiece"),
+    # rule a: outputs against inputs by real path; never into a folder this project did not write
+    ("merge-out-symlink-to-base", "export", ["merge", "--base", "{base}", "--adapter", "{adapter}", "--out", "{link_to_base}"],
+     r"--out .*link_to_base is --base"),
+    ("merge-out-foreign-folder", "export", ["merge", "--base", "{base}", "--adapter", "{adapter}", "--out", "{corpus}"],
+     r"holds files this project did not write"),
+    ("train-out-inside-data", "train", lambda w: train_args(w, os.path.join(w["corpus"], "run")), r"--out .* is inside --data"),
+    ("eval-out-inside-data", "eval", ["ppl", "--model", "{base}", "--data", "{corpus}", "--out", "{corpus}/ppl.json"],
+     r"--out .* is inside --data"),
     # train.py
     ("train-out-is-file", "train", lambda w: train_args(w, w["file"]), r"--out .*is a file; expected a directory"),
     ("train-out-unwritable", "train", lambda w: train_args(w, w["under"]), r"--out .*is a file, not a directory"),
@@ -358,7 +367,7 @@ def test_the_fast_demo_has_its_own_folder_and_demo_deletes_only_its_own(tmp_path
     with pytest.raises(demo.UsageError, match="not written by demo.py"):
         demo.run_stage("a stage", str(foreign), "stamp", [], None)
     assert demo.main(["--fast", "--out", str(tmp_path)]) == 2  # tmp_path holds `results`, which is not the demo's
-    assert "demo.py did not write" in capsys.readouterr().err
+    assert "this project did not write" in capsys.readouterr().err
     assert (foreign / "mine.txt").read_text() == "a user's file" and sorted(os.listdir(tmp_path)) == ["results"]
 
 
@@ -378,3 +387,11 @@ def test_sample_without_model_uses_the_demo_model_or_says_what_to_pass(world, tm
     assert sample.main(["--prompt", "prompt.txt", "--max-new-tokens", "4"]) == 0
     captured = capsys.readouterr()
     assert "--adapter out/demo/runs/s2-seed0" in captured.err and captured.out.strip()
+
+
+def test_an_export_may_be_repeated_into_the_folder_it_wrote(world, tmp_path):
+    import export
+
+    out = str(tmp_path / "merged")
+    argv = ["merge", "--base", world["base"], "--adapter", world["adapter"], "--out", out, "--format", "own"]
+    assert export.main(argv) == 0 and export.main(argv) == 0  # stamped by the first: ours to overwrite
