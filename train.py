@@ -80,7 +80,7 @@ from data import (SFT_TEMPLATES, PackedData, SFTData, longlora_sft_group_size, o
 from estimate import run_estimate
 from export import write_model
 from lora import DEFAULT_TARGETS, TARGETS, apply_lora, base_fingerprint, mark_trainable, save_adapter, trainable_summary
-from model import (PRESETS, CheckpointError, ModelArgs, Tokenizer, Transformer, atomic_write, checkpoint_layout,
+from model import (PRESETS, ModelArgs, Tokenizer, Transformer, atomic_write, checkpoint_layout,
                    find_tokenizer, preset)
 
 
@@ -107,8 +107,8 @@ def build_parser():
                      "no LoRA (LongLoRA's --low_rank_training False); the result is a whole model in --model's layout")
     src.add_argument("--tokenizer", help="sentencepiece tokenizer.model (default: the one next to --model)")
     d = p.add_argument_group("data")
-    d.add_argument("--data", nargs="+", help="(required, except with --estimate) training text: files, folders (all files inside) or JSONL/JSON with a "
-                   "'text' field; with --sft, JSON/JSONL records {instruction, input?, output}")
+    d.add_argument("--data", nargs="+", help="(required, except with --estimate) training text: files, folders (all "
+                   "files inside) or JSONL/JSON with a 'text' field; with --sft, JSON/JSONL records {instruction, input?, output}")
     d.add_argument("--sft", action="store_true", help="supervised fine-tuning: instruction records, loss on answers only")
     d.add_argument("--sft-template", choices=SFT_TEMPLATES, default="llama2", help="--sft prompt format: LLaMA2-chat's "
                    "[INST] turn (as sample.py --chat), or LongAlpaca's exact one (LongLoRA's supervised-fine-tune.py)")
@@ -148,7 +148,8 @@ def build_parser():
                    help="compute dtype: auto = bf16 on GPU (frozen weights bf16, trainable fp32), fp32 on CPU")
     o.add_argument("--no-grad-ckpt", action="store_true", help="keep all activations instead of recomputing blocks in backward")
     r = p.add_argument_group("output")
-    r.add_argument("--out", help="(required, except with --estimate) output folder: metrics.jsonl, checkpoints/, and the final adapter or model")
+    r.add_argument("--out", help="(required, except with --estimate) output folder: metrics.jsonl, checkpoints/, and "
+                   "the final adapter or model")
     r.add_argument("--save-every", type=int, default=100, help="checkpoint every N steps (and at the end)")
     r.add_argument("--keep", type=int, default=2, help="checkpoints to keep")
     r.add_argument("--resume", metavar="DIR", help="continue from a checkpoint, or from the newest one of a run folder")
