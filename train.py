@@ -74,7 +74,7 @@ import torch.distributed as dist
 
 from attention import resolve_group_size
 from cli import USER_ERRORS, Parser, UsageError, check_output, entry, lock_output, one_line
-from checkpoint import checkpoint_dirs, find_resumable, full_trainable_state, load_checkpoint, save_checkpoint
+from checkpoint import checkpoint_dirs, find_checkpoint, find_resumable, full_trainable_state, load_checkpoint, save_checkpoint
 from data import (SFT_TEMPLATES, PackedData, SFTData, longlora_sft_group_size, open_tokens, prepare_sft, prepare_tokens,
                   sample_positions, split_heldout)
 from estimate import run_estimate
@@ -223,8 +223,6 @@ def check_args(a):
         raise UsageError(f"--tokenizer {a.tokenizer}: no such file")
     if (a.preset or a.from_scratch) and not a.tokenizer:
         raise UsageError(f"--{'preset' if a.preset else 'from-scratch'} needs --tokenizer (a random model comes without one)")
-    if a.resume and not os.path.isdir(a.resume):
-        raise UsageError(f"--resume {a.resume}: no such directory")
     inputs = [(f"--{f.replace('_', '-')}", p) for f in ("model", "tokenizer", "data", "eval_data")
               for p in ([getattr(a, f)] if isinstance(getattr(a, f), str) else getattr(a, f) or [])]
     check_output(a.out, "--out", is_dir=True, inputs=inputs, ours=["metrics.jsonl"])  # (runs from before the stamp)
@@ -514,6 +512,8 @@ def train(a, stop, held):
     rank, local_rank, world, device, distributed, wait_group = setup_distributed()
     # One run per --out at a time (rank 0 holds the lock until train.py ends; every rank learns if it is taken).
     held.enter_context(on_some_ranks(lambda: lock_output(a.out, "--out"), rank == 0, distributed) or nullcontext())
+    if a.resume:  # only rank 0 reads it (other machines may not see the disk): checked there now, the rest below
+        on_some_ranks(lambda: find_checkpoint(a.resume), rank == 0, distributed)
     a.bf16 = a.dtype == "bf16" or (a.dtype == "auto" and device.type == "cuda")
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if a.bf16 and not distributed else nullcontext()
 
