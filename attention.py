@@ -89,14 +89,16 @@ Usage:
     y = attention(q, k, v, mode="s2")                  # q (B, T, H, D), k, v (B, T, H_kv, D)
     python attention.py --T 16 --group-size 8          # draw the patterns
 """
-import argparse
 import functools
 import itertools
 import math
 import re
+import sys
 
 import torch
 import torch.nn.functional as F
+
+from cli import Parser, UsageError, entry
 
 MODES = ("full", "s2", "sf")
 BACKENDS = ("auto", "reference", "sdpa", "flash")
@@ -465,25 +467,25 @@ def draw_patterns(T=16, group_size=8, sink_tokens=2):
     return "\n".join(lines)
 
 
-def main():
-    parser = argparse.ArgumentParser(description="Draw which keys each query sees under full, S²-Attn and SF-Attn.")
+@entry
+def main(argv=None):
+    parser = Parser(description="Draw which keys each query sees under full, S²-Attn and SF-Attn.",
+                    examples=["python attention.py", "python attention.py --T 32 --group-size 8 --sink-tokens 4"])
     parser.add_argument("--T", type=int, default=16, help="sequence length to draw (default 16)")
     parser.add_argument("--group-size", type=int, default=None,
                         help="group size g, even, 2 <= g <= T (default T/2 rounded to even: two groups, the clearest picture)")
     parser.add_argument("--sink-tokens", type=int, default=2,
                         help="sink tokens of SF-Attn (default 2 here, to keep the sinks apart from the first group in "
                              "a small picture; attention() defaults to 4)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if not 2 <= args.T <= 200:
-        raise SystemExit(f"error: --T must be between 2 and 200 to fit a terminal, got {args.T}")
+        raise UsageError(f"--T must be between 2 and 200 to fit a terminal, got {args.T}")
     if args.sink_tokens < 0:
-        raise SystemExit(f"error: --sink-tokens must be >= 0, got {args.sink_tokens}")
+        raise UsageError(f"--sink-tokens must be >= 0, got {args.sink_tokens}")
     g = args.group_size if args.group_size is not None else max(2, 2 * (args.T // 4))
-    try:
-        print(draw_patterns(args.T, g, args.sink_tokens))
-    except ValueError as e:
-        raise SystemExit(f"error: {e}")
+    print(draw_patterns(args.T, g, args.sink_tokens))  # a group size that does not tile T: one error line (entry)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

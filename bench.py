@@ -13,7 +13,6 @@ ratios to full attention. The modes run round-robin (full, s2, sf, full, s2, sf,
 in the machine's load during the run hits all of them alike. The targets of issue 3 are printed below
 the table: s2 at least 3x faster than full at T=8192, sf within 1.15x of s2, no mode above full in memory.
 """
-import argparse
 import json
 import os
 import statistics
@@ -25,14 +24,9 @@ import torch
 
 import gpu_check
 from attention import attention
+from cli import Parser, UsageError, entry
 
 MODES = ("full", "s2", "sf")
-
-
-def fail(message):
-    """A user's mistake: one `error:` line and exit status 2, no traceback."""
-    print(f"error: {message}", file=sys.stderr)
-    raise SystemExit(2)
 
 
 # ----------------------------------------------------------------------------- attention
@@ -93,7 +87,7 @@ def _peak_bytes(q, k, v, grad_out, mode, backend):
 def bench_attention(args):
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
-        fail("--device cuda but CUDA is not available")
+        raise UsageError(f"--device cuda but CUDA is not available")
     Ts = [1024, 2048] if args.quick else args.T
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -505,11 +499,13 @@ def bench_sample(args):
 
 # ----------------------------------------------------------------------------- command line
 
-def main():
-    parser = argparse.ArgumentParser(description="Benchmarks of the project (speed targets live here, not in tests).")
+@entry
+def main(argv=None):
+    parser = Parser(description="Benchmarks of the project (speed targets live here, not in tests).", examples=[
+        "python bench.py attention --quick", "python bench.py train --threads 1", "python bench.py sample"])
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("attention", help="forward+backward time and peak memory of full, s2 and sf attention",
+    p = sub.add_parser("attention", examples=["python bench.py attention --quick", "python bench.py attention --T 8192 --dtype bfloat16 --device cuda"], help="forward+backward time and peak memory of full, s2 and sf attention",
                        description="Median forward+backward time and peak memory of full, S²-Attn and SF-Attn, "
                                    "with ratios to full attention.")
     p.add_argument("--T", type=int, nargs="+", default=[2048, 4096, 8192, 16384],
@@ -527,7 +523,7 @@ def main():
                         "when other jobs share the machine")
     p.set_defaults(run=bench_attention)
 
-    p = sub.add_parser("train", help="training step tokens/s and peak memory per attention mode, and HF + PEFT",
+    p = sub.add_parser("train", examples=["python bench.py train --threads 1", "python bench.py train --only chunking"], help="training step tokens/s and peak memory per attention mode, and HF + PEFT",
                        description="tokens/s and peak memory of one LoRA training step (train.py's recipe) with "
                                    "full, s2 and sf attention, and the same step in HF transformers + PEFT.")
     p.add_argument("--preset", default="demo", help="model shape from model.py's PRESETS (default demo)")
@@ -542,7 +538,7 @@ def main():
                    help="run one case: the attention modes (and the peer), or the chunked loss and feed-forward")
     p.set_defaults(run=lambda a: [f(a) for f, case in ((bench_train, "modes"), (bench_chunking, "chunking"))
                                   if a.only in (None, case)])
-    p = sub.add_parser("sample", help="generation tokens/s: KV cache vs recomputation, h2o vs full, ours vs HF generate",
+    p = sub.add_parser("sample", examples=["python bench.py sample", "python bench.py sample --long 4096 --repeats 5"], help="generation tokens/s: KV cache vs recomputation, h2o vs full, ours vs HF generate",
                        description="Decode tokens/s of sample.py: full KV cache vs recomputation, H2O at 20% vs the "
                                    "full cache at a long prompt, and ours vs HF transformers' generate on the same weights.")
     p.add_argument("--long", type=int, default=8192, help="prompt length of the h2o vs full comparison (default 8192)")
@@ -550,24 +546,26 @@ def main():
     p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
     p.set_defaults(run=bench_sample)
 
-    p = sub.add_parser("gpu", help="the GPU acceptance check (gpu_check.py): every CUDA path end to end, one table",
+    p = sub.add_parser("gpu", examples=["python bench.py gpu"], help="the GPU acceptance check (gpu_check.py): every CUDA path end to end, one table",
                        description="Attention backends in bf16 against the reference, train.py under torchrun and in one "
                                    "process, sample.py with each cache, eval.py against the CPU, and GPU figures. Without "
                                    "CUDA it prints one line and exits 0.")
     p.set_defaults(run=lambda args: sys.exit(gpu_check.main()))
 
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    for flag in ("repeats", "ctx", "batch_size", "chunk_ctx", "long"):
+        if getattr(args, flag, 1) < 1:
+            raise UsageError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    if getattr(args, "threads", 0) < 0:
+        raise UsageError(f"--threads must be >= 0, got {args.threads}")
     if args.command == "attention":
-        if args.repeats < 1:
-            fail(f"--repeats must be at least 1, got {args.repeats}")
-        if args.threads < 0:
-            fail(f"--threads must be >= 0, got {args.threads}")
-        if min(args.T) < 8:
-            fail(f"every --T must be at least 8 (group size T/4 must be even and >= 2), got {min(args.T)}")
         if args.backend == "flash" and (args.device == "cpu" or "float32" in args.dtype):
-            fail("--backend flash runs on CUDA fp16/bf16 only: add --device cuda --dtype bfloat16")
+            raise UsageError("--backend flash runs on CUDA fp16/bf16 only: add --device cuda --dtype bfloat16")
+        if min(args.T) < 8:
+            raise UsageError(f"every --T must be at least 8 (group size T/4 must be even and >= 2), got {min(args.T)}")
     args.run(args)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -25,7 +25,13 @@ import shutil
 import torch
 import torch.distributed as dist
 
+from cli import one_line
 from model import CheckpointError
+
+
+class DamagedCheckpoint(CheckpointError):
+    """A checkpoint whose files cannot be read (truncated, overwritten): the message names the file."""
+
 
 def full_trainable_state(model, keep=True):
     """{name: full fp32 CPU tensor} of every trainable parameter. Under FSDP each parameter is a DTensor
@@ -106,18 +112,48 @@ def save_checkpoint(run_dir, step, model, opt, state, keep, rank, world):
         dist.barrier()
 
 
-def load_checkpoint(ckpt, model, opt, rank, world, distributed):
-    """Load trainable weights, optimizer state and RNG into an (FSDP-sharded or plain) model. Rank 0 reads the
-    files; under FSDP the tensors are broadcast from it, so other machines need not see the disk."""
+def read_checkpoint_file(ckpt, name):
+    """One file of a checkpoint, read whole: a truncated or foreign file raises DamagedCheckpoint naming it."""
     from safetensors.torch import load_file
+
+    path = os.path.join(ckpt, name)
+    try:
+        return load_file(path) if name.endswith(".safetensors") else torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a damaged file can fail in any of the readers' own ways
+        raise DamagedCheckpoint(f"{path}: cannot read it ({type(e).__name__}: {one_line(e)})") from None
+
+
+def read_checkpoint_files(ckpt):
+    """(trainable tensors, optimizer state, RNG states) of a checkpoint (read_checkpoint_file)."""
+    return tuple(read_checkpoint_file(ckpt, name) for name in ("trainable.safetensors", "optimizer.pt", "rng.pt"))
+
+
+def find_resumable(path, model, config, say):
+    """(checkpoint dir, its state.json, its files read by read_checkpoint_files) to resume from: `path` itself,
+    or the newest checkpoint of the run folder `path` whose files all read back. A damaged newest checkpoint is
+    reported by `say` and the previous one is used; a checkpoint of another config is refused (CheckpointError)."""
+    if os.path.exists(os.path.join(path, "state.json")):
+        candidates = [path]
+    else:
+        candidates = checkpoint_dirs(path)[::-1] or [find_checkpoint(path)]  # (find_checkpoint raises: none there)
+    for i, ckpt in enumerate(candidates):
+        try:
+            state = check_checkpoint(ckpt, model, config)
+            return ckpt, state, read_checkpoint_files(ckpt)
+        except DamagedCheckpoint as e:
+            if i + 1 == len(candidates):
+                raise CheckpointError(f"--resume {path}: {e}; no older complete checkpoint to fall back on") from None
+            say(f"warning: {e}; resuming from the previous checkpoint {candidates[i + 1]} instead")
+
+
+def load_checkpoint(files, model, opt, rank, world, distributed):
+    """Load trainable weights, optimizer state and RNG into an (FSDP-sharded or plain) model. Rank 0 passes the
+    files it read (read_checkpoint_files), the other ranks None; under FSDP the tensors are broadcast from rank 0,
+    so other machines need not see the disk."""
     from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
                                                          set_optimizer_state_dict)
 
-    tensors, optim, rngs = {}, {}, None
-    if rank == 0:
-        tensors = load_file(os.path.join(ckpt, "trainable.safetensors"))
-        optim = torch.load(os.path.join(ckpt, "optimizer.pt"), weights_only=True)
-        rngs = torch.load(os.path.join(ckpt, "rng.pt"), weights_only=True)
+    tensors, optim, rngs = files if rank == 0 else ({}, {}, None)
     if distributed:
         opts = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=False)
         set_model_state_dict(model, tensors, options=opts)
@@ -137,19 +173,34 @@ def load_checkpoint(ckpt, model, opt, rank, world, distributed):
             torch.cuda.set_rng_state(rngs[rank]["cuda"])
 
 
+def read_state(ckpt):
+    """A checkpoint's state.json; DamagedCheckpoint naming it if it is not one."""
+    path = os.path.join(ckpt, "state.json")
+    try:
+        with open(path) as f:
+            state = json.load(f)
+        if not (isinstance(state, dict) and isinstance(state.get("step"), int) and isinstance(state.get("config"), dict)):
+            raise ValueError("expected a JSON object with an integer step and a config")
+    except (OSError, ValueError) as e:
+        raise DamagedCheckpoint(f"{path}: not a checkpoint's state ({type(e).__name__}: {one_line(e)})") from None
+    return state
+
+
 def check_checkpoint(ckpt, model, config):
     """One-line CheckpointError if the checkpoint was written by a run with a different training config, or
     does not hold exactly this model's trainable tensors. Returns its state.json."""
     from safetensors import safe_open
 
-    with open(os.path.join(ckpt, "state.json")) as f:
-        state = json.load(f)
+    state = read_state(ckpt)
     for k, v in config.items():
         if state["config"].get(k) != v:
             raise CheckpointError(f"--resume {ckpt}: it was trained with {k}={state['config'].get(k)!r}, this run has "
                              f"{k}={v!r}; resuming needs the same training config")
-    with safe_open(os.path.join(ckpt, "trainable.safetensors"), framework="pt") as f:
-        have = set(f.keys())
+    try:
+        with safe_open(os.path.join(ckpt, "trainable.safetensors"), framework="pt") as f:
+            have = set(f.keys())
+    except Exception as e:  # truncated: safetensors' own error types
+        raise DamagedCheckpoint(f"{ckpt}/trainable.safetensors: cannot read it ({one_line(e)})") from None
     want = {n for n, p in model.named_parameters() if p.requires_grad}
     if have != want:
         diff = sorted(have ^ want)[0]

@@ -2,7 +2,7 @@
 The whole method on a CPU, end to end: a miniature LongLoRA / SinkLoRA reproduction on real text.
 
     python demo.py                 # ~28 min on 2 CPU cores (measured); results in out/demo/
-    python demo.py --fast          # the same pipeline with tiny everything (seconds), for a smoke test
+    python demo.py --fast          # the same pipeline with tiny everything (seconds), for a smoke test; out/demo-fast/
     python demo.py --corpus DIR    # your own folder of text files instead of the Python stdlib
     python demo.py --threads 1     # on a machine shared with other jobs (two threads then crawl)
 
@@ -59,7 +59,6 @@ is. What it does show is the papers' central comparison: how much of the damage 
 interpolation each training attention repairs, and how well each one uses the longer context.
 """
 
-import argparse
 import contextlib
 import hashlib
 import io
@@ -75,6 +74,7 @@ import torch
 import eval as evaluation  # eval.py; renamed so that it does not shadow the builtin
 import sample
 import train
+from cli import LOCK, Parser, UsageError, check_output, entry
 from data import tokenize_documents
 from model import Tokenizer, Transformer, atomic_write
 
@@ -318,13 +318,16 @@ def run_stage(what, path, stamp, argv, module):
     if cached(path, stamp):
         log(f"{what}: cached in {path}")
         return
-    if os.path.isdir(path):
-        shutil.rmtree(path)  # an unfinished or outdated run: start it again
+    if os.path.isdir(path):  # an unfinished or outdated stage: start it again, if it is ours (train.py stamped it)
+        if not any(os.path.exists(os.path.join(path, n)) for n in (LOCK, "demo_stamp.json")):
+            raise UsageError(f"{path} was not written by demo.py; move it away or choose another --out")
+        shutil.rmtree(path)
     log(f"{what}: python {module.__name__}.py {' '.join(argv)}")
     t0 = time.time()
     code = module.main(argv)
     if code != 0:
-        raise SystemExit(f"error: {what} failed ({module.__name__}.py exited with {code}; see above)")
+        print(f"{what} failed ({module.__name__}.py exited with {code}; its error is above)", file=sys.stderr)
+        raise SystemExit(code)
     text = json.dumps({"stamp": stamp, "seconds": round(time.time() - t0, 1)})
     atomic_write(os.path.join(path, "demo_stamp.json"), lambda f: open(f, "w").write(text))
     log(f"{what}: done in {time.time() - t0:.0f} s")
@@ -347,20 +350,23 @@ def passkey_fits(tokenizer, n_tokens) -> bool:
         return False
 
 
+@entry
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description="\n\n".join(__doc__.strip().split("\n\n")[:2]),
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default="out/demo", help="output folder (results and cached models; default out/demo)")
+    p = Parser(description="\n\n".join(__doc__.strip().split("\n\n")[:2]),
+               examples=["python demo.py", "python demo.py --fast", "python demo.py --corpus DIR --threads 1"])
+    p.add_argument("--out", help="output folder (results and cached models; default out/demo, with --fast "
+                   "out/demo-fast: a smoke test never touches the real run's results)")
     p.add_argument("--fast", action="store_true", help="tiny everything: the same pipeline in seconds (a smoke test)")
     p.add_argument("--seeds", type=int, default=2, help="seeds for the extension runs (default 2: run-to-run noise)")
     p.add_argument("--corpus", help="folder of your own UTF-8 text files (default: the Python standard library)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice); use 1 "
                    "on a machine other jobs share, where more threads than free cores slow training many times over")
     a = p.parse_args(argv)
+    a.out = a.out or ("out/demo-fast" if a.fast else "out/demo")
     if a.seeds < 1:
-        raise SystemExit(f"error: --seeds must be >= 1, got {a.seeds}")
+        raise UsageError(f"--seeds must be >= 1, got {a.seeds}")
     if a.threads is not None and a.threads < 1:
-        raise SystemExit(f"error: --threads must be >= 1, got {a.threads}")
+        raise UsageError(f"--threads must be >= 1, got {a.threads}")
     threads = torch.get_num_threads()
     torch.set_num_threads(a.threads or threads)
     try:
@@ -376,7 +382,11 @@ def run(a) -> int:
     lengths = [S, 2 * S, ctx]
     seeds = list(range(a.seeds))
     out = a.out
+    # Only into a folder of its own: a new or empty one, or one an earlier demo.py wrote (OUT/.demo, or older: its tokenizer stamp).
+    check_output(out, "--out", is_dir=True, inputs=[("--corpus", a.corpus)] if a.corpus else [],
+                 ours=[".demo", "tokenizer/demo_stamp.json"])
     os.makedirs(os.path.join(out, "data", "heldout"), exist_ok=True)
+    open(os.path.join(out, ".demo"), "a").close()
     t_start = time.time()
     timings = {}
 
@@ -385,7 +395,7 @@ def run(a) -> int:
     try:
         train_docs, held_docs = read_corpus(root, stdlib=a.corpus is None, max_files=c["max_files"])
     except (FileNotFoundError, ValueError) as e:
-        raise SystemExit(f"error: --corpus {e}" if a.corpus else f"error: {e}")
+        raise UsageError(f"--corpus {e}" if a.corpus else str(e)) from None
     corpus_id = fingerprint([(p_, hashlib.md5(t.encode()).hexdigest()) for p_, t in train_docs + held_docs])
     log(f"corpus: {root}: {len(train_docs)} training files, {len(held_docs)} held-out files")
 
@@ -414,7 +424,7 @@ def run(a) -> int:
     held_tokens = tokenize_documents(held_paths, tokenizer)
     eval_tokens = held_tokens[: c["eval_tokens"]]
     if len(eval_tokens) < ctx:
-        raise SystemExit(f"error: the held-out text has {len(held_tokens)} tokens, fewer than one {ctx}-token evaluation "
+        raise UsageError(f"the held-out text has {len(held_tokens)} tokens, fewer than one {ctx}-token evaluation "
                          f"window; give --corpus more text")
     log(f"data: {len(train_docs)} training documents; held-out {len(held_tokens):,} tokens, {len(eval_tokens):,} evaluated")
 
@@ -495,11 +505,12 @@ def run(a) -> int:
         code = sample.main(["--model", base_dir, "--adapter", adapters[best, 0], "--prompt", prompt_path,
                             "--max-new-tokens", str(c["sample_tokens"]), "--seed", "0"])
     if code != 0:
-        raise SystemExit(f"error: sample.py exited with {code}")
+        raise SystemExit(code)  # sample.py printed its error
     text = f"# best model: {best} (seed 0); prompt: prompt.txt ({len(prompt_ids)} tokens), which ends with:\n" + \
         prompt_text[-400:] + "\n# continuation (sample.py, temperature 0.6, top-p 0.9, seed 0):\n" + buf.getvalue()
     atomic_write(os.path.join(out, "sample.txt"), lambda f: open(f, "w", encoding="utf-8").write(text))
-    res["sample"] = dict(model=best, prompt=prompt_path, continuation=buf.getvalue())
+    res["sample"] = dict(model=best, prompt=prompt_path, continuation=buf.getvalue(),  # sample.py's default model:
+                         base=os.path.relpath(base_dir, out), adapter=os.path.relpath(adapters[best, 0], out))
     timings["sample_s"] = round(time.time() - t0, 1)
 
     # -- results

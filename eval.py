@@ -56,8 +56,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from cli import Parser, check_output, entry
 from data import read_token_file, tokenize_documents
-from model import CheckpointError, atomic_write
+from model import atomic_write
 from sample import generate, load_model, resolve_device_dtype
 
 
@@ -244,10 +245,15 @@ def float_list(s: str) -> list:
     return values
 
 
+EXAMPLES = ["python eval.py ppl --model DIR [--adapter DIR] --data a.txt b.txt --seq-lens 2048,4096,8192 --out ppl.json",
+            "python eval.py ppl --model DIR --tokens data/test.bin --seq-lens 8192,32768 --stride 0",
+            "python eval.py passkey --model DIR [--adapter DIR] --lengths 2000,4000,8000 --trials 10 --png passkey.png"]
+
+
 def parse_args(argv):
-    p = argparse.ArgumentParser(description="Perplexity at several context lengths, and passkey retrieval.")
+    p = Parser(description="Perplexity at several context lengths, and passkey retrieval.", examples=EXAMPLES)
     sub = p.add_subparsers(dest="task", required=True)
-    common = argparse.ArgumentParser(add_help=False)
+    common = Parser(add_help=False)
     common.add_argument("--model", required=True, help="checkpoint directory (Meta, HF, this project's layout or a merged export)")
     common.add_argument("--adapter", help="LoRA adapter directory written by train.py (its RoPE scaling and context are applied)")
     common.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
@@ -255,7 +261,8 @@ def parse_args(argv):
     common.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     common.add_argument("--out", help="write the results as JSON to this file")
 
-    pp = sub.add_parser("ppl", parents=[common], help="perplexity over long documents at several window lengths")
+    pp = sub.add_parser("ppl", parents=[common], help="perplexity over long documents at several window lengths",
+                        examples=EXAMPLES[:2])
     src = pp.add_mutually_exclusive_group(required=True)
     src.add_argument("--data", nargs="+", help="text files, folders or JSONL (`text` field); each document becomes [BOS] text [EOS], as in train.py")
     src.add_argument("--tokens", help="token file from train.py's data preparation, or a raw little-endian uint16 array of ids "
@@ -266,7 +273,8 @@ def parse_args(argv):
     pp.add_argument("--max-tokens", type=int, help="evaluate only the first this-many tokens of the data")
     pp.add_argument("--attn", default="full", choices=("full", "s2", "sf"), help="attention during evaluation (default full, as in the papers)")
 
-    pk = sub.add_parser("passkey", parents=[common], help="passkey retrieval accuracy per prompt length")
+    pk = sub.add_parser("passkey", parents=[common], help="passkey retrieval accuracy per prompt length",
+                        examples=EXAMPLES[2:])
     pk.add_argument("--lengths", type=int_list, help="prompt lengths in tokens, comma-separated (default: 1/4, 1/2, 3/4 and all of the model's context)")
     pk.add_argument("--trials", type=int, default=10, help="prompts per length (per depth with --depths) (default 10, LongLoRA's)")
     pk.add_argument("--depths", type=float_list, help="fixed depths of the key in [0, 1], comma-separated (default: a random depth per trial)")
@@ -332,15 +340,17 @@ def run_passkey(a, model) -> dict:
     return dict(task="passkey", model=a.model, adapter=a.adapter, kv_cache=a.kv_cache, **results)
 
 
+@entry
 def main(argv=None) -> int:
     a = parse_args(argv)
-    try:
-        device, dtype = resolve_device_dtype(a.device, a.dtype)
-        model = load_model(a.model, a.adapter, dtype=dtype, device=device)
-        result = run_ppl(a, model) if a.task == "ppl" else run_passkey(a, model)
-    except (CheckpointError, ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    inputs = [("--model", a.model), ("--adapter", a.adapter), ("--tokens", getattr(a, "tokens", None))]
+    inputs = [(f, p) for f, p in inputs + [("--data", p) for p in getattr(a, "data", None) or []] if p]
+    for flag in ("out", "png"):  # written after all the compute: checked before it
+        if getattr(a, flag, None):
+            check_output(getattr(a, flag), f"--{flag}", inputs=inputs)
+    device, dtype = resolve_device_dtype(a.device, a.dtype)
+    model = load_model(a.model, a.adapter, dtype=dtype, device=device)
+    result = run_ppl(a, model) if a.task == "ppl" else run_passkey(a, model)
     if a.out:
         text = json.dumps(result, indent=2)
         atomic_write(a.out, lambda f: open(f, "w").write(text + "\n"))

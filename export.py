@@ -11,7 +11,6 @@ PEFT's layout, and LongLoRA's released LoRA weights (a PEFT adapter + trainable_
 (adapter.safetensors + adapter_config.json): sample.py --adapter, eval.py and `merge` take it.
 """
 
-import argparse
 import glob
 import json
 import os
@@ -20,6 +19,7 @@ import sys
 
 import torch
 
+from cli import Parser, check_output, entry, lock_output
 from lora import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, TARGETS, adapter_state, apply_lora, load_adapter, mark_trainable,
                   merge_lora, save_adapter)
 from model import (CheckpointError, ModelArgs, Tokenizer, Transformer, _read_json, atomic_write, check_state_dict,
@@ -414,6 +414,7 @@ def merge_command(a):
     model = load_finetuned(a.base, a.adapter)
     args = model.args
     state = merge_lora(model.state_dict(), model.lora_config)
+    lock = lock_output(a.out, "--out")  # noqa: F841 (held, and the folder stamped as ours, until the command ends)
     write_model(args, state, a.out, a.format, model.tokenizer.path if model.tokenizer else None, a.shard_size)
     print(f"merged {a.adapter} into {a.base} -> {a.out} ({a.format} layout; rope scaling {args.rope_scaling:g}, "
           f"context {args.max_seq_len})")
@@ -421,6 +422,7 @@ def merge_command(a):
 
 def peft_command(a):
     model = load_finetuned(a.base, a.adapter)
+    lock = lock_output(a.out, "--out")  # noqa: F841
     write_peft(model, a.out)
     print(f"wrote PEFT adapter {a.out}. Load it on the HF base model with its config (RoPE scaling {model.args.rope_scaling:g}):\n"
           f"  config = AutoConfig.from_pretrained({a.out!r})\n"
@@ -436,6 +438,7 @@ def import_command(a):
         raise ValueError(f"--ctx must be positive, got {a.ctx}")
     model, note = import_peft(a.peft, a.base, a.ctx)
     args, cfg = model.args, model.lora_config
+    lock = lock_output(a.out, "--out")  # noqa: F841
     save_adapter(model, a.out, ctx=args.max_seq_len, extra={"imported_from": os.path.abspath(a.peft), "note": note})
     print(f"imported {a.peft} onto {a.base} -> {a.out}: LoRA r={cfg['r']} alpha={cfg['alpha']:g} on {' '.join(cfg['targets'])}"
           f"{', embeddings' if cfg['embed'] else ''}{', norms' if cfg['norms'] else ''}; rope scaling {args.rope_scaling:g}, "
@@ -444,11 +447,18 @@ def import_command(a):
         print(f"note: {note}")
 
 
+EXAMPLES = ["python lora.py merge --base llama-2-7b --adapter out/adapter --out llama-2-7b-32k",
+            "python lora.py merge --base llama-2-7b --adapter out/adapter --out llama-2-7b-32k --format meta",
+            "python lora.py peft --base llama-2-7b --adapter out/adapter --out llama-2-7b-32k-peft",
+            "python lora.py import --peft Llama-2-7b-longlora-32k --base llama-2-7b-hf --ctx 32768 --out longlora-32k"]
+
+
+@entry
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description="Merge a LoRA adapter into its base model, convert it to PEFT's layout, "
-                                            "or import a PEFT / LongLoRA adapter.")
+    p = Parser(description="Merge a LoRA adapter into its base model, convert it to PEFT's layout, "
+                           "or import a PEFT / LongLoRA adapter.", examples=EXAMPLES)
     sub = p.add_subparsers(dest="command", required=True)
-    m = sub.add_parser("merge", help="write the fine-tuned model (W + (alpha/r)·B·A) as a full checkpoint",
+    m = sub.add_parser("merge", help="write the fine-tuned model (W + (alpha/r)·B·A) as a full checkpoint", examples=EXAMPLES[:2],
                        description="Write base + adapter as one plain checkpoint, with the RoPE scaling and context in its config.")
     m.add_argument("--base", required=True, help="base checkpoint directory (Meta, HF or this project's layout)")
     m.add_argument("--adapter", required=True, help="adapter directory written by train.py / save_adapter "
@@ -459,11 +469,13 @@ def main(argv=None) -> int:
                         "meta: params.json + consolidated.00.pth; own: this project's params.json + model.safetensors")
     m.add_argument("--shard-size", default="5GB", help="largest safetensors shard for --format hf, e.g. 5GB, 500MB (default 5GB)")
     q = sub.add_parser("peft", help="write the adapter in PEFT's layout (adapter_model.safetensors + adapter_config.json)",
+                       examples=EXAMPLES[2:3],
                        description="Convert an adapter to PEFT's LoRA layout, HF names, with embed and norms as modules_to_save.")
     q.add_argument("--base", required=True, help="base checkpoint directory the adapter was trained on (checked against the adapter)")
     q.add_argument("--adapter", required=True, help="adapter directory written by train.py / save_adapter")
     q.add_argument("--out", required=True, help="output directory for the PEFT adapter (must differ from --adapter)")
     i = sub.add_parser("import", help="convert a PEFT LoRA adapter (LongLoRA's released weights) into this project's adapter",
+                       examples=EXAMPLES[3:],
                        description="Read adapter_model.safetensors/.bin + adapter_config.json (+ LongLoRA's trainable_params.bin: "
                                    "embeddings and norms) and write adapter.safetensors + adapter_config.json for the base.")
     i.add_argument("--peft", required=True, help="PEFT adapter directory (e.g. LongLoRA's Llama-2-7b-longlora-32k)")
@@ -472,20 +484,15 @@ def main(argv=None) -> int:
                    "RoPE factor ceil(ctx / base context). Default: read from a config.json in --peft")
     i.add_argument("--out", required=True, help="new output directory for the adapter")
     a = p.parse_args(argv)
-    try:
-        src = a.peft if a.command == "import" else a.adapter
-        if os.path.abspath(a.out) in (os.path.abspath(src), os.path.abspath(a.base)):
-            raise ValueError(f"--out {a.out} must be a new directory, not the base or the adapter")
-        if a.command == "merge":
-            parse_size(a.shard_size)
-            merge_command(a)
-        elif a.command == "peft":
-            peft_command(a)
-        else:
-            import_command(a)
-    except (CheckpointError, ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    src = ("--peft", a.peft) if a.command == "import" else ("--adapter", a.adapter)
+    check_output(a.out, "--out", is_dir=True, inputs=[("--base", a.base), src])
+    if a.command == "merge":
+        parse_size(a.shard_size)
+        merge_command(a)
+    elif a.command == "peft":
+        peft_command(a)
+    else:
+        import_command(a)
     return 0
 
 

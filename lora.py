@@ -29,6 +29,7 @@ Export and import from the command line (export.py: HF layout loads in `transfor
     python lora.py import --peft Llama-2-7b-longlora-32k --base llama-2-7b-hf --ctx 32768 --out longlora-32k
 """
 
+import hashlib
 import json
 import math
 import os
@@ -226,6 +227,19 @@ def base_shapes(args: ModelArgs) -> dict:
     return {f: getattr(args, f) for f in BASE_FIELDS}
 
 
+def base_fingerprint(tensor, n_layers) -> str:
+    """A fingerprint of the frozen base weights: 4096 evenly spaced values of wq and w2 of the first and last
+    layers, rounded to bf16 (so that a base loaded in fp32 or bf16 gives the same), hashed. Another base of the
+    same shapes, or a model an adapter was already merged into (wq changed), has another fingerprint.
+    tensor(name) gives a whole tensor: a model's state_dict().__getitem__, or a checkpoint's reader."""
+    h = hashlib.sha256()
+    for i in (0, n_layers - 1):
+        for name in (f"layers.{i}.attention.wq.weight", f"layers.{i}.feed_forward.w2.weight"):
+            t = tensor(name).detach().flatten()
+            h.update(t[:: max(1, t.numel() // 4096)][:4096].to("cpu", torch.bfloat16).view(torch.int16).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
 def in_adapter(key: str, embed: bool, norms: bool) -> bool:
     """Whether a state-dict key belongs in an adapter: every lora_a / lora_b, plus tok_embeddings and the
     norms if they trained. The frozen base weights never do."""
@@ -239,11 +253,12 @@ def adapter_state(model) -> dict:
     return {k: v for k, v in model.state_dict().items() if in_adapter(k, cfg["embed"], cfg["norms"])}
 
 
-def save_adapter(model: Transformer, out_dir, *, ctx: int, extra: dict | None = None):
+def save_adapter(model: Transformer, out_dir, *, ctx: int, extra: dict | None = None, fingerprint: str | None = None):
     """Write `adapter.safetensors` and `adapter_config.json` into out_dir (atomically, file by file).
 
     ctx: the context length the model was fine-tuned for (becomes max_seq_len when loaded).
     extra: free-form JSON-able notes (train.py puts its arguments here).
+    fingerprint: base_fingerprint of the base model (default: computed from `model`'s frozen weights).
     """
     from safetensors.torch import save_file
 
@@ -262,6 +277,7 @@ def save_adapter(model: Transformer, out_dir, *, ctx: int, extra: dict | None = 
         format="longlora-adapter", r=cfg["r"], alpha=cfg["alpha"], dropout=cfg["dropout"], targets=cfg["targets"],
         embed=cfg["embed"], norms=cfg["norms"], base=base_shapes(model.args),
         rope_scaling=model.args.rope_scaling, max_seq_len=int(ctx), extra=extra or {},
+        base_fingerprint=fingerprint or base_fingerprint(model.state_dict().__getitem__, model.args.n_layers),
     )
     os.makedirs(out_dir, exist_ok=True)
     tensors = {k: v.detach().contiguous().cpu() for k, v in state.items()}
@@ -275,6 +291,8 @@ def read_adapter(adapter_dir):
     from safetensors.torch import load_file
 
     cfg_path, w_path = os.path.join(adapter_dir, ADAPTER_CONFIG), os.path.join(adapter_dir, ADAPTER_WEIGHTS)
+    if not os.path.exists(cfg_path) and any(os.path.exists(os.path.join(adapter_dir, f)) for f in ("state.json", "checkpoints")):
+        return checkpoint_as_adapter(adapter_dir)
     for p in (cfg_path, w_path):
         if not os.path.isfile(p):
             raise FileNotFoundError(f"{adapter_dir}: no {os.path.basename(p)} (not an adapter directory)")
@@ -297,6 +315,25 @@ def read_adapter(adapter_dir):
     return cfg, tensors
 
 
+def checkpoint_as_adapter(path):
+    """(config dict, {name: tensor}) as read_adapter gives them, from a LoRA run's checkpoint (train.py): `path`
+    is the checkpoint or its run folder (then its newest complete checkpoint). So a run that has not finished
+    (or was stopped) can be sampled, evaluated and merged from its last checkpoint."""
+    from checkpoint import find_checkpoint, read_checkpoint_file, read_state
+
+    ckpt = find_checkpoint(path)
+    state = read_state(ckpt)
+    c = state["config"]
+    if c.get("from_scratch") or c.get("full"):
+        raise ValueError(f"{ckpt}: a checkpoint of full-parameter training (every weight trains), not of a LoRA adapter")
+    tensors = read_checkpoint_file(ckpt, "trainable.safetensors")
+    cfg = dict(format="longlora-adapter", r=c["lora_r"], alpha=c["lora_alpha"], dropout=c["lora_dropout"],
+               targets=c["lora_targets"], embed=not c["no_train_embed"], norms=not c["no_train_norms"], base={},
+               rope_scaling=state["rope_scaling"], max_seq_len=c["ctx"],  # as train.py's save_adapter(ctx=--ctx)
+               base_fingerprint=state.get("base_fingerprint"), extra={"checkpoint": os.path.abspath(ckpt)})
+    return cfg, tensors
+
+
 def load_adapter(model: Transformer, adapter_dir) -> Transformer:
     """Turn a base model into the fine-tuned one, in place: apply LoRA as recorded, set rope_scaling and
     max_seq_len, load the adapter's tensors strictly, and mark the same parameters trainable (so training
@@ -311,6 +348,10 @@ def load_adapter(model: Transformer, adapter_dir) -> Transformer:
         if ours[field] != value:
             raise ValueError(f"adapter {adapter_dir} was trained on a base model with {field}={value}, "
                              f"this one has {field}={ours[field]}")
+    theirs = cfg.get("base_fingerprint")  # (adapters written before fingerprints have none)
+    if theirs and theirs != base_fingerprint(model.state_dict().__getitem__, model.args.n_layers):
+        raise ValueError(f"adapter {adapter_dir} was trained on another base model than this one (their weights differ), "
+                         "or this model already contains it (a merged export): load it on the base it was trained on")
     have = getattr(model, "lora_config", None)
     if have is not None:  # the model already has LoRA layers: they must be the same ones
         for field in ("r", "alpha", "targets"):

@@ -30,14 +30,13 @@ Usage:
     loss = model(tokens, targets)           # mean cross-entropy; targets == -100 are ignored
 """
 
-import argparse
 import contextlib
 import itertools
 import json
 import math
 import os
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from typing import Optional
 
 import torch
@@ -45,6 +44,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from attention import attention
+from cli import Parser, entry, one_line
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -74,6 +74,10 @@ class ModelArgs:
     shift_wrap: bool = False  # the paper's cyclic roll (leaks future tokens; ablation only)
 
     def __post_init__(self):
+        for f in fields(self):  # values read from a config file: a number must be a number
+            v = getattr(self, f.name)
+            if f.name != "attn" and not (v is None or isinstance(v, int if type(f.default) is int else (int, float))):
+                raise ValueError(f"{f.name} must be a number, got {v!r}")
         if self.n_kv_heads is None:
             self.n_kv_heads = self.n_heads
         if self.dim % self.n_heads:
@@ -416,6 +420,8 @@ class Transformer(nn.Module):
             model.output.weight = model.tok_embeddings.weight
         tok = find_tokenizer(path)
         model.tokenizer = Tokenizer(tok) if tok else None
+        if tok:
+            check_tokenizer_fits(model.tokenizer, args.vocab_size)
         return model
 
     def save_pretrained(self, out_dir, tokenizer_path=None):
@@ -440,6 +446,13 @@ class Transformer(nn.Module):
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be loaded; the message is one line that names the problem."""
+
+
+def check_tokenizer_fits(tokenizer, vocab_size):
+    """Its ids must index the embedding, which may hold a few padding rows more, not thousands."""
+    if not vocab_size - 256 <= tokenizer.vocab_size <= vocab_size:
+        raise CheckpointError(f"{tokenizer.path}: a {tokenizer.vocab_size}-token tokenizer does not fit the model's "
+                              f"{vocab_size}-token embedding (another model's tokenizer?)")
 
 
 def atomic_write(path, write_fn):
@@ -563,7 +576,10 @@ class Tokenizer:
 
         if not os.path.isfile(model_path):
             raise FileNotFoundError(f"{model_path}: no such tokenizer file")
-        self.sp = spm.SentencePieceProcessor(model_file=model_path)
+        try:
+            self.sp = spm.SentencePieceProcessor(model_file=model_path)
+        except (RuntimeError, OSError) as e:  # sentencepiece raises RuntimeError("Internal: ...") on a foreign file
+            raise ValueError(f"{model_path}: not a sentencepiece tokenizer model ({one_line(e)})") from None
         self.path = model_path
         self.vocab_size = self.sp.vocab_size()
         self.bos_id, self.eos_id, self.pad_id = self.sp.bos_id(), self.sp.eos_id(), self.sp.pad_id()
@@ -587,28 +603,28 @@ def find_tokenizer(path) -> Optional[str]:
 # A small CLI: inspect a checkpoint, or smoke-test a preset with random weights.
 
 
+@entry
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Load a LLaMA2 checkpoint (or build a preset) and run one forward pass.")
+    p = Parser(description="Load a LLaMA2 checkpoint (or build a preset) and run one forward pass.", examples=[
+        "python model.py --preset tiny", "python model.py --model /path/to/llama-2-7b-hf --prompt 'The capital of France is'"])
     src = p.add_mutually_exclusive_group()
     src.add_argument("--model", help="checkpoint directory: Meta, HF or this project's layout")
-    src.add_argument("--preset", default="tiny", choices=sorted(PRESETS), help="random-weight model of a named shape (default: tiny)")
+    src.add_argument("--preset", default="tiny", choices=sorted(PRESETS), help="random-weight model of a named shape")
     p.add_argument("--prompt", default="Hello", help="text to run through the model (needs a tokenizer.model for --model)")
     p.add_argument("--seed", type=int, default=0, help="seed for the random preset weights and tokens")
     a = p.parse_args(argv)
     torch.manual_seed(a.seed)
-    try:
-        if a.model:
-            model = Transformer.from_pretrained(a.model)
-        else:
-            model = Transformer(preset(a.preset))
-    except (CheckpointError, FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    # A preset of billions of parameters is only described: built on the meta device, it holds no memory.
+    big = not a.model and PRESETS[a.preset]["dim"] >= 4096
+    with torch.device("meta" if big else "cpu"):
+        model = Transformer.from_pretrained(a.model) if a.model else Transformer(preset(a.preset))
     args = model.args
     print(f"model: {a.model or a.preset}: {model.num_params() / 1e6:.2f}M parameters, dim {args.dim}, "
           f"{args.n_layers} layers, {args.n_heads} heads ({args.n_kv_heads} kv), ffn {args.hidden_dim}, "
           f"vocab {args.vocab_size}, rope theta {args.rope_theta:g} scaling {args.rope_scaling:g}, context {args.max_seq_len} "
-          f"(pre-training {args.original_max_seq_len})")
+          f"(pre-training {args.original_max_seq_len})" + ("; built on the meta device: no weights, no forward pass" if big else ""))
+    if big:
+        return 0
     if model.tokenizer is not None:
         ids = model.tokenizer.encode(a.prompt)
     else:  # no tokenizer: random token ids stand in for the prompt

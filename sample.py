@@ -5,6 +5,7 @@ Generate text from a LLaMA2 checkpoint (optionally + a LoRA adapter), with a ful
     python sample.py --model /ckpt/llama-2-7b-hf --adapter out/adapter --chat --prompt "Summarise the paper."
     cat book.txt | python sample.py --model DIR --prompt - --kv-cache h2o --heavy 0.1 --recent 0.1
     python sample.py --model DIR --prompt book.txt --kv-cache sink --sink-tokens 4 --recent 2048
+    python sample.py --prompt file.txt     # after `python demo.py`: the demo's best fine-tuned model
 
 The model directory may hold a base model, a merged export (`lora.py merge`), or a base plus `--adapter`;
 the RoPE scaling recorded in them is used. Text streams to stdout as it is generated; prefill and decode
@@ -48,6 +49,7 @@ attention weights explicitly, for its scores; tests/test_sample.py checks both).
 """
 
 import argparse
+import json
 import math
 import os
 import re
@@ -57,7 +59,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-from model import CheckpointError, KVCache, Transformer
+from cli import Parser, UsageError, entry
+from model import KVCache, Transformer
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -391,9 +394,30 @@ def resolve_device_dtype(device, dtype):
 # CLI
 
 
+DEMO_RESULTS = os.path.join("out", "demo", "results.json")
+
+
+def demo_model():
+    """(base, adapter) of the best fine-tuned model of `python demo.py`, as its results.json names them: the model
+    sample.py uses when no --model is given (as nanoGPT's sample.py reads out/)."""
+    try:
+        with open(DEMO_RESULTS) as f:
+            best = json.load(f)["sample"]
+        root = os.path.dirname(DEMO_RESULTS)
+        return os.path.join(root, best["base"]), os.path.join(root, best["adapter"])
+    except (OSError, ValueError, KeyError, TypeError):
+        raise UsageError(f"no --model given and no demo model in {DEMO_RESULTS}: pass --model DIR (a checkpoint), "
+                         "or run `python demo.py` first") from None
+
+
 def parse_args(argv):
-    p = argparse.ArgumentParser(description="Generate text from a LLaMA2 checkpoint (+ LoRA adapter), streaming to stdout.")
-    p.add_argument("--model", required=True, help="checkpoint directory (Meta, HF or this project's layout; a merged export works)")
+    p = Parser(description="Generate text from a LLaMA2 checkpoint (+ LoRA adapter), streaming to stdout.", examples=[
+        "python sample.py --model out/llama-2-7b-longlora-32k --prompt paper.txt --max-new-tokens 256",
+        "python sample.py --model /ckpt/llama-2-7b-hf --adapter out/adapter --chat --prompt 'Summarise the paper.'",
+        "cat book.txt | python sample.py --model DIR --prompt - --kv-cache h2o --heavy 0.1 --recent 0.1",
+        "python sample.py --prompt file.txt    # after `python demo.py`: its best fine-tuned model"])
+    p.add_argument("--model", help="checkpoint directory (Meta, HF or this project's layout; a merged export works). "
+                   f"Default: after `python demo.py`, the demo's best fine-tuned model (base + adapter, from {DEMO_RESULTS})")
     p.add_argument("--adapter", help="LoRA adapter directory written by train.py (its RoPE scaling and context are applied)")
     p.add_argument("--prompt", required=True,
                    help="a text file, - for stdin, or the prompt itself (one word containing a slash or a file extension is taken as a path)")
@@ -416,38 +440,42 @@ def parse_args(argv):
     for flag in ("max_new_tokens", "prefill_chunk"):
         if getattr(a, flag) < 1:
             p.error(f"--{flag.replace('_', '-')} must be >= 1")
-    if a.temperature < 0 or not 0 < a.top_p <= 1 or a.top_k < 0 or a.sink_tokens < 0:
-        p.error("need --temperature >= 0, 0 < --top-p <= 1, --top-k >= 0, --sink-tokens >= 0")
+    if not (0 <= a.temperature < math.inf and 0 < a.top_p <= 1) or a.top_k < 0 or a.sink_tokens < 0:  # (nan fails)
+        p.error("need a finite --temperature >= 0, 0 < --top-p <= 1, --top-k >= 0, --sink-tokens >= 0")
+    if a.kv_cache != "full" and a.recent == 0:  # the newest token must stay: it is the one attending
+        p.error(f"--kv-cache {a.kv_cache} needs --recent > 0")
     return a
 
 
+@entry
 def main(argv=None) -> int:
     a = parse_args(argv)
-    try:
-        text = read_prompt(a.prompt)
-        device, dtype = resolve_device_dtype(a.device, a.dtype)
-        model = load_model(a.model, a.adapter, dtype=dtype, device=device)
-        tok = model.tokenizer
-        if tok is None:
-            raise ValueError(f"{a.model}: no tokenizer.model next to the weights (or in the folder above)")
-        ids = chat_prompt(tok, text) if a.chat else tok.encode(text, bos=True)
-        limit = model.args.max_seq_len
-        max_new = a.max_new_tokens
-        if a.kv_cache == "sink":  # positions restart in the cache: only the cache must fit the context
-            budget = a.sink_tokens + resolve_size(a.recent, len(ids))
-            if budget + min(a.prefill_chunk, len(ids)) > limit:
-                raise ValueError(f"sink cache of {budget} tokens + prefill chunk {a.prefill_chunk} exceeds the model's "
-                                 f"context of {limit} tokens (max_seq_len); lower --recent or --prefill-chunk")
-        else:  # full and h2o keep absolute positions, which must stay within the context
-            if len(ids) > limit:
-                raise ValueError(f"the prompt has {len(ids)} tokens, more than the model's context of {limit} "
-                                 f"(max_seq_len); shorten it or use --kv-cache sink")
-            if len(ids) + max_new > limit:
-                max_new = limit - len(ids)
-                print(f"note: generating at most {max_new} tokens, where the model's context of {limit} ends", file=sys.stderr)
-    except (CheckpointError, ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    text = read_prompt(a.prompt)
+    if a.model is None:
+        if a.adapter:
+            raise UsageError("--adapter needs --model, the base model it was trained on")
+        a.model, a.adapter = demo_model()
+        print(f"note: sampling from the demo's best model: --model {a.model} --adapter {a.adapter}", file=sys.stderr)
+    device, dtype = resolve_device_dtype(a.device, a.dtype)
+    model = load_model(a.model, a.adapter, dtype=dtype, device=device)
+    tok = model.tokenizer
+    if tok is None:
+        raise ValueError(f"{a.model}: no tokenizer.model next to the weights (or in the folder above)")
+    ids = chat_prompt(tok, text) if a.chat else tok.encode(text, bos=True)
+    limit = model.args.max_seq_len
+    max_new = a.max_new_tokens
+    if a.kv_cache == "sink":  # positions restart in the cache: only the cache must fit the context
+        budget = a.sink_tokens + resolve_size(a.recent, len(ids))
+        if budget + min(a.prefill_chunk, len(ids)) > limit:
+            raise ValueError(f"sink cache of {budget} tokens + prefill chunk {a.prefill_chunk} exceeds the model's "
+                             f"context of {limit} tokens (max_seq_len); lower --recent or --prefill-chunk")
+    else:  # full and h2o keep absolute positions, which must stay within the context
+        if len(ids) > limit:
+            raise ValueError(f"the prompt has {len(ids)} tokens, more than the model's context of {limit} "
+                             f"(max_seq_len); shorten it or use --kv-cache sink")
+        if len(ids) + max_new > limit:
+            max_new = limit - len(ids)
+            print(f"note: generating at most {max_new} tokens, where the model's context of {limit} ends", file=sys.stderr)
 
     stats = {}
     tokens = generate(model, ids, max_new, a.temperature, a.top_p, a.top_k, a.kv_cache, heavy=a.heavy,

@@ -58,15 +58,15 @@ what a checkpoint holds and why a kill cannot break it, in checkpoint.py):
     and ETA, and appends them to out/metrics.jsonl, with the held-out losses (full attention).
 """
 
-import argparse
 import datetime
 import hashlib
 import json
 import math
 import os
+import signal
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import ExitStack, nullcontext
 from dataclasses import asdict
 
 import numpy as np
@@ -74,46 +74,32 @@ import torch
 import torch.distributed as dist
 
 from attention import resolve_group_size
-from checkpoint import (check_checkpoint, checkpoint_dirs, find_checkpoint, full_trainable_state, load_checkpoint,
-                        save_checkpoint)
+from cli import USER_ERRORS, Parser, UsageError, check_output, entry, lock_output, one_line
+from checkpoint import checkpoint_dirs, find_checkpoint, find_resumable, full_trainable_state, load_checkpoint, save_checkpoint
 from data import (SFT_TEMPLATES, PackedData, SFTData, longlora_sft_group_size, open_tokens, prepare_sft, prepare_tokens,
                   sample_positions, split_heldout)
 from estimate import run_estimate
 from export import write_model
-from lora import DEFAULT_TARGETS, TARGETS, apply_lora, mark_trainable, save_adapter, trainable_summary
-from model import PRESETS, CheckpointError, ModelArgs, Tokenizer, Transformer, atomic_write, find_tokenizer, preset
+from lora import DEFAULT_TARGETS, TARGETS, apply_lora, base_fingerprint, mark_trainable, save_adapter, trainable_summary
+from model import PRESETS, ModelArgs, Tokenizer, Transformer, atomic_write, check_tokenizer_fits, find_tokenizer, preset
 from shard import load_weights, lora_init_values, shard_model
 from weights import checkpoint_layout, read_checkpoint
-
-
-class UsageError(Exception):
-    """A user's mistake on the command line: main() prints 'error: <message>' and returns 2."""
 
 
 # ----------------------------------------------------------------------------------------------------
 # Arguments
 
 
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows a flag's default unless there is none to show or the help text already says it."""
-
-    def _get_help_string(self, action):
-        if action.default in (None, False) or "default" in (action.help or ""):
-            return action.help
-        return super()._get_help_string(action)
-
-
-class Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, no usage dump, and main() returns 2 instead of exiting
-        raise UsageError(message)
-
-
 def build_parser():
     p = Parser(description="Long-context LoRA fine-tuning of LLaMA2 (LongLoRA / SinkLoRA) with FSDP2; "
                            "run with python (one process) or torchrun (several).",
-               formatter_class=HelpFormatter, allow_abbrev=False)
+               examples=["python train.py --model llama-2-7b --data pg19/train --ctx 8192 --out out/7b-8k",
+                         "torchrun --standalone --nproc_per_node=8 train.py --model llama-2-7b --data redpajama.jsonl "
+                         "--ctx 32768 --out out/7b-32k [--resume out/7b-32k]",
+                         "python train.py --estimate --preset llama2-7b --ctx 32768 --gpus 8"])
     src = p.add_argument_group("model")
-    src.add_argument("--model", help="base checkpoint directory (Meta, HF or this project's layout)")
+    src.add_argument("--model", help="base checkpoint directory (Meta, HF or this project's layout); "
+                     "one of --model, --preset, --from-scratch is required")
     src.add_argument("--preset", choices=sorted(PRESETS), help="instead of --model: a randomly initialised base of this "
                      "shape (LoRA training; for tests and --estimate)")
     src.add_argument("--from-scratch", metavar="PRESET", choices=sorted(PRESETS),
@@ -123,8 +109,8 @@ def build_parser():
                      "no LoRA (LongLoRA's --low_rank_training False); the result is a whole model in --model's layout")
     src.add_argument("--tokenizer", help="sentencepiece tokenizer.model (default: the one next to --model)")
     d = p.add_argument_group("data")
-    d.add_argument("--data", nargs="+", help="training text: files, folders (all files inside) or JSONL/JSON with a "
-                   "'text' field; with --sft, JSON/JSONL records {instruction, input?, output}")
+    d.add_argument("--data", nargs="+", help="(required, except with --estimate) training text: files, folders (all "
+                   "files inside) or JSONL/JSON with a 'text' field; with --sft, JSON/JSONL records {instruction, input?, output}")
     d.add_argument("--sft", action="store_true", help="supervised fine-tuning: instruction records, loss on answers only")
     d.add_argument("--sft-template", choices=SFT_TEMPLATES, default="llama2", help="--sft prompt format: LLaMA2-chat's "
                    "[INST] turn (as sample.py --chat), or LongAlpaca's exact one (LongLoRA's supervised-fine-tune.py)")
@@ -166,7 +152,8 @@ def build_parser():
     o.add_argument("--offload-activations", action="store_true", help="keep the checkpointed block inputs in (pinned) "
                    "host memory until backward needs them: GPU memory for contexts that do not fit otherwise")
     r = p.add_argument_group("output")
-    r.add_argument("--out", help="output folder: metrics.jsonl, checkpoints/, and the final adapter or model")
+    r.add_argument("--out", help="(required, except with --estimate) output folder: metrics.jsonl, checkpoints/, and "
+                   "the final adapter or model")
     r.add_argument("--save-every", type=int, default=100, help="checkpoint every N steps (and at the end)")
     r.add_argument("--keep", type=int, default=2, help="checkpoints to keep")
     r.add_argument("--resume", metavar="DIR", help="continue from a checkpoint, or from the newest one of a run folder")
@@ -201,8 +188,8 @@ def check_args(a):
             raise UsageError(f"--{flag.replace('_', '-')} must be >= 0, got {getattr(a, flag)}")
     if a.offload_activations and a.no_grad_ckpt:
         raise UsageError("--offload-activations moves the checkpointed block inputs; it needs checkpointing (drop --no-grad-ckpt)")
-    if not a.lr > 0:
-        raise UsageError(f"--lr must be > 0, got {a.lr}")
+    if not 0 < a.lr < math.inf:
+        raise UsageError(f"--lr must be a finite number > 0, got {a.lr}")
     if not 0 <= a.heldout < 1:
         raise UsageError(f"--heldout must be in [0, 1), got {a.heldout}")
     if not 0 <= a.min_lr_ratio <= 1:
@@ -242,16 +229,22 @@ def check_args(a):
         raise UsageError(f"--tokenizer {a.tokenizer}: no such file")
     if (a.preset or a.from_scratch) and not a.tokenizer:
         raise UsageError(f"--{'preset' if a.preset else 'from-scratch'} needs --tokenizer (a random model comes without one)")
-    if a.resume and not os.path.isdir(a.resume):
-        raise UsageError(f"--resume {a.resume}: no such directory")
+    inputs = [(f"--{f.replace('_', '-')}", p) for f in ("model", "tokenizer", "data", "eval_data")
+              for p in ([getattr(a, f)] if isinstance(getattr(a, f), str) else getattr(a, f) or [])]
+    check_output(a.out, "--out", is_dir=True, inputs=inputs, ours=["metrics.jsonl"])  # (runs from before the stamp)
+    if a.token_cache:  # a cache holds the token files of many runs: one with our token files is ours
+        tc = a.token_cache
+        check_output(tc, "--token-cache", is_dir=True, inputs=inputs,
+                     ours=[n for n in os.listdir(tc) if n.endswith(".bin.json")] if os.path.isdir(tc) else [])
 
 
 # ----------------------------------------------------------------------------------------------------
 # Data: tokenized once per machine (data.py), split into training and held-out windows
 
 
-def load_data(a, tokenizer, local_rank, distributed):
-    """(train split, held-out split or None). The local rank 0 of each machine tokenizes; the others wait."""
+def load_data(a, tokenizer, local_rank, distributed, wait_group=None):
+    """(train split, held-out split or None). The local rank 0 of each machine tokenizes; the others wait, in
+    `wait_group`'s collective, whose timeout allows for hours of tokenization."""
     cache = a.token_cache or os.path.join(a.out, "tokens")
     kind = f"sft-{a.sft_template}" if a.sft else "text"
 
@@ -263,7 +256,7 @@ def load_data(a, tokenizer, local_rank, distributed):
             os.makedirs(cache, exist_ok=True)
             prepare_sft(paths, tokenizer, path, a.sft_template) if a.sft else prepare_tokens(paths, tokenizer, path)
 
-        on_some_ranks(run, local_rank == 0, distributed)  # one tokenizer per machine; the others wait for it
+        on_some_ranks(run, local_rank == 0, distributed, wait_group)  # one tokenizer per machine; the others wait
         if a.sft:
             return open_tokens(path), np.load(path + ".index.npy")
         return open_tokens(path), None
@@ -312,11 +305,13 @@ def build_model(a, tokenizer, device, distributed):
         args, weights = on_some_ranks(lambda: read_checkpoint(a.model), True, distributed)
         with torch.device("meta"):
             model = Transformer(args)
+    # recorded in the adapter, which then loads on this base only (one tensor at a time, as loading reads them)
+    a.base_fingerprint = base_fingerprint(model.state_dict().__getitem__ if weights is None else
+                                          lambda name: weights.read([name])[name], model.args.n_layers)
     # --full writes its result in the checkpoint's own dtype (every tensor trains in fp32 below)
     a.save_dtype = weights.specs["tok_embeddings.weight"].dtype if weights is not None else torch.float32
     args = model.args
-    if args.vocab_size < tokenizer.vocab_size:
-        raise UsageError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model only {args.vocab_size} embeddings")
+    check_tokenizer_fits(tokenizer, args.vocab_size)
     if not a.from_scratch and a.ctx > args.max_seq_len:
         # Position interpolation (LongLoRA): squeeze ctx positions into the range the model was trained on.
         args.extend_context(a.ctx)
@@ -345,21 +340,22 @@ def build_model(a, tokenizer, device, distributed):
 
 
 def setup_distributed():
-    """(rank, local_rank, world, device, distributed)."""
+    """(rank, local_rank, world, device, distributed, wait_group)."""
     if "WORLD_SIZE" not in os.environ:
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        return 0, 0, 1, device, False
+        return 0, 0, 1, device, False, None
     rank, local_rank, world = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank)
         device = torch.device("cuda", local_rank)
     else:
         device = torch.device("cpu")
-    if not dist.is_initialized():
-        # A long timeout: on the first run local rank 0 tokenizes the whole dataset while the others wait in a
-        # collective, which can take longer than NCCL's 10-minute default.
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(hours=4))
-    return rank, local_rank, world, device, True
+    if not dist.is_initialized():  # the default timeout: a rank that stops is noticed within minutes, not hours
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    # On the first run local rank 0 tokenizes the whole dataset while the others wait, which can take longer than
+    # NCCL's 10-minute default: that one wait happens in a group of its own (gloo: on the CPU) with a long timeout.
+    wait_group = dist.new_group(backend="gloo", timeout=datetime.timedelta(hours=4))
+    return rank, local_rank, world, device, True, wait_group
 
 
 def all_sum(values, device, distributed):
@@ -370,19 +366,19 @@ def all_sum(values, device, distributed):
     return t.tolist()
 
 
-def on_some_ranks(fn, here, distributed):
+def on_some_ranks(fn, here, distributed, group=None):
     """Run fn() on the ranks where `here` is true, and make every rank agree on the outcome: if it failed
     anywhere, all ranks raise the same UsageError (instead of the others waiting forever at a collective).
-    Returns fn's result where it ran, else None."""
+    Returns fn's result where it ran, else None. `group`: the process group to agree in (default: the world)."""
     result, err = None, None
     if here:
         try:
             result = fn()
-        except (UsageError, CheckpointError, FileNotFoundError, ValueError) as e:
-            err = str(e)
+        except USER_ERRORS as e:
+            err = one_line(e)
     if distributed:
         errs = [None] * dist.get_world_size()
-        dist.all_gather_object(errs, err)
+        dist.all_gather_object(errs, err, group=group)
         err = next((e for e in errs if e), None)
     if err:
         raise UsageError(err)
@@ -497,8 +493,35 @@ def trajectory_config(a, world):
     return cfg
 
 
-def train(a):
-    rank, local_rank, world, device, distributed = setup_distributed()
+class StopSignals:
+    """While training: Ctrl-C (SIGINT) or SIGTERM (a preempted job) is remembered, and the loop acts on it at the end
+    of the step: it saves a checkpoint and returns 130 / 143, as the shell reports these signals. The same signal
+    again stops at once. (Under torchrun, Ctrl-C reaches every rank, then torchrun sends SIGTERM: not "again".)"""
+
+    def __enter__(self):
+        self.signum = None
+        self.old = {s: signal.signal(s, self.handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def handle(self, signum, frame):
+        if self.signum == signum:
+            raise KeyboardInterrupt
+        if self.signum is not None:
+            return
+        self.signum = signum
+        print(f"{signal.Signals(signum).name}: stopping after this step (again: at once)", file=sys.stderr, flush=True)
+
+    def __exit__(self, *exc):
+        for s, handler in self.old.items():
+            signal.signal(s, handler)
+
+
+def train(a, stop, held):
+    rank, local_rank, world, device, distributed, wait_group = setup_distributed()
+    # One run per --out at a time (rank 0 holds the lock until train.py ends; every rank learns if it is taken).
+    held.enter_context(on_some_ranks(lambda: lock_output(a.out, "--out"), rank == 0, distributed) or nullcontext())
+    if a.resume:  # only rank 0 reads it (other machines may not see the disk): checked there now, the rest below
+        on_some_ranks(lambda: find_checkpoint(a.resume), rank == 0, distributed)
     a.bf16 = a.dtype == "bf16" or (a.dtype == "auto" and device.type == "cuda")
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if a.bf16 and not distributed else nullcontext()
 
@@ -507,7 +530,7 @@ def train(a):
     if not tok_path:
         raise UsageError(f"no tokenizer.model next to --model {a.model}; pass --tokenizer PATH")
     tokenizer = Tokenizer(tok_path)
-    train_data, held_data = load_data(a, tokenizer, local_rank, distributed)
+    train_data, held_data = load_data(a, tokenizer, local_rank, distributed, wait_group)
     model = build_model(a, tokenizer, device, distributed)
     reset_peak_memory(device)
     log0(rank, f"model: {model.num_params() / 1e6:.2f}M parameters, ctx {a.ctx}, rope scaling {model.args.rope_scaling:g}, "
@@ -532,16 +555,16 @@ def train(a):
             if checkpoint_dirs(a.out):
                 raise UsageError(f"--out {a.out} already holds checkpoints; add --resume {a.out} to continue, "
                                  "or choose another --out")
-            return None, 0
-        ckpt = find_checkpoint(a.resume)
-        step = check_checkpoint(ckpt, model, config)["step"]
-        if step >= a.steps:
-            raise UsageError(f"--resume {ckpt}: the checkpoint is at step {step}, nothing left to do for --steps {a.steps}")
-        return ckpt, step
+            return None, 0, None
+        ckpt, state, files = find_resumable(a.resume, model, config, lambda msg: print(msg, file=sys.stderr))
+        if state["step"] >= a.steps:
+            raise UsageError(f"--resume {ckpt}: the checkpoint is at step {state['step']}, nothing left to do for --steps {a.steps}")
+        return ckpt, state["step"], files
 
-    ckpt, start = broadcast0(on_some_ranks(find_resume, rank == 0, distributed), distributed)
+    ckpt, start, files = on_some_ranks(find_resume, rank == 0, distributed) or (None, None, None)
+    ckpt, start = broadcast0((ckpt, start), distributed)  # the files stay on rank 0, which broadcasts the tensors
     if ckpt:
-        load_checkpoint(ckpt, model, opt, rank, world, distributed)
+        load_checkpoint(files, model, opt, rank, world, distributed)
         log0(rank, f"resumed from {ckpt} at step {start}")
 
     metrics_path = os.path.join(a.out, "metrics.jsonl")
@@ -564,7 +587,8 @@ def train(a):
 
     def run_state(step):
         return {"step": step, "samples_seen": step * config["global_batch"], "config": config,
-                "rope_scaling": model.args.rope_scaling, "max_seq_len": model.args.max_seq_len}
+                "rope_scaling": model.args.rope_scaling, "max_seq_len": model.args.max_seq_len,
+                "base_fingerprint": a.base_fingerprint}  # (lora.read_adapter reads a checkpoint as an adapter)
 
     # -- the loop
     model.train()
@@ -594,8 +618,15 @@ def train(a):
             # FSDP averages gradients over ranks; times `world` makes it the sum, / n_target the global token mean.
             (ls * world / max(n_target, 1)).backward()
             loss_sum += ls.detach()
-        loss = all_sum([loss_sum.item()], device, distributed)[0] / max(n_target, 1)
+        loss, stopping = all_sum([loss_sum.item(), float(stop.signum or 0)], device, distributed)  # (every rank agrees)
+        loss /= max(n_target, 1)
         grad_norm = torch.nn.utils.clip_grad_norm_(trainable, a.grad_clip if a.grad_clip > 0 else float("inf"))
+        if not (math.isfinite(loss) and math.isfinite(float(grad_norm))):  # (the same on every rank: all-reduced)
+            # Stop before the update: the weights, the checkpoints on disk and the output stay as they were.
+            last = checkpoint_dirs(a.out)[-1:]
+            raise UsageError(f"step {step}: the loss is {loss:g} and the gradient norm {float(grad_norm):g}: training "
+                             f"diverged (try a lower --lr); stopped before this step's update, no result written"
+                             + (f", the last checkpoint {last[0]} is kept" if last else ""))
         opt.step()
         opt.zero_grad(set_to_none=True)
         if device.type == "cuda":
@@ -612,8 +643,12 @@ def train(a):
                        f"{dt:.2f} s/step | peak {peak:.2f} GB ({peak_kind}) | eta {fmt_time(eta)}")
         if a.eval_every and step % a.eval_every == 0 and step != a.steps:
             run_eval(step)
-        if step % a.save_every == 0 or step == a.steps:
+        if step % a.save_every == 0 or step == a.steps or stopping:
             save_checkpoint(a.out, step, model, opt, run_state(step), a.keep, rank, world)
+        if stopping:
+            log0(rank, f"stopped at step {step}: checkpoint saved in {a.out}/checkpoints; to continue, run the same "
+                       f"command with --resume {a.out}")
+            return 128 + (stop.signum or signal.SIGTERM)  # 130 for SIGINT, 143 for SIGTERM (as shells report them)
     run_eval(step)
 
     # -- the result, written by rank 0: an adapter (LoRA), or a whole model in the base's layout (--full,
@@ -633,7 +668,7 @@ def train(a):
             apply_lora(shadow, r=cfg["r"], alpha=cfg["alpha"], dropout=cfg["dropout"], targets=cfg["targets"])
             mark_trainable(shadow, embed=cfg["embed"], norms=cfg["norms"])
             shadow.load_state_dict(tensors, strict=False, assign=True)  # frozen tensors stay on meta: never read
-            save_adapter(shadow, a.out, ctx=a.ctx, extra={"train_args": {k: v for k, v in vars(a).items()
+            save_adapter(shadow, a.out, ctx=a.ctx, fingerprint=a.base_fingerprint, extra={"train_args": {k: v for k, v in vars(a).items()
                                                                          if isinstance(v, (int, float, str, list, type(None)))}})
         log0(rank, f"wrote {'model' if a.full or a.from_scratch else 'adapter'} to {a.out}")
     if distributed:
@@ -645,18 +680,17 @@ def train(a):
 # Entry point: a user's mistake is one "error:" line and exit 2, also under torchrun
 
 
+@entry
 def main(argv=None) -> int:
-    rank = int(os.environ.get("RANK", "0"))
     try:
         a = build_parser().parse_args(argv)
         if a.estimate and not (a.model or a.preset or a.from_scratch):
             a.preset = "llama2-7b"
         check_args(a)
-        return run_estimate(a) if a.estimate else train(a)
-    except (UsageError, CheckpointError, FileNotFoundError, ValueError) as e:
-        if rank == 0:
-            print(f"error: {e}", file=sys.stderr)
-        return 2
+        if a.estimate:
+            return run_estimate(a)
+        with StopSignals() as stop, ExitStack() as held:
+            return train(a, stop, held)
     finally:
         if dist.is_available() and dist.is_initialized() and "WORLD_SIZE" in os.environ:
             dist.destroy_process_group()

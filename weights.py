@@ -19,6 +19,7 @@ from dataclasses import fields
 
 import torch
 
+from cli import one_line
 from model import CheckpointError, ModelArgs, _read_json, hf_config_to_args, hf_key_map, hf_to_meta_qk
 
 # specs[name]: the tensor's shape and dtype as a meta tensor. read(names, rows=None) -> {name: tensor}: a group of
@@ -38,12 +39,12 @@ def checkpoint_layout(path):
     if not os.path.isdir(path):
         raise CheckpointError(f"{path}: expected a directory holding a checkpoint")
     has = lambda name: os.path.exists(os.path.join(path, name))
-    if glob.glob(os.path.join(path, "consolidated.*.pth")):
-        return "meta"
-    if has("params.json") and has("model.safetensors"):
-        return "own"
-    if has("config.json"):
-        return "hf"
+    found = [layout for layout, present in (("meta", glob.glob(os.path.join(path, "consolidated.*.pth"))),
+             ("own", has("params.json") and has("model.safetensors")), ("hf", has("config.json"))) if present]
+    if len(found) > 1:  # e.g. a leftover consolidated.00.pth beside a newer config.json: which one is meant?
+        raise CheckpointError(f"{path}: holds two checkpoint layouts ({' and '.join(found)}); move one of them elsewhere")
+    if found:
+        return found[0]
     if has("params.json"):
         raise CheckpointError(f"{path}: params.json but no consolidated.NN.pth shards or model.safetensors")
     if glob.glob(os.path.join(path, "*.safetensors")):
@@ -54,7 +55,14 @@ def checkpoint_layout(path):
 
 def read_checkpoint(path):
     """(ModelArgs, Weights in Meta's names) from any supported directory."""
-    return {"meta": read_meta, "own": read_own, "hf": read_hf}[checkpoint_layout(path)](path)
+    layout = checkpoint_layout(path)
+    try:
+        return {"meta": read_meta, "own": read_own, "hf": read_hf}[layout](path)
+    except CheckpointError:
+        raise
+    except (KeyError, ValueError) as e:  # a config lacking a field, or with values that make no model
+        config = os.path.join(path, "config.json" if layout == "hf" else "params.json")
+        raise CheckpointError(f"{config}: " + (f"no field {e}" if isinstance(e, KeyError) else one_line(e))) from None
 
 
 def read_own(path):
@@ -138,7 +146,9 @@ def read_meta(path):
         max_seq_len=params.get("max_seq_len", 4096), original_max_seq_len=params.get("original_max_seq_len"),
     )
     # params.json does not say how many shards there were; a lost last shard shows up as short matrices.
-    wq = specs.get("layers.0.attention.wq.weight")
+    wq = specs.get("layers.0.attention.wq.weight")  # (dim, dim); a lost shard shortens dim 0 only
+    if wq is not None and wq.shape[1] != args.dim:
+        raise CheckpointError(f"{path}: params.json says dim {args.dim}, the weights have {wq.shape[1]} (another model's params.json?)")
     if wq is not None and wq.shape[0] < args.dim:
         raise CheckpointError(f"{path}: layers.0.attention.wq.weight has {wq.shape[0]} rows but params.json says dim "
                               f"{args.dim}: a consolidated.NN.pth shard is missing ({len(files)} found)")

@@ -162,7 +162,7 @@ def test_meta_two_shards_load_to_the_same_logits_as_hf(tmp_path):
 
 def test_own_checkpoint_round_trip(tmp_path, sp_model):
     torch.manual_seed(0)
-    model = Transformer(preset("tiny", rope_scaling=2.0, max_seq_len=256)).eval()
+    model = Transformer(preset("tiny", vocab_size=512, rope_scaling=2.0, max_seq_len=256)).eval()
     model.save_pretrained(tmp_path / "ck", tokenizer_path=sp_model)
     back = Transformer.from_pretrained(str(tmp_path / "ck")).eval()
     assert back.args == model.args

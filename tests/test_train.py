@@ -461,8 +461,11 @@ RECIPE = {"lr": 2e-5, "warmup": 20, "schedule": "constant", "weight_decay": 0.0,
           "no_grad_ckpt": False}
 
 
-def test_defaults_are_longloras_recipe():
-    a = train.build_parser().parse_args(["--model", ".", "--data", ".", "--out", "o"])
+def test_defaults_are_longloras_recipe(tmp_path):
+    (tmp_path / "base").mkdir()
+    (tmp_path / "data.txt").write_text("text")
+    a = train.build_parser().parse_args(["--model", str(tmp_path / "base"), "--data", str(tmp_path / "data.txt"),
+                                         "--out", str(tmp_path / "out")])
     train.check_args(a)
     assert {k: getattr(a, k) for k in RECIPE} == RECIPE
 

@@ -1,0 +1,171 @@
+"""
+What every command line of this project shares, so that each script says it once:
+
+  * a user's mistake is one `error: ...` line on stderr and exit status 2, never a traceback, also under
+    torchrun (`entry`, around each script's main(argv));
+  * `--help` shows every default, which flags are required, and example commands (`Parser`);
+  * a file or folder that will be written is checked before the long work starts (`check_output`), and a
+    folder is written by one command at a time (`lock_output`).
+
+    @entry
+    def main(argv=None) -> int:
+        p = Parser(description="...", examples=["python x.py --in a --out b"])
+        ...
+"""
+
+import argparse
+import fcntl
+import functools
+import json
+import os
+import sys
+import tempfile
+import time
+
+
+class UsageError(Exception):
+    """A user's mistake found by a check of the arguments (the same on every rank under torchrun)."""
+
+
+# What a user's mistake raises, besides UsageError: the readers of checkpoints, tokenizers and data raise
+# ValueError (model.CheckpointError is one) with a message naming the file; paths that do not exist or cannot
+# be written raise OSError (FileNotFoundError, NotADirectoryError, PermissionError, ...). Anything else is a
+# bug, and keeps its traceback.
+USER_ERRORS = (UsageError, ValueError, OSError)
+
+
+def one_line(e: BaseException) -> str:
+    text = " ".join(str(e).split())
+    return text or type(e).__name__
+
+
+def report(e: BaseException):
+    """Print the error once. Under torchrun, an argument error is the same on every rank: the first rank of
+    each machine prints it; any other error is printed by the rank that met it, with its rank.
+
+    torchrun stops every rank as soon as one exits, and then prints its own summary of the failure. So each
+    rank also writes the line into torchrun's error file (TORCHELASTIC_ERROR_FILE), which that summary shows
+    as the "Root Cause"; and a rank that prints nothing waits a moment, so that the one that prints is not
+    stopped before it has."""
+    rank, local_rank = os.environ.get("RANK"), os.environ.get("LOCAL_RANK", "0")
+    line = f"error: {one_line(e)}"
+    if rank is None or "WORLD_SIZE" not in os.environ:
+        print(line, file=sys.stderr)
+        return
+    if not isinstance(e, UsageError):
+        line = f"error: rank {rank}: {one_line(e)}"
+    if local_rank == "0" or not isinstance(e, UsageError):
+        print(line, file=sys.stderr, flush=True)
+    if os.environ.get("TORCHELASTIC_ERROR_FILE"):  # the format torch.distributed.elastic's @record writes
+        with open(os.environ["TORCHELASTIC_ERROR_FILE"], "w") as f:
+            json.dump({"message": {"message": line, "extraInfo": {"py_callstack": line, "timestamp": str(int(time.time()))}}}, f)
+    if local_rank != "0" and isinstance(e, UsageError):
+        time.sleep(2)
+
+
+def entry(main):
+    """Decorate a script's main(argv) -> int: a user's mistake prints one `error:` line and returns 2;
+    Ctrl-C prints one line and returns 130 (the shell's code for SIGINT)."""
+
+    @functools.wraps(main)
+    def run(argv=None):
+        try:
+            return main(argv)
+        except USER_ERRORS as e:
+            report(e)
+            return 2
+        except KeyboardInterrupt:
+            print("interrupted", file=sys.stderr)
+            return 130
+
+    return run
+
+
+# ----------------------------------------------------------------------------------------------------
+# Arguments
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Every flag's help ends with its default (unless the text already states it) and says when it is required."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        default = action.default
+        shown = " ".join(map(str, default)) if isinstance(default, (list, tuple)) else str(default)
+        if (not any(default is v for v in (None, False, argparse.SUPPRESS)) and action.option_strings  # (0 == False)
+                and not all(str(v) in text for v in (default if isinstance(default, (list, tuple)) else [default]))):
+            text += f" (default: {shown.replace('%', '%%')})"
+        if action.required and action.option_strings:
+            text += " (required)"
+        return text
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with HelpFormatter, no abbreviated flags, example commands below the flags, and a mistake
+    raised as UsageError (one line; `entry` prints it) instead of a usage dump and exit."""
+
+    def __init__(self, *args, examples=(), **kw):
+        kw.setdefault("formatter_class", HelpFormatter)
+        kw.setdefault("allow_abbrev", False)
+        if examples:
+            kw.setdefault("epilog", "examples:\n" + "\n".join(f"  {e}" for e in examples))
+        super().__init__(*args, **kw)
+
+    def error(self, message):
+        raise UsageError(message)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Outputs
+
+
+LOCK = ".longlora.lock"  # in every folder a command writes: its lock, and the stamp that says "written by us"
+
+
+def lock_output(path, flag):
+    """An exclusive lock on the folder `path` (created if need be), held until the returned file is closed or the
+    process ends, even by a kill: a second command writing the same folder at the same time is refused, instead
+    of both interleaving their files. The lock file stays: it stamps the folder as one this project wrote."""
+    os.makedirs(path, exist_ok=True)
+    f = open(os.path.join(path, LOCK), "a")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.close()
+        raise UsageError(f"{flag} {path}: another command is writing there now (it holds {path}/{LOCK})") from None
+    return f
+
+
+def check_output(path, flag, is_dir=False, inputs=(), ours=()):
+    """Before any long work: make sure `path` can be written (as a directory with is_dir). It must not be
+    of the other kind (a file where a directory goes, or the reverse), and the nearest folder that exists,
+    `path` itself or a parent, must accept a new file: one is created there and removed again. That is
+    the only test that also holds for root (who ignores permission bits) and read-only file systems.
+
+    inputs: (flag, path) pairs the command reads; `path` must be none of them nor lie inside one, compared by
+    real path (symlinks resolved). A folder that already holds files must be one this project wrote (it holds
+    LOCK, or one of the names in `ours`), so that nothing in a user's folder is overwritten or deleted."""
+    real = os.path.realpath(path)
+    for in_flag, p in inputs:
+        if real == os.path.realpath(p) or real.startswith(os.path.join(os.path.realpath(p), "")):
+            raise UsageError(f"{flag} {path} {'is' if real == os.path.realpath(p) else 'is inside'} {in_flag} {p}; "
+                             "write to a new directory")
+    if is_dir and os.path.isdir(path) and os.listdir(path) and not any(
+            os.path.exists(os.path.join(path, n)) for n in (LOCK, *ours)):
+        raise UsageError(f"{flag} {path} holds files this project did not write; choose a new or empty folder")
+    path = os.path.abspath(path)
+    if os.path.exists(path) and os.path.isdir(path) != is_dir:
+        raise UsageError(f"{flag} {path}: is {'a file' if is_dir else 'a directory'}; expected "
+                         f"{'a directory' if is_dir else 'a file'}")
+    folder = path if is_dir else os.path.dirname(path)
+    existing = folder
+    while not os.path.exists(existing):  # a folder to write is created later, with its missing parents
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise UsageError(f"{flag} {path}: {existing} is a file, not a directory")
+    if existing != folder and not is_dir:  # a file goes into a folder that exists
+        raise UsageError(f"{flag} {path}: no such folder {folder}")
+    try:
+        tempfile.TemporaryFile(dir=existing).close()
+    except OSError as e:
+        raise UsageError(f"{flag} {path}: cannot write in {existing} ({e.strerror or e})") from None

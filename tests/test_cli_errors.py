@@ -1,0 +1,397 @@
+"""Bad input never crashes and nothing is lost: a table of user mistakes, every CLI. Each case must exit 2 with
+exactly one `error:` line on stderr, no traceback, and leave every file that existed before byte-identical.
+
+The cases run in this process (main(argv), as `python X.py` does via cli.entry); two of them also as real
+subprocesses. "Read-only" outputs: the tests run as root, whom permission bits do not stop, so an unwritable
+path here is one below a regular file (`FILE/out`), which no user can create; cli.check_output finds both
+kinds the same way, by creating a probe file in the nearest existing folder.
+"""
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import ROOT, STDLIB
+from lora import apply_lora, mark_trainable, save_adapter
+from model import Transformer, preset
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory, sp_model):
+    """Everything the cases point at: a tiny model, an adapter, a finished training run, and broken copies."""
+    torch.set_num_threads(1)
+    d = tmp_path_factory.mktemp("world")
+    w = {"tok": sp_model}
+
+    def path(name):
+        w[name] = str(d / name)
+        return w[name]
+
+    torch.manual_seed(0)
+    model = Transformer(preset("tiny", vocab_size=512))
+    model.save_pretrained(path("base"), tokenizer_path=sp_model)
+    apply_lora(model, r=2, alpha=4)
+    mark_trainable(model)
+    with torch.no_grad():  # as if trained: B != 0, so merging changes the weights
+        for name, p in model.named_parameters():
+            if name.endswith("lora_b"):
+                p.normal_(0, 0.1)
+    save_adapter(model, path("adapter"), ctx=128)
+    torch.manual_seed(1)  # another base of the same shapes
+    Transformer(preset("tiny", vocab_size=512)).save_pretrained(path("other_base"), tokenizer_path=sp_model)
+    Transformer(preset("tiny", vocab_size=2048)).save_pretrained(path("big_vocab"), tokenizer_path=sp_model)
+    os.makedirs(path("corpus"))
+    shutil.copy(os.path.join(STDLIB, "argparse.py"), w["corpus"])
+    open(path("file"), "w").write("a regular file\n")
+    w["under"] = os.path.join(w["file"], "out")  # below a regular file: unwritable for anyone
+    open(path("garbage.model"), "wb").write(b"not a sentencepiece model\n" * 10)
+
+    shutil.copytree(w["base"], path("garbage_tok"))  # a model whose tokenizer.model is garbage
+    shutil.copy(w["garbage.model"], os.path.join(w["garbage_tok"], "tokenizer.model"))
+    os.makedirs(path("hf_no_hidden"))  # config.json without hidden_size
+    json.dump({"model_type": "llama", "num_attention_heads": 4, "num_hidden_layers": 2, "vocab_size": 512,
+               "intermediate_size": 192}, open(os.path.join(w["hf_no_hidden"], "config.json"), "w"))
+    shutil.copytree(w["base"], path("dim_str"))  # params.json with "dim": "64"
+    params = json.load(open(os.path.join(w["base"], "params.json")))
+    json.dump({**params, "dim": "64"}, open(os.path.join(w["dim_str"], "params.json"), "w"))
+    os.makedirs(path("meta_bad"))  # a Meta params.json of another size than its weights
+    torch.save(Transformer(preset("tiny", vocab_size=512)).state_dict(), os.path.join(w["meta_bad"], "consolidated.00.pth"))
+    json.dump({"dim": 128, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "vocab_size": 512, "multiple_of": 32},
+              open(os.path.join(w["meta_bad"], "params.json"), "w"))
+    os.symlink(w["base"], path("link_to_base"))
+    shutil.copytree(w["base"], path("mixed"))  # a leftover Meta shard beside this project's layout
+    shutil.copy(os.path.join(w["meta_bad"], "consolidated.00.pth"), w["mixed"])
+
+    import export
+    import train
+    assert export.main(["merge", "--base", w["base"], "--adapter", w["adapter"], "--out", path("merged"), "--format", "own"]) == 0
+    assert train.main(train_args(w, path("run"), "--steps", "1", "--save-every", "1", "--keep", "1")) == 0
+    ckpt = "checkpoints/step-000001"
+    for name, damage in (("trainable.safetensors", "cut"), ("optimizer.pt", "cut"), ("rng.pt", "cut"), ("state.json", "junk")):
+        run = path(f"run_bad_{name.split('.')[0]}")
+        shutil.copytree(w["run"], run)
+        f = os.path.join(run, ckpt, name)
+        data = open(f, "rb").read()
+        open(f, "wb").write(data[: len(data) // 2] if damage == "cut" else b"{not json")
+    return w
+
+
+def train_args(w, out, *extra):
+    return ["--model", w["base"], "--data", w["corpus"], "--ctx", "32", "--grad-accum", "1", "--heldout", "0",
+            "--token-cache", os.path.join(os.path.dirname(w["base"]), "tokens"), "--out", out, *extra]
+
+
+def resume(bad):
+    return lambda w: train_args(w, w[bad], "--steps", "2", "--resume", w[bad])
+
+
+# (id, script, argv: list with {placeholders} or a function of the world, regex the error line must match)
+CASES = [
+    # model.py
+    ("model-garbage-tokenizer", "model", ["--model", "{garbage_tok}"], r"tokenizer\.model: not a sentencepiece"),
+    ("model-config-no-hidden-size", "model", ["--model", "{hf_no_hidden}"], r"config\.json: no field 'hidden_size'"),
+    ("model-params-dim-string", "model", ["--model", "{dim_str}"], r"params\.json: dim must be a number, got '64'"),
+    ("model-meta-params-wrong-size", "model", ["--model", "{meta_bad}"], r"params\.json says dim 128, the weights have 64"),
+    ("model-mixed-layouts", "model", ["--model", "{mixed}"], r"two checkpoint layouts \(meta and own\)"),
+    ("model-tokenizer-too-small", "model", ["--model", "{big_vocab}"],  # rule c
+     r"a 512-token tokenizer does not fit the model's 2048-token embedding"),
+    ("model-unknown-flag", "model", ["--bogus"], r"unrecognized arguments: --bogus"),
+    # sample.py
+    ("sample-temperature-nan", "sample", ["--model", "{base}", "--prompt", "hi there", "--temperature", "nan"], r"finite --temperature"),
+    ("sample-h2o-no-budget", "sample", ["--model", "{base}", "--prompt", "hi there", "--kv-cache", "h2o", "--heavy", "0",
+                                        "--recent", "0"], r"--kv-cache h2o needs --recent > 0"),
+    ("sample-sink-no-recent", "sample", ["--model", "{base}", "--prompt", "hi there", "--kv-cache", "sink", "--recent", "0"],
+     r"--kv-cache sink needs --recent > 0"),
+    ("sample-garbage-tokenizer", "sample", ["--model", "{garbage_tok}", "--prompt", "hi there"], r"not a sentencepiece"),
+    ("sample-adapter-on-another-base", "sample", ["--model", "{other_base}", "--adapter", "{adapter}", "--prompt", "hi there"],
+     r"trained on another base model"),  # rule d
+    ("sample-adapter-on-its-merged-model", "sample", ["--model", "{merged}", "--adapter", "{adapter}", "--prompt", "hi there"],
+     r"already contains it"),
+    ("eval-adapter-on-its-merged-model", "eval", ["ppl", "--model", "{merged}", "--adapter", "{adapter}", "--data", "{corpus}"],
+     r"already contains it"),
+    # eval.py: --out is checked before the compute (a missing folder would lose every result)
+    ("eval-out-below-file", "eval", ["ppl", "--model", "{base}", "--data", "{corpus}", "--seq-lens", "32",
+                                      "--out", "{file}/results.json"], r"--out .*is a file, not a directory"),
+    ("eval-out-in-missing-dir", "eval", ["ppl", "--model", "{base}", "--data", "{corpus}", "--seq-lens", "32",
+                                         "--out", "{file}dir6/nope/results.json"], r"--out .*no such folder"),
+    ("eval-png-unwritable", "eval", ["passkey", "--model", "{base}", "--png", "{under}/p.png"], r"--png .*is a file"),
+    ("eval-garbage-tokenizer", "eval", ["ppl", "--model", "{garbage_tok}", "--data", "{corpus}"], r"not a sentencepiece"),
+    ("eval-no-task", "eval", [], r"required: task"),
+    # lora.py / export.py
+    ("merge-out-is-file", "export", ["merge", "--base", "{base}", "--adapter", "{adapter}", "--out", "{file}"],
+     r"--out .*is a file; expected a directory"),
+    ("merge-out-unwritable", "export", ["merge", "--base", "{base}", "--adapter", "{adapter}", "--out", "{under}"],
+     r"--out .*is a file, not a directory"),
+    ("peft-out-is-file", "export", ["peft", "--base", "{base}", "--adapter", "{adapter}", "--out", "{file}"], r"--out .*is a file"),
+    ("merge-out-is-base", "export", ["merge", "--base", "{base}", "--adapter", "{adapter}", "--out", "{base}/."],
+     r"--out .* is --base"),
+    ("merge-garbage-tokenizer", "export", ["merge", "--base", "{garbage_tok}", "--adapter", "{adapter}", "--out", "{file}dir4"],
+     r"not a sentencepiece"),
+    # rule a: outputs against inputs by real path; never into a folder this project did not write
+    ("merge-out-symlink-to-base", "export", ["merge", "--base", "{base}", "--adapter", "{adapter}", "--out", "{link_to_base}"],
+     r"--out .*link_to_base is --base"),
+    ("merge-out-foreign-folder", "export", ["merge", "--base", "{base}", "--adapter", "{adapter}", "--out", "{corpus}"],
+     r"holds files this project did not write"),
+    ("train-out-inside-data", "train", lambda w: train_args(w, os.path.join(w["corpus"], "run")), r"--out .* is inside --data"),
+    ("eval-out-inside-data", "eval", ["ppl", "--model", "{base}", "--data", "{corpus}", "--out", "{corpus}/ppl.json"],
+     r"--out .* is inside --data"),
+    # train.py
+    ("train-out-is-file", "train", lambda w: train_args(w, w["file"]), r"--out .*is a file; expected a directory"),
+    ("train-out-unwritable", "train", lambda w: train_args(w, w["under"]), r"--out .*is a file, not a directory"),
+    ("train-token-cache-is-file", "train", lambda w: train_args(w, w["file"] + "dir")[:-4] + [
+        "--token-cache", w["file"], "--out", w["file"] + "dir"], r"--token-cache .*is a file; expected a directory"),
+    ("train-garbage-tokenizer", "train", lambda w: train_args(w, os.path.join(w["file"] + "dir", "o"))
+     + ["--tokenizer", w["garbage.model"]], r"garbage\.model: not a sentencepiece"),
+    ("train-lr-inf", "train", lambda w: train_args(w, w["file"] + "dir2") + ["--lr", "inf"], r"--lr must be"),
+    ("train-resume-truncated-trainable", "train", resume("run_bad_trainable"), r"trainable\.safetensors: cannot read"),
+    ("train-resume-truncated-optimizer", "train", resume("run_bad_optimizer"), r"optimizer\.pt: cannot read"),
+    ("train-resume-truncated-rng", "train", resume("run_bad_rng"), r"rng\.pt: cannot read"),
+    ("train-resume-invalid-state-json", "train", resume("run_bad_state"), r"--resume .*state\.json"),
+    # bench.py, attention.py, demo.py
+    ("bench-train-repeats-0", "bench", ["train", "--repeats", "0"], r"--repeats must be >= 1"),
+    ("bench-attention-short-T", "bench", ["attention", "--T", "4"], r"--T must be at least 8"),
+    ("attention-T-1", "attention", ["--T", "1"], r"--T must be between 2 and 200"),
+    ("attention-odd-group", "attention", ["--T", "16", "--group-size", "3"], r"group"),
+    ("demo-seeds-0", "demo", ["--seeds", "0", "--out", "{under}"], r"--seeds must be >= 1"),
+    ("demo-missing-corpus", "demo", ["--fast", "--corpus", "{file}nope", "--out", "{file}dir3"], r"--corpus"),
+]
+
+
+def snapshot(root):
+    out = {}
+    for dirpath, _, names in os.walk(root):
+        for n in names:
+            p = os.path.join(dirpath, n)
+            out[p] = hashlib.sha256(open(p, "rb").read()).hexdigest()
+    return out
+
+
+def run_main(script, argv, capsys):
+    import importlib
+
+    module = importlib.import_module(script)
+    try:
+        code = module.main(argv)
+    except SystemExit as e:  # a script that would exit the interpreter: count it as its exit status
+        code = e.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.mark.parametrize("name,script,argv,pattern", CASES, ids=[c[0] for c in CASES])
+def test_a_mistake_is_one_error_line_and_exit_2(world, capsys, name, script, argv, pattern):
+    argv = argv(world) if callable(argv) else [a.format(**world) for a in argv]
+    root = os.path.dirname(world["base"])
+    before = snapshot(root)
+    code, out, err = run_main(script, argv, capsys)
+    errors = [line for line in err.splitlines() if "error:" in line]
+    assert code == 2 and len(errors) == 1 and "Traceback" not in out + err, (code, out[-2000:], err[-2000:])
+    assert errors[0].startswith("error: ") and re.search(pattern, errors[0]), errors[0]
+    after = snapshot(root)
+    assert {p: h for p, h in after.items() if p in before} == before, "a file that existed changed or vanished"
+
+
+@pytest.mark.parametrize("script,argv,pattern", [
+    ("sample.py", ["--model", "{base}", "--prompt", "hi", "--temperature", "nan"], r"finite --temperature"),
+    ("train.py", ["--model", "{base}", "--data", "{corpus}", "--out", "{under}"], r"--out .*is a file"),
+])
+def test_a_mistake_from_the_command_line_is_one_line_too(world, script, argv, pattern):
+    r = subprocess.run([sys.executable, os.path.join(ROOT, script), *[a.format(**world) for a in argv]],
+                       capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert r.returncode == 2 and "Traceback" not in r.stdout + r.stderr, r.stderr[-2000:]
+    assert len(r.stderr.strip().splitlines()) == 1 and re.search(pattern, r.stderr), r.stderr
+
+
+def test_a_70b_preset_is_described_without_allocating_it(capsys):
+    import model
+
+    assert model.main(["--preset", "llama2-70b"]) == 0
+    out = capsys.readouterr().out
+    assert "68976.65M parameters" in out and "meta device" in out
+
+
+# ----------------------------------------------------------------------------------------------------
+# --help: every default (0 included), which flags are required, and example commands
+
+HELP = [("model", []), ("sample", []), ("eval", []), ("eval", ["ppl"]), ("eval", ["passkey"]), ("train", []),
+        ("export", []), ("export", ["merge"]), ("export", ["peft"]), ("export", ["import"]), ("bench", []),
+        ("bench", ["attention"]), ("bench", ["train"]), ("bench", ["sample"]), ("attention", []), ("demo", [])]
+
+
+@pytest.mark.parametrize("script,sub", HELP, ids=[" ".join([s, *sub]) for s, sub in HELP])
+def test_help_shows_every_default_the_required_flags_and_examples(script, sub, monkeypatch, capsys):
+    import argparse
+    import importlib
+
+    shown = []
+    real = argparse.ArgumentParser.print_help
+    monkeypatch.setattr(argparse.ArgumentParser, "print_help", lambda self, file=None: (shown.append(self), real(self, file)))
+    code, out, err = run_main(script, [*sub, "--help"], capsys)
+    assert code == 0 and shown, err
+    parser, text = shown[-1], " ".join(out.split())  # argparse wraps lines: compare with whitespace collapsed
+    for action in parser._actions:
+        if not action.option_strings or any(action.default is v for v in (None, False, argparse.SUPPRESS)):  # 0 counts
+            continue
+        m = re.search(r"^  " + re.escape(action.option_strings[0]) + r"\b.*?(?=^  -|^\S|\Z)", out, re.M | re.S)
+        block = " ".join(m.group(0).split())  # this flag's help, up to the next flag
+        values = action.default if isinstance(action.default, (list, tuple)) else [action.default]
+        assert all(str(v) in block for v in values), (action.option_strings, action.default, block)
+        if action.required:
+            assert "(required)" in block, action.option_strings
+    assert "examples:" in text and out.split("examples:")[1].count("python") >= 1 + (len(HELP) > 0 and not sub), out
+
+
+# ----------------------------------------------------------------------------------------------------
+# Under torchrun: the error line is printed (once per machine) and is torchrun's "Root Cause"; no rank crashes
+
+
+@pytest.mark.parametrize("bad,pattern", [
+    (["--ctx", "0"], r"--ctx must be >= 1, got 0"),  # every rank finds it in its arguments
+    (["--resume", "{corpus}"], r"--resume .*no complete checkpoint"),  # rank 0 alone reads the disk; the others agree
+], ids=["bad-ctx", "bad-resume"])
+def test_a_mistake_under_torchrun_is_one_line_per_machine(world, bad, pattern):
+    argv = train_args(world, os.path.join(world["file"] + "dir5", "o"), "--steps", "1") + [b.format(**world) for b in bad]
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        os.path.join(ROOT, "train.py"), *argv], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    ours = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    assert r.returncode != 0 and len(ours) == 1 and re.search(pattern, ours[0]), r.stderr[-3000:]
+    assert re.search(r"traceback : error: " + pattern, r.stderr), r.stderr[-3000:]  # torchrun's summary names it too
+    assert 'train.py", line' not in r.stderr  # no traceback through our code
+    codes = re.findall(r"exitcode\s*: (-?\d+)", r.stderr)
+    assert codes and set(codes) <= {"2", "-15"}, codes  # exit 2, or stopped by torchrun after another rank's exit 2
+
+
+# ----------------------------------------------------------------------------------------------------
+# Rules: a diverged run writes nothing; a damaged newest checkpoint falls back to the previous one
+
+
+def test_a_diverging_run_stops_before_the_update_and_writes_no_result(world, tmp_path, capsys):
+    import train
+
+    out = str(tmp_path / "run")
+    code = train.main(train_args(world, out, "--steps", "4", "--save-every", "1", "--warmup", "0", "--lr", "1e30"))
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("error:") == 1 and "diverged" in err, err
+    assert not os.path.exists(os.path.join(out, "adapter.safetensors"))
+    ckpts = sorted(os.listdir(os.path.join(out, "checkpoints")))
+    assert ckpts == ["step-000001"] and "step-000001 is kept" in err  # step 2 was never applied nor saved
+
+
+def test_resume_falls_back_from_a_damaged_newest_checkpoint_and_says_so(world, tmp_path, capsys):
+    import train
+
+    out = str(tmp_path / "run")
+    assert train.main(train_args(world, out, "--steps", "2", "--save-every", "1", "--keep", "2")) == 0
+    newest = os.path.join(out, "checkpoints", "step-000002", "optimizer.pt")
+    open(newest, "r+b").truncate(100)
+    capsys.readouterr()
+    assert train.main(train_args(world, out, "--steps", "3", "--save-every", "1", "--keep", "2", "--resume", out)) == 0
+    captured = capsys.readouterr()
+    assert "step-000002/optimizer.pt: cannot read" in captured.err and "previous checkpoint" in captured.err
+    assert f"resumed from {os.path.join(out, 'checkpoints', 'step-000001')} at step 1" in captured.out
+
+
+def test_sigterm_saves_a_checkpoint_says_how_to_resume_and_resume_works(world, tmp_path):
+    import signal
+
+    out = str(tmp_path / "run")
+    argv = train_args(world, out, "--steps", "100000", "--save-every", "100000")
+    p = subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), *argv], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    for line in p.stdout:  # wait until training runs
+        if line.startswith("step 2/"):
+            break
+    p.send_signal(signal.SIGTERM)  # a preempted job
+    rest, err = p.communicate(timeout=120)
+    assert p.returncode == 143 and "Traceback" not in err, err
+    step = int(re.search(r"stopped at step (\d+)", rest).group(1))
+    assert f"--resume {out}" in rest and os.path.isdir(os.path.join(out, "checkpoints", f"step-{step:06d}"))
+    import train
+    assert train.main(train_args(world, out, "--steps", str(step + 1), "--save-every", "100000", "--resume", out)) == 0
+
+
+def test_two_runs_cannot_write_one_out_at_the_same_time(world, tmp_path, capsys):
+    import cli
+    import train
+
+    out = str(tmp_path / "run")
+    other = cli.lock_output(out, "--out")  # another run, still writing there
+    try:
+        assert train.main(train_args(world, out, "--steps", "1")) == 2
+    finally:
+        other.close()
+    err = capsys.readouterr().err
+    assert err.count("error:") == 1 and "another command is writing there now" in err
+    assert not os.path.exists(os.path.join(out, "metrics.jsonl"))
+    assert train.main(train_args(world, out, "--steps", "1")) == 0  # free again once the other one ends
+
+
+def test_a_checkpoint_reads_as_the_adapter_the_finished_run_writes(world, tmp_path):
+    """Rule j: sample.py, eval.py and lora.py merge take a checkpoint, or a run folder without an adapter yet
+    (then its newest checkpoint), as --adapter."""
+    import lora
+    import sample
+
+    unfinished = str(tmp_path / "run")  # the finished 1-step run, as if it had stopped before writing its adapter
+    shutil.copytree(world["run"], unfinished, ignore=shutil.ignore_patterns("adapter*"))
+    written = sample.load_model(world["base"], world["run"])  # adapter.safetensors of the finished run
+    for path in (unfinished, os.path.join(unfinished, "checkpoints", "step-000001")):
+        from_ckpt = sample.load_model(world["base"], path)
+        assert from_ckpt.args == written.args
+        for (k, a), (k2, b) in zip(from_ckpt.state_dict().items(), written.state_dict().items()):
+            assert k == k2 and torch.equal(a, b), k
+    assert lora.read_adapter(unfinished)[0]["extra"]["checkpoint"].endswith("step-000001")
+
+
+def test_the_fast_demo_has_its_own_folder_and_demo_deletes_only_its_own(tmp_path, monkeypatch, capsys):
+    """Rule h: `demo.py --fast` writes out/demo-fast, never the real run's out/demo; a stage folder demo.py did
+    not write is refused, not deleted; nor does it write into a foreign --out."""
+    import demo
+
+    seen = []
+    monkeypatch.setattr(demo, "run", lambda a: seen.append(a.out) or 0)
+    assert demo.main(["--fast"]) == 0 and demo.main([]) == 0
+    assert seen == ["out/demo-fast", "out/demo"]
+    monkeypatch.undo()
+
+    foreign = tmp_path / "results"
+    foreign.mkdir()
+    (foreign / "mine.txt").write_text("a user's file")
+    with pytest.raises(demo.UsageError, match="not written by demo.py"):
+        demo.run_stage("a stage", str(foreign), "stamp", [], None)
+    assert demo.main(["--fast", "--out", str(tmp_path)]) == 2  # tmp_path holds `results`, which is not the demo's
+    assert "this project did not write" in capsys.readouterr().err
+    assert (foreign / "mine.txt").read_text() == "a user's file" and sorted(os.listdir(tmp_path)) == ["results"]
+
+
+def test_sample_without_model_uses_the_demo_model_or_says_what_to_pass(world, tmp_path, monkeypatch, capsys):
+    """Section 6: `python sample.py --prompt file.txt` after `python demo.py` samples from the demo's best model."""
+    import sample
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "prompt.txt").write_text("def main(argv=None):\n")
+    assert sample.main(["--prompt", "prompt.txt"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "pass --model DIR" in err and "python demo.py" in err
+    demo_out = tmp_path / "out" / "demo"  # what demo.py leaves: results.json naming the base and the best adapter
+    shutil.copytree(world["base"], demo_out / "base")
+    shutil.copytree(world["adapter"], demo_out / "runs" / "s2-seed0")
+    (demo_out / "results.json").write_text(json.dumps({"sample": {"model": "s2", "base": "base", "adapter": "runs/s2-seed0"}}))
+    assert sample.main(["--prompt", "prompt.txt", "--max-new-tokens", "4"]) == 0
+    captured = capsys.readouterr()
+    assert "--adapter out/demo/runs/s2-seed0" in captured.err and captured.out.strip()
+
+
+def test_an_export_may_be_repeated_into_the_folder_it_wrote(world, tmp_path):
+    import export
+
+    out = str(tmp_path / "merged")
+    argv = ["merge", "--base", world["base"], "--adapter", world["adapter"], "--out", out, "--format", "own"]
+    assert export.main(argv) == 0 and export.main(argv) == 0  # stamped by the first: ours to overwrite
