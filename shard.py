@@ -1,5 +1,6 @@
 """
-FSDP2 for train.py: shard a model built on the meta device, then fill it from a checkpoint, each rank
+The process group and FSDP2 for train.py: setup_distributed and the collectives train.py agrees
+through, then shard a model built on the meta device, then fill it from a checkpoint, each rank
 reading only its own shard of each tensor.
 
     args, weights = read_checkpoint(path)                         # weights.py: configs and indexes only
@@ -25,13 +26,77 @@ for another). The LoRA matrices are not in the checkpoint: `lora_init_values` dr
 on the CPU, so one process and W ranks start from the same numbers.
 """
 
+import datetime
 import math
+import os
 
 import torch
 import torch.distributed as dist
 
+from cli import USER_ERRORS, UsageError, one_line
 from lora import init_lora_, lora_modules
 from model import CheckpointError, check_state_dict
+
+
+# torchrun sets RANK / LOCAL_RANK / WORLD_SIZE; without them train.py runs in one process
+
+
+def setup_distributed():
+    """(rank, local_rank, world, device, distributed, wait_group)."""
+    if "WORLD_SIZE" not in os.environ:
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return 0, 0, 1, device, False, None
+    rank, local_rank, world = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+    if not dist.is_initialized():  # the default timeout: a rank that stops is noticed within minutes, not hours
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    # On the first run local rank 0 tokenizes the whole dataset while the others wait, which can take longer than
+    # NCCL's 10-minute default: that one wait happens in a group of its own (gloo: on the CPU) with a long timeout.
+    wait_group = dist.new_group(backend="gloo", timeout=datetime.timedelta(hours=4))
+    return rank, local_rank, world, device, True, wait_group
+
+
+def all_sum(values, device, distributed):
+    """Sum a list of floats over all ranks (fp64, so token counts stay exact)."""
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    if distributed:
+        dist.all_reduce(t)
+    return t.tolist()
+
+
+def on_some_ranks(fn, here, distributed, group=None):
+    """Run fn() on the ranks where `here` is true, and make every rank agree on the outcome: if it failed
+    anywhere, all ranks raise the same UsageError (instead of the others waiting forever at a collective).
+    Returns fn's result where it ran, else None. `group`: the process group to agree in (default: the world)."""
+    result, err = None, None
+    if here:
+        try:
+            result = fn()
+        except USER_ERRORS as e:
+            err = one_line(e)
+    if distributed:
+        errs = [None] * dist.get_world_size()
+        dist.all_gather_object(errs, err, group=group)
+        err = next((e for e in errs if e), None)
+    if err:
+        raise UsageError(err)
+    return result
+
+
+def broadcast0(obj, distributed):
+    """Rank 0's object on every rank."""
+    if not distributed:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+# FSDP2 and sharded loading
 
 
 def shard_model(model, device, bf16):

@@ -58,7 +58,6 @@ what a checkpoint holds and why a kill cannot break it, in checkpoint.py):
     and ETA, and appends them to out/metrics.jsonl, with the held-out losses (full attention).
 """
 
-import datetime
 import hashlib
 import json
 import math
@@ -74,7 +73,7 @@ import torch
 import torch.distributed as dist
 
 from attention import resolve_group_size
-from cli import USER_ERRORS, Parser, UsageError, check_output, entry, lock_output, one_line
+from cli import Parser, UsageError, check_output, entry, lock_output
 from checkpoint import checkpoint_dirs, find_checkpoint, find_resumable, full_trainable_state, load_checkpoint, save_checkpoint
 from data import (SFT_TEMPLATES, PackedData, SFTData, longlora_sft_group_size, open_tokens, prepare_sft, prepare_tokens,
                   sample_positions, split_heldout)
@@ -82,7 +81,7 @@ from estimate import run_estimate
 from export import write_model
 from lora import DEFAULT_TARGETS, TARGETS, apply_lora, base_fingerprint, mark_trainable, save_adapter, trainable_summary
 from model import PRESETS, ModelArgs, Tokenizer, Transformer, atomic_write, check_tokenizer_fits, find_tokenizer, preset
-from shard import load_weights, lora_init_values, shard_model
+from shard import all_sum, broadcast0, load_weights, lora_init_values, on_some_ranks, setup_distributed, shard_model
 from weights import checkpoint_layout, read_checkpoint
 
 
@@ -333,65 +332,6 @@ def build_model(a, tokenizer, device, distributed):
     elif not distributed:
         model.to(device)
     return model
-
-
-# ----------------------------------------------------------------------------------------------------
-# FSDP: torchrun sets RANK / LOCAL_RANK / WORLD_SIZE; without them we run single-process
-
-
-def setup_distributed():
-    """(rank, local_rank, world, device, distributed, wait_group)."""
-    if "WORLD_SIZE" not in os.environ:
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        return 0, 0, 1, device, False, None
-    rank, local_rank, world = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
-    if torch.cuda.is_available():
-        torch.cuda.set_device(local_rank)
-        device = torch.device("cuda", local_rank)
-    else:
-        device = torch.device("cpu")
-    if not dist.is_initialized():  # the default timeout: a rank that stops is noticed within minutes, not hours
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    # On the first run local rank 0 tokenizes the whole dataset while the others wait, which can take longer than
-    # NCCL's 10-minute default: that one wait happens in a group of its own (gloo: on the CPU) with a long timeout.
-    wait_group = dist.new_group(backend="gloo", timeout=datetime.timedelta(hours=4))
-    return rank, local_rank, world, device, True, wait_group
-
-
-def all_sum(values, device, distributed):
-    """Sum a list of floats over all ranks (fp64, so token counts stay exact)."""
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    if distributed:
-        dist.all_reduce(t)
-    return t.tolist()
-
-
-def on_some_ranks(fn, here, distributed, group=None):
-    """Run fn() on the ranks where `here` is true, and make every rank agree on the outcome: if it failed
-    anywhere, all ranks raise the same UsageError (instead of the others waiting forever at a collective).
-    Returns fn's result where it ran, else None. `group`: the process group to agree in (default: the world)."""
-    result, err = None, None
-    if here:
-        try:
-            result = fn()
-        except USER_ERRORS as e:
-            err = one_line(e)
-    if distributed:
-        errs = [None] * dist.get_world_size()
-        dist.all_gather_object(errs, err, group=group)
-        err = next((e for e in errs if e), None)
-    if err:
-        raise UsageError(err)
-    return result
-
-
-def broadcast0(obj, distributed):
-    """Rank 0's object on every rank."""
-    if not distributed:
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
 
 
 # ----------------------------------------------------------------------------------------------------
