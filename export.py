@@ -24,6 +24,7 @@ from lora import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, TARGETS, adapter_state, apply
                   merge_lora, save_adapter)
 from model import (CheckpointError, ModelArgs, Tokenizer, Transformer, _read_json, atomic_write, check_state_dict,
                    hf_config_to_args, hf_key_map, hf_to_meta_qk, meta_to_hf_qk)
+from weights import checkpoint_layout
 
 # ----------------------------------------------------------------------------------------------------
 # Export: a merged model in HF or Meta layout, or the adapter in PEFT's layout
@@ -411,6 +412,13 @@ def load_finetuned(base, adapter_dir) -> Transformer:
 
 
 def merge_command(a):
+    if os.path.isdir(a.out):
+        try:
+            have = checkpoint_layout(a.out)
+        except CheckpointError:  # no model there
+            have = a.format
+        if have != a.format:  # writing beside it would leave two layouts in one folder, which no loader opens
+            raise CheckpointError(f"--out {a.out} holds a model in the {have} layout; use --format {have} or a new folder")
     model = load_finetuned(a.base, a.adapter)
     args = model.args
     state = merge_lora(model.state_dict(), model.lora_config)

@@ -229,14 +229,16 @@ def base_shapes(args: ModelArgs) -> dict:
 
 def base_fingerprint(tensor, n_layers) -> str:
     """A fingerprint of the frozen base weights: 4096 evenly spaced values of wq and w2 of the first and last
-    layers, rounded to bf16 (so that a base loaded in fp32 or bf16 gives the same), hashed. Another base of the
+    layers, rounded to bf16 (so that a base loaded in fp32, bf16 or fp16 gives the same), hashed. Another base of the
     same shapes, or a model an adapter was already merged into (wq changed), has another fingerprint.
     tensor(name) gives a whole tensor: a model's state_dict().__getitem__, or a checkpoint's reader."""
     h = hashlib.sha256()
     for i in (0, n_layers - 1):
         for name in (f"layers.{i}.attention.wq.weight", f"layers.{i}.feed_forward.w2.weight"):
             t = tensor(name).detach().flatten()
-            h.update(t[:: max(1, t.numel() // 4096)][:4096].to("cpu", torch.bfloat16).view(torch.int16).numpy().tobytes())
+            t = t[:: max(1, t.numel() // 4096)][:4096].to("cpu", torch.float32)
+            t = torch.where(t.abs() < 2**-14, 0.0, t)  # below fp16's normal range an fp16 copy of a bf16 base differs
+            h.update(t.to(torch.bfloat16).view(torch.int16).numpy().tobytes())
     return h.hexdigest()[:16]
 
 

@@ -360,7 +360,10 @@ class Transformer(nn.Module):
         with torch.autograd.graph.save_on_cpu(pin_memory=h.is_cuda) if offload else contextlib.nullcontext():
             for layer in self.layers:
                 if checkpointing:
-                    h = torch.utils.checkpoint.checkpoint(layer, h, positions, lengths, None, rotate, use_reentrant=False)
+                    # only h is a saved input: offloading would copy `positions`, and rotate knows the forward's own
+                    # positions by identity (its cos/sin are computed once)
+                    h = torch.utils.checkpoint.checkpoint(lambda x, layer=layer: layer(x, positions, lengths, None, rotate),
+                                                          h, use_reentrant=False)
                 else:
                     h = layer(h, positions, lengths, cache, rotate)
         if cache is not None:

@@ -304,13 +304,12 @@ def build_model(a, tokenizer, device, distributed):
         args, weights = on_some_ranks(lambda: read_checkpoint(a.model), True, distributed)
         with torch.device("meta"):
             model = Transformer(args)
-    # recorded in the adapter, which then loads on this base only (one tensor at a time, as loading reads them)
-    a.base_fingerprint = base_fingerprint(model.state_dict().__getitem__ if weights is None else
-                                          lambda name: weights.read([name])[name], model.args.n_layers)
+    # recorded in the adapter, which then loads on this base only (a --model's: read below, once it is checked)
+    a.base_fingerprint = base_fingerprint(model.state_dict().__getitem__, model.args.n_layers) if weights is None else None
     # --full writes its result in the checkpoint's own dtype (every tensor trains in fp32 below)
     a.save_dtype = weights.specs["tok_embeddings.weight"].dtype if weights is not None else torch.float32
     args = model.args
-    check_tokenizer_fits(tokenizer, args.vocab_size)
+    on_some_ranks(lambda: check_tokenizer_fits(tokenizer, args.vocab_size), True, distributed)  # one verdict, one line
     if not a.from_scratch and a.ctx > args.max_seq_len:
         # Position interpolation (LongLoRA): squeeze ctx positions into the range the model was trained on.
         args.extend_context(a.ctx)
@@ -329,6 +328,7 @@ def build_model(a, tokenizer, device, distributed):
         shard_model(model, device, a.bf16)
     if weights is not None:
         on_some_ranks(lambda: load_weights(model, weights, device, lora_init, a.model), True, distributed)
+        a.base_fingerprint = base_fingerprint(lambda name: weights.read([name])[name], args.n_layers)  # a tensor at a time
     elif not distributed:
         model.to(device)
     return model

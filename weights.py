@@ -60,7 +60,7 @@ def read_checkpoint(path):
         return {"meta": read_meta, "own": read_own, "hf": read_hf}[layout](path)
     except CheckpointError:
         raise
-    except (KeyError, ValueError) as e:  # a config lacking a field, or with values that make no model
+    except (KeyError, ValueError, TypeError) as e:  # a config lacking a field, or with values that make no model
         config = os.path.join(path, "config.json" if layout == "hf" else "params.json")
         raise CheckpointError(f"{config}: " + (f"no field {e}" if isinstance(e, KeyError) else one_line(e))) from None
 
@@ -159,7 +159,10 @@ def read_hf(path):
     args = hf_config_to_args(_read_json(os.path.join(path, "config.json")), f"{path}/config.json")
     index = os.path.join(path, "model.safetensors.index.json")
     if os.path.exists(index):
-        names = sorted(set(_read_json(index)["weight_map"].values()))
+        weight_map = _read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise CheckpointError(f"{index}: no weight_map")
+        names = sorted(set(weight_map.values()))
         files = [os.path.join(path, n) for n in names]
         for f in files:
             if not os.path.exists(f):

@@ -137,6 +137,8 @@ CASES = [
     # rule a: outputs against inputs by real path; never into a folder this project did not write
     ("merge-out-symlink-to-base", "export", ["merge", "--base", "{base}", "--adapter", "{adapter}", "--out", "{link_to_base}"],
      r"--out .*link_to_base is --base"),
+    ("merge-out-holds-another-layout", "export", ["merge", "--base", "{base}", "--adapter", "{adapter}", "--out", "{merged}",
+                                                  "--format", "hf"], r"holds a model in the own layout; use --format own"),
     ("merge-out-foreign-folder", "export", ["merge", "--base", "{base}", "--adapter", "{adapter}", "--out", "{corpus}"],
      r"holds files this project did not write"),
     ("train-out-inside-data", "train", lambda w: train_args(w, os.path.join(w["corpus"], "run")), r"--out .* is inside --data"),

@@ -487,3 +487,18 @@ def test_import_of_bad_input_is_one_line_and_exit_2(base_dir, tmp_path, capsys):
                         "--ctx", "256", "--out", str(taken)], capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 2 and r.stderr.startswith("error:") and "this project did not write" in r.stderr, r.stderr
     assert r.stderr.count("\n") == 1 and (taken / "adapter_config.json").read_text() == "mine"
+
+
+def test_an_fp16_and_a_bf16_copy_of_one_base_have_one_fingerprint_and_another_base_another():
+    """Meta ships LLaMA2 in bf16, HF in fp16: an adapter trained on one must load on the other. bf16 values below
+    fp16's normal range (2**-14) change in fp16; LLaMA-like weights N(0, 0.02) have a few in every sample."""
+    from lora import base_fingerprint
+
+    torch.manual_seed(0)
+    state = {f"layers.{i}.{n}": 0.02 * torch.randn(64, 192) for i in (0, 1) for n in ("attention.wq.weight", "feed_forward.w2.weight")}
+    bf16 = {k: v.to(torch.bfloat16) for k, v in state.items()}
+    fp16 = {k: v.to(torch.float16) for k, v in bf16.items()}
+    assert any((v.float() != bf16[k].float()).any() for k, v in fp16.items())  # the copies do differ
+    assert base_fingerprint(bf16.__getitem__, 2) == base_fingerprint(fp16.__getitem__, 2) == base_fingerprint(state.__getitem__, 2)
+    other = {k: v + 0.01 for k, v in state.items()}
+    assert base_fingerprint(other.__getitem__, 2) != base_fingerprint(state.__getitem__, 2)

@@ -70,3 +70,18 @@ def test_under_autocast_the_residual_stream_is_bf16(lora_model, monkeypatch):
     inputs = [s for s in CountingSaveOnCpu.packed if s[0] == (1, 32, ARGS.dim)]
     assert inputs == [((1, 32, ARGS.dim), torch.bfloat16)] * ARGS.n_layers
     assert lora_model.tok_embeddings.weight.grad.dtype == torch.float32  # the master stays fp32
+
+
+def test_with_offloading_the_rope_angles_are_still_computed_once_per_forward(lora_model, monkeypatch):
+    """On a GPU save_on_cpu hands back a copy of each saved tensor. rope_rotate knows the forward's own positions
+    by identity, so if `positions` went through the checkpoint's saved inputs, every recomputed layer would
+    rebuild its cos/sin. Hooks that copy, as save_on_cpu does for CUDA tensors, show it on the CPU."""
+    import model as M
+
+    calls, angles = [], M.rope_angles
+    monkeypatch.setattr(M, "rope_angles", lambda *a, **k: calls.append(1) or angles(*a, **k))
+    tokens = torch.randint(0, 256, (2, 48))
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: t.clone(), lambda t: t):
+        loss = lora_model(tokens, tokens)
+    loss.backward()
+    assert len(calls) == 1

@@ -254,6 +254,11 @@ def corrupt(tmp_path, kind):
         os.remove(d / ("consolidated.01.pth" if kind == "missing_meta_shard" else "params.json"))
     elif kind == "missing_dir":
         d = tmp_path / "nowhere"
+    elif kind == "index_without_weight_map":
+        (d / "model.safetensors.index.json").write_text("{}")
+    elif kind == "string_number_in_config":
+        cfg = json.loads((d / "config.json").read_text())
+        (d / "config.json").write_text(json.dumps({**cfg, "hidden_size": str(cfg["hidden_size"])}))
     elif kind.startswith(("hf_", "meta_", "own_")):  # one tensor dropped from, or added to, every file
         fmt, what = kind.split("_", 1)
         if what == "missing_tensor":
@@ -295,6 +300,8 @@ BAD = {
     "missing_meta_shard": "shard is missing",
     "missing_params": "no params.json",
     "missing_dir": "no such file or directory",
+    "index_without_weight_map": "model.safetensors.index.json: no weight_map",
+    "string_number_in_config": "config.json: ",
     # every loader is strict: one tensor too few or too many stops the load
     "hf_missing_tensor": "missing tensor layers.1.feed_forward.w3.weight",
     "hf_unexpected_tensor": "unexpected tensor model.layers.1.mlp.up_proj.weight_x",

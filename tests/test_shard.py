@@ -70,7 +70,7 @@ def test_a_missing_tensor_is_one_error_line_from_every_rank_without_a_hang(tmp_p
     Transformer(ModelArgs(dim=64, n_layers=2, n_heads=4, vocab_size=512, multiple_of=32)).save_pretrained(
         str(tmp_path / "m"), tokenizer_path=sp_model)
     state = load_file(str(tmp_path / "m" / "model.safetensors"))
-    del state["layers.1.attention.wk.weight"]
+    del state["layers.0.attention.wq.weight"]
     save_file(state, str(tmp_path / "m" / "model.safetensors"))
     (tmp_path / "d.txt").write_text("x = 1\n" * 2000)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", os.path.join(ROOT, "train.py"),
@@ -78,7 +78,7 @@ def test_a_missing_tensor_is_one_error_line_from_every_rank_without_a_hang(tmp_p
     r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=120)  # a hang would time out
     errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
     assert r.returncode != 0 and len(errors) == 1, r.stderr[-3000:]
-    assert "missing tensor layers.1.attention.wk.weight" in errors[0]
+    assert "missing tensor layers.0.attention.wq.weight" in errors[0]
     assert not os.path.exists(tmp_path / "o" / "metrics.jsonl")  # stopped before training
 
 
