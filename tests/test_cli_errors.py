@@ -230,7 +230,6 @@ HELP = [("model", []), ("sample", []), ("eval", []), ("eval", ["ppl"]), ("eval",
 @pytest.mark.parametrize("script,sub", HELP, ids=[" ".join([s, *sub]) for s, sub in HELP])
 def test_help_shows_every_default_the_required_flags_and_examples(script, sub, monkeypatch, capsys):
     import argparse
-    import importlib
 
     shown = []
     real = argparse.ArgumentParser.print_help

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from conftest import ROOT, stdlib_text
-from model import (CheckpointError, FeedForward, KVCache, ModelArgs, PRESETS, Tokenizer, Transformer, main, preset)
+from model import (CheckpointError, FeedForward, KVCache, Tokenizer, Transformer, main, preset)
 
 import transformers  # a test requirement (requirements-test.txt), the independent reference
 

@@ -1,7 +1,6 @@
 """sample.py: KV caches (full, H₂O, attention sinks) against recomputation, the eviction policies on
 hand-made attention, sampling, streaming text, and the CLI as a user runs it."""
 
-import json
 import os
 import subprocess
 import sys
@@ -10,7 +9,7 @@ import pytest
 import torch
 
 from conftest import ROOT, stdlib_text
-from model import KVCache, Tokenizer, Transformer, apply_rope, preset, rope_angles
+from model import Tokenizer, Transformer, apply_rope, preset, rope_angles
 from sample import (H2OCache, SinkCache, chat_prompt, generate, h2o_keep, load_model, make_cache, sample_next,
                     stream_text)
 
