@@ -195,8 +195,9 @@ def _ours_model(preset_name, T, mode):
     from model import Transformer, preset
 
     torch.manual_seed(0)
-    scaling = float(-(-T // preset(preset_name).max_seq_len))
-    m = Transformer(preset(preset_name, rope_scaling=scaling, max_seq_len=T, attn=mode))
+    margs = preset(preset_name, attn=mode)
+    margs.extend_context(T)  # position interpolation, as train.py sets it
+    m = Transformer(margs)
     apply_lora(m)
     mark_trainable(m)
     with torch.no_grad():
@@ -221,7 +222,6 @@ def bench_train(args):
     T = args.ctx
     torch.manual_seed(0)
     base_args = preset(args.preset)
-    scaling = float(-(-T // base_args.max_seq_len))  # ceil(ctx / original context), as train.py sets it
     x = torch.randint(0, base_args.vocab_size, (args.batch_size, T + 1), generator=torch.Generator().manual_seed(1))
     x, y = x[:, :-1], x[:, 1:]  # (B, T) each
     nograd = torch.autocast("cpu", enabled=False)
@@ -257,6 +257,7 @@ def bench_train(args):
     # the memory of the device the step ran on: this bench runs on the CPU even where CUDA exists
     peaks = {k: _peak_alloc_bytes(lambda: step(k), x.device.type == "cuda") for k in variants}
     tokens = args.batch_size * T
+    scaling = variants["ours", "full"][0].args.rope_scaling
     print(f"train step (forward + backward + AdamW), preset {args.preset}, batch {args.batch_size} x ctx {T} "
           f"(RoPE scaling {scaling:g}), LoRA r=8 alpha=16 on wq wk wv wo + embeddings and norms, activation "
           f"checkpointing, fp32, {torch.get_num_threads()} threads, torch {torch.__version__}, "
@@ -298,7 +299,8 @@ def bench_chunking(args):
         torch.set_num_threads(args.threads)
     T = args.chunk_ctx
     base_args = preset(args.preset, vocab_size=32000)
-    scaling = float(-(-T // base_args.max_seq_len))
+    base_args.extend_context(T)  # position interpolation, as train.py sets it
+    scaling = base_args.rope_scaling
     x = torch.randint(0, 32000, (args.batch_size, T + 1), generator=torch.Generator().manual_seed(1))
     x, y = x[:, :-1], x[:, 1:]  # (B, T) each
     whole_loss = lambda m: F.cross_entropy(m(x).float().flatten(0, 1), y.flatten(), reduction="sum")  # noqa: E731
