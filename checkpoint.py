@@ -27,6 +27,7 @@ import torch.distributed as dist
 
 from cli import one_line
 from model import CheckpointError
+from shard import broadcast0
 
 
 class DamagedCheckpoint(CheckpointError):
@@ -158,9 +159,7 @@ def load_checkpoint(files, model, opt, rank, world, distributed):
         opts = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=False)
         set_model_state_dict(model, tensors, options=opts)
         set_optimizer_state_dict(model, opt, optim, options=opts)
-        box = [rngs]
-        dist.broadcast_object_list(box, src=0)  # rank 0's RNG states to every rank
-        rngs = box[0]
+        rngs = broadcast0(rngs, distributed)  # rank 0's RNG states to every rank
     else:
         with torch.no_grad():
             for name, p in model.named_parameters():

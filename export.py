@@ -228,7 +228,7 @@ def peft_adapter(model: Transformer) -> tuple:
     names = {meta: hf for hf, meta in hf_key_map(args.n_layers).items()}
     tensors = {}
     for k, v in adapter_state(model).items():
-        v = v.detach().contiguous().cpu()
+        v = v.detach().cpu()
         if k.endswith((".lora_a", ".lora_b")):
             hf = names[k[: -len("lora_a")] + "weight"].removesuffix(".weight")  # e.g. model.layers.0.self_attn.q_proj
             if k.endswith(("attention.wq.lora_b", "attention.wk.lora_b")):

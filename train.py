@@ -372,8 +372,7 @@ def evaluate(model, data, a, rank, world, device, distributed, autocast):
             x, y, lengths = data.batch(pos or [0])
             if not pos:
                 y = torch.full_like(y, -100)  # a stand-in batch: runs the collectives, adds nothing
-            total += token_loss_sum(model, x.to(device), y.to(device), lengths if lengths is None else lengths.to(device),
-                                    autocast).item()
+            total += token_loss_sum(model, x.to(device), y.to(device), lengths, autocast).item()
             count += (y != -100).sum().item()
     finally:
         model.args.attn = mode
@@ -554,7 +553,8 @@ def train(a, stop, held):
                 model.set_requires_gradient_sync(m == A - 1 or a.full or bool(a.from_scratch))
             if a.sft_group_size == "official":  # LongLoRA's rule, from the longest example (truncated at ctx)
                 model.args.group_size = longlora_sft_group_size(min(int(lengths.max()) + 1, a.ctx))
-            ls = token_loss_sum(model, x.to(device), y.to(device), None if lengths is None else lengths.to(device), autocast)
+            # lengths stay on the CPU: the model reads them to the host once per forward (no wait for the device)
+            ls = token_loss_sum(model, x.to(device), y.to(device), lengths, autocast)
             # FSDP averages gradients over ranks; times `world` makes it the sum, / n_target the global token mean.
             (ls * world / max(n_target, 1)).backward()
             loss_sum += ls.detach()
