@@ -25,18 +25,23 @@ in-process calls to their main() and public functions, not toy copies), with the
                  parameters): 120 steps x 4 sequences of 1024 tokens, lr 3e-3 with 10 warmup steps then
                  cosine to 3e-4; once per training attention: full, s2 with the paper's cyclic roll
                  (--shift-wrap, which lets the first half-group see the last tokens), s2 (no wrap), sf
-                 (our reading of SinkLoRA's SF-Attn: s2 plus 4 sink tokens every query sees). Every variant of a seed sees the
-                 same batches from the same LoRA initialisation; two seeds.        -> train.py --attn ...
+                 (our reading of SinkLoRA's SF-Attn: s2 plus 4 sink tokens every query sees); then s2
+                 twice more, trained the other ways of LongLoRA's Table 2: plain LoRA (--no-train-embed
+                 --no-train-norms: 49k trainable parameters) and full fine-tuning (--full: all 2.56M, the
+                 same learning rate, as the paper uses one for both). Every run of a seed sees the same
+                 batches (and every LoRA run the same LoRA initialisation); two seeds. -> train.py --attn ...
   6. evaluate    held-out perplexity at S, 2S, 4S on the first 131,072 held-out tokens (non-overlapping
                  windows, full attention, as the papers evaluate) for the base (no interpolation), the
-                 interpolated base without fine-tuning (the baseline) and every fine-tuned model; passkey
+                 interpolated base without fine-tuning (the baseline) and every fine-tuned model; the loss
+                 by position in the 4S windows, in 8 spans of S/2 (does a model predict tokens far into
+                 the window better, i.e. does it use the context beyond one S2 group of S?); passkey
                  accuracy (LongLoRA's prompt, 20 prompts per length, random depth, greedy, exact match);
                  each method's share of the full-attention improvement at 4S, SinkLoRA's measure:
                      share(m) = (ppl_baseline - ppl_m) / (ppl_baseline - ppl_full)   -> eval.py
   7. sample      the best fine-tuned model continues the first ~800 tokens of a held-out file
                  (out/demo/prompt.txt -> out/demo/sample.txt)                        -> sample.py
 
-Outputs in --out: results.md (the table), results.json (every number, per seed, and the stage timings),
+Outputs in --out: results.md (the tables), results.json (every number, per seed, and the stage timings),
 results.png (when matplotlib is installed), sample.txt, and the cached tokenizer / base model / adapters,
 each with a stamp of its settings (a re-run with the same settings reuses them; delete the folder to
 start afresh). Fixed seeds: two fresh runs give the same table. The test suite checks this on --fast; for
@@ -96,16 +101,24 @@ SETTINGS = {
     ),
 }
 
-# The extension variants: name -> train.py flags. "s2, wrap" is the paper's Algorithm 1 (and LongLoRA's
-# non-flash fallback), whose cyclic roll lets the first half-group of the shifted heads see the last tokens
-# (future ones); "s2" is what LongLoRA's default FlashAttention path computes (no wrap); "sf" is our reading
-# of SinkLoRA's SF-Attn (s2 + 4 sink tokens).
+# The extension runs: name -> train.py flags. The first four train LoRA+ (train.py's default: LoRA on wq wk
+# wv wo, trainable embeddings and norms) with each training attention, SinkLoRA's comparison: "s2, wrap" is
+# the paper's Algorithm 1 (and LongLoRA's non-flash fallback), whose cyclic roll lets the first half-group of
+# the shifted heads see the last tokens (future ones); "s2" is what LongLoRA's default FlashAttention path
+# computes (no wrap); "sf" is our reading of SinkLoRA's SF-Attn (s2 + 4 sink tokens). The last two train s2
+# the other two ways of LongLoRA's Table 2: plain LoRA (nothing trains but the LoRA matrices) and full
+# fine-tuning (every weight, same learning rate, as the paper uses one for both).
 VARIANTS = {
-    "full": ["--attn", "full"],
+    "full attn": ["--attn", "full"],
     "s2, wrap": ["--attn", "s2", "--shift-wrap"],
     "s2": ["--attn", "s2"],
     "sf": ["--attn", "sf"],
+    "s2, plain LoRA": ["--attn", "s2", "--no-train-embed", "--no-train-norms"],
+    "s2, full FT": ["--attn", "s2", "--full"],
 }
+ATTENTIONS = ["full attn", "s2, wrap", "s2", "sf"]  # LoRA+ with each training attention
+TRAININGS = ["s2, plain LoRA", "s2", "s2, full FT"]  # s2 trained each way: LongLoRA's Table 2
+BUCKETS = 8  # spans of the longest evaluation window for the loss by position
 BASE, BASELINE = "base, no interpolation", "interpolation, no fine-tuning"
 SKIP_DIRS = {"test", "tests", "idle_test", "site-packages", "__pycache__"}
 
@@ -211,13 +224,14 @@ def _cell(values, fmt):
 
 
 def results_markdown(res) -> str:
-    """The results table (and the noise summary under it) as Markdown. Deterministic: no timings."""
+    """The results tables (and the noise summaries under them) as Markdown. Deterministic: no timings."""
     L = res["lengths"]
     long = str(L[-1])
     lines = [f"Held-out perplexity on real text ({res['corpus']['eval_tokens']:,} tokens, non-overlapping windows, "
              f"full attention at evaluation), passkey accuracy ({res['passkey_trials']} prompts per length), and "
              f"each method's share of the full-attention improvement at {long}. Fine-tuned rows give one value per "
-             f"seed ({', '.join(map(str, res['seeds']))}).", "",
+             f"seed ({', '.join(map(str, res['seeds']))}); the first four train LoRA+, the last two s2 with plain "
+             f"LoRA and with full fine-tuning.", "",
              "| model | " + " | ".join(f"ppl {n}" for n in L) + " | " + " | ".join(f"passkey {n}" for n in L) +
              f" | share {long} |",
              "| --- |" + " ---: |" * (2 * len(L) + 1)]
@@ -228,23 +242,41 @@ def results_markdown(res) -> str:
     n = res["noise"]
     if n:
         pairs = "; ".join(f"{a} -> {b}: {_cell(g, '{:+.2f}')}" for a, b, g in zip(n["order"], n["order"][1:], n["paired_gaps"]))
-        lines += ["", f"Run-to-run noise at {long}: the largest seed-to-seed difference of one variant's perplexity is "
-                  f"{n['max_seed_diff']:.2f}. Variants by mean perplexity: {' < '.join(n['order'])}; gaps between "
+        lines += ["", f"Run-to-run noise at {long}: the largest seed-to-seed difference of one LoRA+ variant's perplexity is "
+                  f"{n['max_seed_diff']:.2f}. LoRA+ variants by mean perplexity: {' < '.join(n['order'])}; gaps between "
                   f"neighbours {', '.join(f'{g:.2f}' for g in n['gaps'])}; the same gaps within each seed (same data "
                   f"order and LoRA init): {pairs}. Every seed ranks the variants "
                   + ("the same way." if n["same_order_every_seed"] else "differently: the order is not settled.")]
+    t = res["training"]
+    if t:
+        lines += ["", f"LongLoRA's Table 2 at this scale (s2 at {long}, within each seed: same batches, same LoRA init): "
+                  f"plain LoRA -> LoRA+ {_cell(t['lora_to_lora_plus'], '{:+.2f}')}, LoRA+ -> full fine-tuning "
+                  f"{_cell(t['lora_plus_to_full_ft'], '{:+.2f}')}; LoRA+ closes {_cell(t['gap_closed'], '{:.2f}')} of the "
+                  f"gap between plain LoRA and full fine-tuning; the largest seed-to-seed difference of these three "
+                  f"rows is {t['max_seed_diff']:.2f}."]
+    bounds, k = res["positions"], res["positions"].index(L[0]) - 1  # bucket k ends where the pre-training context does
+    spans = [f"{lo}-{hi - 1}" for lo, hi in zip(bounds, bounds[1:])]
+    lines += ["", f"Held-out loss (nats per token) by position in the {long}-token windows, mean over seeds; "
+              f"\"gain\": the loss at {spans[k]} minus the loss at {spans[-1]}, per seed (above 0: tokens far into the "
+              f"window are predicted better than those at the end of the first {L[0]}, which one S2 group spans).", "",
+              "| model | " + " | ".join(spans) + " | gain |", "| --- |" + " ---: |" * (len(spans) + 1)]
+    for name, m in res["models"].items():
+        per_seed = m["position_loss"]
+        mean = [sum(v) / len(v) for v in zip(*per_seed)]
+        gain = [v[k] - v[-1] for v in per_seed]
+        lines.append(f"| {name} | " + " | ".join(f"{x:.3f}" for x in mean) + f" | {_cell(gain, '{:+.3f}')} |")
     return "\n".join(lines) + "\n"
 
 
 def noise_summary(res) -> dict:
-    """Seed-to-seed spread vs the gaps between the fine-tuned variants at the longest length.
+    """Seed-to-seed spread vs the gaps between the LoRA+ variants (ATTENTIONS) at the longest length.
 
     Two views: the largest difference between two seeds of one variant (unpaired, conservative), and
     the gaps between neighbouring variants within each seed (paired: same data order, same LoRA init),
     with whether every seed ranks the variants the same way.
     """
     long = str(res["lengths"][-1])
-    ft = {k: v["ppl"][long] for k, v in res["models"].items() if k in VARIANTS}
+    ft = {k: res["models"][k]["ppl"][long] for k in ATTENTIONS if k in res["models"]}
     if not ft or len(res["seeds"]) < 2:
         return {}
     mean = {k: sum(v) / len(v) for k, v in ft.items()}
@@ -256,9 +288,21 @@ def noise_summary(res) -> dict:
                 same_order_every_seed=all(o == order for o in per_seed))
 
 
+def training_summary(res) -> dict:
+    """LongLoRA's Table 2 question at the longest length, per seed: the gaps plain LoRA -> LoRA+ -> full
+    fine-tuning (all s2), and the share of the plain-LoRA-to-full gap that LoRA+ closes (1 = all of it)."""
+    long = str(res["lengths"][-1])
+    lora, plus, full = (res["models"][k]["ppl"][long] for k in TRAININGS)
+    return dict(lora_to_lora_plus=[b - a for a, b in zip(lora, plus)],
+                lora_plus_to_full_ft=[c - b for b, c in zip(plus, full)],
+                gap_closed=[(a - b) / (a - c) for a, b, c in zip(lora, plus, full)],
+                max_seed_diff=max(max(v) - min(v) for v in (lora, plus, full)))
+
+
 def plot_results(res, path) -> bool:
-    """results.png: perplexity vs evaluation length (left) and each method's share of the full-attention
-    improvement at the longest length, one dot per seed (right). False without matplotlib."""
+    """results.png: perplexity vs evaluation length (left), each method's share of the full-attention
+    improvement at the longest length, one dot per seed (middle), and the loss by position in the longest
+    windows, mean over seeds (right). False without matplotlib."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -266,7 +310,7 @@ def plot_results(res, path) -> bool:
     except ImportError:
         return False
     L = res["lengths"]
-    fig, (ax, bx) = plt.subplots(1, 2, figsize=(11, 4.2), gridspec_kw=dict(width_ratios=[3, 2]))
+    fig, (ax, bx, cx) = plt.subplots(1, 3, figsize=(17, 4.6), gridspec_kw=dict(width_ratios=[3, 2, 3]))
     for name, m in res["models"].items():
         values = [m["ppl"][str(n)] for n in L]
         mean = [sum(v) / len(v) for v in values]
@@ -290,6 +334,16 @@ def plot_results(res, path) -> bool:
     lowest = min(v for k in names for v in res["models"][k]["share"])
     if 0 < lowest < 1:  # zoom in on the differences (the bars then start at the left edge, not at 0)
         bx.set_xlim(max(0.0, lowest - 0.1), 1.02)
+    bounds = res["positions"]
+    mids = [(lo + hi) / 2 for lo, hi in zip(bounds, bounds[1:])]
+    for i, (name, m) in enumerate(res["models"].items()):
+        if name != BASE:  # beyond its context it climbs off the scale of the others
+            cx.plot(mids, [sum(v) / len(v) for v in zip(*m["position_loss"])], marker=".", color=f"C{i}", label=name)
+    cx.axvline(L[0], color="gray", lw=0.8, ls="--")
+    cx.set_xlabel(f"position in the {L[-1]}-token window (dashed: {L[0]}, the pre-training context)")
+    cx.set_ylabel("held-out loss (nats per token, mean over seeds)")
+    cx.set_title("does it use the longer context?")
+    cx.legend(fontsize=7)
     fig.tight_layout()
     atomic_write(path, lambda f: fig.savefig(f, dpi=110, format="png"))
     plt.close(fig)
@@ -334,11 +388,15 @@ def run_stage(what, path, stamp, argv, module):
 
 
 def evaluate_model(model, tokens, tokenizer, lengths, trials):
-    """Held-out perplexity at every length (non-overlapping windows) and passkey accuracy at every length."""
-    ppl = {str(n): evaluation.perplexity(model, tokens, n, stride=None)["ppl"] for n in lengths}
+    """Held-out perplexity at every length (non-overlapping windows), the loss by position in the longest
+    windows (BUCKETS spans, from the same pass), and passkey accuracy at every length."""
+    ppl = {}
+    for n in lengths:
+        r = evaluation.perplexity(model, tokens, n, stride=None, buckets=BUCKETS if n == lengths[-1] else 0)
+        ppl[str(n)] = r["ppl"]
     fits = [n for n in lengths if passkey_fits(tokenizer, n)]
     pk = evaluation.passkey_accuracy(model, tokenizer, fits, trials=trials, seed=0)["accuracy"]
-    return ppl, {str(n): pk.get(n) for n in lengths}
+    return ppl, {str(n): pk.get(n) for n in lengths}, r["positions"], r["position_loss"]
 
 
 def passkey_fits(tokenizer, n_tokens) -> bool:
@@ -444,7 +502,7 @@ def run(a) -> int:
 
     # -- 5. context extension to 4S: one LoRA run per attention variant and seed
     t0 = time.time()
-    adapters = {}
+    trained = {}  # (name, seed) -> (model dir, adapter dir or None): full fine-tuning writes a whole model
     for seed in seeds:
         for name, flags in VARIANTS.items():
             run_dir = os.path.join(out, "runs", f"{name.replace(', ', '-').replace(' ', '-')}-seed{seed}")
@@ -456,7 +514,7 @@ def run(a) -> int:
                 "--min-lr-ratio", str(c["ext_min_lr"] / c["ext_lr"]), "--seed", str(seed), "--heldout", "0",
                 "--no-grad-ckpt", "--save-every", str(c["ext_steps"]), "--keep", "1",
                 "--log-every", str(max(1, c["ext_steps"] // 6)), "--token-cache", tokens_dir, "--out", run_dir], train)
-            adapters[name, seed] = run_dir
+            trained[name, seed] = (run_dir, None) if "--full" in flags else (base_dir, run_dir)
     timings["extension_s"] = round(time.time() - t0, 1)
 
     # -- 6. evaluation: full attention, the same held-out tokens and passkey prompts for every model
@@ -464,13 +522,17 @@ def run(a) -> int:
     trials = c["passkey_trials"]
     models = {}
 
+    positions = []
+
     def record(name, model):
         t1 = time.time()
-        ppl, pk = evaluate_model(model, eval_tokens, tokenizer, lengths, trials)
-        m = models.setdefault(name, {"ppl": {str(n): [] for n in lengths}, "passkey": {str(n): [] for n in lengths}})
+        ppl, pk, positions[:], position_loss = evaluate_model(model, eval_tokens, tokenizer, lengths, trials)
+        m = models.setdefault(name, {"ppl": {str(n): [] for n in lengths}, "passkey": {str(n): [] for n in lengths},
+                                     "position_loss": []})
         for n in lengths:
             m["ppl"][str(n)].append(ppl[str(n)])
             m["passkey"][str(n)].append(pk[str(n)])
+        m["position_loss"].append(position_loss)
         log(f"eval {name}: ppl " + ", ".join(f"{n}: {ppl[str(n)]:.2f}" for n in lengths) +
             f"; passkey " + ", ".join(f"{n}: {pk[str(n)]}" for n in lengths) + f" ({time.time() - t1:.0f} s)")
 
@@ -480,18 +542,19 @@ def run(a) -> int:
     record(BASELINE, Transformer.from_pretrained(base_dir, rope_scaling=float(c["factor"]), max_seq_len=ctx).eval())
     for seed in seeds:
         for name in VARIANTS:
-            record(name, sample.load_model(base_dir, adapters[name, seed]))
+            record(name, sample.load_model(*trained[name, seed]))
     long = str(ctx)
     b = models[BASELINE]["ppl"][long][0]
     for name in VARIANTS:
         m = models[name]
-        m["share"] = [share_of_improvement(b, v, f) for v, f in zip(m["ppl"][long], models["full"]["ppl"][long])]
+        m["share"] = [share_of_improvement(b, v, f) for v, f in zip(m["ppl"][long], models["full attn"]["ppl"][long])]
     timings["eval_s"] = round(time.time() - t0, 1)
 
-    res = dict(lengths=lengths, seeds=seeds, passkey_trials=trials, settings=c, models=models,
+    res = dict(lengths=lengths, seeds=seeds, passkey_trials=trials, settings=c, models=models, positions=positions,
                corpus=dict(root=root, train_files=len(train_docs), heldout_files=len(held_docs),
                            heldout_tokens=int(len(held_tokens)), eval_tokens=int(len(eval_tokens))))
     res["noise"] = noise_summary(res)
+    res["training"] = training_summary(res)
 
     # -- 7. a sample from the best fine-tuned model (lowest mean perplexity at 4S), through sample.py
     t0 = time.time()
@@ -501,16 +564,17 @@ def run(a) -> int:
     prompt_text = tokenizer.decode(prompt_ids)
     atomic_write(prompt_path, lambda f: open(f, "w", encoding="utf-8").write(prompt_text))
     buf = io.StringIO()
+    model_dir, adapter_dir = trained[best, 0]
     with contextlib.redirect_stdout(buf):
-        code = sample.main(["--model", base_dir, "--adapter", adapters[best, 0], "--prompt", prompt_path,
-                            "--max-new-tokens", str(c["sample_tokens"]), "--seed", "0"])
+        code = sample.main(["--model", model_dir, *(["--adapter", adapter_dir] if adapter_dir else []), "--prompt",
+                            prompt_path, "--max-new-tokens", str(c["sample_tokens"]), "--seed", "0"])
     if code != 0:
         raise SystemExit(code)  # sample.py printed its error
     text = f"# best model: {best} (seed 0); prompt: prompt.txt ({len(prompt_ids)} tokens), which ends with:\n" + \
         prompt_text[-400:] + "\n# continuation (sample.py, temperature 0.6, top-p 0.9, seed 0):\n" + buf.getvalue()
     atomic_write(os.path.join(out, "sample.txt"), lambda f: open(f, "w", encoding="utf-8").write(text))
     res["sample"] = dict(model=best, prompt=prompt_path, continuation=buf.getvalue(),  # sample.py's default model:
-                         base=os.path.relpath(base_dir, out), adapter=os.path.relpath(adapters[best, 0], out))
+                         base=os.path.relpath(model_dir, out), adapter=adapter_dir and os.path.relpath(adapter_dir, out))
     timings["sample_s"] = round(time.time() - t0, 1)
 
     # -- results

@@ -81,15 +81,22 @@ def window_starts(n_tokens: int, seq_len: int, stride=None) -> list:
 
 
 @torch.inference_mode()
-def perplexity(model, tokens, seq_len: int, stride=None, batch_size: int = 1, attn: str = "full") -> dict:
+def perplexity(model, tokens, seq_len: int, stride=None, batch_size: int = 1, attn: str = "full", buckets: int = 0) -> dict:
     """Perplexity of `model` on a token stream (sequence of ints / numpy array) with windows of seq_len.
 
     stride=None: non-overlapping windows; stride=256: LongLoRA's protocol. attn: the attention the
     model uses meanwhile (restored afterwards). Returns {seq_len, stride, windows, scored, loss, ppl}
     where scored counts (window, token) predictions and loss is their mean negative log-likelihood.
+
+    buckets=n also returns the loss by position in the window: `positions`, n + 1 bounds, and
+    `position_loss`, the mean loss of the tokens at window positions [positions[k], positions[k+1]) for each
+    k (position 0, the window's first token, is never predicted). Whether the tokens far into the window are
+    predicted better than the early ones is whether the model uses the context it was extended to.
     """
     if stride is not None and stride < 1:
         raise ValueError(f"stride must be >= 1 (or None for non-overlapping windows), got {stride}")
+    if not 0 <= buckets <= seq_len // 2:  # every bucket then holds a predicted token
+        raise ValueError(f"position buckets must be in 0..{seq_len // 2} for windows of {seq_len}, got {buckets}")
     tokens = np.asarray(tokens)
     starts = window_starts(len(tokens), seq_len, stride)
     device = next(model.parameters()).device
@@ -98,7 +105,7 @@ def perplexity(model, tokens, seq_len: int, stride=None, batch_size: int = 1, at
     if args is not None:
         args.attn = attn
     try:
-        nll, scored = 0.0, 0
+        nll = torch.zeros(seq_len - 1, dtype=torch.float64)  # summed over windows: nll[t] for the token at position t+1
         for i in range(0, len(starts), batch_size):
             x = torch.from_numpy(np.stack([tokens[s:s + seq_len].astype(np.int64) for s in starts[i:i + batch_size]]))
             x = x.to(device)  # (B, L)
@@ -107,13 +114,20 @@ def perplexity(model, tokens, seq_len: int, stride=None, batch_size: int = 1, at
             for b in range(x.shape[0]):
                 for c in range(0, seq_len - 1, 4096):
                     e = min(c + 4096, seq_len - 1)
-                    nll += F.cross_entropy(logits[b, c:e].float(), x[b, c + 1:e + 1], reduction="sum").item()
-                scored += seq_len - 1
+                    nll[c:e] += F.cross_entropy(logits[b, c:e].float(), x[b, c + 1:e + 1], reduction="none").double().cpu()
     finally:
         if args is not None:
             args.attn = saved_attn
-    loss = nll / scored
-    return dict(seq_len=seq_len, stride=stride, windows=len(starts), scored=scored, loss=loss, ppl=math.exp(loss))
+    scored = len(starts) * (seq_len - 1)
+    loss = nll.sum().item() / scored
+    r = dict(seq_len=seq_len, stride=stride, windows=len(starts), scored=scored, loss=loss, ppl=math.exp(loss))
+    if buckets:
+        bounds = [round(k * seq_len / buckets) for k in range(buckets + 1)]  # window positions
+        r["positions"] = bounds
+        # nll[t] is the token at position t + 1, so positions [lo, hi) are nll[lo - 1 : hi - 1] (lo = 0: from 0)
+        r["position_loss"] = [nll[max(lo - 1, 0):hi - 1].sum().item() / (len(starts) * (hi - max(lo, 1)))
+                              for lo, hi in zip(bounds, bounds[1:])]
+    return r
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -272,6 +286,8 @@ def parse_args(argv):
     pp.add_argument("--batch-size", type=int, default=1, help="windows per forward pass (default 1)")
     pp.add_argument("--max-tokens", type=int, help="evaluate only the first this-many tokens of the data")
     pp.add_argument("--attn", default="full", choices=("full", "s2", "sf"), help="attention during evaluation (default full, as in the papers)")
+    pp.add_argument("--position-buckets", type=int, default=0, metavar="N", help="also the loss by position in the window, in N "
+                    "equal spans: does the model predict tokens far into the window better? (default 0: off)")
 
     pk = sub.add_parser("passkey", parents=[common], help="passkey retrieval accuracy per prompt length",
                         examples=EXAMPLES[2:])
@@ -284,6 +300,8 @@ def parse_args(argv):
     a = p.parse_args(argv)
     if a.task == "ppl" and (a.stride < 0 or a.batch_size < 1 or (a.max_tokens is not None and a.max_tokens < 2)):
         p.error("need --stride >= 0, --batch-size >= 1, --max-tokens >= 2")
+    if a.task == "ppl" and not 0 <= a.position_buckets <= min(a.seq_lens) // 2:
+        p.error(f"--position-buckets must be in 0..{min(a.seq_lens) // 2} (half the shortest of --seq-lens)")
     if a.task == "passkey" and a.trials < 1:
         p.error("need --trials >= 1")
     return a
@@ -305,10 +323,14 @@ def run_ppl(a, model) -> dict:
     rows = []
     for L in a.seq_lens:
         t0 = time.perf_counter()
-        r = perplexity(model, tokens, L, stride, a.batch_size, attn=a.attn)
+        r = perplexity(model, tokens, L, stride, a.batch_size, attn=a.attn, buckets=a.position_buckets)
         r["seconds"] = time.perf_counter() - t0
         note = "  (beyond the model's context)" if L > model.args.max_seq_len else ""
         print(f"{L:>8} {r['windows']:>8} {r['scored']:>11,} {r['loss']:>8.4f} {r['ppl']:>10.3f} {r['seconds']:>8.1f}{note}", flush=True)
+        if a.position_buckets:
+            bounds = r["positions"]
+            print("         loss by position: " + ", ".join(f"{lo}-{hi - 1} {x:.3f}" for lo, hi, x in
+                                                          zip(bounds, bounds[1:], r["position_loss"])), flush=True)
         rows.append(r)
     return dict(task="ppl", model=a.model, adapter=a.adapter, tokens=len(tokens), attn=a.attn, results=rows)
 

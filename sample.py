@@ -404,7 +404,8 @@ def demo_model():
         with open(DEMO_RESULTS) as f:
             best = json.load(f)["sample"]
         root = os.path.dirname(DEMO_RESULTS)
-        return os.path.join(root, best["base"]), os.path.join(root, best["adapter"])
+        # the adapter is null when the best model was fully fine-tuned (a whole model of its own)
+        return os.path.join(root, best["base"]), best["adapter"] and os.path.join(root, best["adapter"])
     except (OSError, ValueError, KeyError, TypeError):
         raise UsageError(f"no --model given and no demo model in {DEMO_RESULTS}: pass --model DIR (a checkpoint), "
                          "or run `python demo.py` first") from None

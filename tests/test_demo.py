@@ -11,6 +11,7 @@ import shutil
 import sys
 
 import pytest
+import torch
 
 import demo
 from conftest import STDLIB
@@ -28,9 +29,9 @@ def fast_runs(tmp_path_factory):
 
 
 def _table_rows(md: str) -> dict:
-    """{model name: [cell, ...]} from the Markdown results table."""
+    """{model name: [cell, ...]} from the first Markdown table (perplexity, passkey, share)."""
     rows = {}
-    for line in md.splitlines():
+    for line in md.split("\n\n")[1].splitlines():
         if line.startswith("| ") and not line.startswith("| model") and not line.startswith("| ---"):
             cells = [c.strip() for c in line.strip().strip("|").split("|")]
             rows[cells[0]] = cells[1:]
@@ -54,7 +55,7 @@ def test_demo_table_has_every_model_and_length_with_finite_numbers(fast_runs):
         assert all(v is not None for v in m["passkey"][str(res["lengths"][-1])])  # a prompt fits the long context
     assert len(res["seeds"]) == 2
     # full attention's share of its own improvement is 1 by definition; the others are finite
-    assert all(abs(v - 1) < 1e-9 for v in res["models"]["full"]["share"])
+    assert all(abs(v - 1) < 1e-9 for v in res["models"]["full attn"]["share"])
     assert all(math.isfinite(v) for k in demo.VARIANTS for v in res["models"][k]["share"])
 
 
@@ -81,8 +82,58 @@ def test_demo_share_follows_sinklora_definition(fast_runs):
     b = res["models"][demo.BASELINE]["ppl"][long][0]
     for name in demo.VARIANTS:
         for s, v in enumerate(res["models"][name]["share"]):
-            f = res["models"]["full"]["ppl"][long][s]
+            f = res["models"]["full attn"]["ppl"][long][s]
             assert v == pytest.approx((b - res["models"][name]["ppl"][long][s]) / (b - f))
+
+
+def test_demo_training_summary_is_lora_vs_lora_plus_vs_full_fine_tuning_per_seed(fast_runs):
+    # recomputed from the perplexities in the JSON; the names say which run is which
+    res = json.loads((fast_runs[0] / "results.json").read_text())
+    long = str(res["lengths"][-1])
+    lora, plus, full = (res["models"][k]["ppl"][long] for k in ("s2, plain LoRA", "s2", "s2, full FT"))
+    t = res["training"]
+    for s in range(len(res["seeds"])):
+        assert t["lora_to_lora_plus"][s] == pytest.approx(plus[s] - lora[s])
+        assert t["lora_plus_to_full_ft"][s] == pytest.approx(full[s] - plus[s])
+        assert t["gap_closed"][s] == pytest.approx((lora[s] - plus[s]) / (lora[s] - full[s]))
+    md = (fast_runs[0] / "results.md").read_text()
+    assert "LoRA+ closes " + " / ".join(f"{v:.2f}" for v in t["gap_closed"]) in md
+
+
+def test_demo_trains_plain_lora_lora_plus_and_every_weight_as_named(fast_runs):
+    """The rows are what they say: plain LoRA's adapter holds LoRA matrices only, LoRA+'s also the embeddings and
+    norms, and full fine-tuning changed the weights LoRA never touches (the feed-forward's)."""
+    from safetensors.torch import load_file
+
+    runs = fast_runs[0] / "runs"
+    plain = load_file(runs / "s2-plain-LoRA-seed0" / "adapter.safetensors")
+    plus = load_file(runs / "s2-seed0" / "adapter.safetensors")
+    assert plain and all("lora_" in k for k in plain)
+    assert "tok_embeddings.weight" in plus and "norm.weight" in plus
+    base = load_file(fast_runs[0] / "base" / "model.safetensors")
+    full = load_file(runs / "s2-full-FT-seed0" / "model.safetensors")
+    assert full.keys() == base.keys()
+    assert not torch.equal(full["layers.0.feed_forward.w1.weight"], base["layers.0.feed_forward.w1.weight"])
+
+
+def test_demo_loss_by_position_agrees_with_the_perplexity_and_the_table(fast_runs):
+    res = json.loads((fast_runs[0] / "results.json").read_text())
+    L, bounds = res["lengths"], res["positions"]
+    assert bounds == [round(k * L[-1] / demo.BUCKETS) for k in range(demo.BUCKETS + 1)]
+    rows = _table_rows((fast_runs[0] / "results.md").read_text().split("by position")[1])
+    assert list(rows) == list(res["models"])
+    k = bounds.index(L[0]) - 1  # the span that ends at the pre-training context
+    for name, m in res["models"].items():
+        for s, losses in enumerate(m["position_loss"]):
+            # the spans' losses, weighted by how many tokens each predicts (position 0 is never predicted), are the
+            # window loss: exp of it is the perplexity at the longest length
+            counts = [hi - max(lo, 1) for lo, hi in zip(bounds, bounds[1:])]
+            mean = sum(c * x for c, x in zip(counts, losses)) / sum(counts)
+            assert math.exp(mean) == pytest.approx(m["ppl"][str(L[-1])][s], rel=1e-6)
+        mean = [sum(v) / len(v) for v in zip(*m["position_loss"])]
+        assert [float(x) for x in rows[name][:-1]] == pytest.approx(mean, abs=0.0005 + 1e-9)
+        assert [float(x) for x in rows[name][-1].split(" / ")] == pytest.approx(
+            [v[k] - v[-1] for v in m["position_loss"]], abs=0.0005 + 1e-9)
 
 
 def test_demo_is_deterministic_across_fresh_runs(fast_runs):

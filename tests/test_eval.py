@@ -71,6 +71,23 @@ def test_non_overlapping_protocol_scores_each_window_once():
     assert r["ppl"] == pytest.approx(math.exp(sum(nll) / len(nll)), rel=1e-5)
 
 
+@pytest.mark.parametrize("stride", [None, 7])
+def test_loss_by_position_is_the_mean_over_windows_of_each_spans_predictions(stride):
+    model = KnownLogits(seed=3)  # its logits depend on the position, so every span has its own loss
+    tokens = torch.randint(0, 11, (95,), generator=torch.Generator().manual_seed(3)).tolist()
+    L = 20
+    starts = ev.window_starts(95, L, stride)
+    by_hand = [nll_by_hand(model, tokens[i:i + L]) for i in starts]  # [window][t]: the token at position t + 1
+    r = ev.perplexity(model, tokens, L, stride=stride, buckets=3)
+    assert r["positions"] == [0, 7, 13, 20]  # round(20 k / 3)
+    for (lo, hi), got in zip([(1, 7), (7, 13), (13, 20)], r["position_loss"]):
+        span = [w[t - 1] for w in by_hand for t in range(lo, hi)]
+        assert got == pytest.approx(sum(span) / len(span), rel=1e-6)
+    assert r["ppl"] == pytest.approx(ev.perplexity(model, tokens, L, stride=stride)["ppl"], rel=1e-12)
+    with pytest.raises(ValueError, match="position buckets"):
+        ev.perplexity(model, tokens, L, buckets=11)  # more than L / 2: a span without a predicted token
+
+
 def test_uniform_logits_give_the_vocabulary_size_under_both_protocols():
     class Uniform(nn.Module):
         def __init__(self):
@@ -181,7 +198,7 @@ def test_ppl_cli_prints_a_table_and_writes_json_equal_to_the_function(model_dir,
     doc.write_text(stdlib_text(("dataclasses.py",))[:6000], encoding="utf-8")
     out = tmp_path / "ppl.json"
     assert ev.main(["ppl", "--model", model_dir, "--data", str(doc), "--seq-lens", "32,64", "--stride", "16",
-                    "--max-tokens", "600", "--out", str(out)]) == 0
+                    "--max-tokens", "600", "--position-buckets", "4", "--out", str(out)]) == 0
     table = capsys.readouterr().out
     result = json.loads(out.read_text())
     model = Transformer.from_pretrained(model_dir).eval()
@@ -189,6 +206,8 @@ def test_ppl_cli_prints_a_table_and_writes_json_equal_to_the_function(model_dir,
     for row, L in zip(result["results"], (32, 64)):
         assert row["seq_len"] == L and row["ppl"] == pytest.approx(ev.perplexity(model, tokens, L, 16)["ppl"], rel=1e-6)
         assert f"{row['ppl']:.3f}" in table
+        assert row["position_loss"] == pytest.approx(ev.perplexity(model, tokens, L, 16, buckets=4)["position_loss"], rel=1e-6)
+        assert f"{L * 3 // 4}-{L - 1} {row['position_loss'][-1]:.3f}" in table
     # the same tokens from a token file give the same numbers: train.py's (with its sidecar) and a raw uint16 one
     from data import prepare_tokens
 
