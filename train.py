@@ -290,9 +290,10 @@ def load_data(a, tokenizer, local_rank, distributed, wait_group=None):
 # Model: LLaMA2 with position interpolation, LoRA (or all parameters) trainable
 
 
-def build_model(a, tokenizer, device, distributed):
+def build_model(a, tokenizer, device, distributed, checkpoint):
     """The model with LoRA (or all parameters) trainable, trainable tensors fp32, frozen ones in the compute dtype.
-    A --model is built on the meta device, sharded, and then filled: each rank reads only its shard (shard.py)."""
+    A --model (`checkpoint`: read_checkpoint's (args, weights)) is built on the meta device, sharded, and then
+    filled: each rank reads only its shard (shard.py)."""
     frozen_dtype = torch.bfloat16 if a.bf16 else torch.float32
     torch.manual_seed(a.seed)  # the same random init (and LoRA init) on every rank
     weights = None
@@ -301,7 +302,7 @@ def build_model(a, tokenizer, device, distributed):
     elif a.preset:
         model = Transformer(preset(a.preset, vocab_size=tokenizer.vocab_size))
     else:
-        args, weights = on_some_ranks(lambda: read_checkpoint(a.model), True, distributed)
+        args, weights = checkpoint
         with torch.device("meta"):
             model = Transformer(args)
     # recorded in the adapter, which then loads on this base only (a --model's: read below, once it is checked)
@@ -469,8 +470,11 @@ def train(a, stop, held):
     if not tok_path:
         raise UsageError(f"no tokenizer.model next to --model {a.model}; pass --tokenizer PATH")
     tokenizer = Tokenizer(tok_path)
+    # --model's config and tensor index (no weights yet), before the data: a broken checkpoint is reported at
+    # once, not after a tokenization that can take an hour
+    checkpoint = on_some_ranks(lambda: read_checkpoint(a.model), True, distributed) if a.model else None
     train_data, held_data = load_data(a, tokenizer, local_rank, distributed, wait_group)
-    model = build_model(a, tokenizer, device, distributed)
+    model = build_model(a, tokenizer, device, distributed, checkpoint)
     reset_peak_memory(device)
     log0(rank, f"model: {model.num_params() / 1e6:.2f}M parameters, ctx {a.ctx}, rope scaling {model.args.rope_scaling:g}, "
                f"attn {a.attn}, {'bf16' if a.bf16 else 'fp32'}, {world} process(es) on {device.type}" +

@@ -200,6 +200,16 @@ def test_a_mistake_is_one_error_line_and_exit_2(world, capsys, name, script, arg
     assert {p: h for p, h in after.items() if p in before} == before, "a file that existed changed or vanished"
 
 
+def test_a_broken_model_is_reported_before_the_data_is_tokenized(world, tmp_path, capsys):
+    argv = train_args(world, str(tmp_path / "out"))
+    argv[argv.index("--model") + 1] = world["hf_no_hidden"]
+    argv[argv.index("--token-cache") + 1] = str(tmp_path / "tokens")
+    argv += ["--tokenizer", world["tok"]]  # the config alone is broken
+    code, out, err = run_main("train", argv, capsys)
+    assert code == 2 and "no field 'hidden_size'" in err
+    assert not (tmp_path / "tokens").exists()  # nothing was tokenized before the check
+
+
 @pytest.mark.parametrize("script,argv,pattern", [
     ("sample.py", ["--model", "{base}", "--prompt", "hi", "--temperature", "nan"], r"finite --temperature"),
     ("train.py", ["--model", "{base}", "--data", "{corpus}", "--out", "{under}"], r"--out .*is a file"),

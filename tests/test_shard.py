@@ -94,7 +94,7 @@ def test_trainable_tensors_are_upcast_from_the_checkpoints_own_dtype(tmp_path, s
                                          "--ctx", "64", "--dtype", "bf16"])
     train.check_args(a)
     a.bf16 = True
-    built = train.build_model(a, train.Tokenizer(sp_model), torch.device("cpu"), distributed=False)
+    built = train.build_model(a, train.Tokenizer(sp_model), torch.device("cpu"), False, train.read_checkpoint(a.model))
     emb = built.tok_embeddings.weight
     assert emb.dtype == torch.float32 and emb.requires_grad
     assert torch.equal(emb, state["tok_embeddings.weight"].float())
