@@ -54,7 +54,7 @@ import tempfile
 import numpy as np
 import torch
 
-from model import atomic_write
+from model import atomic_write, write_text
 
 # ----------------------------------------------------------------------------------------------------
 # Text: documents -> one memory-mapped token file, tokenized once and reused
@@ -168,7 +168,7 @@ def _write_sidecar(out_path, key, tokenizer, dtype, n_tokens, **extra):
     meta = dict(key=key, dtype=np.dtype(dtype).name, vocab_size=tokenizer.vocab_size, tokenizer=tokenizer.path,
                 bos_id=tokenizer.bos_id, eos_id=tokenizer.eos_id, n_tokens=n_tokens, **extra)
     text = json.dumps(meta, indent=1)
-    atomic_write(out_path + ".json", lambda f: open(f, "w").write(text))
+    write_text(out_path + ".json", text)
 
 
 def open_tokens(path):

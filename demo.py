@@ -81,7 +81,7 @@ import sample
 import train
 from cli import LOCK, Parser, UsageError, check_output, entry
 from data import tokenize_documents
-from model import Tokenizer, Transformer, atomic_write
+from model import Tokenizer, Transformer, atomic_write, write_text
 
 # ----------------------------------------------------------------------------------------------------
 # Settings. "full" is the default run; "fast" runs the same code paths with tiny everything.
@@ -187,7 +187,7 @@ def train_tokenizer(texts, prefix: str, vocab_size: int):
     import sentencepiece as spm
 
     corpus = prefix + ".txt"
-    atomic_write(corpus, lambda f: open(f, "w", encoding="utf-8").write("\n".join(texts)))
+    write_text(corpus, "\n".join(texts))
     spm.SentencePieceTrainer.train(
         input=corpus, model_prefix=prefix, model_type="bpe", vocab_size=vocab_size,
         byte_fallback=True, split_digits=True, normalization_rule_name="identity",
@@ -206,7 +206,7 @@ def train_tokenizer(texts, prefix: str, vocab_size: int):
 def write_jsonl(path, docs):
     """One {"text": ...} line per document: the format train.py reads (and tokenizes once, then caches)."""
     lines = "".join(json.dumps({"text": text}) + "\n" for _, text in docs)
-    atomic_write(path, lambda f: open(f, "w", encoding="utf-8").write(lines))
+    write_text(path, lines)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -383,7 +383,7 @@ def run_stage(what, path, stamp, argv, module):
         print(f"{what} failed ({module.__name__}.py exited with {code}; its error is above)", file=sys.stderr)
         raise SystemExit(code)
     text = json.dumps({"stamp": stamp, "seconds": round(time.time() - t0, 1)})
-    atomic_write(os.path.join(path, "demo_stamp.json"), lambda f: open(f, "w").write(text))
+    write_text(os.path.join(path, "demo_stamp.json"), text)
     log(f"{what}: done in {time.time() - t0:.0f} s")
 
 
@@ -465,7 +465,7 @@ def run(a) -> int:
         os.makedirs(tok_dir, exist_ok=True)
         t0 = time.time()
         train_tokenizer([t for _, t in train_docs], os.path.join(tok_dir, "tokenizer"), c["vocab"])
-        atomic_write(os.path.join(tok_dir, "demo_stamp.json"), lambda f: open(f, "w").write(json.dumps({"stamp": tok_stamp})))
+        write_text(os.path.join(tok_dir, "demo_stamp.json"), json.dumps({"stamp": tok_stamp}))
         log(f"tokenizer: sentencepiece BPE, {c['vocab']} pieces, trained in {time.time() - t0:.1f} s")
     tokenizer = Tokenizer(tok_path)
 
@@ -477,7 +477,7 @@ def run(a) -> int:
     for i, (_, text) in enumerate(held_docs):
         path = os.path.join(data, "heldout", f"{i:04d}.txt")
         if not os.path.exists(path) or open(path, encoding="utf-8").read() != text:
-            atomic_write(path, lambda f: open(f, "w", encoding="utf-8").write(text))
+            write_text(path, text)
         held_paths.append(path)
     held_tokens = tokenize_documents(held_paths, tokenizer)
     eval_tokens = held_tokens[: c["eval_tokens"]]
@@ -562,7 +562,7 @@ def run(a) -> int:
     prompt_ids = held_tokens[: ctx - c["sample_tokens"] - 16].tolist()
     prompt_path = os.path.join(out, "prompt.txt")
     prompt_text = tokenizer.decode(prompt_ids)
-    atomic_write(prompt_path, lambda f: open(f, "w", encoding="utf-8").write(prompt_text))
+    write_text(prompt_path, prompt_text)
     buf = io.StringIO()
     model_dir, adapter_dir = trained[best, 0]
     with contextlib.redirect_stdout(buf):
@@ -572,19 +572,19 @@ def run(a) -> int:
         raise SystemExit(code)  # sample.py printed its error
     text = f"# best model: {best} (seed 0); prompt: prompt.txt ({len(prompt_ids)} tokens), which ends with:\n" + \
         prompt_text[-400:] + "\n# continuation (sample.py, temperature 0.6, top-p 0.9, seed 0):\n" + buf.getvalue()
-    atomic_write(os.path.join(out, "sample.txt"), lambda f: open(f, "w", encoding="utf-8").write(text))
+    write_text(os.path.join(out, "sample.txt"), text)
     res["sample"] = dict(model=best, prompt=prompt_path, continuation=buf.getvalue(),  # sample.py's default model:
                          base=os.path.relpath(model_dir, out), adapter=adapter_dir and os.path.relpath(adapter_dir, out))
     timings["sample_s"] = round(time.time() - t0, 1)
 
     # -- results
     md = results_markdown(res)
-    atomic_write(os.path.join(out, "results.md"), lambda f: open(f, "w").write(md))
+    write_text(os.path.join(out, "results.md"), md)
     res["plot"] = plot_results(res, os.path.join(out, "results.png"))
     timings["total_s"] = round(time.time() - t_start, 1)
     res["timings"] = timings
     text = json.dumps(res, indent=2)
-    atomic_write(os.path.join(out, "results.json"), lambda f: open(f, "w").write(text + "\n"))
+    write_text(os.path.join(out, "results.json"), text + "\n")
     print()
     print(md)
     print(f"sample from the best model ({best}):\n{buf.getvalue()}")

@@ -58,7 +58,7 @@ import torch.nn.functional as F
 
 from cli import Parser, check_output, entry
 from data import read_token_file, tokenize_documents
-from model import atomic_write
+from model import atomic_write, write_text
 from sample import generate, load_model, resolve_device_dtype
 
 
@@ -375,7 +375,7 @@ def main(argv=None) -> int:
     result = run_ppl(a, model) if a.task == "ppl" else run_passkey(a, model)
     if a.out:
         text = json.dumps(result, indent=2)
-        atomic_write(a.out, lambda f: open(f, "w").write(text + "\n"))
+        write_text(a.out, text + "\n")
     return 0
 
 

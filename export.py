@@ -22,7 +22,7 @@ import torch
 from cli import Parser, check_output, entry, lock_output
 from lora import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, TARGETS, adapter_state, apply_lora, load_adapter, mark_trainable,
                   merge_lora, save_adapter)
-from model import (CheckpointError, ModelArgs, Tokenizer, Transformer, _read_json, atomic_write, check_state_dict,
+from model import (CheckpointError, ModelArgs, Tokenizer, Transformer, _read_json, atomic_write, write_text, check_state_dict,
                    hf_config_to_args, hf_key_map, hf_to_meta_qk, meta_to_hf_qk)
 from weights import checkpoint_layout
 
@@ -113,7 +113,7 @@ def parse_size(text) -> int:
 
 def _write_json(path, obj):
     text = json.dumps(obj, indent=2) + "\n"
-    atomic_write(path, lambda f: open(f, "w").write(text))
+    write_text(path, text)
 
 
 def _copy_file(src, dst):

@@ -39,7 +39,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model import ModelArgs, RMSNorm, Transformer, atomic_write
+from model import ModelArgs, RMSNorm, Transformer, atomic_write, write_text
 
 # Linear layers that can carry LoRA: the attention projections (LongLoRA's default), the SwiGLU
 # matrices, and the output head.
@@ -285,7 +285,7 @@ def save_adapter(model: Transformer, out_dir, *, ctx: int, extra: dict | None = 
     tensors = {k: v.detach().contiguous().cpu() for k, v in state.items()}
     atomic_write(os.path.join(out_dir, ADAPTER_WEIGHTS), lambda f: save_file(tensors, f, metadata={"format": "pt"}))
     text = json.dumps(config, indent=2)
-    atomic_write(os.path.join(out_dir, ADAPTER_CONFIG), lambda f: open(f, "w").write(text + "\n"))
+    write_text(os.path.join(out_dir, ADAPTER_CONFIG), text + "\n")
 
 
 def read_adapter(adapter_dir):

@@ -437,7 +437,7 @@ class Transformer(nn.Module):
             state.pop("output.weight")
         atomic_write(os.path.join(out_dir, "model.safetensors"), lambda f: save_file(state, f, metadata={"format": "pt"}))
         params = json.dumps(asdict(self.args), indent=2)
-        atomic_write(os.path.join(out_dir, "params.json"), lambda f: open(f, "w").write(params))
+        write_text(os.path.join(out_dir, "params.json"), params)
         if tokenizer_path:
             data = open(tokenizer_path, "rb").read()
             atomic_write(os.path.join(out_dir, "tokenizer.model"), lambda f: open(f, "wb").write(data))
@@ -467,6 +467,15 @@ def atomic_write(path, write_fn):
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def write_text(path, text: str):
+    """Write a UTF-8 text file atomically (see atomic_write)."""
+    def write(tmp):
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+
+    atomic_write(path, write)
 
 
 def check_state_dict(state, expected, where):

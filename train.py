@@ -80,7 +80,7 @@ from data import (SFT_TEMPLATES, PackedData, SFTData, longlora_sft_group_size, o
 from estimate import run_estimate
 from export import write_model
 from lora import DEFAULT_TARGETS, TARGETS, apply_lora, base_fingerprint, mark_trainable, save_adapter, trainable_summary
-from model import PRESETS, ModelArgs, Tokenizer, Transformer, atomic_write, check_tokenizer_fits, find_tokenizer, preset
+from model import PRESETS, ModelArgs, Tokenizer, Transformer, check_tokenizer_fits, find_tokenizer, preset, write_text
 from shard import all_sum, broadcast0, load_weights, lora_init_values, on_some_ranks, setup_distributed, shard_model
 from weights import checkpoint_layout, read_checkpoint
 
@@ -515,7 +515,7 @@ def train(a, stop, held):
         os.makedirs(a.out, exist_ok=True)
         old = open(metrics_path).read().splitlines() if os.path.exists(metrics_path) else []
         kept = "".join(line + "\n" for line in old if json.loads(line)["step"] <= start) if a.resume else ""
-        atomic_write(metrics_path, lambda f: open(f, "w").write(kept))
+        write_text(metrics_path, kept)
 
     def log_metrics(rec):
         if rank == 0:
