@@ -137,6 +137,11 @@ def preset(name: str, **overrides) -> ModelArgs:
 # Building blocks
 
 
+# Tokens per mini-sequence of the feed-forward and of the loss (see FeedForward and Transformer.forward), and per
+# piece of RoPE (apply_rope).
+CHUNK_SIZE = 1024
+
+
 class RMSNorm(nn.Module):
     """x / rms(x) * weight. No mean subtraction and no bias, unlike LayerNorm; computed in fp32."""
 
@@ -169,6 +174,11 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     This is Meta's complex multiplication (x0 + i*x1) * (cos + i*sin) written with real numbers, which
     keeps the model free of complex tensors (they break some collectives and exporters).
     """
+    if x.size(1) > CHUNK_SIZE:
+        # Its fp32 temporaries take 6 times the bytes of a bf16 x, in forward and in backward: for a long sequence,
+        # rotate CHUNK_SIZE tokens at a time (each token's rotation is its own, so the result is the same)
+        pieces = zip(x.split(CHUNK_SIZE, dim=1), cos.split(CHUNK_SIZE), sin.split(CHUNK_SIZE))
+        return torch.cat([apply_rope(*p) for p in pieces], dim=1)
     xf = x.float().unflatten(-1, (-1, 2))  # (B, T, H, D/2, 2)
     x0, x1 = xf[..., 0], xf[..., 1]  # (B, T, H, D/2)
     cos, sin = cos[:, None, :], sin[:, None, :]  # (T, 1, D/2): broadcast over batch and heads
@@ -222,10 +232,6 @@ class Attention(nn.Module):
             y = attention(q, k, v, mode=a.attn, group_size=a.group_size, sink_tokens=a.sink_tokens,
                           wrap=a.shift_wrap, lengths=lengths)  # (B, T, H, D)
         return self.wo(y.reshape(B, T, self.n_heads * self.head_dim))
-
-
-# Tokens per mini-sequence of the feed-forward and of the loss (see FeedForward and Transformer.forward).
-CHUNK_SIZE = 1024
 
 
 class FeedForward(nn.Module):

@@ -11,7 +11,9 @@ import pytest
 import torch
 
 from conftest import ROOT, stdlib_text
-from model import (CheckpointError, FeedForward, KVCache, Tokenizer, Transformer, main, preset)
+import model as M
+from model import (CheckpointError, FeedForward, KVCache, Tokenizer, Transformer, apply_rope, main, preset,
+                   rope_angles)
 
 import transformers  # a test requirement (requirements-test.txt), the independent reference
 
@@ -125,6 +127,22 @@ def test_chunked_feed_forward_equals_the_whole_sequence_forward_and_backward():
     torch.testing.assert_close(gx1, gx0, rtol=0, atol=1e-6)
     for a, b in zip(gw1, gw0):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+
+
+def test_rope_in_pieces_equals_rope_whole(monkeypatch):
+    """apply_rope rotates a long sequence CHUNK_SIZE tokens at a time: the same numbers, forward and backward."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 23, 4, 16, dtype=torch.bfloat16, requires_grad=True)
+    cos, sin = rope_angles(torch.arange(23), 16, 10000.0, scaling=2.0)
+    grad_out = torch.randn(2, 23, 4, 16, dtype=torch.bfloat16)
+    results = []
+    for chunk in (1024, 5):  # whole; pieces of 5, 5, 5, 5 and 3 tokens
+        monkeypatch.setattr(M, "CHUNK_SIZE", chunk)
+        x.grad = None
+        y = apply_rope(x, cos, sin)
+        y.backward(grad_out)
+        results.append((y.detach(), x.grad.clone()))
+    assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
 
 
 def write_meta_shards(model: Transformer, out, n_shards: int, multiple_of: int = 32):
