@@ -10,9 +10,9 @@ The run it describes is train.py's: bf16 compute under FSDP2 over --gpus GPUs, L
 
   * sharded state: the frozen bf16 base, plus the fp32 trainable weights, their gradients and AdamW's two
     moments, each split evenly across the GPUs;
-  * FSDP gathered: the block that computes plus the one prefetched, all-gathered in bf16, the root's
-    embedding and output matrices (gathered from forward to backward), and one block's gradients before
-    they are reduce-scattered;
+  * FSDP gathered: the block that computes plus the one prefetched, all-gathered in bf16, and one block's
+    gradients before they are reduce-scattered (the embedding and output matrices are gathered only around their
+    own forward and backward, not while the blocks run backward);
   * unsharded gradients: with gradient accumulation and LoRA, FSDP reduces only after the last micro-batch,
     so until then each GPU keeps every trainable tensor's whole gradient in fp32 (full fine-tuning reduces
     every micro-batch instead: a whole fp32 gradient of every parameter would cost more than it saves);
@@ -179,11 +179,15 @@ def estimate(m: ModelArgs, ctx, attn, gpus, batch, accum, lora_r=8, targets=DEFA
     mem["trainable weights (fp32)"] = 4 * c["trainable"] / W
     mem["gradients (fp32)"] = 4 * c["trainable"] / W
     mem["AdamW state (2 x fp32)"] = 8 * c["trainable"] / W
-    # FSDP's working set: the block that computes plus the one prefetched, all-gathered in bf16, the root's
-    # tensors (embeddings, output) which stay gathered from forward to backward, and one block's gradients
-    # before they are reduce-scattered.
+    # FSDP's working set while the blocks run backward, where the activations peak: the block that computes plus
+    # the one prefetched, all-gathered in bf16, one block's gradients before they are reduce-scattered, and the
+    # root's tensors, which stay gathered from forward to the end of backward: the final norm (tok_embeddings and
+    # output are units of their own, gathered only around their forward and backward: shard.py), or with tied
+    # embeddings the embedding matrix too. (During the loss's backward the output matrix is gathered instead of
+    # two blocks, with fewer activations.)
     block_grads = 2 * (c["block"] if full else c["trainable"] / L)
-    mem["FSDP gathered weights (bf16)"] = 2 * (2 * c["block"] + c["root"]) + block_grads
+    root = d + (V * d if m.tie_embeddings else 0)
+    mem["FSDP gathered weights (bf16)"] = 2 * (2 * c["block"] + root) + block_grads
     # Gradient accumulation: FSDP reduce-scatters the gradients after the last micro-batch only
     # (set_requires_gradient_sync), so until then every trainable tensor keeps an unsharded gradient, in fp32
     # (FSDP2 accumulates in the reduce dtype). Full fine-tuning reduces every micro-batch (see train.py).
