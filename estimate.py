@@ -147,12 +147,12 @@ def activation_peak(m: ModelArgs, ctx, batch, full=False, lora_r=8, targets=DEFA
     ffn_tokens = B * min(chunk, T)
     if ffn_chunked:
         # The feed-forward's chunks, backward one after the other: every saved tensor of the block, the chunks'
-        # input gradients gathered so far (2d), and one chunk's recomputed w1·x, silu(w1·x), w3·x and the
-        # gradients through the two F-wide products (5 x 2F per chunk token; the chunk's ffn_norm comes after,
-        # with fewer bytes)
-        ffn = (g + kept + 2 * d) * B * T + 5 * 2 * F_ * ffn_tokens
-    else:
-        ffn = (g + kept) * B * T + 2 * 2 * F_ * ffn_tokens  # the gradients through the two F-wide products
+        # input gradients gathered so far (2d), and one chunk's recomputed w1·x, silu(w1·x), w3·x with the
+        # gradient arriving at their product and the two it gives (6 x 2F per chunk token; the chunk's ffn_norm
+        # comes after, with fewer bytes)
+        ffn = (g + kept + 2 * d) * B * T + 6 * 2 * F_ * ffn_tokens
+    else:  # w1·x, silu(w1·x), w3·x are saved (kept); the gradient at their product and the two it gives
+        ffn = (g + kept) * B * T + 3 * 2 * F_ * ffn_tokens
     # Attention's backward, after the feed-forward's (whose inputs are then freed): attention_norm's and wq/wk/wv's
     # saved tensors and attention's, with either wo's backward in flight (the gradient of its input through the
     # frozen weight, through the LoRA matrices, and their sum: 3 x 2d), or attention's own (the output's gradient,

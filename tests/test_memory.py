@@ -164,9 +164,11 @@ def test_live_tensor_bytes_counts_storages_once_and_until_they_die():
 
 # bf16, 2 layers of dim 128 (8 heads), 1024 tokens, chunks of 64 (the loss, the feed-forward, RoPE, the norms'
 # backward): shaped like LLaMA2-70B (8 query heads per key/value head, hidden_dim 3.5 x dim), a block's backward
-# is the peak, at its feed-forward; with a large vocabulary the loss's backward; without grouped-query attention
-# and with a narrow feed-forward, at attention's backward.
+# is the peak, at its feed-forward, with wo's backward close; with a wide feed-forward, at the feed-forward by
+# far; with a large vocabulary, the loss's backward; without grouped-query attention and with a narrow
+# feed-forward, attention's backward.
 STEP_CASES = {"70B-like": dict(n_kv_heads=1, ffn_hidden_dim=448, vocab_size=256),
+              "feed-forward": dict(n_kv_heads=1, ffn_hidden_dim=1024, vocab_size=256),
               "loss": dict(n_kv_heads=1, ffn_hidden_dim=448, vocab_size=4096),
               "attention": dict(n_kv_heads=8, ffn_hidden_dim=256, vocab_size=256)}
 
@@ -176,8 +178,8 @@ def test_estimated_activation_peak_is_the_measured_peak_of_a_training_step(monke
     """One LoRA training step with checkpointing, as train.py takes it, in bf16 (FSDP's compute dtype): the peak of
     live tensor bytes, less the parameters' gradients (the estimate counts those apart), against estimate.py's
     activation_peak with PyTorch's SDPA kernels (estimate() asks for FlashAttention-2's, whose backward adds its
-    own scratch; both are the same formula otherwise). Within 5%; the final norm kept outside the loss chunks, or
-    the old RMSNorm that kept an fp32 copy of its input, each add over a quarter."""
+    own scratch; both are the same formula otherwise). Within 3% (observed: the estimate 0.4-0.6% above); the final
+    norm kept outside the loss chunks, or the old RMSNorm that kept an fp32 copy of its input, add a quarter."""
     T, chunk = 1024, 64
     monkeypatch.setattr(M, "CHUNK_SIZE", chunk)
     m = ModelArgs(dim=128, n_layers=2, n_heads=8, max_seq_len=T, **STEP_CASES[case])
@@ -194,6 +196,6 @@ def test_estimated_activation_peak_is_the_measured_peak_of_a_training_step(monke
     measured = mem.peak(exclude=[p.grad for p in model.parameters() if p.grad is not None])
     estimated = activation_peak(m, T, 1, chunk=chunk, attn="full", flash=False)
     print(f"{case}: measured {measured / 1e6:.3f} MB, estimated {estimated / 1e6:.3f} MB")
-    assert abs(estimated - measured) <= 0.05 * measured
+    assert abs(estimated - measured) <= 0.03 * measured
     e = estimate(m, T, "full", 1, 1, 1, chunk=chunk)
     assert e["memory"]["activations, checkpointing"] == activation_peak(m, T, 1, chunk=chunk, attn="full")
