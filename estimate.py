@@ -28,7 +28,8 @@ The run it describes is train.py's: bf16 compute under FSDP2 over --gpus GPUs, L
 FLOPs count a multiply-add as 2, backward as twice the forward, plus the forward recomputed by
 checkpointing (the chunked feed-forward's twice, the loss chunks' output projection once); attention counts the (query, key) pairs each pattern lets a head compute (visible_pairs; a
 test checks it against attention.py's masks). Left out, as in any estimate of tensor bytes: the CUDA
-context and library workspaces, communication buckets, and the caching allocator's fragmentation.
+context and library workspaces (but FlashAttention-2's backward scratch is counted: flash_workspace),
+communication buckets, and the caching allocator's fragmentation.
 """
 
 import json
