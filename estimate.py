@@ -10,24 +10,26 @@ The run it describes is train.py's: bf16 compute under FSDP2 over --gpus GPUs, L
 
   * sharded state: the frozen bf16 base, plus the fp32 trainable weights, their gradients and AdamW's two
     moments, each split evenly across the GPUs;
-  * FSDP gathered: the block that computes plus the one prefetched, all-gathered in bf16, the root's
-    embedding and output matrices (gathered from forward to backward), and one block's gradients before
-    they are reduce-scattered;
+  * FSDP gathered: the block that computes plus the one prefetched, all-gathered in bf16, and one block's
+    gradients before they are reduce-scattered (the embedding and output matrices are gathered only around their
+    own forward and backward, not while the blocks run backward);
   * unsharded gradients: with gradient accumulation and LoRA, FSDP reduces only after the last micro-batch,
     so until then each GPU keeps every trainable tensor's whole gradient in fp32 (full fine-tuning reduces
     every micro-batch instead: a whole fp32 gradient of every parameter would cost more than it saves);
-  * activations: counted from the tensors autograd keeps for model.py (layer_activation_bytes; a test
-    checks it against autograd's saved tensors). With checkpointing, each block's input (2·dim bytes per
-    token and layer, bf16) plus the larger of one recomputed block (its activations, the gradients in flight
-    through it, one feed-forward chunk's widest tensors) and the loss (12 bytes per vocabulary entry for one
-    chunk of model.CHUNK_SIZE tokens: the fp32 log-softmax, its gradient and the logits' gradient alive
-    together). With --offload-activations the blocks' inputs move to the host's pinned memory, reported
-    separately (per GPU and for all GPUs: the host of 8 GPUs holds 8 times that).
+  * activations: counted from the tensors autograd keeps for model.py (layer_activations; a test checks it
+    against autograd's saved tensors), along the timeline of backward (activation_peak; a test checks it against
+    the measured peak of a step on the CPU). With checkpointing, each block's input (2·dim bytes per token and
+    layer, bf16) plus the larger of the loss's backward, which comes first (one chunk of model.CHUNK_SIZE
+    tokens' logits, 12 bytes per vocabulary entry and token, and the last block's output and its gradient) and
+    one block's backward at its widest (the recomputed block's saved tensors and the gradients in flight).
+    With --offload-activations the blocks' inputs move to the host's pinned memory, reported separately (per
+    GPU and for all GPUs: the host of 8 GPUs holds 8 times that).
 
 FLOPs count a multiply-add as 2, backward as twice the forward, plus the forward recomputed by
 checkpointing (the chunked feed-forward's twice, the loss chunks' output projection once); attention counts the (query, key) pairs each pattern lets a head compute (visible_pairs; a
 test checks it against attention.py's masks). Left out, as in any estimate of tensor bytes: the CUDA
-context and library workspaces, communication buckets, and the caching allocator's fragmentation.
+context and library workspaces (but FlashAttention-2's backward scratch is counted: flash_workspace),
+communication buckets, and the caching allocator's fragmentation.
 """
 
 import json
@@ -72,30 +74,96 @@ def visible_pairs(mode, T, g, sinks):
     return (plain + shifted) / 2
 
 
-def layer_activation_bytes(m: ModelArgs, full=False, norms=True, lora_r=8, targets=DEFAULT_TARGETS, ffn_chunked=False):
-    """Bytes per token that autograd keeps for one TransformerBlock of model.py computing in bf16 (what
-    FSDP's bf16 mixed precision does), read off the backward graph. A frozen matmul keeps only its
-    weight, not its input, which is why LoRA saves most of the activations of full fine-tuning.
+def layer_activations(m: ModelArgs, full=False, lora_r=8, targets=DEFAULT_TARGETS, ffn_chunked=False, flash=False):
+    """Bytes per token that autograd keeps for one TransformerBlock of model.py computing in bf16 (what FSDP's
+    bf16 mixed precision does), read off the backward graph, by part. A frozen matmul keeps only its weight,
+    not its input, which is why LoRA saves most of the activations of full fine-tuning.
 
-      RMSNorm (x2)   the fp32 copy of x for the rsqrt 4d (and the rsqrt, 4), the bf16 normalised x for the norm weight's
-                     gradient 2d (only if the norm trains)
-      wq wk wv       their shared bf16 input 2d, kept for the LoRA A matrices (full fine-tuning: for the weights)
-      LoRA           each target's A·x, r numbers: 2r per target
-      RoPE           nothing per layer: its cos/sin are computed once per forward and shared by every layer
-      attention      q, k, v and the output in bf16 (2d + 4kv + 2d; the output is also wo's input) and the
-                     fp32 log-sum-exp per head 4H (FlashAttention and SDPA keep no T x T matrix)
-      SwiGLU         w1·x (for silu), silu(w1·x) and w3·x (for their product): 3 x 2F; full fine-tuning
-                     also keeps the frozen-in-LoRA inputs of w1/w3 (2d) and of w2 (2F). Run over checkpointed
-                     chunks (ffn_chunked: the sequence is longer than model.CHUNK_SIZE), only the chunks' input,
-                     the bf16 ffn_norm output 2d, is kept; the rest exists for one chunk at a time (estimate())
+      input          the block's input x, kept by attention_norm 2d (with checkpointing: the very tensor the
+                     checkpoint keeps; RMSNormFunction keeps its input and recomputes the rest)
+      attention_norm its fp32 rsqrt, one number per token: 4
+      qkv_input      wq wk wv's shared bf16 input 2d, kept for the LoRA A matrices (full fine-tuning: for the
+                     weights), and each LoRA target's A·x, r numbers: 2r per target
+      attention      q, k, v and the output in bf16 (2d + 4kv + 2d; the output is also wo's input), the fp32
+                     log-sum-exp per head 4H (FlashAttention and SDPA keep no T x T matrix); RoPE keeps nothing
+                     (its cos/sin are computed once per forward and shared by every layer, see activation_peak).
+                     flash: attention.py's FlashAttention-2 path packs q, k, v for flash-attn, which keeps its
+                     own packed output, and wo keeps the unpacked copy: 2d more
+      ffn            chunked (the sequence is longer than model.CHUNK_SIZE): the chunks' input, the residual
+                     stream after attention 2d (ffn_norm runs inside each chunk, so nothing else of it is kept
+                     whole; the rest exists for one chunk at a time, see activation_peak). Whole: ffn_norm's input and
+                     rsqrt 2d + 4, w1·x (for silu), silu(w1·x) and w3·x (for their product) 3 x 2F; full
+                     fine-tuning also keeps w1/w3's input (2d) and w2's (2F)
     """
     d, kv, F_, H = m.dim, m.n_kv_heads * m.head_dim, m.hidden_dim, m.n_heads
-    norm = 4 * d + 4 + (2 * d if norms or full else 0)  # + the fp32 rsqrt, one number per token
-    attn_inputs = 2 * d
-    lora = 0 if full else 2 * lora_r * sum(t in targets for t in ("wq", "wk", "wv", "wo", "w1", "w2", "w3"))
-    attn = 2 * d + 4 * kv + 2 * d + 4 * H
-    ffn = 2 * d if ffn_chunked else 3 * 2 * F_ + (2 * d + 2 * F_ if full else 0)
-    return 2 * norm + attn_inputs + lora + attn + ffn
+    lora = lambda names: 0 if full else 2 * lora_r * sum(t in targets for t in names)  # noqa: E731
+    if ffn_chunked:
+        ffn = 2 * d
+    else:
+        ffn = 2 * d + 4 + 3 * 2 * F_ + (2 * d + 2 * F_ if full else 0) + lora(("w1", "w2", "w3"))
+    return {"input": 2 * d, "attention_norm": 4, "qkv_input": 2 * d + lora(("wq", "wk", "wv")),
+            "attention": 2 * d + 4 * kv + 2 * d + 4 * H + (2 * d if flash else 0) + lora(("wo",)), "ffn": ffn}
+
+
+def layer_activation_bytes(m: ModelArgs, full=False, lora_r=8, targets=DEFAULT_TARGETS, ffn_chunked=False, flash=False):
+    """Bytes per token that autograd keeps for one block: the sum of layer_activations' parts."""
+    return sum(layer_activations(m, full, lora_r, targets, ffn_chunked, flash).values())
+
+
+def flash_workspace(m: ModelArgs, attn):
+    """Bytes per token that FlashAttention-2's backward allocates for itself (flash-attn's mha_varlen_bwd): an fp32
+    accumulator of dq for the heads of a call, and with grouped-query attention (fewer key/value heads) dk and dv
+    expanded to every query head in bf16. attention.py calls it once for all heads (full) or twice, for half of
+    the heads each, one after the other (s2, sf)."""
+    heads = m.n_heads if attn == "full" else m.n_heads // 2
+    return 4 * heads * m.head_dim + (2 * 2 * heads * m.head_dim if m.n_kv_heads != m.n_heads else 0)
+
+
+def activation_peak(m: ModelArgs, ctx, batch, full=False, lora_r=8, targets=DEFAULT_TARGETS, chunk=CHUNK_SIZE,
+                    attn="s2", flash=True, checkpointing=True, offload=False):
+    """Peak bytes of activations of one micro-batch's forward and backward: what model.py keeps, with the
+    gradients in flight at the widest moment of backward. flash: FlashAttention-2 kernels (train.py on a GPU
+    with flash-attn); False: PyTorch's SDPA, e.g. on the CPU, whose scratch memory stays inside the kernel."""
+    d, kv, F_, V, L, hd = m.dim, m.n_kv_heads * m.head_dim, m.hidden_dim, m.vocab_size, m.n_layers, m.head_dim
+    B, T = batch, ctx
+    ffn_chunked = T > chunk
+    part = layer_activations(m, full, lora_r, targets, ffn_chunked, flash)  # per token, see there
+    # RoPE's cos and sin (fp32, head_dim/2 each) and the positions (int64), once per forward for every layer
+    rope = (4 * hd + 8) * T
+    # The loss, over chunks of `chunk` tokens of the flattened batch, runs backward first: the last block's output
+    # (the chunks' input) and its gradient gathered from the chunks (2 x 2d, bf16), and one chunk's logits, at
+    # most 12 bytes per vocabulary entry and token (the recomputed fp32 log-softmax, its gradient and the logits'
+    # gradient alive together). It is done before the last block's backward begins.
+    loss = 2 * 2 * d * B * T + 12 * V * min(chunk, B * T)
+    if not checkpointing:
+        return L * sum(part.values()) * B * T + rope + loss
+    # With checkpointing each block keeps only its input (bf16: the embedding output is cast to the compute
+    # dtype) until its backward recomputes it. Offloaded, those inputs wait in the host's pinned memory and the
+    # GPU holds the one block's input that its recompute has brought back.
+    saved_inputs = (1 if offload else L) * 2 * d * B * T
+    # One block's backward, per token, at its widest moments (a test measures them, model.py on the CPU). Alive
+    # throughout: the gradient arriving at the block's output, 2d (after the feed-forward, the residual's).
+    g = 2 * d
+    kept = sum(part.values()) - part["input"]  # the recomputed block's own saved tensors; its input is counted above
+    ffn_tokens = B * min(chunk, T)
+    if ffn_chunked:
+        # The feed-forward's chunks, backward one after the other: every saved tensor of the block, the chunks'
+        # input gradients gathered so far (2d), and one chunk's recomputed w1·x, silu(w1·x), w3·x with the
+        # gradient arriving at their product and the two it gives (6 x 2F per chunk token; the chunk's ffn_norm
+        # comes after, with fewer bytes)
+        ffn = (g + kept + 2 * d) * B * T + 6 * 2 * F_ * ffn_tokens
+    else:  # w1·x, silu(w1·x), w3·x are saved (kept); the gradient at their product and the two it gives
+        ffn = (g + kept) * B * T + 3 * 2 * F_ * ffn_tokens
+    # Attention's backward, after the feed-forward's (whose inputs are then freed): attention_norm's and wq/wk/wv's
+    # saved tensors and attention's, with either wo's backward in flight (the gradient of its input through the
+    # frozen weight, through the LoRA matrices, and their sum: 3 x 2d), or attention's own (the output's gradient,
+    # dq, dk, dv: 2d + 2d + 4kv, plus FlashAttention-2's workspace; the unpacked output copy is freed by then).
+    before = g + part["attention_norm"] + part["qkv_input"] + part["attention"]
+    wo = (3 if not full and "wo" in targets else 1) * 2 * d
+    attention = max(before + wo, before - (2 * d if flash else 0) + 2 * d + 2 * d + 4 * kv
+                    + (flash_workspace(m, attn) if flash else 0))
+    # Narrower moments, not counted: the recompute's RoPE of q (done CHUNK_SIZE tokens at a time) and its norms.
+    return saved_inputs + rope + max(loss, ffn, attention * B * T)
 
 
 def estimate(m: ModelArgs, ctx, attn, gpus, batch, accum, lora_r=8, targets=DEFAULT_TARGETS, embed=True,
@@ -103,7 +171,7 @@ def estimate(m: ModelArgs, ctx, attn, gpus, batch, accum, lora_r=8, targets=DEFA
     """Per-GPU memory (bytes) and FLOPs per optimizer step of a bf16 FSDP run; see the comments for each term.
     chunk: model.CHUNK_SIZE, tokens per chunk of the loss and of the feed-forward; offload: --offload-activations."""
     c = param_counts(m, lora_r, targets, embed, norms, full)
-    d, kv, F_, V, L, H, hd = m.dim, m.n_kv_heads * m.head_dim, m.hidden_dim, m.vocab_size, m.n_layers, m.n_heads, m.head_dim
+    d, F_, V, L, H, hd = m.dim, m.hidden_dim, m.vocab_size, m.n_layers, m.n_heads, m.head_dim
     B, T, W = batch, ctx, gpus
     frozen = c["total"] - c["trainable"]
     mem = {}
@@ -112,40 +180,24 @@ def estimate(m: ModelArgs, ctx, attn, gpus, batch, accum, lora_r=8, targets=DEFA
     mem["trainable weights (fp32)"] = 4 * c["trainable"] / W
     mem["gradients (fp32)"] = 4 * c["trainable"] / W
     mem["AdamW state (2 x fp32)"] = 8 * c["trainable"] / W
-    # FSDP's working set: the block that computes plus the one prefetched, all-gathered in bf16, the root's
-    # tensors (embeddings, output) which stay gathered from forward to backward, and one block's gradients
-    # before they are reduce-scattered.
+    # FSDP's working set while the blocks run backward, where the activations peak: the block that computes plus
+    # the one prefetched, all-gathered in bf16, one block's gradients before they are reduce-scattered, and the
+    # root's tensors, which stay gathered from forward to the end of backward: the final norm (tok_embeddings and
+    # output are units of their own, gathered only around their forward and backward: shard.py), or with tied
+    # embeddings the embedding matrix too. (During the loss's backward the output matrix is gathered instead of
+    # two blocks, with fewer activations.)
     block_grads = 2 * (c["block"] if full else c["trainable"] / L)
-    mem["FSDP gathered weights (bf16)"] = 2 * (2 * c["block"] + c["root"]) + block_grads
+    root = d + (V * d if m.tie_embeddings else 0)
+    mem["FSDP gathered weights (bf16)"] = 2 * (2 * c["block"] + root) + block_grads
     # Gradient accumulation: FSDP reduce-scatters the gradients after the last micro-batch only
     # (set_requires_gradient_sync), so until then every trainable tensor keeps an unsharded gradient, in fp32
     # (FSDP2 accumulates in the reduce dtype). Full fine-tuning reduces every micro-batch (see train.py).
     mem["unsharded gradients (fp32)"] = 4 * c["trainable"] if accum > 1 and W > 1 and not full else 0
+    # Activations: see activation_peak
+    common = dict(full=full, lora_r=lora_r, targets=targets, chunk=chunk, attn=attn)
+    mem["activations, checkpointing"] = activation_peak(m, T, B, offload=offload, **common)
+    mem["activations, no checkpointing"] = activation_peak(m, T, B, checkpointing=False, **common)
     ffn_chunked = T > chunk
-    per_layer = layer_activation_bytes(m, full, norms, lora_r, targets, ffn_chunked)  # per token, see there
-    # The loss, over chunks of `chunk` tokens of the flattened batch: one chunk's logits exist at a time, at
-    # most 12 bytes per vocabulary entry and token (backward: the recomputed fp32 log-softmax, its gradient
-    # and the logits' gradient alive together); besides, the final norm's bf16 output (the chunks' input) and
-    # its gradient, gathered from the chunks, for every token: 2 x 2d.
-    loss_peak = 12 * V * min(chunk, B * T) + 2 * 2 * d * B * T
-    final_norm = (6 if norms or full else 4) * d * B * T  # the last RMSNorm, as in a block
-    # One block recomputed in backward: its activations, plus the gradients in flight through it for every
-    # token: the gradient arriving at its output and the one leaving at its input (2 x 2d, bf16), attention's
-    # dq, dk, dv and output gradient (2d + 4kv + 2d) and FlashAttention-2's fp32 dq accumulator (4d); plus
-    # the feed-forward's widest tensors for one chunk (B x chunk tokens; the whole sequence when not chunked):
-    # the gradients through its two F-wide products (2 x 2F) and, when chunked, the chunk's own recomputed
-    # w1·x, silu(w1·x) and w3·x (3 x 2F; unchunked they are part of per_layer).
-    in_flight = 2 * 2 * d + (2 * d + 4 * kv + 2 * d) + 4 * d
-    ffn_tokens = B * min(chunk, T)
-    block_peak = (per_layer + in_flight) * B * T + (2 * 2 * F_ + (3 * 2 * F_ if ffn_chunked else 0)) * ffn_tokens
-    # With checkpointing only each block's input survives the forward (2d per token and layer, bf16: the
-    # embedding output is cast to the compute dtype), and the peak adds the larger of the loss and one
-    # recomputed block. Offloaded (--offload-activations), those inputs wait in the host's pinned memory and
-    # the GPU holds the one block's input that its recompute has brought back.
-    saved_inputs = L * 2 * d * B * T
-    mem["activations, checkpointing"] = ((2 * d * B * T if offload else saved_inputs) + final_norm
-                                         + max(loss_peak, block_peak))
-    mem["activations, no checkpointing"] = L * per_layer * B * T + final_norm + loss_peak  # the FFN chunks regardless
     static = sum(v for k, v in mem.items() if not k.startswith("activations"))
     # FLOPs per optimizer step, all GPUs together (a multiply-add counts 2):
     tokens = B * T * accum * W
@@ -167,7 +219,7 @@ def estimate(m: ModelArgs, ctx, attn, gpus, batch, accum, lora_r=8, targets=DEFA
     recompute = 2 * (blocks_matmul + lora_matmul) + (2 * L * 3 * d * F_ if ffn_chunked else 0) + 2 * V * d
     dense_flops = (fwd + bwd + recompute) * tokens
     return dict(params=c, memory=mem, static=static, tokens=tokens, group=g, attn_flops=attn_flops,
-                host=saved_inputs if offload else 0,
+                host=L * 2 * d * B * T if offload else 0,
                 dense_flops=dense_flops, total_ckpt=static + mem["activations, checkpointing"],
                 total_no_ckpt=static + mem["activations, no checkpointing"])
 

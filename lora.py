@@ -107,7 +107,9 @@ class LoRALinear(nn.Module):
         y = F.linear(x, self.weight)  # (..., out), the frozen path
         h = self.dropout(x).to(self.lora_a.dtype)  # (..., in) in fp32
         lora = F.linear(F.linear(h, self.lora_a), self.lora_b)  # (..., r) -> (..., out); never forms B·A
-        return y + (self.scale * lora).to(y.dtype)
+        # y + (α/r)·lora, in place: at long context each (..., out) temporary is as large as a layer's input, and
+        # backward needs neither y nor lora (the same numbers as out of place)
+        return y.add_(lora.mul_(self.scale).to(y.dtype))
 
     def extra_repr(self):
         out_features, in_features = self.weight.shape

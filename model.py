@@ -137,6 +137,52 @@ def preset(name: str, **overrides) -> ModelArgs:
 # Building blocks
 
 
+# Tokens per mini-sequence of the feed-forward and of the loss (see FeedForward and Transformer.forward), and per
+# piece of RoPE and of the RMSNorms' backward (apply_rope, RMSNormFunction).
+CHUNK_SIZE = 1024
+
+
+class RMSNormFunction(torch.autograd.Function):
+    """x / rms(x) * weight with a hand-written backward that keeps less for it.
+
+    Written as plain tensor ops, autograd would keep per token the fp32 copy of x (4·dim bytes), the rsqrt and
+    the normalised x in x's dtype (2·dim in bf16), for each of the 2 norms of every layer. This keeps only x
+    itself and the fp32 rsqrt (4 bytes per token), and recomputes the normalised x in backward. The first norm
+    of a block gets the block's input, which activation checkpointing keeps anyway, so that x costs nothing
+    extra. Backward works on CHUNK_SIZE tokens at a time: its fp32 temporaries (4·dim bytes per token each)
+    for a whole long sequence would be among the largest tensors of the step.
+
+    With x̂ = x·r, r = 1/sqrt(mean(x²) + eps) and g the gradient arriving at x̂ (the output's gradient times
+    weight):  dL/dweight = Σ_tokens grad_out·x̂,   dL/dx = r·(g - x̂·mean(g·x̂)).
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, eps):  # x (..., dim), weight (dim,)
+        xf = x.float()
+        rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)  # (..., 1), fp32
+        ctx.save_for_backward(x, rstd, weight)
+        return (xf * rstd).type_as(x) * weight  # HF's LlamaRMSNorm, op for op: normalise in fp32, round, scale
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):  # (..., dim)
+        x, rstd, weight = ctx.saved_tensors
+        shape, dim = x.shape, x.shape[-1]
+        # one row per token: (N, dim), (N, 1), (N, dim)
+        x, rstd, grad_out = x.reshape(-1, dim), rstd.reshape(-1, 1), grad_out.reshape(-1, dim)
+        grad_x = torch.empty_like(x) if ctx.needs_input_grad[0] else None
+        grad_w = torch.zeros(dim, device=x.device) if ctx.needs_input_grad[1] else None  # summed in fp32
+        for rows in (slice(s, s + CHUNK_SIZE) for s in range(0, len(x), CHUNK_SIZE)):
+            xhat = x[rows].float() * rstd[rows]  # (n, dim) fp32: the forward's normalised x, recomputed
+            if grad_w is not None:
+                grad_w += (grad_out[rows] * xhat.type_as(x)).sum(0, dtype=torch.float32)
+            if grad_x is not None:
+                g = (grad_out[rows] * weight).type_as(x).float()  # the gradient at x̂, in x's dtype as autograd's
+                grad_x[rows] = rstd[rows] * (g - xhat * (g * xhat).mean(-1, keepdim=True))
+        return (grad_x.view(shape) if grad_x is not None else None,
+                grad_w.to(weight.dtype) if grad_w is not None else None, None)
+
+
 class RMSNorm(nn.Module):
     """x / rms(x) * weight. No mean subtraction and no bias, unlike LayerNorm; computed in fp32."""
 
@@ -146,9 +192,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return xf.type_as(x) * self.weight
+        return RMSNormFunction.apply(x, self.weight, self.eps)
 
 
 def rope_angles(positions: torch.Tensor, head_dim: int, theta: float, scaling: float = 1.0):
@@ -169,6 +213,11 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     This is Meta's complex multiplication (x0 + i*x1) * (cos + i*sin) written with real numbers, which
     keeps the model free of complex tensors (they break some collectives and exporters).
     """
+    if x.size(1) > CHUNK_SIZE:
+        # Its fp32 temporaries take 6 times the bytes of a bf16 x, in forward and in backward: for a long sequence,
+        # rotate CHUNK_SIZE tokens at a time (each token's rotation is its own, so the result is the same)
+        pieces = zip(x.split(CHUNK_SIZE, dim=1), cos.split(CHUNK_SIZE), sin.split(CHUNK_SIZE))
+        return torch.cat([apply_rope(*p) for p in pieces], dim=1)
     xf = x.float().unflatten(-1, (-1, 2))  # (B, T, H, D/2, 2)
     x0, x1 = xf[..., 0], xf[..., 1]  # (B, T, H, D/2)
     cos, sin = cos[:, None, :], sin[:, None, :]  # (T, 1, D/2): broadcast over batch and heads
@@ -224,10 +273,6 @@ class Attention(nn.Module):
         return self.wo(y.reshape(B, T, self.n_heads * self.head_dim))
 
 
-# Tokens per mini-sequence of the feed-forward and of the loss (see FeedForward and Transformer.forward).
-CHUNK_SIZE = 1024
-
-
 class FeedForward(nn.Module):
     """SwiGLU: w2(silu(w1 x) * w3 x), run over mini-sequences of `chunk_size` tokens.
 
@@ -236,6 +281,9 @@ class FeedForward(nn.Module):
     recomputes in backward. Checkpointing each chunk keeps only the chunk's input for backward, so those
     intermediates exist for one chunk at a time, in forward and in backward; the price is one more forward
     of the feed-forward. This is the Mini-Sequence Transformer's (2024) MLP, exact up to float rounding.
+
+    `norm`, the block's ffn_norm, runs inside each chunk too: then the normalised sequence never exists whole,
+    and the chunks keep slices of x, which the block's residual connection has made anyway.
     """
 
     def __init__(self, dim: int, hidden_dim: int):
@@ -245,14 +293,17 @@ class FeedForward(nn.Module):
         self.w3 = nn.Linear(dim, hidden_dim, bias=False)  # up
         self.chunk_size = CHUNK_SIZE  # 0 = the whole sequence at once
 
-    def swiglu(self, x):
+    def swiglu(self, x, norm=None):
+        if norm is not None:
+            x = norm(x)
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
-    def forward(self, x):  # (B, T, dim)
+    def forward(self, x, norm=None):  # (B, T, dim)
         if not self.chunk_size or x.size(1) <= self.chunk_size:
-            return self.swiglu(x)
+            return self.swiglu(x, norm)
         chunks = x.split(self.chunk_size, dim=1)  # (B, chunk_size, dim) each; the last may be shorter
-        return torch.cat([torch.utils.checkpoint.checkpoint(self.swiglu, c, use_reentrant=False) for c in chunks], dim=1)
+        return torch.cat([torch.utils.checkpoint.checkpoint(self.swiglu, c, norm, use_reentrant=False) for c in chunks],
+                         dim=1)
 
 
 class TransformerBlock(nn.Module):
@@ -265,7 +316,7 @@ class TransformerBlock(nn.Module):
 
     def forward(self, x, positions, lengths=None, cache=None, rotate=None):
         h = x + self.attention(self.attention_norm(x), positions, lengths, cache, rotate)
-        return h + self.feed_forward(self.ffn_norm(h))
+        return h + self.feed_forward(h, self.ffn_norm)  # ffn_norm is applied chunk by chunk
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -368,17 +419,17 @@ class Transformer(nn.Module):
                     h = layer(h, positions, lengths, cache, rotate)
         if cache is not None:
             cache.pos += T
-        h = self.norm(h)  # (B, T, dim)
         if reduction not in ("mean", "sum"):
             raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
         if targets is None:
-            return self.output(h)  # (B, T, vocab_size)
+            return self.output(self.norm(h))  # (B, T, vocab_size)
         # The loss, chunk by chunk. Whole, the fp32 logits with their log-softmax and gradient take 12 bytes
         # per vocabulary entry and token, the largest tensors of a long-context step (12.6 GB for LLaMA2's
-        # 32000 entries at 32k tokens). Each chunk's projection and log-softmax run inside a checkpoint, recomputed in
-        # backward, so at any time only one chunk's logits exist.
+        # 32000 entries at 32k tokens). Each chunk's final norm, projection and log-softmax run inside a
+        # checkpoint, recomputed in backward, so at any time only one chunk's logits exist, and besides the last
+        # block's output h no normalised copy of the whole sequence is ever kept.
         def chunk_loss(h, y):  # (n, dim), (n,) -> the sum of the n tokens' losses, fp32
-            return F.cross_entropy(self.output(h).float(), y, ignore_index=-100, reduction="sum")
+            return F.cross_entropy(self.output(self.norm(h)).float(), y, ignore_index=-100, reduction="sum")
 
         h, targets = h.flatten(0, 1), targets.flatten()  # (B*T, dim), (B*T,)
         loss = sum(torch.utils.checkpoint.checkpoint(chunk_loss, hc, yc, use_reentrant=False)

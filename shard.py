@@ -100,8 +100,14 @@ def broadcast0(obj, distributed):
 
 
 def shard_model(model, device, bf16):
-    """FSDP2: each TransformerBlock becomes one all-gather/reduce-scatter unit, the root holds the rest
-    (tok_embeddings, norm, output). Parameters become DTensors sharded on dim 0 across the ranks.
+    """FSDP2: each TransformerBlock becomes one all-gather/reduce-scatter unit, and so do tok_embeddings and
+    output; the root holds the rest (the final norm). Parameters become DTensors sharded on dim 0 across the ranks.
+
+    The embeddings and the output projection are units of their own (unless tied: one parameter cannot be in two
+    units) so that FSDP reshards them after their forward: in the root's unit they would stay gathered from
+    forward to the end of backward (2 x vocab x dim bf16 numbers, 1 GB for LLaMA2-70B), through every block's
+    backward, where the activation peak is. The output projection runs once per chunk of the loss, so it is
+    all-gathered for each chunk, in forward and again in backward.
 
     With bf16, parameters are all-gathered in bf16 and gradients reduce-scattered in fp32; the frozen
     weights are already bf16 (no cast), the trainable fp32 ones are cast for the compute and keep fp32
@@ -115,6 +121,9 @@ def shard_model(model, device, bf16):
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else MixedPrecisionPolicy()
     for block in model.layers:
         fully_shard(block, mesh=mesh, mp_policy=mp)
+    if not model.args.tie_embeddings:
+        fully_shard(model.tok_embeddings, mesh=mesh, mp_policy=mp)
+        fully_shard(model.output, mesh=mesh, mp_policy=mp)
     fully_shard(model, mesh=mesh, mp_policy=mp)  # parameters on meta stay there, as DTensors, until load_weights
     return model
 

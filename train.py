@@ -10,8 +10,9 @@ the result):
     base model (bf16, frozen) ──► RoPE interpolation: positions / ceil(ctx / original context)
                               ──► LoRA r=8 α=16 on wq wk wv wo, + embeddings and norms train (fp32)
                               ──► S²-Attn (or SF-Attn) while training, full attention for evaluation
-                              ──► FSDP2: fully_shard(every block), then fully_shard(model), all on the meta
-                                  device; then each rank reads only its own shard of the weights (shard.py)
+                              ──► FSDP2: fully_shard(every block, the embeddings, the output), then
+                                  fully_shard(model), all on the meta device; then each rank reads only its
+                                  own shard of the weights (shard.py)
                                         │ AdamW, warmup then constant (or cosine), grad clip 1
                                         ▼
     out/metrics.jsonl, out/checkpoints/step-NNNNNN/ (resumable; checkpoint.py), and the result:
@@ -379,7 +380,7 @@ def evaluate(model, data, a, rank, world, device, distributed, autocast):
         model.args.attn = mode
         model.train()
         if distributed:
-            # FSDP2 reshards the root group (embeddings, final norm, output) after backward only; a forward
+            # FSDP2 reshards the root group (the final norm; tied embeddings) after backward only; a forward
             # without backward leaves it unsharded, and the next checkpoint would then save bf16 compute
             # copies and fail to match the optimizer's parameters. Reshard explicitly.
             model.reshard()

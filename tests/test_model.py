@@ -11,7 +11,9 @@ import pytest
 import torch
 
 from conftest import ROOT, stdlib_text
-from model import (CheckpointError, FeedForward, KVCache, Tokenizer, Transformer, main, preset)
+import model as M
+from model import (CheckpointError, FeedForward, KVCache, RMSNorm, Tokenizer, Transformer, apply_rope, main, preset,
+                   rope_angles)
 
 import transformers  # a test requirement (requirements-test.txt), the independent reference
 
@@ -125,6 +127,97 @@ def test_chunked_feed_forward_equals_the_whole_sequence_forward_and_backward():
     torch.testing.assert_close(gx1, gx0, rtol=0, atol=1e-6)
     for a, b in zip(gw1, gw0):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+
+
+def plain_rms_norm(x, weight, eps):
+    """RMSNorm as plain tensor ops (model.py's formula before RMSNormFunction; HF's LlamaRMSNorm): autograd's
+    gradients of it are the reference."""
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return xf.type_as(x) * weight
+
+
+# the last: a bf16 x with a trainable fp32 weight (one process under torch.autocast)
+@pytest.mark.parametrize("x_dtype,w_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
+                                             (torch.bfloat16, torch.float32)])
+@pytest.mark.parametrize("trains", ["both", "x only (frozen weight)", "weight only"])
+def test_rms_norm_equals_the_plain_formula_and_its_gradients(monkeypatch, x_dtype, w_dtype, trains):
+    """Forward bit for bit; gradients as autograd's of the plain formula: fp32 within 1e-6 (the weight's, a sum over
+    150 tokens, within 1e-6 of its largest entry), bf16 within one bf16 rounding step (observed: bit-equal). The
+    backward runs in pieces of CHUNK_SIZE tokens: 7 here, so 150 tokens are 21 pieces and a shorter last one."""
+    monkeypatch.setattr(M, "CHUNK_SIZE", 7)
+    torch.manual_seed(0)
+    x0, w0 = (3 * torch.randn(3, 50, 64)).to(x_dtype), (1 + 0.3 * torch.randn(64)).to(w_dtype)
+    grad_out = torch.randn(3, 50, 64).to(torch.promote_types(x_dtype, w_dtype))
+    results = []
+    for norm in (lambda x, w: plain_rms_norm(x, w, 1e-5), lambda x, w: M.RMSNormFunction.apply(x, w, 1e-5)):
+        x = x0.clone().requires_grad_(trains != "weight only")
+        w = w0.clone().requires_grad_(trains != "x only (frozen weight)")
+        y = norm(x, w)
+        y.backward(grad_out)
+        results.append((y, x.grad, w.grad))
+    (y_ref, gx_ref, gw_ref), (y, gx, gw) = results
+    assert y.dtype == y_ref.dtype and torch.equal(y, y_ref)
+    assert (gx is None) == (trains == "weight only") and (gw is None) == (trains == "x only (frozen weight)")
+    tol = dict(rtol=0, atol=1e-6) if x_dtype == torch.float32 else dict(rtol=2 ** -8, atol=1e-6)
+    if gx is not None:
+        assert gx.dtype == x_dtype
+        torch.testing.assert_close(gx, gx_ref, **tol)
+    if gw is not None:
+        assert gw.dtype == w_dtype
+        scale = gw_ref.abs().max().item() if w_dtype == torch.float32 else 1.0
+        torch.testing.assert_close(gw, gw_ref, **{**tol, "atol": tol["atol"] * scale})
+
+
+def test_rms_norm_keeps_only_its_input_and_the_rsqrt():
+    """What backward keeps: x itself (the same storage, no fp32 copy), one fp32 number per token, and the weight."""
+    norm = RMSNorm(64).to(torch.bfloat16)
+    x = torch.randn(2, 10, 64, dtype=torch.bfloat16, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        norm(x)
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in saved}
+    weight = norm.weight.untyped_storage().data_ptr()
+    assert x.untyped_storage().data_ptr() in storages and weight in storages
+    assert sum(n for p, n in storages.items() if p != weight) == x.numel() * 2 + 2 * 10 * 4
+
+
+def test_rope_in_pieces_equals_rope_whole(monkeypatch):
+    """apply_rope rotates a long sequence CHUNK_SIZE tokens at a time: the same numbers, forward and backward."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 23, 4, 16, dtype=torch.bfloat16, requires_grad=True)
+    cos, sin = rope_angles(torch.arange(23), 16, 10000.0, scaling=2.0)
+    grad_out = torch.randn(2, 23, 4, 16, dtype=torch.bfloat16)
+    results = []
+    for chunk in (1024, 5):  # whole; pieces of 5, 5, 5, 5 and 3 tokens
+        monkeypatch.setattr(M, "CHUNK_SIZE", chunk)
+        x.grad = None
+        y = apply_rope(x, cos, sin)
+        y.backward(grad_out)
+        results.append((y.detach(), x.grad.clone()))
+    assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
+
+
+def test_a_checkpointed_training_forward_keeps_only_the_block_inputs_and_the_last_output():
+    """With every block checkpointed, what waits for backward outside the checkpoints is each block's input and
+    the last block's output h (the loss chunks' input: the final norm runs inside each chunk), besides the targets
+    and the positions: no normalised copy of the sequence, no fp32 copy."""
+    torch.manual_seed(0)
+    model = Transformer(preset("tiny")).to(torch.bfloat16).train()
+    model.gradient_checkpointing, model.chunk_size = True, 8
+    tokens = torch.randint(0, 256, (2, 19))
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved = {}  # storage -> (dtype, bytes)
+
+    def pack(t):
+        saved[t.untyped_storage().data_ptr()] = (t.dtype, t.untyped_storage().nbytes())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(tokens, tokens)
+    activations = [v for k, v in saved.items() if k not in params and v[0].is_floating_point]
+    args = model.args
+    assert activations == [(torch.bfloat16, 2 * 19 * args.dim * 2)] * (args.n_layers + 1)
 
 
 def write_meta_shards(model: Transformer, out, n_shards: int, multiple_of: int = 32):

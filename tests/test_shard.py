@@ -104,6 +104,7 @@ def test_trainable_tensors_are_upcast_from_the_checkpoints_own_dtype(tmp_path, s
 def rank_main(ref_path, out, *paths):
     """One rank: load each checkpoint sharded, measuring its resident memory across the load, then run the forward."""
     import torch.distributed as dist
+    from torch.distributed.fsdp import FSDPModule
     from torch.distributed.tensor import DTensor
 
     torch.set_num_threads(1)
@@ -125,6 +126,8 @@ def rank_main(ref_path, out, *paths):
         load_weights(model, weights, device, {}, path)
         peak = status_kb("VmHWM")
         assert all(isinstance(p, DTensor) for p in model.parameters())
+        # units of their own, resharded after their forward (estimate.py counts them gathered only then)
+        assert all(isinstance(mod, FSDPModule) for mod in (model.tok_embeddings, model.output, *model.layers))
         local = sum(p.to_local().numel() * p.element_size() for p in model.parameters())
         with torch.no_grad():
             logits = model.eval()(ref["tokens"])

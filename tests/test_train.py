@@ -23,6 +23,7 @@ from attention import resolve_group_size
 from checkpoint import checkpoint_dirs, find_checkpoint
 from data import SFTData, open_tokens, prepare_sft, split_heldout
 from lora import apply_lora, mark_trainable
+import model as M
 from model import Tokenizer, Transformer, preset
 import train
 
@@ -95,13 +96,25 @@ def common(base_dir, corpus, token_cache, **kw):
 # FSDP, checkpoints, resume
 
 
-def test_two_fsdp_ranks_equal_one_process_and_resume_under_fsdp(base_dir, corpus, token_cache, tmp_path):
+# train.py with model.CHUNK_SIZE 32: sequences of 128 tokens go through the loss, the feed-forward and RoPE in
+# several chunks, so under FSDP the output projection, a unit of its own, is gathered for each chunk of the loss
+SMALL_CHUNKS = """
+import os, sys, model, train
+model.CHUNK_SIZE = 32
+os._exit(train.main(sys.argv[1:]))  # as train.py does under torchrun (see its end)
+"""
+
+
+def test_two_fsdp_ranks_equal_one_process_and_resume_under_fsdp(base_dir, corpus, token_cache, tmp_path, monkeypatch):
     one, two, resumed = (str(tmp_path / n) for n in ("one", "two", "resumed"))
+    monkeypatch.setattr(M, "CHUNK_SIZE", 32)
+    (tmp_path / "small_chunks.py").write_text(f"import sys\nsys.path.insert(0, {ROOT!r})\n" + SMALL_CHUNKS)
+    script = str(tmp_path / "small_chunks.py")
     # the same global batch of 4 sequences: 1 process x 4 micro-batches, or 2 ranks x 2 (FSDP reduces the
     # gradients after the second only); --eval-every 2: a held-out evaluation (forward only) right before
     # the step-2 checkpoint is saved
     assert train.main(common(base_dir, corpus, token_cache, grad_accum=4, eval_every=2, out=one)) == 0
-    run_torchrun(common(base_dir, corpus, token_cache, grad_accum=2, eval_every=2, out=two))
+    run_torchrun(common(base_dir, corpus, token_cache, grad_accum=2, eval_every=2, out=two), script=script)
     l1, h1 = losses(one)
     l2, h2 = losses(two)
     assert sorted(l1) == sorted(l2) == [1, 2, 3]
@@ -116,7 +129,7 @@ def test_two_fsdp_ranks_equal_one_process_and_resume_under_fsdp(base_dir, corpus
     assert not torch.equal(a1["tok_embeddings.weight"], base.tok_embeddings.weight)  # it did train
     # resume the 2-rank run from its step-2 checkpoint, 2 ranks again (rank 0 reads, FSDP broadcasts)
     run_torchrun(common(base_dir, corpus, token_cache, grad_accum=2, out=resumed,
-                        resume=os.path.join(two, "checkpoints", "step-000002")))
+                        resume=os.path.join(two, "checkpoints", "step-000002")), script=script)
     l3, _ = losses(resumed)
     assert list(l3) == [3] and abs(l3[3] - l2[3]) <= RESUME_TOL
     a3 = load_file(os.path.join(resumed, "adapter.safetensors"))
