@@ -1,7 +1,7 @@
 """
 The whole method on a CPU, end to end: a miniature LongLoRA / SinkLoRA reproduction on real text.
 
-    python demo.py                 # ~28 min on 2 CPU cores (measured); results in out/demo/
+    python demo.py                 # 86 min on a slow 2-core CPU (measured; README); results in out/demo/
     python demo.py --fast          # the same pipeline with tiny everything (seconds), for a smoke test; out/demo-fast/
     python demo.py --corpus DIR    # your own folder of text files instead of the Python stdlib
     python demo.py --threads 1     # on a machine shared with other jobs (two threads then crawl)
