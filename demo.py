@@ -47,9 +47,11 @@ Outputs in --out: results.md (the tables), results.json (every number, per seed,
 results.png (when matplotlib is installed), sample.txt, and the cached tokenizer / base model / adapters,
 each with a stamp of its settings (a re-run with the same settings reuses them; delete the folder to
 start afresh). Fixed seeds: two fresh runs give the same table. The test suite checks this on --fast; for
-the default run we checked it once by hand: a second fresh run into another folder wrote a byte-identical
-results.md and sample.txt, with bit-identical base model and adapters (same machine, same --threads 1;
-another thread count may change the last digits, since it changes the order of floating-point sums).
+the default run we checked it by hand, last with all twelve extension runs: a second fresh run into another
+folder wrote a byte-identical results.md, results.png and sample.txt, with bit-identical base model and
+adapters (the tokenizer and adapter configs differ only in the folder names they record; same machine,
+same --threads 1; another thread count may change the last digits, since it changes the order of
+floating-point sums).
 
 What this scale can and cannot show. A 2.6M-parameter model pre-trained on ~2.7M tokens of code
 predicts code from its local context; it has not learned to copy from far back: on held-out code, a
