@@ -105,11 +105,6 @@ def layer_activations(m: ModelArgs, full=False, lora_r=8, targets=DEFAULT_TARGET
             "attention": 2 * d + 4 * kv + 2 * d + 4 * H + (2 * d if flash else 0) + lora(("wo",)), "ffn": ffn}
 
 
-def layer_activation_bytes(m: ModelArgs, full=False, lora_r=8, targets=DEFAULT_TARGETS, ffn_chunked=False, flash=False):
-    """Bytes per token that autograd keeps for one block: the sum of layer_activations' parts."""
-    return sum(layer_activations(m, full, lora_r, targets, ffn_chunked, flash).values())
-
-
 def flash_workspace(m: ModelArgs, attn):
     """Bytes per token that FlashAttention-2's backward allocates for itself (flash-attn's mha_varlen_bwd): an fp32
     accumulator of dq for the heads of a call, and with grouped-query attention (fewer key/value heads) dk and dv
