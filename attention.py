@@ -74,15 +74,9 @@ Three implementations of the same function, all tested against the dense pattern
     group), with separate query and key boundaries (cu_seqlens) when keys are prepended; its causal
     mask is aligned to the bottom right, which is what a group with prepended keys needs. Padding is
     handled by cutting each row at its length, so batches with padding and several rows are right.
-backend="auto" picks flash when q is fp16/bf16 on CUDA and flash-attn >= 2.1 provides
-flash_attn_varlen_func (before 2.1 its causal mask was aligned to the top left, which is wrong for a
-group with prepended keys; flash-attn 4 installs only flash_attn.cute), sdpa otherwise.
-
-The lengths of the rows are read to the host once (`lengths.tolist()`), and everything built from
-them and from T, g (the flash path's packed indices and cu_seqlens, the padding mask) is built once on
-the device and kept in a small cache: the layers of a model, and the recomputation of each layer in
-backward, then reuse it without a host->device copy. A model reads the lengths once per forward and
-passes them as ints (a tuple), so that no layer waits for the device.
+backend="auto" picks flash when q is fp16/bf16 on CUDA and flash-attn >= 2.1 is installed (see
+_flash_varlen), sdpa otherwise. What is built from the lengths and T, g (masks, packed indices) is built
+once per forward on the device and reused by every layer (_valid, _packing).
 
 Usage:
     from attention import attention
@@ -98,7 +92,6 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from cli import Parser, UsageError, entry
 
 MODES = ("full", "s2", "sf")
 BACKENDS = ("auto", "reference", "sdpa", "flash")
@@ -399,6 +392,29 @@ def _check_mode(mode, H, sink_tokens):
         raise ValueError(f"sink_tokens must be a non-negative int, got {sink_tokens!r}")
 
 
+def _check_inputs(q, k, v, lengths, backend):
+    """(lengths as a tuple or None, the backend "auto" resolves to); a ValueError naming what does not fit."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown attention backend {backend!r}; expected one of {', '.join(BACKENDS)}")
+    if q.dim() != 4 or k.dim() != 4 or k.shape != v.shape:
+        raise ValueError(f"expected q (B, T, H, D) and k, v (B, T, H_kv, D), got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    B, T, H, D = q.shape
+    if k.shape[0] != B or k.shape[1] != T or k.shape[3] != D or H % k.shape[2]:
+        raise ValueError(f"k, v {tuple(k.shape)} do not fit q {tuple(q.shape)} (same B, T, D and H % H_kv == 0 needed)")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(f"q, k, v must have one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if lengths is not None:
+        lengths = tuple(lengths.tolist() if torch.is_tensor(lengths) else lengths)  # the masks' and packings' cache key
+        if len(lengths) != B or not all(isinstance(L, int) and 0 <= L <= T for L in lengths):
+            raise ValueError(f"lengths must be B={B} ints in [0, T={T}], got {list(lengths)}")
+    if backend == "auto":
+        backend = "flash" if _flash_runs_on(q) and _flash_varlen()[0] is not None else "sdpa"
+    if backend == "flash" and not _flash_runs_on(q):
+        raise ValueError(f"backend 'flash' needs CUDA fp16/bf16 tensors, got {q.dtype} on {q.device.type}; "
+                         "use backend 'sdpa' or 'auto'")
+    return lengths, backend
+
+
 def attention(q, k, v, mode="full", *, group_size=None, sink_tokens=4, wrap=False, lengths=None, backend="auto"):
     """Causal attention with the pattern `mode`; see the module docstring for the patterns.
 
@@ -413,29 +429,10 @@ def attention(q, k, v, mode="full", *, group_size=None, sink_tokens=4, wrap=Fals
                   keys at j >= lengths[b] are never attended, outputs at padded queries are zeros
       backend     "auto" | "reference" | "sdpa" | "flash"
     """
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown attention backend {backend!r}; expected one of {', '.join(BACKENDS)}")
-    if q.dim() != 4 or k.dim() != 4 or k.shape != v.shape:
-        raise ValueError(f"expected q (B, T, H, D) and k, v (B, T, H_kv, D), got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    lengths, backend = _check_inputs(q, k, v, lengths, backend)  # lengths: None or a tuple of B ints
     B, T, H, D = q.shape
-    if k.shape[0] != B or k.shape[1] != T or k.shape[3] != D or H % k.shape[2]:
-        raise ValueError(f"k, v {tuple(k.shape)} do not fit q {tuple(q.shape)} (same B, T, D and H % H_kv == 0 needed)")
-    if not (q.dtype == k.dtype == v.dtype):
-        raise ValueError(f"q, k, v must have one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
-    if torch.is_tensor(lengths):
-        lengths = lengths.tolist()
-    if lengths is not None:
-        lengths = tuple(lengths)  # a cache key of the masks and packings built from it
-        if len(lengths) != B or not all(isinstance(L, int) and 0 <= L <= T for L in lengths):
-            raise ValueError(f"lengths must be B={B} ints in [0, T={T}], got {list(lengths)}")
     _check_mode(mode, H, sink_tokens)
     g = resolve_group_size(mode, T, group_size, wrap)
-
-    if backend == "auto":
-        backend = "flash" if _flash_runs_on(q) and _flash_varlen()[0] is not None else "sdpa"
-    if backend == "flash" and not _flash_runs_on(q):
-        raise ValueError(f"backend 'flash' needs CUDA fp16/bf16 tensors, got {q.dtype} on {q.device.type}; "
-                         "use backend 'sdpa' or 'auto'")
     if backend == "reference":
         pattern = attention_pattern(mode, T, H, group_size=g, sink_tokens=sink_tokens, wrap=wrap)
         return _reference(q, k, v, pattern, lengths)
@@ -447,45 +444,7 @@ def attention(q, k, v, mode="full", *, group_size=None, sink_tokens=4, wrap=Fals
     return _sdpa_grouped(q, k, v, plan, lengths)
 
 
-# ----------------------------------------------------------------------------- drawing the patterns
+if __name__ == "__main__":  # draw the patterns: the command line lives in longlora/draw.py
+    from longlora.draw import main
 
-def draw_patterns(T=16, group_size=8, sink_tokens=2):
-    """The patterns of full, s2, s2 wrap and sf side by side, one text row per query ('#' visible)."""
-    columns = [("full", "full", False, 0)]  # (title, mode, wrap, which half of the heads)
-    for title, mode, wrap in (("s2", "s2", False), ("s2 wrap", "s2", True), ("sf", "sf", False)):
-        if not wrap:  # the plain heads ignore wrap: draw them once
-            columns.append((f"{title} h<H/2", mode, wrap, 0))
-        columns.append((f"{title} h>=H/2", mode, wrap, 1))
-    width = max(T, *(len(c[0]) for c in columns)) + 2
-    digits = len(str(T - 1))
-    lines = [(" " * (digits + 1) + "".join(title.ljust(width) for title, *_ in columns)).rstrip()]
-    patterns = [attention_pattern(mode, T, 2, group_size=group_size, sink_tokens=sink_tokens, wrap=wrap)[half]
-                for _, mode, wrap, half in columns]
-    for i in range(T):
-        row = "".join("".join("#" if x else "." for x in p[i].tolist()).ljust(width) for p in patterns)
-        lines.append(f"{i:>{digits}} {row}".rstrip())
-    return "\n".join(lines)
-
-
-@entry
-def main(argv=None):
-    parser = Parser(description="Draw which keys each query sees under full, S²-Attn and SF-Attn.",
-                    examples=["python attention.py", "python attention.py --T 32 --group-size 8 --sink-tokens 4"])
-    parser.add_argument("--T", type=int, default=16, help="sequence length to draw (default 16)")
-    parser.add_argument("--group-size", type=int, default=None,
-                        help="group size g, even, 2 <= g <= T (default T/2 rounded to even: two groups, the clearest picture)")
-    parser.add_argument("--sink-tokens", type=int, default=2,
-                        help="sink tokens of SF-Attn (default 2 here, to keep the sinks apart from the first group in "
-                             "a small picture; attention() defaults to 4)")
-    args = parser.parse_args(argv)
-    if not 2 <= args.T <= 200:
-        raise UsageError(f"--T must be between 2 and 200 to fit a terminal, got {args.T}")
-    if args.sink_tokens < 0:
-        raise UsageError(f"--sink-tokens must be >= 0, got {args.sink_tokens}")
-    g = args.group_size if args.group_size is not None else max(2, 2 * (args.T // 4))
-    print(draw_patterns(args.T, g, args.sink_tokens))  # a group size that does not tile T: one error line (entry)
-    return 0
-
-
-if __name__ == "__main__":
     sys.exit(main())

@@ -80,12 +80,15 @@ import time
 
 import torch
 
-import eval as evaluation  # eval.py; renamed so that it does not shadow the builtin
+from longlora import eval as evaluation  # eval.py; renamed so that it does not shadow the builtin
 import sample
 import train
-from cli import LOCK, Parser, UsageError, check_output, entry
-from data import tokenize_documents
-from model import Tokenizer, Transformer, atomic_write, write_text
+from longlora.cli import LOCK, Parser, UsageError, check_output, entry
+from longlora.data import tokenize_documents
+from longlora.adapter import load_model
+from longlora.cli import atomic_write, write_text
+from longlora.tokenizer import Tokenizer
+from model import Transformer
 
 # ----------------------------------------------------------------------------------------------------
 # Settings. "full" is the default run; "fast" runs the same code paths with tiny everything.
@@ -549,7 +552,7 @@ def run(a) -> int:
     record(BASELINE, Transformer.from_pretrained(base_dir, rope_scaling=float(c["factor"]), max_seq_len=ctx).eval())
     for seed in seeds:
         for name in VARIANTS:
-            record(name, sample.load_model(*trained[name, seed]))
+            record(name, load_model(*trained[name, seed]))
     long = str(ctx)
     b = models[BASELINE]["ppl"][long][0]
     for name in VARIANTS:

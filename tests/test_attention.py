@@ -10,6 +10,7 @@ Tolerance for float32 against the float64 reference: 1e-5 (absolute and relative
 import functools
 import math
 import os
+import subprocess
 import sys
 import types
 
@@ -19,6 +20,8 @@ import torch.nn.functional as F
 
 import attention as A
 from attention import attention, attention_pattern, resolve_group_size
+from conftest import ROOT
+from longlora.draw import draw_patterns
 
 TOL = dict(rtol=1e-5, atol=1e-5)
 
@@ -216,19 +219,19 @@ def test_sf_with_zero_sinks_is_s2_and_sinks_are_ignored_by_s2():
 
 
 def test_docstring_picture_is_what_the_code_draws():
-    picture = "\n".join("    " + line for line in A.draw_patterns(16, 8, 2).splitlines())
+    picture = "\n".join("    " + line for line in draw_patterns(16, 8, 2).splitlines())
     assert picture in A.__doc__
 
 
-def test_cli_draws_the_patterns_and_rejects_bad_input(monkeypatch, capsys):
-    monkeypatch.setattr("sys.argv", ["attention.py", "--T", "8", "--group-size", "4"])
-    assert A.main() == 0
-    lines = capsys.readouterr().out.splitlines()
-    assert len(lines) == 9  # a header and one row per query
+def test_cli_draws_the_patterns_and_rejects_bad_input():
+    draw = lambda *argv: subprocess.run([sys.executable, "attention.py", *argv], cwd=ROOT, capture_output=True, text=True)  # noqa: E731
+    ok = draw("--T", "8", "--group-size", "4")
+    lines = ok.stdout.splitlines()
+    assert ok.returncode == 0 and len(lines) == 9  # a header and one row per query
     assert lines[1].split()[1:] == ["#.......", "#.......", "#.......", "#.....##", "#.......", "#......."]
-    monkeypatch.setattr("sys.argv", ["attention.py", "--T", "8", "--group-size", "5"])
-    assert A.main() == 2  # one line and exit 2 (cli.entry)
-    assert capsys.readouterr().err.startswith("error: group_size must be even")
+    bad = draw("--T", "8", "--group-size", "5")
+    assert bad.returncode == 2 and bad.stderr.startswith("error: group_size must be even")  # one line (cli.entry)
+    assert bad.stderr.count("\n") == 1
 
 
 # ----------------------------------------------------------------------------- properties
@@ -427,14 +430,14 @@ def test_flash_packing_is_built_once_per_forward_and_no_layer_waits_for_the_devi
 
     torch.manual_seed(0)
     model = Transformer(preset("tiny", n_layers=4, attn="sf", group_size=8, sink_tokens=2)).train()
-    model.gradient_checkpointing = True
+    model.lean = model.gradient_checkpointing = True  # as train.py trains
     tokens = torch.randint(0, 256, (2, 32))
     lengths = torch.tensor([32, 19])
     with monkeypatch.context() as patch:
         for name in ("tolist", "item", "__bool__"):
             patch.setattr(torch.Tensor, name, counting(name))
         model(tokens, lengths=lengths).sum().backward()
-    ours = [r for r in reads if r[1] in ("attention.py", "model.py")]  # (not the stand-in's own reads)
+    ours = [r for r in reads if r[1] in ("attention.py", "model.py", "memory.py")]  # (not the stand-in's own reads)
     assert ours == [("tolist", "model.py")]
     assert built == [(32, (32, 19))] * 2  # (T, lengths) for the plain and the shifted half of the heads
     assert len(flash_standin) == 4 * 2 * 2  # the flash path did run: layers x (forward, recompute) x halves

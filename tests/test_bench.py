@@ -12,8 +12,8 @@ import sys
 import torch
 import torch.nn.functional as F
 
-import bench
-import gpu_check
+from longlora import bench
+from longlora import gpu_check
 from conftest import ROOT
 from sample import generate
 from train import token_loss_sum
@@ -71,7 +71,7 @@ def test_train_bench_on_the_cpu_reports_cpu_memory_even_where_cuda_exists(monkey
 
 
 def test_gpu_check_without_cuda_says_so_in_one_line_and_exits_0():
-    r = subprocess.run([sys.executable, "bench.py", "gpu"], cwd=ROOT, capture_output=True, text=True)
+    r = subprocess.run([sys.executable, "-m", "longlora.gpu_check"], cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 0 and r.stderr == ""
     assert r.stdout.splitlines() == ["no CUDA device: the GPU acceptance check needs one; nothing was checked"]
 
@@ -98,7 +98,7 @@ def test_gpu_checks_attention_comparison_passes_sdpa_and_catches_a_wrong_result(
 
 
 def test_attention_bench_refuses_flash_on_fp32_or_cpu_with_one_error_line():
-    r = subprocess.run([sys.executable, "bench.py", "attention", "--backend", "flash", "--device", "cuda"],
+    r = subprocess.run([sys.executable, "-m", "longlora.bench", "attention", "--backend", "flash", "--device", "cuda"],
                        cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 2 and r.stdout == ""
     assert r.stderr.splitlines() == ["error: --backend flash runs on CUDA fp16/bf16 only: add --device cuda --dtype bfloat16"]

@@ -19,7 +19,8 @@ import pytest
 import torch
 
 from conftest import ROOT, STDLIB
-from lora import apply_lora, mark_trainable, save_adapter
+from longlora.adapter import save_adapter
+from lora import apply_lora, mark_trainable
 from model import Transformer, preset
 
 
@@ -69,7 +70,7 @@ def world(tmp_path_factory, sp_model):
     shutil.copytree(w["base"], path("mixed"))  # a leftover Meta shard beside this project's layout
     shutil.copy(os.path.join(w["meta_bad"], "consolidated.00.pth"), w["mixed"])
 
-    import export
+    from longlora import export
     import train
     assert export.main(["merge", "--base", w["base"], "--adapter", w["adapter"], "--out", path("merged"), "--format", "own"]) == 0
     assert train.main(train_args(w, path("run"), "--steps", "1", "--save-every", "1", "--keep", "1")) == 0
@@ -95,14 +96,14 @@ def resume(bad):
 # (id, script, argv: list with {placeholders} or a function of the world, regex the error line must match)
 CASES = [
     # model.py
-    ("model-garbage-tokenizer", "model", ["--model", "{garbage_tok}"], r"tokenizer\.model: not a sentencepiece"),
-    ("model-config-no-hidden-size", "model", ["--model", "{hf_no_hidden}"], r"config\.json: no field 'hidden_size'"),
-    ("model-params-dim-string", "model", ["--model", "{dim_str}"], r"params\.json: dim must be a number, got '64'"),
-    ("model-meta-params-wrong-size", "model", ["--model", "{meta_bad}"], r"params\.json says dim 128, the weights have 64"),
-    ("model-mixed-layouts", "model", ["--model", "{mixed}"], r"two checkpoint layouts \(meta and own\)"),
-    ("model-tokenizer-too-small", "model", ["--model", "{big_vocab}"],  # rule c
+    ("model-garbage-tokenizer", "longlora.inspect", ["--model", "{garbage_tok}"], r"tokenizer\.model: not a sentencepiece"),
+    ("model-config-no-hidden-size", "longlora.inspect", ["--model", "{hf_no_hidden}"], r"config\.json: no field 'hidden_size'"),
+    ("model-params-dim-string", "longlora.inspect", ["--model", "{dim_str}"], r"params\.json: dim must be a number, got '64'"),
+    ("model-meta-params-wrong-size", "longlora.inspect", ["--model", "{meta_bad}"], r"params\.json says dim 128, the weights have 64"),
+    ("model-mixed-layouts", "longlora.inspect", ["--model", "{mixed}"], r"two checkpoint layouts \(meta and own\)"),
+    ("model-tokenizer-too-small", "longlora.inspect", ["--model", "{big_vocab}"],  # rule c
      r"a 512-token tokenizer does not fit the model's 2048-token embedding"),
-    ("model-unknown-flag", "model", ["--bogus"], r"unrecognized arguments: --bogus"),
+    ("model-unknown-flag", "longlora.inspect", ["--bogus"], r"unrecognized arguments: --bogus"),
     # sample.py
     ("sample-temperature-nan", "sample", ["--model", "{base}", "--prompt", "hi there", "--temperature", "nan"], r"finite --temperature"),
     ("sample-h2o-no-budget", "sample", ["--model", "{base}", "--prompt", "hi there", "--kv-cache", "h2o", "--heavy", "0",
@@ -114,35 +115,35 @@ CASES = [
      r"trained on another base model"),  # rule d
     ("sample-adapter-on-its-merged-model", "sample", ["--model", "{merged}", "--adapter", "{adapter}", "--prompt", "hi there"],
      r"already contains it"),
-    ("eval-adapter-on-its-merged-model", "eval", ["ppl", "--model", "{merged}", "--adapter", "{adapter}", "--data", "{corpus}"],
+    ("eval-adapter-on-its-merged-model", "longlora.eval", ["ppl", "--model", "{merged}", "--adapter", "{adapter}", "--data", "{corpus}"],
      r"already contains it"),
     # eval.py: --out is checked before the compute (a missing folder would lose every result)
-    ("eval-out-below-file", "eval", ["ppl", "--model", "{base}", "--data", "{corpus}", "--seq-lens", "32",
+    ("eval-out-below-file", "longlora.eval", ["ppl", "--model", "{base}", "--data", "{corpus}", "--seq-lens", "32",
                                       "--out", "{file}/results.json"], r"--out .*is a file, not a directory"),
-    ("eval-out-in-missing-dir", "eval", ["ppl", "--model", "{base}", "--data", "{corpus}", "--seq-lens", "32",
+    ("eval-out-in-missing-dir", "longlora.eval", ["ppl", "--model", "{base}", "--data", "{corpus}", "--seq-lens", "32",
                                          "--out", "{file}dir6/nope/results.json"], r"--out .*no such folder"),
-    ("eval-png-unwritable", "eval", ["passkey", "--model", "{base}", "--png", "{under}/p.png"], r"--png .*is a file"),
-    ("eval-garbage-tokenizer", "eval", ["ppl", "--model", "{garbage_tok}", "--data", "{corpus}"], r"not a sentencepiece"),
-    ("eval-no-task", "eval", [], r"required: task"),
+    ("eval-png-unwritable", "longlora.eval", ["passkey", "--model", "{base}", "--png", "{under}/p.png"], r"--png .*is a file"),
+    ("eval-garbage-tokenizer", "longlora.eval", ["ppl", "--model", "{garbage_tok}", "--data", "{corpus}"], r"not a sentencepiece"),
+    ("eval-no-task", "longlora.eval", [], r"required: task"),
     # lora.py / export.py
-    ("merge-out-is-file", "export", ["merge", "--base", "{base}", "--adapter", "{adapter}", "--out", "{file}"],
+    ("merge-out-is-file", "longlora.export", ["merge", "--base", "{base}", "--adapter", "{adapter}", "--out", "{file}"],
      r"--out .*is a file; expected a directory"),
-    ("merge-out-unwritable", "export", ["merge", "--base", "{base}", "--adapter", "{adapter}", "--out", "{under}"],
+    ("merge-out-unwritable", "longlora.export", ["merge", "--base", "{base}", "--adapter", "{adapter}", "--out", "{under}"],
      r"--out .*is a file, not a directory"),
-    ("peft-out-is-file", "export", ["peft", "--base", "{base}", "--adapter", "{adapter}", "--out", "{file}"], r"--out .*is a file"),
-    ("merge-out-is-base", "export", ["merge", "--base", "{base}", "--adapter", "{adapter}", "--out", "{base}/."],
+    ("peft-out-is-file", "longlora.export", ["peft", "--base", "{base}", "--adapter", "{adapter}", "--out", "{file}"], r"--out .*is a file"),
+    ("merge-out-is-base", "longlora.export", ["merge", "--base", "{base}", "--adapter", "{adapter}", "--out", "{base}/."],
      r"--out .* is --base"),
-    ("merge-garbage-tokenizer", "export", ["merge", "--base", "{garbage_tok}", "--adapter", "{adapter}", "--out", "{file}dir4"],
+    ("merge-garbage-tokenizer", "longlora.export", ["merge", "--base", "{garbage_tok}", "--adapter", "{adapter}", "--out", "{file}dir4"],
      r"not a sentencepiece"),
     # rule a: outputs against inputs by real path; never into a folder this project did not write
-    ("merge-out-symlink-to-base", "export", ["merge", "--base", "{base}", "--adapter", "{adapter}", "--out", "{link_to_base}"],
+    ("merge-out-symlink-to-base", "longlora.export", ["merge", "--base", "{base}", "--adapter", "{adapter}", "--out", "{link_to_base}"],
      r"--out .*link_to_base is --base"),
-    ("merge-out-holds-another-layout", "export", ["merge", "--base", "{base}", "--adapter", "{adapter}", "--out", "{merged}",
+    ("merge-out-holds-another-layout", "longlora.export", ["merge", "--base", "{base}", "--adapter", "{adapter}", "--out", "{merged}",
                                                   "--format", "hf"], r"holds a model in the own layout; use --format own"),
-    ("merge-out-foreign-folder", "export", ["merge", "--base", "{base}", "--adapter", "{adapter}", "--out", "{corpus}"],
+    ("merge-out-foreign-folder", "longlora.export", ["merge", "--base", "{base}", "--adapter", "{adapter}", "--out", "{corpus}"],
      r"holds files this project did not write"),
     ("train-out-inside-data", "train", lambda w: train_args(w, os.path.join(w["corpus"], "run")), r"--out .* is inside --data"),
-    ("eval-out-inside-data", "eval", ["ppl", "--model", "{base}", "--data", "{corpus}", "--out", "{corpus}/ppl.json"],
+    ("eval-out-inside-data", "longlora.eval", ["ppl", "--model", "{base}", "--data", "{corpus}", "--out", "{corpus}/ppl.json"],
      r"--out .* is inside --data"),
     # train.py
     ("train-out-is-file", "train", lambda w: train_args(w, w["file"]), r"--out .*is a file; expected a directory"),
@@ -157,10 +158,10 @@ CASES = [
     ("train-resume-truncated-rng", "train", resume("run_bad_rng"), r"rng\.pt: cannot read"),
     ("train-resume-invalid-state-json", "train", resume("run_bad_state"), r"--resume .*state\.json"),
     # bench.py, attention.py, demo.py
-    ("bench-train-repeats-0", "bench", ["train", "--repeats", "0"], r"--repeats must be >= 1"),
-    ("bench-attention-short-T", "bench", ["attention", "--T", "4"], r"--T must be at least 8"),
-    ("attention-T-1", "attention", ["--T", "1"], r"--T must be between 2 and 200"),
-    ("attention-odd-group", "attention", ["--T", "16", "--group-size", "3"], r"group"),
+    ("bench-train-repeats-0", "longlora.bench", ["train", "--repeats", "0"], r"--repeats must be >= 1"),
+    ("bench-attention-short-T", "longlora.bench", ["attention", "--T", "4"], r"--T must be at least 8"),
+    ("attention-T-1", "longlora.draw", ["--T", "1"], r"--T must be between 2 and 200"),
+    ("attention-odd-group", "longlora.draw", ["--T", "16", "--group-size", "3"], r"group"),
     ("demo-seeds-0", "demo", ["--seeds", "0", "--out", "{under}"], r"--seeds must be >= 1"),
     ("demo-missing-corpus", "demo", ["--fast", "--corpus", "{file}nope", "--out", "{file}dir3"], r"--corpus"),
 ]
@@ -222,9 +223,9 @@ def test_a_mistake_from_the_command_line_is_one_line_too(world, script, argv, pa
 
 
 def test_a_70b_preset_is_described_without_allocating_it(capsys):
-    import model
+    from longlora import inspect
 
-    assert model.main(["--preset", "llama2-70b"]) == 0
+    assert inspect.main(["--preset", "llama2-70b"]) == 0
     out = capsys.readouterr().out
     assert "68976.65M parameters" in out and "meta device" in out
 
@@ -232,9 +233,11 @@ def test_a_70b_preset_is_described_without_allocating_it(capsys):
 # ----------------------------------------------------------------------------------------------------
 # --help: every default (0 included), which flags are required, and example commands
 
-HELP = [("model", []), ("sample", []), ("eval", []), ("eval", ["ppl"]), ("eval", ["passkey"]), ("train", []),
-        ("export", []), ("export", ["merge"]), ("export", ["peft"]), ("export", ["import"]), ("bench", []),
-        ("bench", ["attention"]), ("bench", ["train"]), ("bench", ["sample"]), ("attention", []), ("demo", [])]
+HELP = [("longlora.inspect", []), ("sample", []), ("longlora.eval", []), ("longlora.eval", ["ppl"]),
+        ("longlora.eval", ["passkey"]), ("train", []), ("longlora.export", []), ("longlora.export", ["merge"]),
+        ("longlora.export", ["peft"]), ("longlora.export", ["import"]), ("longlora.bench", []),
+        ("longlora.bench", ["attention"]), ("longlora.bench", ["train"]), ("longlora.bench", ["sample"]), ("longlora.draw", []),
+        ("demo", [])]
 
 
 @pytest.mark.parametrize("script,sub", HELP, ids=[" ".join([s, *sub]) for s, sub in HELP])
@@ -329,7 +332,7 @@ def test_sigterm_saves_a_checkpoint_says_how_to_resume_and_resume_works(world, t
 
 
 def test_two_runs_cannot_write_one_out_at_the_same_time(world, tmp_path, capsys):
-    import cli
+    from longlora import cli
     import train
 
     out = str(tmp_path / "run")
@@ -347,18 +350,17 @@ def test_two_runs_cannot_write_one_out_at_the_same_time(world, tmp_path, capsys)
 def test_a_checkpoint_reads_as_the_adapter_the_finished_run_writes(world, tmp_path):
     """Rule j: sample.py, eval.py and lora.py merge take a checkpoint, or a run folder without an adapter yet
     (then its newest checkpoint), as --adapter."""
-    import lora
-    import sample
+    from longlora.adapter import load_model, read_adapter
 
     unfinished = str(tmp_path / "run")  # the finished 1-step run, as if it had stopped before writing its adapter
     shutil.copytree(world["run"], unfinished, ignore=shutil.ignore_patterns("adapter*"))
-    written = sample.load_model(world["base"], world["run"])  # adapter.safetensors of the finished run
+    written = load_model(world["base"], world["run"])  # adapter.safetensors of the finished run
     for path in (unfinished, os.path.join(unfinished, "checkpoints", "step-000001")):
-        from_ckpt = sample.load_model(world["base"], path)
+        from_ckpt = load_model(world["base"], path)
         assert from_ckpt.args == written.args
         for (k, a), (k2, b) in zip(from_ckpt.state_dict().items(), written.state_dict().items()):
             assert k == k2 and torch.equal(a, b), k
-    assert lora.read_adapter(unfinished)[0]["extra"]["checkpoint"].endswith("step-000001")
+    assert read_adapter(unfinished)[0]["extra"]["checkpoint"].endswith("step-000001")
 
 
 def test_the_fast_demo_has_its_own_folder_and_demo_deletes_only_its_own(tmp_path, monkeypatch, capsys):
@@ -401,7 +403,7 @@ def test_sample_without_model_uses_the_demo_model_or_says_what_to_pass(world, tm
 
 
 def test_an_export_may_be_repeated_into_the_folder_it_wrote(world, tmp_path):
-    import export
+    from longlora import export
 
     out = str(tmp_path / "merged")
     argv = ["merge", "--base", world["base"], "--adapter", world["adapter"], "--out", out, "--format", "own"]

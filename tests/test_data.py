@@ -14,9 +14,10 @@ import torch
 
 from conftest import STDLIB, stdlib_text
 from attention import _plan
-from data import (PackedData, SFTData, longlora_sft_group_size, prepare_sft, prepare_tokens, sample_positions, sft_example,
+from longlora.data import (PackedData, SFTData, longlora_sft_group_size, prepare_sft, prepare_tokens, sample_positions, sft_example,
                   sft_prompt, split_heldout)
-from model import Tokenizer, Transformer, preset
+from longlora.tokenizer import Tokenizer
+from model import Transformer, preset
 from train import token_loss_sum
 
 

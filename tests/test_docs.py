@@ -1,4 +1,4 @@
-"""README.md and the modules' docstrings: every test they cite exists, so a claim backed by "a test shows
+"""README.md, docs/ and the modules' docstrings: every test they cite exists, so a claim backed by "a test shows
 it" points at a real test."""
 
 import glob
@@ -21,7 +21,8 @@ def test_cited_tests_parse_from_prose():
 
 
 def test_every_test_the_readme_and_the_docstrings_cite_exists():
-    sources = [os.path.join(ROOT, "README.md")] + sorted(glob.glob(os.path.join(ROOT, "*.py")))
+    sources = [os.path.join(ROOT, "README.md"), *sorted(glob.glob(os.path.join(ROOT, "docs", "*.md"))),
+               *sorted(glob.glob(os.path.join(ROOT, "*.py"))), *sorted(glob.glob(os.path.join(ROOT, "longlora", "*.py")))]
     test_files = sorted(glob.glob(os.path.join(ROOT, "tests", "test_*.py")))
     defined = set()
     for f in test_files:

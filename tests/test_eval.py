@@ -10,8 +10,9 @@ import torch
 import torch.nn as nn
 
 from conftest import stdlib_text
-from model import Tokenizer, Transformer, preset
-import eval as ev
+from longlora.tokenizer import Tokenizer
+from model import Transformer, preset
+from longlora import eval as ev
 
 
 class KnownLogits(nn.Module):
@@ -209,7 +210,7 @@ def test_ppl_cli_prints_a_table_and_writes_json_equal_to_the_function(model_dir,
         assert row["position_loss"] == pytest.approx(ev.perplexity(model, tokens, L, 16, buckets=4)["position_loss"], rel=1e-6)
         assert f"{L * 3 // 4}-{L - 1} {row['position_loss'][-1]:.3f}" in table
     # the same tokens from a token file give the same numbers: train.py's (with its sidecar) and a raw uint16 one
-    from data import prepare_tokens
+    from longlora.data import prepare_tokens
 
     prepare_tokens([str(doc)], model.tokenizer, str(tmp_path / "train.bin"))
     tokens.astype("<u2").tofile(tmp_path / "raw.bin")
@@ -246,7 +247,7 @@ def test_cli_fails_with_one_line_on_bad_input(model_dir, tmp_path, capsys, case)
 def test_defaults_are_longloras_evaluation_protocol():
     # LongLoRA's eval.py: windows every 256 tokens (--sliding_window 256), full attention at evaluation;
     # its passkey test runs 10 prompts per length
-    from eval import parse_args
+    from longlora.eval import parse_args
 
     ppl = parse_args(["ppl", "--model", "m", "--data", "d"])
     assert (ppl.stride, ppl.attn) == (256, "full")

@@ -11,9 +11,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from conftest import ROOT
-from export import main
-from lora import (LoRALinear, apply_lora, load_adapter, lora_modules, mark_trainable, merge_lora, save_adapter,
-                  trainable_summary)
+from longlora.export import main
+from longlora.adapter import load_adapter, save_adapter
+from lora import LoRALinear, apply_lora, lora_modules, mark_trainable, merge_lora, trainable_summary
 from model import ModelArgs, RMSNorm, Transformer
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # transformers/peft must never reach for the network here
@@ -320,9 +320,8 @@ def test_meta_and_own_exports_load_back_with_the_rope_scaling(base_dir, adapter_
 def test_peft_export_loads_in_peft_with_equal_logits(base_dir, adapter_dir, tmp_path):
     adapter, ours = adapter_dir
     # The HF base: the unmodified base checkpoint in HF layout (q/k rows in HF's order), read by transformers.
-    from export import write_hf
-    from weights import read_checkpoint
-    args, weights = read_checkpoint(base_dir)
+    from longlora.weights import read_checkpoint, write_hf
+    args, weights = read_checkpoint(base_dir, ModelArgs)
     write_hf(args, weights.read(list(weights.specs)), str(tmp_path / "base-hf"))
     out = tmp_path / "peft"
     assert main(["peft", "--base", base_dir, "--adapter", adapter, "--out", str(out)]) == 0
@@ -415,7 +414,7 @@ def test_longlora_peft_adapter_imports_with_the_logits_of_the_peft_model(longlor
     # ... which moves each real token's log-probability by at most log((V+1)/V): the pad row is the mean row
     shift = ref.log_softmax(-1) - full.log_softmax(-1)[..., :V]
     assert shift.min() >= 0 and shift.max() <= torch.log(torch.tensor((V + 1) / V)) + 1e-6
-    from export import load_finetuned
+    from longlora.export import load_finetuned
     model = load_finetuned(base, str(out)).eval()  # what sample.py --adapter and eval.py do
     with torch.no_grad():
         assert (model(x) - ref).abs().max().item() <= HF_TOL
@@ -492,7 +491,7 @@ def test_import_of_bad_input_is_one_line_and_exit_2(base_dir, tmp_path, capsys):
 def test_an_fp16_and_a_bf16_copy_of_one_base_have_one_fingerprint_and_another_base_another():
     """Meta ships LLaMA2 in bf16, HF in fp16: an adapter trained on one must load on the other. bf16 values below
     fp16's normal range (2**-14) change in fp16; LLaMA-like weights N(0, 0.02) have a few in every sample."""
-    from lora import base_fingerprint
+    from longlora.adapter import base_fingerprint
 
     torch.manual_seed(0)
     state = {f"layers.{i}.{n}": 0.02 * torch.randn(64, 192) for i in (0, 1) for n in ("attention.wq.weight", "feed_forward.w2.weight")}

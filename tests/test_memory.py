@@ -1,4 +1,4 @@
-"""Activation memory of a training step (model.py): offloading the checkpointed block inputs to host memory changes
+"""Activation memory of a training step (model.lean: longlora/memory.py): offloading the checkpointed block inputs to host memory changes
 no number, and under torch.autocast those inputs are in the compute dtype (bf16), as under FSDP's bf16. And the
 peak bytes of live tensors of a whole step, measured, against what estimate.py says."""
 
@@ -9,7 +9,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 import model as M
-from estimate import activation_peak, estimate
+from longlora import memory
+from longlora.estimate import activation_peak, estimate
 from lora import apply_lora, mark_trainable
 from model import ModelArgs, Transformer
 
@@ -45,7 +46,7 @@ def lora_model():
     apply_lora(model)
     mark_trainable(model)
     torch.nn.init.normal_(model.layers[0].attention.wq.lora_b, std=0.02)  # nonzero B: every LoRA gradient flows
-    model.gradient_checkpointing = True
+    model.lean = model.gradient_checkpointing = True
     return model.train()
 
 
@@ -82,8 +83,6 @@ def test_with_offloading_the_rope_angles_are_still_computed_once_per_forward(lor
     """On a GPU save_on_cpu hands back a copy of each saved tensor. rope_rotate knows the forward's own positions
     by identity, so if `positions` went through the checkpoint's saved inputs, every recomputed layer would
     rebuild its cos/sin. Hooks that copy, as save_on_cpu does for CUDA tensors, show it on the CPU."""
-    import model as M
-
     calls, angles = [], M.rope_angles
     monkeypatch.setattr(M, "rope_angles", lambda *a, **k: calls.append(1) or angles(*a, **k))
     tokens = torch.randint(0, 256, (2, 48))
@@ -181,15 +180,14 @@ def test_estimated_activation_peak_is_the_measured_peak_of_a_training_step(monke
     own scratch; both are the same formula otherwise). Within 3% (observed: the estimate 0.4-0.6% above); the final
     norm kept outside the loss chunks, or the old RMSNorm that kept an fp32 copy of its input, add a quarter."""
     T, chunk = 1024, 64
-    monkeypatch.setattr(M, "CHUNK_SIZE", chunk)
+    monkeypatch.setattr(memory, "CHUNK_SIZE", chunk)
     m = ModelArgs(dim=128, n_layers=2, n_heads=8, max_seq_len=T, **STEP_CASES[case])
     torch.manual_seed(0)
     model = Transformer(m)
     apply_lora(model)
     mark_trainable(model)
     model.to(torch.bfloat16).train()
-    model.gradient_checkpointing = True
-    assert model.chunk_size == chunk and all(layer.feed_forward.chunk_size == chunk for layer in model.layers)
+    model.lean = model.gradient_checkpointing = True
     tokens, targets = torch.randint(0, m.vocab_size, (1, T)), torch.randint(0, m.vocab_size, (1, T))
     with LiveTensorBytes() as mem:
         model(tokens, targets).backward()

@@ -12,8 +12,11 @@ import torch
 
 from conftest import ROOT, stdlib_text
 import model as M
-from model import (CheckpointError, FeedForward, KVCache, RMSNorm, Tokenizer, Transformer, apply_rope, main, preset,
-                   rope_angles)
+from longlora import memory
+from longlora.inspect import main
+from longlora.tokenizer import Tokenizer
+from longlora.weights import CheckpointError, hf_config_fields
+from model import FeedForward, KVCache, ModelArgs, RMSNorm, Transformer, preset, rope_angles
 
 import transformers  # a test requirement (requirements-test.txt), the independent reference
 
@@ -74,10 +77,10 @@ def test_loss_ignores_minus_100_and_matches_hf(tmp_path):
     assert abs(loss.item() - ref.item()) < 1e-5
 
 
-def test_chunked_loss_equals_the_plain_loss_and_its_gradients():
+def test_lean_training_forward_equals_the_plain_loss_and_its_gradients(monkeypatch):
     """The chunked loss (its own reference: logits of the whole sequence, then cross-entropy) in fp32, with
     -100 targets, a whole chunk of them, and B*T not a multiple of the chunk size. The FFN is chunked too and
-    the blocks are checkpointed, so the nested checkpoints are covered."""
+    the blocks are checkpointed, so the nested checkpoints are covered (model.lean: longlora/memory.py)."""
     torch.manual_seed(0)
     model = Transformer(preset("tiny")).train()
     tokens = torch.randint(0, 256, (2, 19))
@@ -92,15 +95,12 @@ def test_chunked_loss_equals_the_plain_loss_and_its_gradients():
         loss.backward()
         return loss.detach(), [p.grad.clone() for p in params]
 
-    for layer in model.layers:
-        layer.feed_forward.chunk_size = 0
-    logits = lambda: model(tokens).float().flatten(0, 1)  # noqa: E731  (B*T, V)
+    logits = lambda: model(tokens).float().flatten(0, 1)  # noqa: E731  (B*T, V), the plain forward
     plain_mean = loss_and_grads(lambda: torch.nn.functional.cross_entropy(logits(), targets.flatten()))
     plain_sum = loss_and_grads(lambda: torch.nn.functional.cross_entropy(logits(), targets.flatten(), reduction="sum"))
-    model.chunk_size = 8
-    for layer in model.layers:
-        layer.feed_forward.chunk_size = 4
-    model.gradient_checkpointing = True
+    monkeypatch.setattr(memory, "CHUNK_SIZE", 8)
+    monkeypatch.setattr(memory, "FFN_CHUNK_SIZE", 4)
+    model.lean = model.gradient_checkpointing = True
     for reduction, (ref, ref_grads) in (("mean", plain_mean), ("sum", plain_sum)):
         loss, grads = loss_and_grads(lambda: model(tokens, targets, reduction=reduction))
         assert loss.dtype == torch.float32 and loss.shape == ()
@@ -109,19 +109,21 @@ def test_chunked_loss_equals_the_plain_loss_and_its_gradients():
             torch.testing.assert_close(g, r, rtol=0, atol=1e-6)
 
 
-def test_chunked_feed_forward_equals_the_whole_sequence_forward_and_backward():
+def test_chunked_feed_forward_equals_the_whole_sequence_forward_and_backward(monkeypatch):
+    """memory.feed_forward_in_chunks against the plain ffn(norm(x)) of model.py."""
     torch.manual_seed(0)
-    ffn = FeedForward(16, 48)
+    ffn, norm = FeedForward(16, 48), RMSNorm(16)
     x = torch.randn(2, 13, 16, requires_grad=True)  # 13 tokens: chunks of 5, 5 and 3
     grad_out = torch.randn(2, 13, 16)
+    monkeypatch.setattr(memory, "FFN_CHUNK_SIZE", 5)
     results = []
-    for chunk_size in (0, 5):
-        ffn.chunk_size = chunk_size
+    for forward in (lambda: ffn(norm(x)), lambda: memory.feed_forward_in_chunks(ffn, norm, x)):
         ffn.zero_grad(set_to_none=True)
+        norm.zero_grad(set_to_none=True)
         x.grad = None
-        y = ffn(x)
+        y = forward()
         y.backward(grad_out)
-        results.append((y.detach(), x.grad.clone(), [p.grad.clone() for p in ffn.parameters()]))
+        results.append((y.detach(), x.grad.clone(), [p.grad.clone() for p in [*ffn.parameters(), norm.weight]]))
     (y0, gx0, gw0), (y1, gx1, gw1) = results
     torch.testing.assert_close(y1, y0, rtol=0, atol=1e-6)
     torch.testing.assert_close(gx1, gx0, rtol=0, atol=1e-6)
@@ -145,12 +147,12 @@ def test_rms_norm_equals_the_plain_formula_and_its_gradients(monkeypatch, x_dtyp
     """Forward bit for bit; gradients as autograd's of the plain formula: fp32 within 1e-6 (the weight's, a sum over
     150 tokens, within 1e-6 of its largest entry), bf16 within one bf16 rounding step (observed: bit-equal). The
     backward runs in pieces of CHUNK_SIZE tokens: 7 here, so 150 tokens are 21 pieces and a shorter last one."""
-    monkeypatch.setattr(M, "CHUNK_SIZE", 7)
+    monkeypatch.setattr(memory, "CHUNK_SIZE", 7)
     torch.manual_seed(0)
     x0, w0 = (3 * torch.randn(3, 50, 64)).to(x_dtype), (1 + 0.3 * torch.randn(64)).to(w_dtype)
     grad_out = torch.randn(3, 50, 64).to(torch.promote_types(x_dtype, w_dtype))
     results = []
-    for norm in (lambda x, w: plain_rms_norm(x, w, 1e-5), lambda x, w: M.RMSNormFunction.apply(x, w, 1e-5)):
+    for norm in (lambda x, w: plain_rms_norm(x, w, 1e-5), lambda x, w: memory.RMSNormFunction.apply(x, w, 1e-5)):
         x = x0.clone().requires_grad_(trains != "weight only")
         w = w0.clone().requires_grad_(trains != "x only (frozen weight)")
         y = norm(x, w)
@@ -169,13 +171,14 @@ def test_rms_norm_equals_the_plain_formula_and_its_gradients(monkeypatch, x_dtyp
         torch.testing.assert_close(gw, gw_ref, **{**tol, "atol": tol["atol"] * scale})
 
 
-def test_rms_norm_keeps_only_its_input_and_the_rsqrt():
-    """What backward keeps: x itself (the same storage, no fp32 copy), one fp32 number per token, and the weight."""
+def test_lean_rms_norm_keeps_only_its_input_and_the_rsqrt():
+    """What backward keeps (memory.rms_norm): x itself (the same storage, no fp32 copy), one fp32 number per token,
+    and the weight."""
     norm = RMSNorm(64).to(torch.bfloat16)
     x = torch.randn(2, 10, 64, dtype=torch.bfloat16, requires_grad=True)
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
-        norm(x)
+        memory.rms_norm(x, norm)
     storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in saved}
     weight = norm.weight.untyped_storage().data_ptr()
     assert x.untyped_storage().data_ptr() in storages and weight in storages
@@ -183,28 +186,30 @@ def test_rms_norm_keeps_only_its_input_and_the_rsqrt():
 
 
 def test_rope_in_pieces_equals_rope_whole(monkeypatch):
-    """apply_rope rotates a long sequence CHUNK_SIZE tokens at a time: the same numbers, forward and backward."""
+    """memory.rope_in_chunks rotates a long sequence CHUNK_SIZE tokens at a time: the same numbers, forward and
+    backward, as model.apply_rope."""
     torch.manual_seed(0)
     x = torch.randn(2, 23, 4, 16, dtype=torch.bfloat16, requires_grad=True)
     cos, sin = rope_angles(torch.arange(23), 16, 10000.0, scaling=2.0)
     grad_out = torch.randn(2, 23, 4, 16, dtype=torch.bfloat16)
     results = []
-    for chunk in (1024, 5):  # whole; pieces of 5, 5, 5, 5 and 3 tokens
-        monkeypatch.setattr(M, "CHUNK_SIZE", chunk)
+    for rotate in (M.apply_rope, memory.rope_in_chunks(M.apply_rope)):  # whole; pieces of 5, 5, 5, 5 and 3 tokens
+        monkeypatch.setattr(memory, "CHUNK_SIZE", 5)
         x.grad = None
-        y = apply_rope(x, cos, sin)
+        y = rotate(x, cos, sin)
         y.backward(grad_out)
         results.append((y.detach(), x.grad.clone()))
     assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
 
 
-def test_a_checkpointed_training_forward_keeps_only_the_block_inputs_and_the_last_output():
+def test_a_checkpointed_training_forward_keeps_only_the_block_inputs_and_the_last_output(monkeypatch):
     """With every block checkpointed, what waits for backward outside the checkpoints is each block's input and
     the last block's output h (the loss chunks' input: the final norm runs inside each chunk), besides the targets
     and the positions: no normalised copy of the sequence, no fp32 copy."""
     torch.manual_seed(0)
     model = Transformer(preset("tiny")).to(torch.bfloat16).train()
-    model.gradient_checkpointing, model.chunk_size = True, 8
+    model.lean = model.gradient_checkpointing = True
+    monkeypatch.setattr(memory, "CHUNK_SIZE", 8)
     tokens = torch.randint(0, 256, (2, 19))
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     saved = {}  # storage -> (dtype, bytes)
@@ -302,8 +307,6 @@ def test_tokenizer_round_trips_real_text(sp_model):
 
 def test_rope_scaling_divides_positions():
     """Linear interpolation: position p with factor s turns by the same angle as position p / s."""
-    from model import rope_angles
-
     c1, s1 = rope_angles(torch.arange(0, 64, 4), 16, 10000.0, scaling=4.0)
     c2, s2 = rope_angles(torch.arange(0, 16), 16, 10000.0, scaling=1.0)
     assert torch.allclose(c1, c2) and torch.allclose(s1, s2)
@@ -417,19 +420,22 @@ def test_bad_checkpoint_gives_one_clear_line(tmp_path, capsys, kind):
 
 
 def test_cli_runs_a_preset_and_fails_cleanly_as_a_process(tmp_path):
-    ok = subprocess.run([sys.executable, "model.py", "--preset", "tiny"], cwd=ROOT, capture_output=True, text=True)
+    ok = subprocess.run([sys.executable, "-m", "longlora.inspect", "--preset", "tiny"], cwd=ROOT, capture_output=True, text=True)
     assert ok.returncode == 0 and "logits (1, 8, 256)" in ok.stdout, ok.stderr
-    bad = subprocess.run([sys.executable, "model.py", "--model", str(tmp_path)], cwd=ROOT, capture_output=True, text=True)
+    bad = subprocess.run([sys.executable, "-m", "longlora.inspect", "--model", str(tmp_path)], cwd=ROOT, capture_output=True,
+                         text=True)
     assert bad.returncode == 2 and "Traceback" not in bad.stderr and bad.stderr.count("\n") == 1, bad.stderr
 
 
 # ---- the context under linear RoPE scaling: two conventions, one field tells them apart ----------------
 
 
-def saved_config(tmp_path, name, **kw):
-    """config.json as transformers itself writes it, read back by model.py."""
-    from model import hf_config_to_args
+def hf_config_to_args(cfg):
+    return ModelArgs(**hf_config_fields(cfg))
 
+
+def saved_config(tmp_path, name, **kw):
+    """config.json as transformers itself writes it, read back by longlora/weights.py."""
     cfg = transformers.LlamaConfig(hidden_size=64, intermediate_size=192, num_hidden_layers=2, num_attention_heads=4, **kw)
     cfg.save_pretrained(tmp_path / name)
     return hf_config_to_args(json.load(open(tmp_path / name / "config.json")))
@@ -440,7 +446,6 @@ def test_longlora_released_models_read_as_their_extended_context(tmp_path):
     args = saved_config(tmp_path, "longlora", max_position_embeddings=4096, rope_scaling={"type": "linear", "factor": 8.0})
     assert (args.max_seq_len, args.rope_scaling, args.original_max_seq_len) == (32768, 8.0, 4096)
     # the same config as transformers 4.x wrote it (the released files): rope_scaling, no rope_parameters
-    from model import hf_config_to_args
     legacy = json.load(open(tmp_path / "longlora" / "config.json"))
     legacy.pop("rope_parameters")
     legacy["rope_scaling"] = {"type": "linear", "factor": 8.0}
@@ -464,8 +469,7 @@ def test_our_convention_reads_the_context_from_max_position_embeddings(tmp_path)
 
 @pytest.mark.parametrize("ctx", [32768, 30000, 100000])
 def test_hf_config_of_an_extended_model_reads_back_unchanged_in_transformers_and_here(tmp_path, ctx, caplog):
-    from export import hf_config
-    from model import hf_config_to_args
+    from longlora.weights import hf_config
 
     args = preset("llama2-7b")
     args.extend_context(ctx)  # 100000: factor 25, and 100000 / 25 = 4000 is not the pre-training 4096

@@ -9,9 +9,11 @@ import pytest
 import torch
 
 from conftest import ROOT, stdlib_text
-from model import Tokenizer, Transformer, apply_rope, preset, rope_angles
-from sample import (H2OCache, SinkCache, chat_prompt, generate, h2o_keep, load_model, make_cache, sample_next,
-                    stream_text)
+from longlora.adapter import load_model, save_adapter
+from longlora.caches import H2OCache, SinkCache, h2o_keep
+from longlora.tokenizer import Tokenizer
+from model import Transformer, apply_rope, preset, rope_angles
+from sample import chat_prompt, generate, make_cache, sample_next, stream_text
 
 TOL = 1e-4  # max abs logit difference between cached and uncached paths in fp32 (observed ~1e-5)
 
@@ -324,7 +326,7 @@ def test_adapter_is_loaded_with_its_rope_scaling_and_context(model_dir, tmp_path
             if "lora_b" in name:
                 p.normal_(0, 0.5)  # a trained-looking adapter that changes the logits
     model.args.rope_scaling = 4.0
-    lora.save_adapter(model, str(tmp_path / "adapter"), ctx=512)
+    save_adapter(model, str(tmp_path / "adapter"), ctx=512)
     loaded = load_model(model_dir, str(tmp_path / "adapter"))
     assert loaded.args.rope_scaling == 4.0 and loaded.args.max_seq_len == 512
     ids = torch.randint(0, 512, (1, 20))
@@ -343,7 +345,7 @@ def bad_inputs(tmp_path, model_dir, sp_model):
 
     lora.apply_lora(other)
     lora.mark_trainable(other, embed=False, norms=False)
-    lora.save_adapter(other, str(tmp_path / "other_adapter"), ctx=128)
+    save_adapter(other, str(tmp_path / "other_adapter"), ctx=128)
     base = ["--model", model_dir, "--max-new-tokens", "4"]
     return [
         ("missing file", base + ["--prompt", str(tmp_path / "nope.txt")], ["nope.txt", "no such file"]),

@@ -14,11 +14,12 @@ import pytest
 import torch
 
 from conftest import ROOT
-from export import write_hf
+from longlora.run import parse_args
+from longlora.shard import load_weights, shard_model
+from longlora.tokenizer import Tokenizer
+from longlora.weights import read_checkpoint, write_hf
 from model import ModelArgs, Transformer
-from shard import load_weights, shard_model
 from test_model import write_meta_shards
-from weights import read_checkpoint
 
 # ~240 MB in fp32; the largest tensors are the two 32000 x 512 embeddings (65.5 MB each)
 BIG = ModelArgs(dim=512, n_layers=8, n_heads=8, n_kv_heads=4, vocab_size=32000, multiple_of=256, max_seq_len=256)
@@ -90,11 +91,10 @@ def test_trainable_tensors_are_upcast_from_the_checkpoints_own_dtype(tmp_path, s
     model = Transformer(ModelArgs(dim=64, n_layers=1, n_heads=4, vocab_size=512, multiple_of=32, max_seq_len=64))
     state = {k: v.half() for k, v in model.state_dict().items()}
     write_hf(model.args, state, str(tmp_path / "fp16"), tokenizer_path=sp_model)
-    a = train.build_parser().parse_args(["--model", str(tmp_path / "fp16"), "--data", ROOT, "--out", str(tmp_path / "o"),
-                                         "--ctx", "64", "--dtype", "bf16"])
-    train.check_args(a)
-    a.bf16 = True
-    built = train.build_model(a, train.Tokenizer(sp_model), torch.device("cpu"), False, train.read_checkpoint(a.model))
+    a = parse_args(["--model", str(tmp_path / "fp16"), "--data", ROOT, "--out", str(tmp_path / "o"), "--ctx", "64",
+                    "--dtype", "bf16"], train.RECIPE)
+    checkpoint = read_checkpoint(a.model, ModelArgs)
+    built, _, _ = train.build_model(a, Tokenizer(sp_model), torch.device("cpu"), False, checkpoint, bf16=True)
     emb = built.tok_embeddings.weight
     assert emb.dtype == torch.float32 and emb.requires_grad
     assert torch.equal(emb, state["tok_embeddings.weight"].float())
@@ -119,7 +119,7 @@ def rank_main(ref_path, out, *paths):
         before = status_kb("VmRSS")
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")  # reset VmHWM, the peak resident set size, to the current size
-        args, weights = read_checkpoint(path)
+        args, weights = read_checkpoint(path, ModelArgs)
         with torch.device("meta"):
             model = Transformer(args)
         shard_model(model, device, bf16=False)

@@ -20,11 +20,13 @@ from safetensors.torch import load_file, save_file
 
 from conftest import ROOT, STDLIB
 from attention import resolve_group_size
-from checkpoint import checkpoint_dirs, find_checkpoint
-from data import SFTData, open_tokens, prepare_sft, split_heldout
+from longlora.checkpoint import checkpoint_dirs, find_checkpoint
+from longlora.data import SFTData, open_tokens, prepare_sft, split_heldout
 from lora import apply_lora, mark_trainable
-import model as M
-from model import Tokenizer, Transformer, preset
+from longlora import memory
+from longlora.run import build_parser, parse_args
+from longlora.tokenizer import Tokenizer
+from model import Transformer, preset
 import train
 
 # Two ranks (FSDP, gloo) against one process, fp32 on the CPU. The sums of two ranks' gradients are
@@ -96,18 +98,19 @@ def common(base_dir, corpus, token_cache, **kw):
 # FSDP, checkpoints, resume
 
 
-# train.py with model.CHUNK_SIZE 32: sequences of 128 tokens go through the loss, the feed-forward and RoPE in
+# train.py with memory.CHUNK_SIZE 32: sequences of 128 tokens go through the loss, the feed-forward and RoPE in
 # several chunks, so under FSDP the output projection, a unit of its own, is gathered for each chunk of the loss
 SMALL_CHUNKS = """
-import os, sys, model, train
-model.CHUNK_SIZE = 32
+import os, sys, train
+from longlora import memory
+memory.CHUNK_SIZE = 32
 os._exit(train.main(sys.argv[1:]))  # as train.py does under torchrun (see its end)
 """
 
 
 def test_two_fsdp_ranks_equal_one_process_and_resume_under_fsdp(base_dir, corpus, token_cache, tmp_path, monkeypatch):
     one, two, resumed = (str(tmp_path / n) for n in ("one", "two", "resumed"))
-    monkeypatch.setattr(M, "CHUNK_SIZE", 32)
+    monkeypatch.setattr(memory, "CHUNK_SIZE", 32)
     (tmp_path / "small_chunks.py").write_text(f"import sys\nsys.path.insert(0, {ROOT!r})\n" + SMALL_CHUNKS)
     script = str(tmp_path / "small_chunks.py")
     # the same global batch of 4 sequences: 1 process x 4 micro-batches, or 2 ranks x 2 (FSDP reduces the
@@ -220,9 +223,9 @@ FROZEN_WATCH = """
 import os, sys, torch, train
 build, start = train.build_model, {}
 def watched_build(*args, **kwargs):
-    model = build(*args, **kwargs)
+    model, *rest = build(*args, **kwargs)
     start.update({n: p.to_local().clone() for n, p in model.named_parameters() if not p.requires_grad}, model=model)
-    return model
+    return (model, *rest)
 train.build_model = watched_build
 code = train.main(sys.argv[1:])
 end = {n: p.to_local() for n, p in start.pop("model").named_parameters() if not p.requires_grad}
@@ -276,10 +279,11 @@ def test_bf16_in_one_process_computes_in_bf16_with_a_bf16_base_and_fp32_trainabl
     build = train.build_model
 
     def spy_build(*args, **kwargs):
-        model = build(*args, **kwargs)
+        built = build(*args, **kwargs)
+        model = built[0]
         seen["dtypes"] = {n: (p.dtype, p.requires_grad) for n, p in model.named_parameters()}
         model.output.register_forward_hook(lambda m, i, o: seen.update(output=o.dtype))  # returns None: o stays
-        return model
+        return built
 
     monkeypatch.setattr(train, "build_model", spy_build)
     out = str(tmp_path / "run")
@@ -339,8 +343,8 @@ def test_full_fine_tuning_two_ranks_equal_one_process_resumes_exactly_and_export
 
 @pytest.mark.parametrize("layout", ["meta", "own"])
 def test_full_fine_tuning_writes_the_bases_layout(layout, hf_base, corpus, token_cache, tmp_path):
-    from export import write_model
-    from weights import checkpoint_layout
+    from longlora.weights import write_model
+    from longlora.weights import checkpoint_layout
 
     base_dir, out = str(tmp_path / "base"), str(tmp_path / "out")
     base = Transformer.from_pretrained(hf_base, dtype=torch.bfloat16 if layout == "meta" else torch.float32)
@@ -404,7 +408,7 @@ def test_kill_during_a_save_keeps_the_previous_checkpoint_and_resume_repeats_the
 def test_old_checkpoints_are_deleted_only_after_the_new_one_is_complete(base_dir, corpus, token_cache, tmp_path, monkeypatch):
     """--keep 2, a checkpoint every step for 5 steps: whenever an older checkpoint is deleted, the one being
     saved is already complete on disk (state.json, written last), so a kill at that moment leaves it."""
-    import checkpoint
+    from longlora import checkpoint
 
     out = str(tmp_path / "run")
     saving, deleted = [], []
@@ -477,9 +481,8 @@ RECIPE = {"lr": 2e-5, "warmup": 20, "schedule": "constant", "weight_decay": 0.0,
 def test_defaults_are_longloras_recipe(tmp_path):
     (tmp_path / "base").mkdir()
     (tmp_path / "data.txt").write_text("text")
-    a = train.build_parser().parse_args(["--model", str(tmp_path / "base"), "--data", str(tmp_path / "data.txt"),
-                                         "--out", str(tmp_path / "out")])
-    train.check_args(a)
+    a = parse_args(["--model", str(tmp_path / "base"), "--data", str(tmp_path / "data.txt"), "--out", str(tmp_path / "out")],
+                   train.RECIPE)
     assert {k: getattr(a, k) for k in RECIPE} == RECIPE
 
 
@@ -502,7 +505,7 @@ def test_a_default_run_trains_with_the_recipe(base_dir, corpus, token_cache, tmp
     build = train.build_model
     monkeypatch.setattr(torch.optim, "AdamW", SpyAdamW)
     monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", spy_clip)
-    monkeypatch.setattr(train, "build_model", lambda *a, **k: seen.setdefault("model", build(*a, **k)))
+    monkeypatch.setattr(train, "build_model", lambda *a, **k: seen.setdefault("built", build(*a, **k)))
     out = str(tmp_path / "run")
     argv = ["--model", base_dir, "--data", corpus, "--token-cache", token_cache, "--ctx", "128", "--steps", "2",
             "--weight-decay", "0.1", "--out", out]
@@ -511,9 +514,9 @@ def test_a_default_run_trains_with_the_recipe(base_dir, corpus, token_cache, tmp
     (wd_matrices, ndims_matrices), (wd_vectors, ndims_vectors) = seen["groups"]  # decay on matrices, not norms
     assert wd_matrices == 0.1 and min(ndims_matrices) == 2 and wd_vectors == 0.0 and set(ndims_vectors) == {1}
     assert seen["max_norm"] == [1.0, 1.0]
-    model = seen["model"]
+    model = seen["built"][0]
     assert model.args.attn == "s2" and resolve_group_size("s2", 128, model.args.group_size) == 128 // 4
-    assert model.gradient_checkpointing
+    assert model.lean and model.gradient_checkpointing
     with open(os.path.join(out, "metrics.jsonl")) as f:
         steps = [r for r in map(json.loads, f) if "loss" in r]
     assert [r["lr"] for r in steps] == [2e-5 * 1 / 20, 2e-5 * 2 / 20]  # linear warmup over 20 steps
@@ -525,7 +528,7 @@ def test_a_default_run_trains_with_the_recipe(base_dir, corpus, token_cache, tmp
 
 @pytest.mark.parametrize("schedule", ["constant", "cosine"])
 def test_lr_warms_up_linearly_then_stays_or_follows_a_cosine_to_the_floor(schedule):
-    a = train.build_parser().parse_args(["--schedule", schedule, "--steps", "120"])
+    a = build_parser(train.RECIPE).parse_args(["--schedule", schedule, "--steps", "120"])
     assert a.min_lr_ratio == 0.1
     lr = [train.lr_at(s, a) for s in range(1, 121)]
     assert lr[:20] == pytest.approx([2e-5 * s / 20 for s in range(1, 21)], rel=1e-12)
@@ -609,5 +612,5 @@ def test_no_flag_is_a_prefix_of_a_torchrun_flag():
     from torch.distributed.run import get_args_parser
 
     theirs = {o for a in get_args_parser()._actions for o in a.option_strings if o.startswith("--")} - {"--help"}
-    ours = {o for a in train.build_parser()._actions for o in a.option_strings if o.startswith("--")} - {"--help"}
+    ours = {o for a in build_parser(train.RECIPE)._actions for o in a.option_strings if o.startswith("--")} - {"--help"}
     assert not [(o, t) for o in ours for t in theirs if t.startswith(o) or o.startswith(t)]

@@ -1,17 +1,16 @@
 """Benchmarks, one subcommand per part of the project. Speed targets are checked here, never in tests.
 
-    python bench.py attention            # full vs S²-Attn vs SF-Attn, T = 2048 .. 16384, fp32 and bf16
-    python bench.py attention --quick    # the same at T = 1024, 2048 (seconds instead of minutes)
-    python bench.py train --threads 1    # one LoRA training step at ctx 4096: full, s2, sf, and HF + PEFT;
-                                         # then at vocab 32000, ctx 8192: the loss and feed-forward whole vs chunked
-    python bench.py sample               # decode tokens/s: KV cache vs recomputation, h2o vs full, ours vs HF
-    python bench.py gpu                  # the GPU acceptance check of gpu_check.py (one CUDA GPU, ~minutes)
+    python -m longlora.bench attention            # full vs S²-Attn vs SF-Attn, T = 2048 .. 16384, fp32 and bf16
+    python -m longlora.bench attention --quick    # the same at T = 1024, 2048 (seconds instead of minutes)
+    python -m longlora.bench train --threads 1    # one LoRA training step at ctx 4096: full, s2, sf, and HF + PEFT;
+                                                  # then at vocab 32000, ctx 8192: the loss and feed-forward whole vs chunked
+    python -m longlora.bench sample               # decode tokens/s: KV cache vs recomputation, h2o vs full, ours vs HF
+    python -m longlora.gpu_check                  # the GPU acceptance check (one CUDA GPU, ~minutes)
 
 `attention` times forward + backward of attention.attention() for each mode on the same inputs
 (B=1, H=8, D=64, group size T/4, 4 sinks) and reports the median time, the peak memory, and both as
 ratios to full attention. The modes run round-robin (full, s2, sf, full, s2, sf, ...) so that a change
-in the machine's load during the run hits all of them alike. The targets of issue 3 are printed below
-the table: s2 at least 3x faster than full at T=8192, sf within 1.15x of s2, no mode above full in memory.
+in the machine's load during the run hits all of them alike. The targets are printed below the table: s2 at least 3x faster than full at T=8192, sf within 1.15x of s2, no mode above full in memory.
 """
 import json
 import os
@@ -22,9 +21,8 @@ import time
 
 import torch
 
-import gpu_check
 from attention import attention
-from cli import Parser, UsageError, entry
+from longlora.cli import Parser, UsageError, entry
 
 MODES = ("full", "s2", "sf")
 
@@ -153,7 +151,8 @@ def _peer_model(ours, mode):
     import transformers
     from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
 
-    from export import PEFT_TARGETS, hf_config, meta_to_hf_state, peft_adapter
+    from longlora.export import PEFT_TARGETS, peft_adapter
+    from longlora.weights import hf_config, meta_to_hf_state
 
     def ours_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
         # HF hands over (B, H, T, D) after RoPE and wants (B, T, H, D) back; no padding in this benchmark
@@ -204,7 +203,7 @@ def _ours_model(preset_name, T, mode):
         for n, p in m.named_parameters():
             if n.endswith("lora_b"):
                 p.normal_(0, 0.02, generator=torch.Generator().manual_seed(2))
-    m.gradient_checkpointing = True
+    m.lean = m.gradient_checkpointing = True  # as train.py trains
     m.train()
     return m
 
@@ -287,13 +286,15 @@ def bench_train(args):
 
 def bench_chunking(args):
     """Peak memory of one training step at LLaMA2's vocabulary (32000) and a long context: the loss over whole
-    (T, V) logits and the feed-forward over the whole sequence, against both in chunks of model.CHUNK_SIZE
-    tokens (Transformer.forward, FeedForward). The model is the demo preset with vocab 32000, so that the loss
+    (T, V) logits and the feed-forward over the whole sequence, against both in chunks of memory.CHUNK_SIZE
+    tokens (longlora/memory.py). The model is the demo preset with vocab 32000, so that the loss
     is the step's largest term, as it is for LLaMA2 at long context."""
     import torch.nn.functional as F
 
+    from longlora import memory
+    from longlora.memory import CHUNK_SIZE
     from lora import apply_lora, mark_trainable
-    from model import CHUNK_SIZE, Transformer, preset
+    from model import Transformer, preset
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -313,13 +314,12 @@ def bench_chunking(args):
         m = models[name] = Transformer(preset(args.preset, vocab_size=32000, rope_scaling=scaling, max_seq_len=T))
         apply_lora(m)
         mark_trainable(m)
-        m.gradient_checkpointing = True
+        m.lean = m.gradient_checkpointing = True
         m.train()
-        for layer in m.layers:
-            layer.feed_forward.chunk_size = ffn_chunk
         opts[name] = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-5)
 
     def step(name):
+        memory.FFN_CHUNK_SIZE = variants[name][1]
         loss = variants[name][0](models[name])
         (loss / y.numel()).backward()
         opts[name].step()
@@ -353,18 +353,18 @@ def bench_chunking(args):
     for ffn_chunk in (0, CHUNK_SIZE):
         torch.manual_seed(0)
         m = Transformer(preset(args.preset, vocab_size=256, ffn_hidden_dim=2048, rope_scaling=scaling, max_seq_len=T))
-        m.gradient_checkpointing = True
+        m.lean = m.gradient_checkpointing = True
         m.train()
-        for layer in m.layers:
-            layer.feed_forward.chunk_size = ffn_chunk
         xs = x % 256
 
         def full_step():
+            memory.FFN_CHUNK_SIZE = ffn_chunk
             m.zero_grad(set_to_none=True)
             m(xs, y % 256).backward()
 
         full_step()
         ffn_peaks[ffn_chunk] = _peak_alloc_bytes(full_step, False)
+    memory.FFN_CHUNK_SIZE = None  # (the default again)
     whole, chunked = ffn_peaks[0], ffn_peaks[CHUNK_SIZE]
     print(f"feed-forward: forward + backward of preset {args.preset} with FFN hidden 2048 and vocab 256, all weights "
           f"trained, chunked loss: peak {whole / 2**20:.0f} MiB whole, {chunked / 2**20:.0f} MiB in chunks of "
@@ -504,10 +504,10 @@ def bench_sample(args):
 @entry
 def main(argv=None):
     parser = Parser(description="Benchmarks of the project (speed targets live here, not in tests).", examples=[
-        "python bench.py attention --quick", "python bench.py train --threads 1", "python bench.py sample"])
+        "python -m longlora.bench attention --quick", "python -m longlora.bench train --threads 1", "python -m longlora.bench sample"])
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("attention", examples=["python bench.py attention --quick", "python bench.py attention --T 8192 --dtype bfloat16 --device cuda"], help="forward+backward time and peak memory of full, s2 and sf attention",
+    p = sub.add_parser("attention", examples=["python -m longlora.bench attention --quick", "python -m longlora.bench attention --T 8192 --dtype bfloat16 --device cuda"], help="forward+backward time and peak memory of full, s2 and sf attention",
                        description="Median forward+backward time and peak memory of full, S²-Attn and SF-Attn, "
                                    "with ratios to full attention.")
     p.add_argument("--T", type=int, nargs="+", default=[2048, 4096, 8192, 16384],
@@ -525,7 +525,7 @@ def main(argv=None):
                         "when other jobs share the machine")
     p.set_defaults(run=bench_attention)
 
-    p = sub.add_parser("train", examples=["python bench.py train --threads 1", "python bench.py train --only chunking"], help="training step tokens/s and peak memory per attention mode, and HF + PEFT",
+    p = sub.add_parser("train", examples=["python -m longlora.bench train --threads 1", "python -m longlora.bench train --only chunking"], help="training step tokens/s and peak memory per attention mode, and HF + PEFT",
                        description="tokens/s and peak memory of one LoRA training step (train.py's recipe) with "
                                    "full, s2 and sf attention, and the same step in HF transformers + PEFT.")
     p.add_argument("--preset", default="demo", help="model shape from model.py's PRESETS (default demo)")
@@ -540,19 +540,13 @@ def main(argv=None):
                    help="run one case: the attention modes (and the peer), or the chunked loss and feed-forward")
     p.set_defaults(run=lambda a: [f(a) for f, case in ((bench_train, "modes"), (bench_chunking, "chunking"))
                                   if a.only in (None, case)])
-    p = sub.add_parser("sample", examples=["python bench.py sample", "python bench.py sample --long 4096 --repeats 5"], help="generation tokens/s: KV cache vs recomputation, h2o vs full, ours vs HF generate",
+    p = sub.add_parser("sample", examples=["python -m longlora.bench sample", "python -m longlora.bench sample --long 4096 --repeats 5"], help="generation tokens/s: KV cache vs recomputation, h2o vs full, ours vs HF generate",
                        description="Decode tokens/s of sample.py: full KV cache vs recomputation, H2O at 20% vs the "
                                    "full cache at a long prompt, and ours vs HF transformers' generate on the same weights.")
     p.add_argument("--long", type=int, default=8192, help="prompt length of the h2o vs full comparison (default 8192)")
     p.add_argument("--repeats", type=int, default=3, help="runs per variant, round-robin; the best counts (default 3)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
     p.set_defaults(run=bench_sample)
-
-    p = sub.add_parser("gpu", examples=["python bench.py gpu"], help="the GPU acceptance check (gpu_check.py): every CUDA path end to end, one table",
-                       description="Attention backends in bf16 against the reference, train.py under torchrun and in one "
-                                   "process, sample.py with each cache, eval.py against the CPU, and GPU figures. Without "
-                                   "CUDA it prints one line and exits 0.")
-    p.set_defaults(run=lambda args: sys.exit(gpu_check.main()))
 
     args = parser.parse_args(argv)
     for flag in ("repeats", "ctx", "batch_size", "chunk_ctx", "long"):

@@ -1,9 +1,9 @@
 """
 Does the longer context really work? Perplexity at growing evaluation lengths, and passkey retrieval.
 
-    python eval.py ppl --model DIR [--adapter DIR] --data a.txt b.txt --seq-lens 2048,4096,8192 --out ppl.json
-    python eval.py ppl --model DIR --tokens data/test.bin --seq-lens 8192,32768 --stride 0     # non-overlapping
-    python eval.py passkey --model DIR [--adapter DIR] --lengths 2000,4000,8000 --trials 10 --png passkey.png
+    python -m longlora.eval ppl --model DIR [--adapter DIR] --data a.txt b.txt --seq-lens 2048,4096,8192 --out ppl.json
+    python -m longlora.eval ppl --model DIR --tokens data/test.bin --seq-lens 8192,32768 --stride 0     # non-overlapping
+    python -m longlora.eval passkey --model DIR [--adapter DIR] --lengths 2000,4000,8000 --trials 10 --png passkey.png
 
 Both use full attention, as the papers do at evaluation (S²-Attn and SF-Attn are training-time
 patterns); `--attn s2|sf` evaluates with a training pattern instead.
@@ -56,10 +56,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from cli import Parser, check_output, entry
-from data import read_token_file, tokenize_documents
-from model import atomic_write, write_text
-from sample import generate, load_model, resolve_device_dtype
+from longlora.cli import Parser, check_output, entry
+from longlora.data import read_token_file, tokenize_documents
+from longlora.adapter import load_model
+from longlora.cli import atomic_write, resolve_device_dtype, write_text
+from sample import generate
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -259,9 +260,9 @@ def float_list(s: str) -> list:
     return values
 
 
-EXAMPLES = ["python eval.py ppl --model DIR [--adapter DIR] --data a.txt b.txt --seq-lens 2048,4096,8192 --out ppl.json",
-            "python eval.py ppl --model DIR --tokens data/test.bin --seq-lens 8192,32768 --stride 0",
-            "python eval.py passkey --model DIR [--adapter DIR] --lengths 2000,4000,8000 --trials 10 --png passkey.png"]
+EXAMPLES = ["python -m longlora.eval ppl --model DIR [--adapter DIR] --data a.txt b.txt --seq-lens 2048,4096,8192 --out ppl.json",
+            "python -m longlora.eval ppl --model DIR --tokens data/test.bin --seq-lens 8192,32768 --stride 0",
+            "python -m longlora.eval passkey --model DIR [--adapter DIR] --lengths 2000,4000,8000 --trials 10 --png passkey.png"]
 
 
 def parse_args(argv):

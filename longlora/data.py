@@ -54,7 +54,7 @@ import tempfile
 import numpy as np
 import torch
 
-from model import atomic_write, write_text
+from longlora.cli import atomic_write, write_text
 
 # ----------------------------------------------------------------------------------------------------
 # Text: documents -> one memory-mapped token file, tokenized once and reused

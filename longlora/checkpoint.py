@@ -25,9 +25,9 @@ import shutil
 import torch
 import torch.distributed as dist
 
-from cli import one_line
-from model import CheckpointError
-from shard import broadcast0
+from longlora.cli import one_line
+from longlora.weights import CheckpointError
+from longlora.shard import broadcast0
 
 
 class DamagedCheckpoint(CheckpointError):

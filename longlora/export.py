@@ -2,215 +2,35 @@
 Adapters in and out of other formats: the merged model (HF, Meta or this project's layout), the adapter in
 PEFT's layout, and LongLoRA's released LoRA weights (a PEFT adapter + trainable_params.bin) read back in.
 
-    python export.py merge  --base llama-2-7b --adapter out/adapter --out llama-2-7b-32k            # HF layout
-    python export.py merge  --base llama-2-7b --adapter out/adapter --out llama-2-7b-32k --format meta
-    python export.py peft   --base llama-2-7b --adapter out/adapter --out llama-2-7b-32k-peft
-    python export.py import --peft Llama-2-7b-longlora-32k --base llama-2-7b-hf --ctx 32768 --out longlora-32k
+    python lora.py merge  --base llama-2-7b --adapter out/adapter --out llama-2-7b-32k            # HF layout
+    python lora.py merge  --base llama-2-7b --adapter out/adapter --out llama-2-7b-32k --format meta
+    python lora.py peft   --base llama-2-7b --adapter out/adapter --out llama-2-7b-32k-peft
+    python lora.py import --peft Llama-2-7b-longlora-32k --base llama-2-7b-hf --ctx 32768 --out longlora-32k
 
-`python lora.py merge|peft|import ...` runs the same commands. An imported adapter is this project's own
+(`python -m longlora.export ...` runs the same.) An imported adapter is this project's own
 (adapter.safetensors + adapter_config.json): sample.py --adapter, eval.py and `merge` take it.
 """
 
-import glob
-import json
 import os
-import shutil
 import sys
 
 import torch
 
-from cli import Parser, check_output, entry, lock_output
-from lora import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, TARGETS, adapter_state, apply_lora, load_adapter, mark_trainable,
-                  merge_lora, save_adapter)
-from model import (CheckpointError, ModelArgs, Tokenizer, Transformer, _read_json, atomic_write, write_text, check_state_dict,
-                   hf_config_to_args, hf_key_map, hf_to_meta_qk, meta_to_hf_qk)
-from weights import checkpoint_layout
+from longlora.cli import Parser, check_output, entry, lock_output
+from longlora.adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS, load_adapter, save_adapter
+from longlora.cli import atomic_write
+from longlora.weights import (CheckpointError, check_state_dict, checkpoint_layout, hf_config, hf_config_fields, hf_key_map,
+                              hf_to_meta_qk, meta_to_hf_qk, parse_size, read_json, write_json, write_model)
+from lora import TARGETS, adapter_state, apply_lora, mark_trainable, merge_lora
+from model import ModelArgs, Transformer
 
 # ----------------------------------------------------------------------------------------------------
-# Export: a merged model in HF or Meta layout, or the adapter in PEFT's layout
+# Export: the adapter in PEFT's layout (a merged model is weights.write_model)
 
 # Our LoRA targets -> HF's module names, as PEFT's target_modules (model.HF_KEYS has the full tensor names).
 PEFT_TARGETS = {"wq": "q_proj", "wk": "k_proj", "wv": "v_proj", "wo": "o_proj",
                 "w1": "gate_proj", "w2": "down_proj", "w3": "up_proj", "output": "lm_head"}
 
-
-def hf_config(args: ModelArgs, dtype: torch.dtype, tokenizer=None) -> dict:
-    """LlamaConfig's fields for these args, written by hand (the product never imports transformers).
-
-    The RoPE scaling is written twice, so that both generations of transformers read it: 4.x reads
-    `rope_scaling` + `rope_theta`; 5.x reads `rope_parameters` (and converts a 4.x-style `rope_scaling`,
-    which takes precedence, to the same thing). `max_position_embeddings` is the extended context and
-    `original_max_position_embeddings` the pre-training one (see model.hf_config_to_args for how both are read).
-    It sits at the top level: transformers ignores it there for linear scaling, and warns about it inside
-    `rope_scaling`.
-    """
-    linear = args.rope_scaling != 1.0
-    dtype_name = str(dtype).removeprefix("torch.")
-    return {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
-        "hidden_size": args.dim,
-        "intermediate_size": args.hidden_dim,
-        "num_hidden_layers": args.n_layers,
-        "num_attention_heads": args.n_heads,
-        "num_key_value_heads": args.n_kv_heads,
-        "head_dim": args.head_dim,
-        "vocab_size": args.vocab_size,
-        "hidden_act": "silu",
-        "rms_norm_eps": args.norm_eps,
-        "max_position_embeddings": args.max_seq_len,
-        "original_max_position_embeddings": args.original_max_seq_len,
-        "rope_theta": args.rope_theta,
-        "rope_scaling": {"type": "linear", "factor": args.rope_scaling} if linear else None,
-        "rope_parameters": ({"rope_type": "linear", "factor": args.rope_scaling, "rope_theta": args.rope_theta} if linear
-                            else {"rope_type": "default", "rope_theta": args.rope_theta}),
-        "tie_word_embeddings": args.tie_embeddings,
-        "attention_bias": False,
-        "mlp_bias": False,
-        "bos_token_id": tokenizer.bos_id if tokenizer else 1,
-        "eos_token_id": tokenizer.eos_id if tokenizer else 2,
-        "pretraining_tp": 1,
-        "use_cache": True,
-        "torch_dtype": dtype_name,  # 4.x's name
-        "dtype": dtype_name,  # 5.x's name
-    }
-
-
-def meta_to_hf_state(args: ModelArgs, state: dict) -> dict:
-    """Meta names -> HF names, with wq/wk rows permuted to HF's rotate-half order (see model.meta_to_hf_qk)."""
-    names = {meta: hf for hf, meta in hf_key_map(args.n_layers).items()}
-    out = {}
-    for k, v in state.items():
-        if k == "output.weight" and args.tie_embeddings:
-            continue  # HF re-ties lm_head to embed_tokens
-        if k not in names:
-            raise ValueError(f"cannot export tensor {k}: no HF name for it")
-        if k.endswith("attention.wq.weight"):
-            v = meta_to_hf_qk(v, args.n_heads)
-        elif k.endswith("attention.wk.weight"):
-            v = meta_to_hf_qk(v, args.n_kv_heads)
-        out[names[k]] = v
-    return out
-
-
-def parse_size(text) -> int:
-    """'5GB', '500MB', '40KB' or a number of bytes -> bytes (decimal units, as HF's max_shard_size)."""
-    s = str(text).strip().upper()
-    for unit, mult in (("GB", 10**9), ("MB", 10**6), ("KB", 10**3), ("B", 1)):
-        if s.endswith(unit):
-            s, m = s[: -len(unit)], mult
-            break
-    else:
-        m = 1
-    try:
-        n = int(float(s) * m)
-    except ValueError:
-        raise ValueError(f"cannot read size {text!r} (expected e.g. 5GB, 500MB or a number of bytes)") from None
-    if n <= 0:
-        raise ValueError(f"size must be positive, got {text!r}")
-    return n
-
-
-def _write_json(path, obj):
-    text = json.dumps(obj, indent=2) + "\n"
-    write_text(path, text)
-
-
-def _copy_file(src, dst):
-    atomic_write(dst, lambda f: shutil.copyfile(src, f))
-
-
-def _remove_stale(out_dir, written, patterns):
-    """Delete weight files an earlier export left in out_dir (e.g. more shards, or an old index), so that the
-    directory never mixes two models. Runs after the new files are in place."""
-    for pattern in patterns:
-        for f in glob.glob(os.path.join(out_dir, pattern)):
-            if os.path.basename(f) not in written:
-                os.remove(f)
-
-
-def write_hf(args: ModelArgs, state: dict, out_dir, tokenizer_path=None, shard_size="5GB"):
-    """HF layout: config.json, model.safetensors (or model-0000i-of-0000n.safetensors + index), tokenizer.model."""
-    from safetensors.torch import save_file
-
-    hf_state = {k: v.detach().contiguous().cpu() for k, v in meta_to_hf_state(args, state).items()}
-    # Greedy sharding in key order, like HF: start a new shard when the next tensor would overflow this one.
-    limit, shards, size = parse_size(shard_size), [{}], 0
-    for k, v in hf_state.items():
-        nbytes = v.numel() * v.element_size()
-        if shards[-1] and size + nbytes > limit:
-            shards.append({})
-            size = 0
-        shards[-1][k] = v
-        size += nbytes
-    os.makedirs(out_dir, exist_ok=True)
-    if len(shards) == 1:
-        files = ["model.safetensors"]
-    else:
-        files = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
-    for name, shard in zip(files, shards):
-        atomic_write(os.path.join(out_dir, name), lambda f, s=shard: save_file(s, f, metadata={"format": "pt"}))
-    if len(shards) > 1:
-        index = {"metadata": {"total_size": sum(v.numel() * v.element_size() for v in hf_state.values())},
-                 "weight_map": {k: name for name, shard in zip(files, shards) for k in shard}}
-        _write_json(os.path.join(out_dir, "model.safetensors.index.json"), index)
-    written = set(files) | ({"model.safetensors.index.json"} if len(shards) > 1 else set())
-    _remove_stale(out_dir, written, ["model.safetensors", "model-*-of-*.safetensors", "model.safetensors.index.json"])
-    tok = Tokenizer(tokenizer_path) if tokenizer_path else None
-    dtype = next(iter(hf_state.values())).dtype
-    _write_json(os.path.join(out_dir, "config.json"), hf_config(args, dtype, tok))
-    if tokenizer_path:
-        _copy_file(tokenizer_path, os.path.join(out_dir, "tokenizer.model"))
-    return files
-
-
-def meta_params(args: ModelArgs) -> dict:
-    """Meta's params.json. Meta describes the SwiGLU width by multiple_of (+ ffn_dim_multiplier) and
-    recomputes it; an HF base states it outright, so find a multiple_of that gives the same width."""
-    params = dict(dim=args.dim, n_layers=args.n_layers, n_heads=args.n_heads, n_kv_heads=args.n_kv_heads,
-                  vocab_size=args.vocab_size, multiple_of=args.multiple_of, ffn_dim_multiplier=args.ffn_dim_multiplier,
-                  norm_eps=args.norm_eps, rope_theta=args.rope_theta)
-    meta_width = lambda p: ModelArgs(dim=p["dim"], n_heads=p["n_heads"], n_kv_heads=p["n_kv_heads"], multiple_of=p["multiple_of"],
-                                     ffn_dim_multiplier=p["ffn_dim_multiplier"]).hidden_dim
-    if meta_width(params) != args.hidden_dim:
-        params.update(multiple_of=args.hidden_dim, ffn_dim_multiplier=None)  # rounds any width <= hidden_dim up to it
-        if meta_width(params) != args.hidden_dim:
-            raise ValueError(f"SwiGLU width {args.hidden_dim} cannot be written as Meta's multiple_of/ffn_dim_multiplier; "
-                             "use --format hf or own")
-    # Not in Meta's original params.json: the linear RoPE factor and the contexts, read back by model.py.
-    # (Meta's own llama code does not implement position interpolation and rejects unknown fields.)
-    params.update(rope_scaling=args.rope_scaling, max_seq_len=args.max_seq_len, original_max_seq_len=args.original_max_seq_len)
-    return params
-
-
-def write_meta(args: ModelArgs, state: dict, out_dir, tokenizer_path=None):
-    """Meta layout: params.json + one consolidated.00.pth (torch.save of the state dict) + tokenizer.model."""
-    state = {k: v.detach().contiguous().cpu() for k, v in state.items()}
-    if args.tie_embeddings:  # Meta has no tied embeddings: store the (identical) output matrix explicitly
-        state["output.weight"] = state["tok_embeddings.weight"]
-    params = meta_params(args)
-    os.makedirs(out_dir, exist_ok=True)
-    atomic_write(os.path.join(out_dir, "consolidated.00.pth"), lambda f: torch.save(state, f))
-    _remove_stale(out_dir, {"consolidated.00.pth"}, ["consolidated.*.pth"])  # an older export's shards 01, 02, ...
-    _write_json(os.path.join(out_dir, "params.json"), params)
-    if tokenizer_path:
-        _copy_file(tokenizer_path, os.path.join(out_dir, "tokenizer.model"))
-
-
-def write_model(args: ModelArgs, state: dict, out_dir, layout, tokenizer_path=None, shard_size="5GB"):
-    """A whole model (a state dict in Meta's names, output.weight included) in the layout "hf", "meta" or
-    "own", with the RoPE scaling and context of `args` in its config (lora.py merge; train.py --full)."""
-    if layout == "hf":
-        write_hf(args, state, out_dir, tokenizer_path, shard_size)
-    elif layout == "meta":
-        write_meta(args, state, out_dir, tokenizer_path)
-    else:
-        with torch.device("meta"):
-            plain = Transformer(args)
-        plain.load_state_dict(state, strict=True, assign=True)
-        if args.tie_embeddings:
-            plain.output.weight = plain.tok_embeddings.weight
-        plain.save_pretrained(out_dir, tokenizer_path=tokenizer_path)
 
 def peft_adapter(model: Transformer) -> tuple:
     """(adapter_config dict, {HF/PEFT name: tensor}) in PEFT's LoRA layout for a model with loaded LoRA.
@@ -266,8 +86,8 @@ def write_peft(model: Transformer, out_dir):
     config, tensors = peft_adapter(model)
     os.makedirs(out_dir, exist_ok=True)
     atomic_write(os.path.join(out_dir, "adapter_model.safetensors"), lambda f: save_file(tensors, f, metadata={"format": "pt"}))
-    _write_json(os.path.join(out_dir, "adapter_config.json"), config)
-    _write_json(os.path.join(out_dir, "config.json"), hf_config(model.args, model.tok_embeddings.weight.dtype, model.tokenizer))
+    write_json(os.path.join(out_dir, "adapter_config.json"), config)
+    write_json(os.path.join(out_dir, "config.json"), hf_config(model.args, model.tok_embeddings.weight.dtype, model.tokenizer))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -312,7 +132,7 @@ def read_peft_dir(peft_dir) -> tuple:
     cfg_path = os.path.join(peft_dir, "adapter_config.json")
     if not os.path.isfile(cfg_path):
         raise FileNotFoundError(f"{peft_dir}: no adapter_config.json (not a PEFT adapter directory)")
-    cfg = _read_json(cfg_path)
+    cfg = read_json(cfg_path)
     if not isinstance(cfg, dict) or cfg.get("peft_type") != "LORA":
         raise CheckpointError(f"{cfg_path}: not a PEFT LoRA adapter (no \"peft_type\": \"LORA\")")
     if not all(isinstance(cfg.get(f), (int, float)) and cfg[f] > 0 for f in ("r", "lora_alpha")):
@@ -354,7 +174,7 @@ def import_peft(peft_dir, base, ctx=None) -> tuple:
         if not os.path.isfile(config):
             raise ValueError(f"{peft_dir}: a PEFT adapter does not record the context it was trained for; "
                              "pass --ctx (e.g. 32768 for LongLoRA's Llama-2-7b-longlora-32k)")
-        ctx = hf_config_to_args(_read_json(config), config).max_seq_len
+        ctx = ModelArgs(**hf_config_fields(read_json(config), config)).max_seq_len
     model = Transformer.from_pretrained(base)
     args = model.args
     names = hf_key_map(args.n_layers)  # HF name -> our name

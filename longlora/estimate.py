@@ -3,7 +3,6 @@ Memory per GPU and FLOPs per optimizer step of a training run, from the shapes a
 loaded): what to check before renting GPUs.
 
     python train.py --estimate --preset llama2-7b --ctx 32768 --gpus 8     # or --model DIR (its config only)
-    python estimate.py --preset llama2-7b --ctx 32768 --gpus 8             # the same: train.py's flags and checks
 
 The run it describes is train.py's: bf16 compute under FSDP2 over --gpus GPUs, LoRA+ (or --full, --from-scratch),
 --attn, --batch-size x --grad-accum sequences of --ctx tokens per GPU and step. Memory, in bytes per GPU:
@@ -16,10 +15,10 @@ The run it describes is train.py's: bf16 compute under FSDP2 over --gpus GPUs, L
   * unsharded gradients: with gradient accumulation and LoRA, FSDP reduces only after the last micro-batch,
     so until then each GPU keeps every trainable tensor's whole gradient in fp32 (full fine-tuning reduces
     every micro-batch instead: a whole fp32 gradient of every parameter would cost more than it saves);
-  * activations: counted from the tensors autograd keeps for model.py (layer_activations; a test checks it
+  * activations: counted from the tensors autograd keeps for model.py with model.lean (layer_activations; a test checks it
     against autograd's saved tensors), along the timeline of backward (activation_peak; a test checks it against
     the measured peak of a step on the CPU). With checkpointing, each block's input (2·dim bytes per token and
-    layer, bf16) plus the larger of the loss's backward, which comes first (one chunk of model.CHUNK_SIZE
+    layer, bf16) plus the larger of the loss's backward, which comes first (one chunk of memory.CHUNK_SIZE
     tokens' logits, 12 bytes per vocabulary entry and token, and the last block's output and its gradient) and
     one block's backward at its widest (the recomputed block's saved tensors and the gradients in flight).
     With --offload-activations the blocks' inputs move to the host's pinned memory, reported separately (per
@@ -34,11 +33,12 @@ communication buckets, and the caching allocator's fragmentation.
 
 import json
 import os
-import sys
 
 from attention import resolve_group_size
 from lora import DEFAULT_TARGETS
-from model import CHUNK_SIZE, CheckpointError, ModelArgs, hf_config_to_args, preset
+from longlora.memory import CHUNK_SIZE
+from longlora.weights import CheckpointError, hf_config_fields
+from model import ModelArgs, preset
 
 
 def param_counts(m: ModelArgs, lora_r, targets, embed, norms, full):
@@ -89,7 +89,7 @@ def layer_activations(m: ModelArgs, full=False, lora_r=8, targets=DEFAULT_TARGET
                      (its cos/sin are computed once per forward and shared by every layer, see activation_peak).
                      flash: attention.py's FlashAttention-2 path packs q, k, v for flash-attn, which keeps its
                      own packed output, and wo keeps the unpacked copy: 2d more
-      ffn            chunked (the sequence is longer than model.CHUNK_SIZE): the chunks' input, the residual
+      ffn            chunked (the sequence is longer than memory.CHUNK_SIZE): the chunks' input, the residual
                      stream after attention 2d (ffn_norm runs inside each chunk, so nothing else of it is kept
                      whole; the rest exists for one chunk at a time, see activation_peak). Whole: ffn_norm's input and
                      rsqrt 2d + 4, w1·x (for silu), silu(w1·x) and w3·x (for their product) 3 x 2F; full
@@ -164,7 +164,7 @@ def activation_peak(m: ModelArgs, ctx, batch, full=False, lora_r=8, targets=DEFA
 def estimate(m: ModelArgs, ctx, attn, gpus, batch, accum, lora_r=8, targets=DEFAULT_TARGETS, embed=True,
              norms=True, full=False, group_size=None, sinks=4, chunk=CHUNK_SIZE, offload=False):
     """Per-GPU memory (bytes) and FLOPs per optimizer step of a bf16 FSDP run; see the comments for each term.
-    chunk: model.CHUNK_SIZE, tokens per chunk of the loss and of the feed-forward; offload: --offload-activations."""
+    chunk: memory.CHUNK_SIZE, tokens per chunk of the loss and of the feed-forward; offload: --offload-activations."""
     c = param_counts(m, lora_r, targets, embed, norms, full)
     d, F_, V, L, H, hd = m.dim, m.hidden_dim, m.vocab_size, m.n_layers, m.n_heads, m.head_dim
     B, T, W = batch, ctx, gpus
@@ -252,7 +252,7 @@ def config_args(path):
             with open(p) as f:
                 cfg = json.load(f)
             if name == "config.json":
-                return hf_config_to_args(cfg, p)
+                return ModelArgs(**hf_config_fields(cfg, p))
             if cfg.get("vocab_size", -1) <= 0:  # Meta's params.json: -1 means "the tokenizer's", 32000 for LLaMA2
                 cfg["vocab_size"] = 32000
             known = {"dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of", "ffn_dim_multiplier",
@@ -273,14 +273,3 @@ def run_estimate(a):
                  sinks=a.sink_tokens, offload=a.offload_activations)
     print(format_estimate(e, name, a.ctx, a.attn, a.gpus, a.batch_size, a.grad_accum, bool(a.from_scratch or a.full)))
     return 0
-
-
-def main(argv=None) -> int:
-    """`python estimate.py FLAGS` is `python train.py --estimate FLAGS`: the same flags, checks and output."""
-    import train  # train.py imports this file; importing it here, when called, avoids the cycle
-
-    return train.main(["--estimate", *(sys.argv[1:] if argv is None else argv)])
-
-
-if __name__ == "__main__":
-    sys.exit(main())

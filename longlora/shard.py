@@ -33,9 +33,9 @@ import os
 import torch
 import torch.distributed as dist
 
-from cli import USER_ERRORS, UsageError, one_line
+from longlora.cli import USER_ERRORS, UsageError, one_line
 from lora import init_lora_, lora_modules
-from model import CheckpointError, check_state_dict
+from longlora.weights import CheckpointError, check_state_dict
 
 
 # torchrun sets RANK / LOCAL_RANK / WORLD_SIZE; without them train.py runs in one process

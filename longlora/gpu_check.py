@@ -1,6 +1,6 @@
-"""The GPU acceptance check: does the CUDA path work end to end? `python bench.py gpu` runs it.
+"""The GPU acceptance check: does the CUDA path work end to end?
 
-    python bench.py gpu                  # one CUDA GPU, a stock PyTorch; flash-attn is used when it imports
+    python -m longlora.gpu_check         # one CUDA GPU, a stock PyTorch; flash-attn is used when it imports
 
 It builds everything it needs in a temporary folder (a sentencepiece tokenizer and a tiny random
 LLaMA, trained on Python standard-library source as text; nothing is downloaded), then checks:
@@ -17,7 +17,7 @@ LLaMA, trained on Python standard-library source as text; nothing is downloaded)
   3. sample.py with each KV cache (full, h2o, sink) in bf16 on CUDA: it generates every token asked for;
   4. eval.py ppl in bf16 on CUDA equals the fp32 CPU result within LOSS_TOL (mean loss in nats);
   5. figures: attention forward+backward time of full, s2 and sf at T = 8k, 16k and 32k in bf16
-     (B=1, H=8, D=64, as `bench.py attention`), and train.py's tokens/s from check 2.
+     (B=1, H=8, D=64, as `python -m longlora.bench attention`), and train.py's tokens/s from check 2.
 
 It prints one table and exits 1 if any check failed. Without CUDA it says so in one line and exits 0,
 claiming nothing. CI does not run it. It lives in its own file, not in bench.py, because it is a
@@ -35,7 +35,7 @@ import time
 
 import torch
 
-ROOT = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the project: train.py, sample.py
 ATTN_TOL = 0.02  # max |fast - reference| / max |reference|, outputs and gradients
 LOSS_TOL = 0.02  # nats: bf16 against fp32, and a resumed bf16 run against the uninterrupted one
 STEPS = 8  # train.py steps per run; checkpoints at STEPS/2 and STEPS
@@ -178,7 +178,7 @@ def check_eval(base, corpus, work, device):
     loss = {}
     for dev, dtype in ((device, "bfloat16"), ("cpu", "float32")):
         out = os.path.join(work, f"ppl-{dev}.json")
-        run([sys.executable, os.path.join(ROOT, "eval.py"), "ppl", "--model", base, "--data", corpus, "--seq-lens", "256",
+        run([sys.executable, "-m", "longlora.eval", "ppl", "--model", base, "--data", corpus, "--seq-lens", "256",
              "--stride", "0", "--max-tokens", "16384", "--dtype", dtype, "--device", dev, "--out", out], f"eval.py ppl ({dev})")
         with open(out) as f:
             loss[dev] = json.load(f)["results"][0]["loss"]
@@ -190,8 +190,8 @@ def check_eval(base, corpus, work, device):
 # ----------------------------------------------------------------------------- 5. figures
 
 def attention_figures(device, Ts=(8192, 16384, 32768)):
-    """Forward+backward ms of full, s2 and sf in bf16 (median of 5 after a warm-up), as `bench.py attention`."""
-    from bench import MODES, _step
+    """Forward+backward ms of full, s2 and sf in bf16 (median of 5 after a warm-up), as `python -m longlora.bench attention`."""
+    from longlora.bench import MODES, _step
 
     rows = []
     g = torch.Generator().manual_seed(0)

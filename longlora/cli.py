@@ -18,9 +18,12 @@ import fcntl
 import functools
 import json
 import os
+import re
 import sys
 import tempfile
 import time
+
+import torch
 
 
 class UsageError(Exception):
@@ -28,7 +31,7 @@ class UsageError(Exception):
 
 
 # What a user's mistake raises, besides UsageError: the readers of checkpoints, tokenizers and data raise
-# ValueError (model.CheckpointError is one) with a message naming the file; paths that do not exist or cannot
+# ValueError (weights.CheckpointError is one) with a message naming the file; paths that do not exist or cannot
 # be written raise OSError (FileNotFoundError, NotADirectoryError, PermissionError, ...). Anything else is a
 # bug, and keeps its traceback.
 USER_ERRORS = (UsageError, ValueError, OSError)
@@ -169,3 +172,73 @@ def check_output(path, flag, is_dir=False, inputs=(), ours=()):
         tempfile.TemporaryFile(dir=existing).close()
     except OSError as e:
         raise UsageError(f"{flag} {path}: cannot write in {existing} ({e.strerror or e})") from None
+
+
+def atomic_write(path, write_fn):
+    """Call write_fn(tmp_path), then rename over `path`: a killed run never leaves a half-written file."""
+    tmp = f"{path}.tmp.{os.getpid()}"
+    try:
+        write_fn(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def write_text(path, text: str):
+    """Write a UTF-8 text file atomically (see atomic_write)."""
+    def write(tmp):
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+
+    atomic_write(path, write)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Inputs of sample.py and eval
+
+
+def read_prompt(arg: str) -> str:
+    """The prompt text from `-` (stdin), a file, or the argument itself. Raises ValueError/FileNotFoundError."""
+    if arg == "-":
+        data, where = sys.stdin.buffer.read(), "stdin"
+    elif os.path.isdir(arg):
+        raise ValueError(f"prompt {arg} is a directory, not a text file")
+    elif os.path.isfile(arg):
+        with open(arg, "rb") as f:
+            data, where = f.read(), f"prompt file {arg}"
+    elif re.fullmatch(r"\S*(/|\\)\S*|\S+\.[A-Za-z0-9]{1,8}", arg):  # one word with a slash or an extension
+        raise FileNotFoundError(f"prompt file {arg}: no such file (to use it as text, add a space)")
+    else:
+        if not arg.strip():
+            raise ValueError("the prompt is empty")
+        return arg
+    if b"\0" in data:
+        raise ValueError(f"{where} looks binary (it contains NUL bytes), expected UTF-8 text")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{where} is not UTF-8 text (invalid byte 0x{data[e.start]:02x} at offset {e.start})") from None
+    if not text.strip():
+        raise ValueError(f"{where} is empty")
+    return text
+
+
+def size_or_ratio(s: str):
+    """argparse type: "256" -> 256 tokens, "0.1" -> 10% of the prompt."""
+    try:
+        value = float(s) if any(c in s for c in ".eE") else int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a token count (256) or a ratio of the prompt (0.1), got {s!r}")
+    if value < 0 or (isinstance(value, float) and value > 1):
+        raise argparse.ArgumentTypeError(f"expected a count >= 0 or a ratio in [0, 1], got {s!r}")
+    return value
+
+
+def resolve_device_dtype(device, dtype):
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {device} but CUDA is not available")
+    if dtype in (None, "auto"):  # bf16 halves memory on GPUs; CPUs are fastest and exact in fp32
+        dtype = "bfloat16" if device.startswith("cuda") else "float32"
+    return device, getattr(torch, dtype)
