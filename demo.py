@@ -1,12 +1,12 @@
 """
 The whole method on a CPU, end to end: a miniature LongLoRA / SinkLoRA reproduction on real text.
 
-    python demo.py                 # 86 min on a slow 2-core CPU (measured; README); results in out/demo/
+    python demo.py                 # about half an hour on 2 CPU cores (docs/results.md); results in out/demo/
     python demo.py --fast          # the same pipeline with tiny everything (seconds), for a smoke test; out/demo-fast/
     python demo.py --corpus DIR    # your own folder of text files instead of the Python stdlib
     python demo.py --threads 1     # on a machine shared with other jobs (two threads then crawl)
 
-What it does, each step through the project's own code (train.py, data.py, eval.py, sample.py, lora.py;
+What it does, each step through the project's own code (train.py, sample.py, lora.py, longlora/data.py and eval.py;
 in-process calls to their main() and public functions, not toy copies), with the default settings:
 
   1. corpus      the Python standard library's own .py files (real long documents, on every machine):
@@ -29,8 +29,8 @@ in-process calls to their main() and public functions, not toy copies), with the
                  twice more, trained the other ways of LongLoRA's Table 2: plain LoRA (--no-train-embed
                  --no-train-norms: 49k trainable parameters) and full fine-tuning (--full: all 2.56M, at
                  lr 3e-4, a tenth of LoRA's: at LoRA's 3e-3, as the paper uses one lr for both, seed 0
-                 reached perplexity 20.62 at 4S, worse than every LoRA run; 3e-4 gave 16.49 (the same
-                 run otherwise); we tried no other value). Every run of a seed sees the same batches
+                 reaches perplexity 20.62 at 4S, worse than every LoRA run; 3e-4 gives 16.49 (the same
+                 run otherwise; no other value measured)). Every run of a seed sees the same batches
                  (and every LoRA run the same LoRA initialisation); two seeds.    -> train.py --attn ...
   6. evaluate    held-out perplexity at S, 2S, 4S on the first 131,072 held-out tokens (non-overlapping
                  windows, full attention, as the papers evaluate) for the base (no interpolation), the
@@ -39,25 +39,23 @@ in-process calls to their main() and public functions, not toy copies), with the
                  the window better, i.e. does it use the context beyond one S2 group of S?); passkey
                  accuracy (LongLoRA's prompt, 20 prompts per length, random depth, greedy, exact match);
                  each method's share of the full-attention improvement at 4S, SinkLoRA's measure:
-                     share(m) = (ppl_baseline - ppl_m) / (ppl_baseline - ppl_full)   -> eval.py
+                     share(m) = (ppl_baseline - ppl_m) / (ppl_baseline - ppl_full)   -> longlora/eval.py
   7. sample      the best fine-tuned model continues the first ~800 tokens of a held-out file
                  (out/demo/prompt.txt -> out/demo/sample.txt)                        -> sample.py
 
 Outputs in --out: results.md (the tables), results.json (every number, per seed, and the stage timings),
 results.png (when matplotlib is installed), sample.txt, and the cached tokenizer / base model / adapters,
 each with a stamp of its settings (a re-run with the same settings reuses them; delete the folder to
-start afresh). Fixed seeds: two fresh runs give the same table. The test suite checks this on --fast; for
-the default run we checked it by hand, last with all twelve extension runs: a second fresh run into another
-folder wrote a byte-identical results.md, results.png and sample.txt, with bit-identical base model and
-adapters (the tokenizer and adapter configs differ only in the folder names they record; same machine,
-same --threads 1; another thread count may change the last digits, since it changes the order of
-floating-point sums).
+start afresh). Fixed seeds: two fresh runs give the same table (tests/test_demo.py checks it on --fast;
+docs/results.md says how the default run was checked). On the same machine with the same --threads, a fresh
+run into another folder writes a byte-identical results.md, results.png and sample.txt; another thread count
+may change the last digits, since it changes the order of floating-point sums.
 
 What this scale can and cannot show. A 2.6M-parameter model pre-trained on ~2.7M tokens of code
 predicts code from its local context; it has not learned to copy from far back: on held-out code, a
 50-token passage repeated after 100 tokens is predicted no better the second time than the first (mean
 loss 3.35 vs 3.30 per token for this base model). Passkey retrieval needs exactly that skill, so it
-stays at zero for every model. We tried to teach it within the budget and measured each attempt:
+stays at zero for every model. Nothing within the budget teaches it (each measured):
 LongLoRA-style passkey documents as 10% of the pre-training tokens and 20% of the extension tokens (a
 whole run: passkey 0.00 everywhere, and the same ranking of the methods); pre-training on passkey
 documents only for 150 steps (the key's digits stay at a loss of ln 10 = 2.30, pure guessing); half
@@ -80,18 +78,19 @@ import time
 
 import torch
 
-from longlora import eval as evaluation  # eval.py; renamed so that it does not shadow the builtin
+from longlora import eval as evaluation  # renamed so that it does not shadow the builtin
 import sample
 import train
-from longlora.cli import LOCK, Parser, UsageError, check_output, entry
 from longlora.data import tokenize_documents
 from longlora.adapter import load_model
-from longlora.cli import atomic_write, write_text
+from longlora.cli import LOCK, Parser, UsageError, atomic_write, check_output, entry, write_text
 from longlora.tokenizer import Tokenizer
 from model import Transformer
 
+
 # ----------------------------------------------------------------------------------------------------
 # Settings. "full" is the default run; "fast" runs the same code paths with tiny everything.
+
 
 SETTINGS = {
     "full": dict(

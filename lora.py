@@ -107,7 +107,7 @@ class LoRALinear(nn.Module):
 
 
 def init_lora_(lora_a, lora_b):
-    """In place: A Kaiming-uniform, B zero. Also used on full-size CPU tensors when the model is sharded (shard.py)."""
+    """In place: A Kaiming-uniform, B zero. Also used on full-size CPU tensors when the model is sharded (longlora/shard.py)."""
     nn.init.kaiming_uniform_(lora_a, a=math.sqrt(5))  # uniform(±1/sqrt(in)), nn.Linear's default
     nn.init.zeros_(lora_b)
 

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 
 from attention import attention
 from longlora import memory
-from longlora.weights import load_tokenizer, load_weights, read_checkpoint, write_model
+from longlora.weights import load_into, load_tokenizer, read_checkpoint, write_model
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -126,8 +126,6 @@ def preset(name: str, **overrides) -> ModelArgs:
     return ModelArgs(**{**PRESETS[name], **overrides})
 
 
-
-
 # ----------------------------------------------------------------------------------------------------
 # Building blocks
 
@@ -208,7 +206,7 @@ class Attention(nn.Module):
         v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)  # (B, T, H_kv, D)
         if cache is not None:
             # Incremental decoding: the cache decides which past keys the new queries see (and when
-            # to rotate them, see sample.py's sink cache), so it receives q and k before RoPE.
+            # to rotate them, see the sink cache in longlora/caches.py), so it receives q and k before RoPE.
             y = cache.attend(self.layer_id, q, k, v, positions, rotate)
         else:
             q, k = rotate(q, positions), rotate(k, positions)
@@ -254,8 +252,8 @@ class KVCache:
     """Preallocated keys and values of every layer, written at [pos : pos+T] as in Meta's reference.
 
     A cache decides what the new queries attend to. This one keeps everything, so decoding token by
-    token gives the same logits as one full forward. sample.py adds caches that evict tokens (H₂O,
-    attention sinks) with the same `attend` method.
+    token gives the same logits as one full forward. longlora/caches.py has caches that evict tokens (H₂O,
+    attention sinks) with the same `attend` method; sample.py chooses one.
     """
 
     def __init__(self, args: ModelArgs, batch_size: int, max_len: int, device=None, dtype=torch.float32):
@@ -336,7 +334,7 @@ class Transformer(nn.Module):
         h = self.tok_embeddings(tokens)  # (B, T, dim)
         if torch.is_autocast_enabled(h.device.type):  # the residual stream in the compute dtype, as under FSDP's bf16
             h = h.to(torch.get_autocast_dtype(h.device.type))
-        if self.lean:
+        if self.lean and cache is None:
             # Training at long context: the same numbers as the plain path below, far less kept for backward: each
             # block recomputed (its input optionally in host memory), norms keeping only their input, RoPE, the
             # feed-forward and the loss in chunks (longlora/memory.py).
@@ -368,7 +366,7 @@ class Transformer(nn.Module):
         args, weights = read_checkpoint(path, ModelArgs)  # the config, and the tensors' shapes (no data yet)
         with torch.device("meta"):
             model = cls(ModelArgs(**{**asdict(args), **overrides}))
-        load_weights(model, weights, path, dtype, device)
+        load_into(model, weights, path, dtype, device)
         model.tokenizer = load_tokenizer(path, args.vocab_size)  # None without a tokenizer.model
         return model
 

@@ -28,7 +28,7 @@ Launch:
     torchrun --nnodes=2 --nproc_per_node=8 --rdzv-backend=c10d --rdzv-endpoint=HOST:29500 train.py --model ... --out ...
     # continue a run that stopped (same flags, plus --resume; the losses continue exactly)
     torchrun --standalone --nproc_per_node=8 train.py --model llama-2-7b ... --out out/7b-32k --resume out/7b-32k
-    # supervised fine-tuning on instruction data as LongAlpaca (templates, groups and loss weighting: data.py)
+    # supervised fine-tuning on instruction data as LongAlpaca (templates, groups, loss weighting: longlora/data.py)
     python train.py --sft --sft-template longalpaca --model 7b-32k-merged --data LongAlpaca-12k.json --ctx 32768 --out sft
     # full fine-tuning: every parameter trains; writes a whole model in the base's layout
     torchrun --standalone --nproc_per_node=8 train.py --full --model llama-2-7b-hf --data redpajama.jsonl --ctx 8192 --out 7b-full
@@ -60,11 +60,11 @@ import torch
 import torch.distributed as dist
 
 from longlora.adapter import base_fingerprint
-from longlora.checkpoint import checkpoint_dirs, find_checkpoint, find_resumable, full_trainable_state, load_checkpoint, save_checkpoint
+from longlora.checkpoint import checkpoint_dirs, find_checkpoint, full_trainable_state, load_checkpoint, save_checkpoint
 from longlora.cli import UsageError, entry, lock_output, write_text
 from longlora.data import longlora_sft_group_size, sample_positions
 from longlora.estimate import run_estimate
-from longlora.run import (StopSignals, fmt_time, load_data, log0, parse_args, peak_memory_gb, reset_peak_memory,
+from longlora.run import (StopSignals, find_start, fmt_time, load_data, log0, parse_args, peak_memory_gb, reset_peak_memory,
                           sft_group_rule, trajectory_config, write_result)
 from longlora.shard import all_sum, broadcast0, load_weights, lora_init_values, on_some_ranks, setup_distributed, shard_model
 from longlora.tokenizer import Tokenizer, find_tokenizer
@@ -72,8 +72,10 @@ from longlora.weights import check_tokenizer_fits, read_checkpoint
 from lora import apply_lora, mark_trainable, trainable_summary
 from model import ModelArgs, Transformer, preset
 
+
 # ----------------------------------------------------------------------------------------------------
 # LongLoRA's recipe (its paper and fine-tune.py): the defaults of the flags of the same name (--help shows them all)
+
 
 RECIPE = dict(
     ctx=8192,  # training sequence length; RoPE positions are divided by ceil(ctx / the base's original context)
@@ -85,8 +87,8 @@ RECIPE = dict(
     lr=2e-5,  # AdamW's peak learning rate
     warmup=20,  # linear warmup steps, then...
     schedule="constant",  # ...a constant learning rate
-    weight_decay=0.0,  # AdamW, betas (0.9, 0.999)
-    beta2=0.999,
+    weight_decay=0.0,  # AdamW's, on the matrices
+    beta2=0.999,  # AdamW's second-moment decay (beta1 is 0.9)
     batch_size=1,  # sequences per micro-batch per GPU
     grad_accum=8,  # micro-batches per optimizer step: 8 sequences per GPU and step
     steps=1000,  # optimizer steps
@@ -223,9 +225,7 @@ def train(a, stop, held):
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 and not distributed else nullcontext()
 
     # -- tokenizer, data, model
-    tok_path = a.tokenizer or (find_tokenizer(a.model) if a.model else None)
-    if not tok_path:
-        raise UsageError(f"no tokenizer.model next to --model {a.model}; pass --tokenizer PATH")
+    tok_path = a.tokenizer or find_tokenizer(a.model)
     tokenizer = Tokenizer(tok_path)
     # --model's config and tensor index (no weights yet), before the data: a broken checkpoint is reported at
     # once, not after a tokenization that can take an hour
@@ -325,24 +325,11 @@ def train(a, stop, held):
     # -- the result, written by rank 0: an adapter (LoRA), or a whole model in the base's layout (--full, --from-scratch)
     tensors = full_trainable_state(model, keep=rank == 0)
     if rank == 0:
-        write_result(a, model, tensors, fingerprint, save_dtype, tok_path)
+        write_result(a, model, tensors, fingerprint, save_dtype, tok_path, bf16)
         log0(rank, f"wrote {'model' if a.full or a.from_scratch else 'adapter'} to {a.out}")
     if distributed:
         dist.barrier()
     return 0
-
-
-def find_start(a, model, config):
-    """(checkpoint, step, its files) to resume from, or (None, 0, None) for a fresh run (rank 0 only)."""
-    if not a.resume:
-        if checkpoint_dirs(a.out):
-            raise UsageError(f"--out {a.out} already holds checkpoints; add --resume {a.out} to continue, "
-                             "or choose another --out")
-        return None, 0, None
-    ckpt, state, files = find_resumable(a.resume, model, config, lambda msg: print(msg, file=sys.stderr))
-    if state["step"] >= a.steps:
-        raise UsageError(f"--resume {ckpt}: the checkpoint is at step {state['step']}, nothing left to do for --steps {a.steps}")
-    return ckpt, state["step"], files
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -104,7 +104,7 @@ def read_adapter(adapter_dir):
     if cfg.get("format") != "longlora-adapter":
         hint = (" (a PEFT adapter: convert it with `python lora.py import --peft DIR --base BASE --out ADAPTER`)"
                 if "peft_type" in cfg else "")
-        raise ValueError(f"{cfg_path}: not an adapter written by lora.py{hint}")
+        raise ValueError(f"{cfg_path}: not an adapter written by train.py or lora.py import{hint}")
     missing = [k for k in ADAPTER_FIELDS if k not in cfg]
     if missing:
         raise ValueError(f"{cfg_path}: missing field {missing[0]!r}")
@@ -185,6 +185,8 @@ def load_adapter(model: Transformer, adapter_dir) -> Transformer:
 def load_model(model_dir, adapter_dir=None, dtype=None, device=None) -> Transformer:
     """A base model, a merged export, or a base plus a LoRA adapter (load_adapter applies the adapter's RoPE scaling
     and context), in eval mode. Raises CheckpointError / ValueError / FileNotFoundError with one line."""
+    if adapter_dir is not None and not os.path.isdir(adapter_dir):
+        raise FileNotFoundError(f"{adapter_dir}: no such adapter directory")
     model = Transformer.from_pretrained(model_dir, dtype=dtype, device=device)
     if adapter_dir is not None:
         load_adapter(model, adapter_dir)  # LoRA matrices stay fp32 next to bf16 weights, by design

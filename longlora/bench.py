@@ -12,6 +12,7 @@
 ratios to full attention. The modes run round-robin (full, s2, sf, full, s2, sf, ...) so that a change
 in the machine's load during the run hits all of them alike. The targets are printed below the table: s2 at least 3x faster than full at T=8192, sf within 1.15x of s2, no mode above full in memory.
 """
+import contextlib
 import json
 import os
 import statistics
@@ -284,6 +285,18 @@ def bench_train(args):
                   f"same loss at step 1: {'yes' if same else 'NO'}")
 
 
+@contextlib.contextmanager
+def feed_forward_chunks(n):
+    """memory.FFN_CHUNK_SIZE = n (0: the whole sequence) for a while."""
+    from longlora import memory
+
+    saved, memory.FFN_CHUNK_SIZE = memory.FFN_CHUNK_SIZE, n
+    try:
+        yield
+    finally:
+        memory.FFN_CHUNK_SIZE = saved
+
+
 def bench_chunking(args):
     """Peak memory of one training step at LLaMA2's vocabulary (32000) and a long context: the loss over whole
     (T, V) logits and the feed-forward over the whole sequence, against both in chunks of memory.CHUNK_SIZE
@@ -291,7 +304,6 @@ def bench_chunking(args):
     is the step's largest term, as it is for LLaMA2 at long context."""
     import torch.nn.functional as F
 
-    from longlora import memory
     from longlora.memory import CHUNK_SIZE
     from lora import apply_lora, mark_trainable
     from model import Transformer, preset
@@ -319,9 +331,9 @@ def bench_chunking(args):
         opts[name] = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-5)
 
     def step(name):
-        memory.FFN_CHUNK_SIZE = variants[name][1]
-        loss = variants[name][0](models[name])
-        (loss / y.numel()).backward()
+        with feed_forward_chunks(variants[name][1]):
+            loss = variants[name][0](models[name])
+            (loss / y.numel()).backward()
         opts[name].step()
         opts[name].zero_grad(set_to_none=True)
         return loss.item() / y.numel()
@@ -358,17 +370,18 @@ def bench_chunking(args):
         xs = x % 256
 
         def full_step():
-            memory.FFN_CHUNK_SIZE = ffn_chunk
             m.zero_grad(set_to_none=True)
-            m(xs, y % 256).backward()
+            with feed_forward_chunks(ffn_chunk):
+                m(xs, y % 256).backward()
 
         full_step()
         ffn_peaks[ffn_chunk] = _peak_alloc_bytes(full_step, False)
-    memory.FFN_CHUNK_SIZE = None  # (the default again)
     whole, chunked = ffn_peaks[0], ffn_peaks[CHUNK_SIZE]
     print(f"feed-forward: forward + backward of preset {args.preset} with FFN hidden 2048 and vocab 256, all weights "
           f"trained, chunked loss: peak {whole / 2**20:.0f} MiB whole, {chunked / 2**20:.0f} MiB in chunks of "
           f"{CHUNK_SIZE} ({whole / chunked:.1f}x less)")
+
+
 def _hf_and_ours(preset_name):
     """An HF LlamaForCausalLM of the preset's shape (room for 1024 positions, no EOS, weights spread so that
     greedy choices are clear-cut), and the same weights loaded into ours through save_pretrained."""

@@ -49,8 +49,6 @@ def full_trainable_state(model, keep=True):
     return out
 
 
-
-
 def checkpoint_dirs(run_dir):
     """Complete checkpoints of a run, oldest first (temporary, half-written ones start with '.')."""
     root = os.path.join(run_dir, "checkpoints")

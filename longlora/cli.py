@@ -108,6 +108,9 @@ class Parser(argparse.ArgumentParser):
     raised as UsageError (one line; `entry` prints it) instead of a usage dump and exit."""
 
     def __init__(self, *args, examples=(), **kw):
+        spec = getattr(sys.modules["__main__"], "__spec__", None)
+        if spec is not None and spec.name.startswith("longlora."):  # `python -m longlora.eval`: say so in the usage line
+            kw.setdefault("prog", f"python -m {spec.name}")
         kw.setdefault("formatter_class", HelpFormatter)
         kw.setdefault("allow_abbrev", False)
         if examples:

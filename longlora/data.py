@@ -1,6 +1,6 @@
 """
 Data preparation: documents -> one memory-mapped token file, tokenized once; windows, SFT records, the
-held-out split and the sample order. train.py trains on it, eval.py and demo.py evaluate on it.
+held-out split and the sample order. train.py trains on it, longlora/eval.py and demo.py evaluate on it.
 
     text files, folders, JSONL/JSON ({"text": ...})         JSON/JSONL records {instruction, input?, output}
         │ prepare_tokens: [BOS] text [EOS] per document         │ prepare_sft: [BOS] prompt answer [EOS] (llama2 | longalpaca)
@@ -15,7 +15,7 @@ held-out split and the sample order. train.py trains on it, eval.py and demo.py 
     order into one memory-mapped token file. Its JSON sidecar records the dtype, vocabulary size, tokenizer
     path and SHA-256, document count, and the input files' sizes and modification times; the next run with
     the same inputs and tokenizer reuses the file (train.py --token-cache DIR shares it between runs;
-    eval.py --tokens reads it).
+    `python -m longlora.eval --tokens` reads it).
   * Packing. Window i is tokens[i*ctx : i*ctx + ctx + 1]: input = window[:-1], target = window[1:].
     Neighbouring windows share one token, so every token but the very first is a target exactly once. A
     window may span two documents; the EOS/BOS pair marks the border. LongLoRA's fine-tune.py does it
@@ -56,8 +56,10 @@ import torch
 
 from longlora.cli import atomic_write, write_text
 
+
 # ----------------------------------------------------------------------------------------------------
 # Text: documents -> one memory-mapped token file, tokenized once and reused
+
 
 TOKENS_FORMAT = "longlora-tokens-1"  # bump when the layout of the token files changes
 
@@ -384,7 +386,7 @@ def sample_positions(n, seed, first, count):
 
 
 # ----------------------------------------------------------------------------------------------------
-# Token files from elsewhere, and documents held in memory (eval.py, demo.py)
+# Token files from elsewhere, and documents held in memory (longlora/eval.py, demo.py)
 
 
 def read_token_file(path, vocab_size: int) -> np.ndarray:

@@ -56,10 +56,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from longlora.cli import Parser, check_output, entry
 from longlora.data import read_token_file, tokenize_documents
 from longlora.adapter import load_model
-from longlora.cli import atomic_write, resolve_device_dtype, write_text
+from longlora.cli import Parser, atomic_write, check_output, entry, resolve_device_dtype, write_text
 from sample import generate
 
 
@@ -133,6 +132,7 @@ def perplexity(model, tokens, seq_len: int, stride=None, batch_size: int = 1, at
 
 # ----------------------------------------------------------------------------------------------------
 # Passkey retrieval
+
 
 TASK = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize them. "
         "I will quiz you about the important information there.")
@@ -296,7 +296,7 @@ def parse_args(argv):
     pk.add_argument("--trials", type=int, default=10, help="prompts per length (per depth with --depths) (default 10, LongLoRA's)")
     pk.add_argument("--depths", type=float_list, help="fixed depths of the key in [0, 1], comma-separated (default: a random depth per trial)")
     pk.add_argument("--seed", type=int, default=0, help="seed for keys and depths (default 0)")
-    pk.add_argument("--kv-cache", default="full", choices=("full", "h2o", "sink"), help="KV cache while decoding the answer (see sample.py) (default full)")
+    pk.add_argument("--kv-cache", default="full", choices=("full", "h2o", "sink"), help="KV cache while decoding the answer (see sample.py and longlora/caches.py) (default full)")
     pk.add_argument("--png", help="also draw accuracy over length x depth into this PNG (needs matplotlib)")
     a = p.parse_args(argv)
     if a.task == "ppl" and (a.stride < 0 or a.batch_size < 1 or (a.max_tokens is not None and a.max_tokens < 2)):

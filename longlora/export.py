@@ -8,7 +8,7 @@ PEFT's layout, and LongLoRA's released LoRA weights (a PEFT adapter + trainable_
     python lora.py import --peft Llama-2-7b-longlora-32k --base llama-2-7b-hf --ctx 32768 --out longlora-32k
 
 (`python -m longlora.export ...` runs the same.) An imported adapter is this project's own
-(adapter.safetensors + adapter_config.json): sample.py --adapter, eval.py and `merge` take it.
+(adapter.safetensors + adapter_config.json): sample.py --adapter, longlora/eval.py and `merge` take it.
 """
 
 import os
@@ -16,18 +16,18 @@ import sys
 
 import torch
 
-from longlora.cli import Parser, check_output, entry, lock_output
-from longlora.adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS, load_adapter, save_adapter
-from longlora.cli import atomic_write
+from longlora.adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS, load_model, save_adapter
+from longlora.cli import Parser, atomic_write, check_output, entry, lock_output
 from longlora.weights import (CheckpointError, check_state_dict, checkpoint_layout, hf_config, hf_config_fields, hf_key_map,
                               hf_to_meta_qk, meta_to_hf_qk, parse_size, read_json, write_json, write_model)
 from lora import TARGETS, adapter_state, apply_lora, mark_trainable, merge_lora
 from model import ModelArgs, Transformer
 
+
 # ----------------------------------------------------------------------------------------------------
 # Export: the adapter in PEFT's layout (a merged model is weights.write_model)
 
-# Our LoRA targets -> HF's module names, as PEFT's target_modules (model.HF_KEYS has the full tensor names).
+# Our LoRA targets -> HF's module names, as PEFT's target_modules (weights.HF_KEYS has the full tensor names).
 PEFT_TARGETS = {"wq": "q_proj", "wk": "k_proj", "wv": "v_proj", "wo": "o_proj",
                 "w1": "gate_proj", "w2": "down_proj", "w3": "up_proj", "output": "lm_head"}
 
@@ -158,7 +158,7 @@ def import_peft(peft_dir, base, ctx=None) -> tuple:
     """(model, note): the base checkpoint with a PEFT LoRA adapter (+ trainable_params.bin) as this project's LoRA.
 
     ctx: the context the adapter was trained for; the RoPE factor is ceil(ctx / the base's pre-training context),
-    as in LongLoRA's fine-tune.py and eval.py. None: read from a config.json next to the adapter (`export.py peft`
+    as in LongLoRA's fine-tune.py and eval.py. None: read from a config.json next to the adapter (`lora.py peft`
     writes one), else refused.
 
     LongLoRA added a [PAD] token, so its embedding has one row more than LLaMA2's 32000 (vocab 32001). That
@@ -223,14 +223,6 @@ def import_peft(peft_dir, base, ctx=None) -> tuple:
 # Command line
 
 
-def load_finetuned(base, adapter_dir) -> Transformer:
-    """The base checkpoint with the adapter applied (weights in the checkpoint's own dtype)."""
-    if not os.path.isdir(adapter_dir):
-        raise FileNotFoundError(f"{adapter_dir}: no such adapter directory")
-    model = Transformer.from_pretrained(base)
-    return load_adapter(model, adapter_dir)
-
-
 def merge_command(a):
     if os.path.isdir(a.out):
         try:
@@ -239,7 +231,7 @@ def merge_command(a):
             have = a.format
         if have != a.format:  # writing beside it would leave two layouts in one folder, which no loader opens
             raise CheckpointError(f"--out {a.out} holds a model in the {have} layout; use --format {have} or a new folder")
-    model = load_finetuned(a.base, a.adapter)
+    model = load_model(a.base, a.adapter)  # in the checkpoint's own dtype
     args = model.args
     state = merge_lora(model.state_dict(), model.lora_config)
     lock = lock_output(a.out, "--out")  # noqa: F841 (held, and the folder stamped as ours, until the command ends)
@@ -249,7 +241,7 @@ def merge_command(a):
 
 
 def peft_command(a):
-    model = load_finetuned(a.base, a.adapter)
+    model = load_model(a.base, a.adapter)  # in the checkpoint's own dtype
     lock = lock_output(a.out, "--out")  # noqa: F841
     write_peft(model, a.out)
     print(f"wrote PEFT adapter {a.out}. Load it on the HF base model with its config (RoPE scaling {model.args.rope_scaling:g}):\n"

@@ -15,7 +15,7 @@ LLaMA, trained on Python standard-library source as text; nothing is downloaded)
      the loss goes down, a resume from the middle checkpoint repeats the losses within LOSS_TOL, and
      the peak memory train.py logs is shown;
   3. sample.py with each KV cache (full, h2o, sink) in bf16 on CUDA: it generates every token asked for;
-  4. eval.py ppl in bf16 on CUDA equals the fp32 CPU result within LOSS_TOL (mean loss in nats);
+  4. `python -m longlora.eval ppl` in bf16 on CUDA equals the fp32 CPU result within LOSS_TOL (mean loss in nats);
   5. figures: attention forward+backward time of full, s2 and sf at T = 8k, 16k and 32k in bf16
      (B=1, H=8, D=64, as `python -m longlora.bench attention`), and train.py's tokens/s from check 2.
 
@@ -34,6 +34,8 @@ import tempfile
 import time
 
 import torch
+
+from longlora.cli import Parser, entry
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the project: train.py, sample.py
 ATTN_TOL = 0.02  # max |fast - reference| / max |reference|, outputs and gradients
@@ -161,7 +163,7 @@ def check_train(base, corpus, work, launcher, label):
     ], tokens_per_s
 
 
-# ----------------------------------------------------------------------------- 3. sample.py, 4. eval.py
+# ----------------------------------------------------------------------------- 3. sample.py, 4. longlora/eval.py
 
 def check_sample(base, prompt, device):
     rows = []
@@ -179,11 +181,11 @@ def check_eval(base, corpus, work, device):
     for dev, dtype in ((device, "bfloat16"), ("cpu", "float32")):
         out = os.path.join(work, f"ppl-{dev}.json")
         run([sys.executable, "-m", "longlora.eval", "ppl", "--model", base, "--data", corpus, "--seq-lens", "256",
-             "--stride", "0", "--max-tokens", "16384", "--dtype", dtype, "--device", dev, "--out", out], f"eval.py ppl ({dev})")
+             "--stride", "0", "--max-tokens", "16384", "--dtype", dtype, "--device", dev, "--out", out], f"longlora.eval ppl ({dev})")
         with open(out) as f:
             loss[dev] = json.load(f)["results"][0]["loss"]
     diff = abs(loss[device] - loss["cpu"])
-    return [(f"eval.py ppl, bf16 {device} vs fp32 cpu (mean loss)", f"{loss[device]:.4f} vs {loss['cpu']:.4f}",
+    return [(f"longlora.eval ppl, bf16 {device} vs fp32 cpu (mean loss)", f"{loss[device]:.4f} vs {loss['cpu']:.4f}",
              f"within {LOSS_TOL}", diff <= LOSS_TOL)]
 
 
@@ -216,7 +218,12 @@ def attention_figures(device, Ts=(8192, 16384, 32768)):
 
 # ----------------------------------------------------------------------------- main
 
-def main():
+@entry
+def main(argv=None):
+    Parser(description="The GPU acceptance check: attention backends in bf16 against the reference, train.py under "
+                       "torchrun and in one process, sample.py with each cache, eval against the CPU, and GPU figures, in "
+                       "one table. Without CUDA it prints one line and exits 0.",
+           examples=["python -m longlora.gpu_check"]).parse_args(argv)
     if not torch.cuda.is_available():
         print("no CUDA device: the GPU acceptance check needs one; nothing was checked")
         return 0

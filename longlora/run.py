@@ -20,9 +20,11 @@ import torch
 
 from attention import resolve_group_size
 from longlora.adapter import save_adapter
+from longlora.checkpoint import checkpoint_dirs, find_resumable
 from longlora.cli import Parser, UsageError, check_output
 from longlora.data import (SFT_TEMPLATES, PackedData, SFTData, open_tokens, prepare_sft, prepare_tokens, split_heldout)
 from longlora.shard import on_some_ranks
+from longlora.tokenizer import find_tokenizer
 from longlora.weights import checkpoint_layout, write_model
 from lora import TARGETS, apply_lora, mark_trainable
 from model import PRESETS, ModelArgs, Transformer
@@ -36,8 +38,6 @@ def parse_args(argv, recipe):
     """train.py's flags, parsed and checked (a mistake raises UsageError: one line, exit 2)."""
     argv = sys.argv[1:] if argv is None else list(argv)
     a = build_parser(recipe).parse_args(argv)
-    if a.estimate and not (a.model or a.preset or a.from_scratch):
-        a.preset = "llama2-7b"
     check_args(a, argv)
     return a
 
@@ -81,7 +81,7 @@ def build_parser(recipe):
     d.add_argument("--sft-template", choices=SFT_TEMPLATES, default="llama2", help="--sft prompt format: LLaMA2-chat's "
                    "[INST] turn (as sample.py --chat), or LongAlpaca's exact one (LongLoRA's supervised-fine-tune.py)")
     d.add_argument("--sft-group-size", choices=("official", "quarter"), help="--sft groups: LongLoRA's SFT rule (default; "
-                   "see data.py) or T/4 of the padded batch (the default with --shift-wrap, as LongLoRA's non-flash path)")
+                   "see longlora/data.py) or T/4 of the padded batch (the default with --shift-wrap, as LongLoRA's non-flash path)")
     d.add_argument("--ctx", type=int, help="training sequence length; sets the RoPE interpolation factor "
                    "ceil(ctx / the model's original context)")
     d.add_argument("--heldout", type=float, default=0.01, help="fraction of sequences held out for evaluation (evenly spread)")
@@ -137,7 +137,7 @@ def build_parser(recipe):
 def check_args(a, argv):
     """Catch a user's mistakes before any work; every message names the flag. argv: the flags as typed."""
     sources = [s for s in ("model", "preset", "from_scratch") if getattr(a, s)]
-    if len(sources) != 1:
+    if len(sources) > 1 or not (sources or a.estimate):  # (--estimate alone describes LLaMA2-7B)
         raise UsageError("give exactly one of --model, --preset, --from-scratch" + (f" (got {', '.join('--' + s.replace('_', '-') for s in sources)})" if sources else ""))
     lora_flags = [f for f in ("--lora-r", "--lora-alpha", "--lora-dropout", "--lora-targets")
                   if any(t == f or t.startswith(f + "=") for t in argv)]
@@ -192,6 +192,8 @@ def check_args(a, argv):
         raise UsageError(f"--tokenizer {a.tokenizer}: no such file")
     if (a.preset or a.from_scratch) and not a.tokenizer:
         raise UsageError(f"--{'preset' if a.preset else 'from-scratch'} needs --tokenizer (a random model comes without one)")
+    if a.model and not a.tokenizer and not find_tokenizer(a.model):
+        raise UsageError(f"no tokenizer.model next to --model {a.model}; pass --tokenizer PATH")
     inputs = [(f"--{f.replace('_', '-')}", p) for f in ("model", "tokenizer", "data", "eval_data")
               for p in ([getattr(a, f)] if isinstance(getattr(a, f), str) else getattr(a, f) or [])]
     check_output(a.out, "--out", is_dir=True, inputs=inputs, ours=["metrics.jsonl"])  # (runs from before the stamp)
@@ -201,8 +203,22 @@ def check_args(a, argv):
                      ours=[n for n in os.listdir(tc) if n.endswith(".bin.json")] if os.path.isdir(tc) else [])
 
 
+def find_start(a, model, config):
+    """(checkpoint, step, its files) to resume from, or (None, 0, None) for a fresh run. Rank 0 only: other machines
+    may not see the disk."""
+    if not a.resume:
+        if checkpoint_dirs(a.out):
+            raise UsageError(f"--out {a.out} already holds checkpoints; add --resume {a.out} to continue, "
+                             "or choose another --out")
+        return None, 0, None
+    ckpt, state, files = find_resumable(a.resume, model, config, lambda msg: print(msg, file=sys.stderr))
+    if state["step"] >= a.steps:
+        raise UsageError(f"--resume {ckpt}: the checkpoint is at step {state['step']}, nothing left to do for --steps {a.steps}")
+    return ckpt, state["step"], files
+
+
 # ----------------------------------------------------------------------------------------------------
-# Data: tokenized once per machine (data.py), split into training and held-out windows
+# Data: tokenized once per machine (longlora/data.py), split into training and held-out windows
 
 
 def load_data(a, tokenizer, local_rank, distributed, wait_group=None):
@@ -329,7 +345,7 @@ class StopSignals:
 # The result
 
 
-def write_result(a, model, tensors, base_fingerprint, save_dtype, tokenizer_path):
+def write_result(a, model, tensors, base_fingerprint, save_dtype, tokenizer_path, bf16):
     """Rank 0, at the end: an adapter (LoRA), or a whole model in the base's layout (--full, --from-scratch) in the
     base's dtype, with the RoPE scaling and the new context in its config. tensors: every trainable tensor, whole."""
     args = ModelArgs(**{**asdict(model.args), "attn": "full", "group_size": None})  # how the result is used
@@ -346,4 +362,5 @@ def write_result(a, model, tensors, base_fingerprint, save_dtype, tokenizer_path
     mark_trainable(shadow, embed=cfg["embed"], norms=cfg["norms"])
     shadow.load_state_dict(tensors, strict=False, assign=True)
     train_args = {k: v for k, v in vars(a).items() if isinstance(v, (int, float, str, list, type(None)))}
+    train_args.update(sft_group_size=sft_group_rule(a), pad_multiple=pad_multiple(a), bf16=bf16)  # as trained
     save_adapter(shadow, a.out, ctx=a.ctx, fingerprint=base_fingerprint, extra={"train_args": train_args})

@@ -3,7 +3,7 @@ The process group and FSDP2 for train.py: setup_distributed and the collectives 
 through, then shard a model built on the meta device, then fill it from a checkpoint, each rank
 reading only its own shard of each tensor.
 
-    args, weights = read_checkpoint(path)                         # weights.py: configs and indexes only
+    args, weights = read_checkpoint(path, ModelArgs)              # weights.py: configs and indexes only
     with torch.device("meta"): model = Transformer(args)          # no memory
     apply_lora(model); mark_trainable(model); set dtypes           # still no memory
     shard_model(model, device, bf16)                               # DTensors on meta, 1/W of each tensor per rank
@@ -146,7 +146,7 @@ def lora_init_values(model):
 
 
 def load_weights(model, weights, device, lora_init, where):
-    """Fill a model built on the meta device (plain, or sharded by shard_model) from `weights` (model.Weights)
+    """Fill a model built on the meta device (plain, or sharded by shard_model) from `weights` (weights.Weights)
     plus `lora_init` ({name: full tensor} for what the checkpoint does not hold). Each parameter keeps the dtype
     it has on meta; the checkpoint's tensors are converted straight from their own dtype (an fp16 embedding
     becomes fp32 exactly, never through bf16)."""

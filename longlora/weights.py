@@ -9,7 +9,7 @@ one file or several) and this project's (`params.json` + `model.safetensors`), a
 
 Nothing is read before it is asked for, and then only what is asked for: every file is memory-mapped, and
 `read(names, rows)` can read just some rows of dim 0 of each tensor. Transformer.from_pretrained reads everything
-(load_weights); under FSDP each rank reads its own rows, one block at a time (shard.py), so a 70B model is never
+(load_into); under FSDP each rank reads its own rows, one block at a time (longlora/shard.py), so a 70B model is never
 whole in any process's memory. Meta's model-parallel shards are joined here tensor by tensor. This file knows the
 formats, not the model: the caller passes model.ModelArgs, and a model to fill.
 """
@@ -331,7 +331,7 @@ def hf_config_fields(cfg, where="config.json") -> dict:
     )
 
 
-def load_weights(model, weights, where, dtype=None, device=None):
+def load_into(model, weights, where, dtype=None, device=None):
     """Fill a model built on the meta device from `weights` (read_checkpoint's), strictly, one block at a time
     (read from the memory-mapped files, converted to dtype/device as they arrive)."""
     tied = model.args.tie_embeddings
@@ -348,13 +348,11 @@ def load_weights(model, weights, where, dtype=None, device=None):
         model.output.weight = model.tok_embeddings.weight
 
 
-
 def check_tokenizer_fits(tokenizer, vocab_size):
     """Its ids must index the embedding, which may hold a few padding rows more, not thousands."""
     if not vocab_size - 256 <= tokenizer.vocab_size <= vocab_size:
         raise CheckpointError(f"{tokenizer.path}: a {tokenizer.vocab_size}-token tokenizer does not fit the model's "
                               f"{vocab_size}-token embedding (another model's tokenizer?)")
-
 
 
 def load_tokenizer(path, vocab_size):
@@ -367,8 +365,10 @@ def load_tokenizer(path, vocab_size):
     check_tokenizer_fits(tokenizer, vocab_size)
     return tokenizer
 
+
 # ----------------------------------------------------------------------------------------------------
 # Writing: a whole model in HF, Meta or this project's layout
+
 
 def hf_config(args, dtype: torch.dtype, tokenizer=None) -> dict:
     """LlamaConfig's fields for these args, written by hand (the product never imports transformers).
@@ -531,7 +531,6 @@ def write_meta(args, state: dict, out_dir, tokenizer_path=None):
     write_json(os.path.join(out_dir, "params.json"), params)
     if tokenizer_path:
         _copy_file(tokenizer_path, os.path.join(out_dir, "tokenizer.model"))
-
 
 
 def write_own(args, state: dict, out_dir, tokenizer_path=None):

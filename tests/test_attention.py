@@ -1,7 +1,7 @@
 """attention.py: every backend is the dense pattern, forward and backward, and the patterns mean what they say.
 
 The fast paths are checked against dense masked attention computed here in float64 from
-attention_pattern; attention_pattern itself is checked against the rules of the issue written as loops
+attention_pattern; attention_pattern itself is checked against the module docstring's rules written as loops
 and against the paper's Algorithm 1 (torch.roll) run literally. The FlashAttention-2 path runs on the
 CPU with a pure-PyTorch stand-in for flash_attn_varlen_func that follows its documented semantics
 (packed sequences, int32 cu_seqlens, causal mask aligned to the bottom right, GQA by head blocks).
@@ -161,7 +161,7 @@ def test_bfloat16_sdpa_path_stays_close_to_float32():
 # ----------------------------------------------------------------------------- the patterns themselves
 
 def pattern_from_the_rules(mode, T, H, g, sinks, wrap):
-    """The issue's rules, one pair (i, j) at a time."""
+    """attention.py's rules (its docstring), one pair (i, j) at a time."""
     allowed = torch.zeros(H, T, T, dtype=torch.bool)
     for h in range(H):
         for i in range(T):
@@ -182,7 +182,7 @@ def pattern_from_the_rules(mode, T, H, g, sinks, wrap):
 
 
 @pytest.mark.parametrize("mode,wrap", MODES, ids=[f"{m}{'-wrap' if w else ''}" for m, w in MODES])
-def test_pattern_follows_the_rules_of_the_issue(mode, wrap):
+def test_pattern_follows_the_documented_rules_pair_by_pair(mode, wrap):
     for T, g, sinks in ((16, 8, 4), (22, 6, 2), (13, 4, 5), (8, 8, 1)):
         expected = pattern_from_the_rules(mode, T, 4, g, sinks, wrap)
         assert torch.equal(attention_pattern(mode, T, 4, group_size=g, sink_tokens=sinks, wrap=wrap), expected)

@@ -101,7 +101,7 @@ CASES = [
     ("model-params-dim-string", "longlora.inspect", ["--model", "{dim_str}"], r"params\.json: dim must be a number, got '64'"),
     ("model-meta-params-wrong-size", "longlora.inspect", ["--model", "{meta_bad}"], r"params\.json says dim 128, the weights have 64"),
     ("model-mixed-layouts", "longlora.inspect", ["--model", "{mixed}"], r"two checkpoint layouts \(meta and own\)"),
-    ("model-tokenizer-too-small", "longlora.inspect", ["--model", "{big_vocab}"],  # rule c
+    ("model-tokenizer-too-small", "longlora.inspect", ["--model", "{big_vocab}"],  # another model's tokenizer
      r"a 512-token tokenizer does not fit the model's 2048-token embedding"),
     ("model-unknown-flag", "longlora.inspect", ["--bogus"], r"unrecognized arguments: --bogus"),
     # sample.py
@@ -112,7 +112,7 @@ CASES = [
      r"--kv-cache sink needs --recent > 0"),
     ("sample-garbage-tokenizer", "sample", ["--model", "{garbage_tok}", "--prompt", "hi there"], r"not a sentencepiece"),
     ("sample-adapter-on-another-base", "sample", ["--model", "{other_base}", "--adapter", "{adapter}", "--prompt", "hi there"],
-     r"trained on another base model"),  # rule d
+     r"trained on another base model"),  # an adapter on the wrong base
     ("sample-adapter-on-its-merged-model", "sample", ["--model", "{merged}", "--adapter", "{adapter}", "--prompt", "hi there"],
      r"already contains it"),
     ("eval-adapter-on-its-merged-model", "longlora.eval", ["ppl", "--model", "{merged}", "--adapter", "{adapter}", "--data", "{corpus}"],
@@ -135,7 +135,7 @@ CASES = [
      r"--out .* is --base"),
     ("merge-garbage-tokenizer", "longlora.export", ["merge", "--base", "{garbage_tok}", "--adapter", "{adapter}", "--out", "{file}dir4"],
      r"not a sentencepiece"),
-    # rule a: outputs against inputs by real path; never into a folder this project did not write
+    # outputs against inputs by real path; never into a folder this project did not write
     ("merge-out-symlink-to-base", "longlora.export", ["merge", "--base", "{base}", "--adapter", "{adapter}", "--out", "{link_to_base}"],
      r"--out .*link_to_base is --base"),
     ("merge-out-holds-another-layout", "longlora.export", ["merge", "--base", "{base}", "--adapter", "{adapter}", "--out", "{merged}",
@@ -283,7 +283,7 @@ def test_a_mistake_under_torchrun_is_one_line_per_machine(world, bad, pattern):
 
 
 # ----------------------------------------------------------------------------------------------------
-# Rules: a diverged run writes nothing; a damaged newest checkpoint falls back to the previous one
+# A diverged run writes nothing; a damaged newest checkpoint falls back to the previous one
 
 
 def test_a_diverging_run_stops_before_the_update_and_writes_no_result(world, tmp_path, capsys):
@@ -348,7 +348,7 @@ def test_two_runs_cannot_write_one_out_at_the_same_time(world, tmp_path, capsys)
 
 
 def test_a_checkpoint_reads_as_the_adapter_the_finished_run_writes(world, tmp_path):
-    """Rule j: sample.py, eval.py and lora.py merge take a checkpoint, or a run folder without an adapter yet
+    """sample.py, eval and lora.py merge take a checkpoint, or a run folder without an adapter yet
     (then its newest checkpoint), as --adapter."""
     from longlora.adapter import load_model, read_adapter
 
@@ -364,7 +364,7 @@ def test_a_checkpoint_reads_as_the_adapter_the_finished_run_writes(world, tmp_pa
 
 
 def test_the_fast_demo_has_its_own_folder_and_demo_deletes_only_its_own(tmp_path, monkeypatch, capsys):
-    """Rule h: `demo.py --fast` writes out/demo-fast, never the real run's out/demo; a stage folder demo.py did
+    """`demo.py --fast` writes out/demo-fast, never the real run's out/demo; a stage folder demo.py did
     not write is refused, not deleted; nor does it write into a foreign --out."""
     import demo
 
@@ -385,7 +385,7 @@ def test_the_fast_demo_has_its_own_folder_and_demo_deletes_only_its_own(tmp_path
 
 
 def test_sample_without_model_uses_the_demo_model_or_says_what_to_pass(world, tmp_path, monkeypatch, capsys):
-    """Section 6: `python sample.py --prompt file.txt` after `python demo.py` samples from the demo's best model."""
+    """`python sample.py --prompt file.txt` after `python demo.py` samples from the demo's best model."""
     import sample
 
     monkeypatch.chdir(tmp_path)

@@ -84,7 +84,7 @@ def project_module(name: str, known: set):
 def import_graph():
     """(modules, graph): {module: file}, and {module: the project modules it imports}."""
     modules = project_modules()
-    known = set(modules) | set(LAYER)  # a module listed in a layer counts even before its file is moved in
+    known = set(modules) | set(LAYER)  # a module listed in LAYERS counts even without a file
     graph = {}
     for module, path in modules.items():
         package = module if path.name == "__init__.py" else module.rpartition(".")[0]

@@ -414,8 +414,8 @@ def test_longlora_peft_adapter_imports_with_the_logits_of_the_peft_model(longlor
     # ... which moves each real token's log-probability by at most log((V+1)/V): the pad row is the mean row
     shift = ref.log_softmax(-1) - full.log_softmax(-1)[..., :V]
     assert shift.min() >= 0 and shift.max() <= torch.log(torch.tensor((V + 1) / V)) + 1e-6
-    from longlora.export import load_finetuned
-    model = load_finetuned(base, str(out)).eval()  # what sample.py --adapter and eval.py do
+    from longlora.adapter import load_model
+    model = load_model(base, str(out))  # what sample.py --adapter, eval and lora.py merge do
     with torch.no_grad():
         assert (model(x) - ref).abs().max().item() <= HF_TOL
     merged = tmp_path / "merged"  # and `merge` takes it

@@ -12,7 +12,7 @@ import model as M
 from longlora import memory
 from longlora.estimate import activation_peak, estimate
 from lora import apply_lora, mark_trainable
-from model import ModelArgs, Transformer
+from model import KVCache, ModelArgs, Transformer
 
 ARGS = ModelArgs(dim=64, n_layers=3, n_heads=4, n_kv_heads=2, vocab_size=256, multiple_of=32, max_seq_len=64)
 
@@ -178,7 +178,7 @@ def test_estimated_activation_peak_is_the_measured_peak_of_a_training_step(monke
     live tensor bytes, less the parameters' gradients (the estimate counts those apart), against estimate.py's
     activation_peak with PyTorch's SDPA kernels (estimate() asks for FlashAttention-2's, whose backward adds its
     own scratch; both are the same formula otherwise). Within 3% (observed: the estimate 0.4-0.6% above); the final
-    norm kept outside the loss chunks, or the old RMSNorm that kept an fp32 copy of its input, add a quarter."""
+    norm kept outside the loss chunks, or an RMSNorm that keeps an fp32 copy of its input, add a quarter."""
     T, chunk = 1024, 64
     monkeypatch.setattr(memory, "CHUNK_SIZE", chunk)
     m = ModelArgs(dim=128, n_layers=2, n_heads=8, max_seq_len=T, **STEP_CASES[case])
@@ -197,3 +197,18 @@ def test_estimated_activation_peak_is_the_measured_peak_of_a_training_step(monke
     assert abs(estimated - measured) <= 0.03 * measured
     e = estimate(m, T, "full", 1, 1, 1, chunk=chunk)
     assert e["memory"]["activations, checkpointing"] == activation_peak(m, T, 1, chunk=chunk, attn="full")
+
+
+def test_a_lean_model_decodes_with_its_kv_cache_as_a_plain_model_does():
+    """model.lean is for training: a forward with a KV cache takes the plain path, so decoding a lean model chunk by
+    chunk gives the logits of one forward over the whole sequence, and the cache advances."""
+    torch.manual_seed(0)
+    model = Transformer(ARGS).eval()
+    model.lean = model.gradient_checkpointing = True
+    tokens = torch.randint(0, 256, (1, 12))
+    with torch.no_grad():
+        whole = model(tokens)
+        cache = KVCache(ARGS, 1, 12)
+        pieces = [model(tokens[:, :8], cache=cache)] + [model(tokens[:, t:t + 1], cache=cache) for t in range(8, 12)]
+    assert cache.pos == 12
+    torch.testing.assert_close(torch.cat(pieces, dim=1), whole, rtol=0, atol=1e-5)

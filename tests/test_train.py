@@ -480,6 +480,7 @@ RECIPE = {"lr": 2e-5, "warmup": 20, "schedule": "constant", "weight_decay": 0.0,
 
 def test_defaults_are_longloras_recipe(tmp_path):
     (tmp_path / "base").mkdir()
+    (tmp_path / "base" / "tokenizer.model").write_text("")  # (only looked for here)
     (tmp_path / "data.txt").write_text("text")
     a = parse_args(["--model", str(tmp_path / "base"), "--data", str(tmp_path / "data.txt"), "--out", str(tmp_path / "out")],
                    train.RECIPE)
