@@ -29,7 +29,7 @@ in-process calls to their main() and public functions, not toy copies), with the
                  twice more, trained the other ways of LongLoRA's Table 2: plain LoRA (--no-train-embed
                  --no-train-norms: 49k trainable parameters) and full fine-tuning (--full: all 2.56M, at
                  lr 3e-4, a tenth of LoRA's: at LoRA's 3e-3, as the paper uses one lr for both, seed 0
-                 reaches perplexity 20.62 at 4S, worse than every LoRA run; 3e-4 gives 16.49 (the same
+                 reaches perplexity 20.6 at 4S, worse than every LoRA run; 3e-4 gives 16.54 (the same
                  run otherwise; no other value measured)). Every run of a seed sees the same batches
                  (and every LoRA run the same LoRA initialisation); two seeds.    -> train.py --attn ...
   6. evaluate    held-out perplexity at S, 2S, 4S on the first 131,072 held-out tokens (non-overlapping

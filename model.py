@@ -339,18 +339,18 @@ class Transformer(nn.Module):
             # block recomputed (its input optionally in host memory), norms keeping only their input, RoPE, the
             # feed-forward and the loss in chunks (longlora/memory.py).
             h = memory.lean_layers(self, h, positions, lengths, rotate)
-            if targets is not None:
-                loss = memory.loss_in_chunks(self.norm, self.output, h, targets)  # summed, fp32
-                return loss if reduction == "sum" else loss / (targets != -100).sum()
+            if targets is None:
+                return self.output(memory.rms_norm(h, self.norm))  # (B, T, vocab_size)
+            loss = memory.loss_in_chunks(self.norm, self.output, h, targets)  # summed, fp32
         else:
             for layer in self.layers:
                 h = layer(h, positions, lengths, cache, rotate)
             if cache is not None:
                 cache.pos += T
-        logits = self.output(self.norm(h))  # (B, T, vocab_size)
-        if targets is None:
-            return logits
-        loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100, reduction="sum")
+            logits = self.output(self.norm(h))  # (B, T, vocab_size)
+            if targets is None:
+                return logits
+            loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100, reduction="sum")
         # "sum" lets a caller divide by the target count of a whole batch (gradient accumulation, several ranks)
         return loss if reduction == "sum" else loss / (targets != -100).sum()
 

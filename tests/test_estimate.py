@@ -7,7 +7,6 @@ import re
 import pytest
 import torch
 
-from longlora import estimate as est
 from conftest import ROOT
 import train
 from attention import attention_pattern
