@@ -243,7 +243,7 @@ def test_bf16_fsdp_trains_fp32_copies_of_only_the_trainable_tensors(base_dir, co
     assert train.main(common(base_dir, corpus, token_cache, grad_accum=2, steps=2, out=ref)) == 0
     (tmp_path / "watch.py").write_text(f"import sys\nsys.path.insert(0, {ROOT!r})\n" + FROZEN_WATCH)
     run_torchrun(common(base_dir, corpus, token_cache, grad_accum=1, steps=2, dtype="bf16", eval_every=1, out=out),
-                     script=str(tmp_path / "watch.py"))
+                 script=str(tmp_path / "watch.py"))
     optim = torch.load(os.path.join(out, "checkpoints", "step-000002", "optimizer.pt"), weights_only=True)
     base = Transformer.from_pretrained(base_dir)
     apply_lora(base)
