@@ -1,11 +1,10 @@
 """Attention for long-context fine-tuning: full, S²-Attn (LongLoRA) and SF-Attn (SinkLoRA).
 
-Fine-tuning LLaMA2 to a longer context needs attention over long sequences, whose cost grows with T².
-LongLoRA's idea: during training, let each query look only inside its own group of g tokens (g = T/4
-by default), which costs about a quarter of causal full attention, and shift the groups of half of the
-heads by g/2 so that information still flows from group to group. SinkLoRA adds a few "sink" tokens
-(the first tokens of the sequence) that every query sees, as the attention-sink observation suggests.
-At inference the model uses ordinary full attention over the whole extended context.
+Attention over long sequences costs T². LongLoRA's idea: during training, let each query look only inside its own
+group of g tokens (g = T/4 by default), which costs about a quarter of causal full attention, and shift the groups
+of half of the heads by g/2 so that information still flows from group to group. SinkLoRA adds a few "sink" tokens
+(the first tokens of the sequence) that every query sees, as the attention-sink observation suggests. Inference
+uses ordinary full attention over the whole context.
 
 Which keys each query sees, for T=16 tokens, g=8 and 2 sinks ('#' visible, '.' hidden; one row per
 query i, one column per key j; h is the head; `python attention.py` draws this for any T and g):
@@ -30,9 +29,10 @@ query i, one column per key j; h is the head; `python attention.py` draws this f
 
 The rules, for query i and key j (always j <= i, except in the wrap ablation):
   * full: every earlier key.
-  * s2 (S²-Attn): heads 0..H/2-1 see their group, ⌊i/g⌋ = ⌊j/g⌋; heads H/2..H-1 see groups shifted by half
-    a group, ⌊(i+g/2)/g⌋ = ⌊(j+g/2)/g⌋, so the first and the last half-group are segments of their own.
-    This is what LongLoRA's FlashAttention-2 training path computes; nothing wraps around.
+  * s2 (S²-Attn): heads 0..⌊H/2⌋-1 see their group, ⌊i/g⌋ = ⌊j/g⌋; heads ⌊H/2⌋..H-1 (one more than half for
+    an odd H, as in LongLoRA's code) see groups shifted by half a group, ⌊(i+g/2)/g⌋ = ⌊(j+g/2)/g⌋, so the
+    first and the last half-group are segments of their own. This is what LongLoRA's FlashAttention-2
+    training path computes; nothing wraps around.
   * s2 with wrap=True: the paper's Algorithm 1 and LongLoRA's non-flash fallback (forward_noflashattn in
     llama_attn_replace.py), which roll the shifted heads by g/2 (torch.roll) before cutting groups. The
     last half-group and the first one then share a group and, causality being taken in the rolled order,
@@ -54,12 +54,11 @@ The ablation of the SinkLoRA paper is two knobs: the mode chooses the sinks (s2:
 Group size: `group_size=None` means LongLoRA's ratio g = T/4, rounded down to an even number (half a
 group must be a whole number of tokens), so it follows T; pass an int for a fixed g (it must be even,
 g >= 2). If T is not a multiple of g the last group is shorter. A g larger than T makes the plain heads'
-group the whole row and cuts the shifted heads at g/2 only: what LongLoRA's SFT path does with its fixed
-8192 on shorter batches (data.longlora_sft_group_size). With wrap, g <= T.
+group the whole row and cuts the shifted heads at g/2 only: LongLoRA's SFT path with its fixed 8192 on shorter
+batches (data.longlora_sft_group_size). With wrap, g <= T.
 
-Padding: `lengths` (B,) gives the number of real tokens of each row (right padding). Keys at
-j >= lengths[b] are never attended and the outputs at padded query positions are zeros. Causality
-already keeps real queries away from right padding, except in the wrap ablation, where it matters.
+Padding: `lengths` (B,) gives the real tokens of each row (right padding). Keys at j >= lengths[b] are never
+attended, outputs at padded queries are zeros (causality alone keeps real queries away, except with wrap).
 
 Three implementations of the same function, all tested against the dense pattern:
   * "reference": the pattern as a (H, T, T) boolean mask, a matmul and a softmax in fp32. The
@@ -74,14 +73,12 @@ Three implementations of the same function, all tested against the dense pattern
     group), with separate query and key boundaries (cu_seqlens) when keys are prepended; its causal
     mask is aligned to the bottom right, which is what a group with prepended keys needs. Padding is
     handled by cutting each row at its length, so batches with padding and several rows are right.
-backend="auto" picks flash when q is fp16/bf16 on CUDA and flash-attn >= 2.1 is installed (see
-_flash_varlen), sdpa otherwise. What is built from the lengths and T, g (masks, packed indices) is built
-once per forward on the device and reused by every layer (_valid, _packing).
+backend="auto" picks flash for fp16/bf16 on CUDA with flash-attn >= 2.1 (_flash_varlen), sdpa otherwise. Masks
+and packed indices are built once per forward on the device and reused by every layer (_valid, _packing).
 
 Usage:
     from attention import attention
     y = attention(q, k, v, mode="s2")                  # q (B, T, H, D), k, v (B, T, H_kv, D)
-    python attention.py --T 16 --group-size 8          # draw the patterns
 """
 import functools
 import itertools
@@ -120,7 +117,7 @@ def resolve_group_size(mode, T, group_size=None, wrap=False):
 
 def attention_pattern(mode, T, H, *, group_size=None, sink_tokens=4, wrap=False):
     """(H, T, T) bool, True where query i may see key j. Causality is part of the pattern."""
-    _check_mode(mode, H, sink_tokens)
+    _check_mode(mode, sink_tokens)
     i = torch.arange(T)[:, None]  # (T, 1) query positions
     j = torch.arange(T)[None, :]  # (1, T) key positions
     causal = j <= i  # (T, T)
@@ -134,11 +131,11 @@ def attention_pattern(mode, T, H, *, group_size=None, sink_tokens=4, wrap=False)
         ri, rj = (i - half) % T, (j - half) % T
         shifted = (ri // g == rj // g) & (rj <= ri)
     else:
-        shifted = ((i + half) // g == (j + half) // g) & causal  # heads H/2 .. H-1
+        shifted = ((i + half) // g == (j + half) // g) & causal  # heads H//2 .. H-1
     if mode == "sf":
         sinks = (j < sink_tokens) & causal
         plain, shifted = plain | sinks, shifted | sinks
-    return torch.cat([plain.expand(H // 2, T, T), shifted.expand(H // 2, T, T)])  # (H, T, T)
+    return torch.cat([plain.expand(H // 2, T, T), shifted.expand(H - H // 2, T, T)])  # (H, T, T)
 
 
 @functools.lru_cache(maxsize=32)
@@ -274,6 +271,11 @@ def _attend_segments(q, k, v, segments, L):
     return torch.cat(outs) if len(outs) > 1 else outs[0]  # (T, h, D)
 
 
+def _halves(n):
+    """How many heads are plain and shifted: n//2, and the rest (LongLoRA shifts heads num_heads//2 onwards)."""
+    return n // 2, n - n // 2
+
+
 def _sdpa_grouped(q, k, v, plan, lengths):
     B, T, H, D = q.shape
     if k.shape[2] % 2:
@@ -286,7 +288,7 @@ def _sdpa_grouped(q, k, v, plan, lengths):
     unbind = (lambda t: t.unbind(0)) if B > 1 else (lambda t: (t.squeeze(0),))
     for qb, kb, vb, L in zip(unbind(q), unbind(k), unbind(v), Ls):  # (T, H, D), (T, H_kv, D)
         halves = [_attend_segments(qh, kh, vh, segments, L)
-                  for qh, kh, vh, segments in zip(qb.chunk(2, dim=1), kb.chunk(2, dim=1), vb.chunk(2, dim=1), plan)]
+                  for qh, kh, vh, segments in zip(*(t.split(_halves(t.shape[1]), dim=1) for t in (qb, kb, vb)), plan)]
         rows.append(torch.cat(halves, dim=1))  # (T, H, D)
     return rows[0].unsqueeze(0) if B == 1 else torch.stack(rows)  # (B, T, H, D); stack would copy even one row
 
@@ -362,7 +364,7 @@ def _flash(q, k, v, plan, lengths):
     else:
         if k.shape[2] % 2:  # see _sdpa_grouped
             k, v = k.repeat_interleave(H // k.shape[2], dim=2), v.repeat_interleave(H // k.shape[2], dim=2)
-        heads = list(zip(q.chunk(2, dim=2), k.chunk(2, dim=2), v.chunk(2, dim=2), plan))
+        heads = list(zip(*(t.split(_halves(t.shape[2]), dim=2) for t in (q, k, v)), plan))
     if sum(Ls) == 0:
         return q.new_zeros(B, T, H, D)
     varlen, why_not = _flash_varlen()
@@ -383,11 +385,9 @@ def _flash(q, k, v, plan, lengths):
 
 # ----------------------------------------------------------------------------- the entry point
 
-def _check_mode(mode, H, sink_tokens):
+def _check_mode(mode, sink_tokens):
     if mode not in MODES:
         raise ValueError(f"unknown attention mode {mode!r}; expected one of {', '.join(MODES)}")
-    if mode != "full" and H % 2:
-        raise ValueError(f"mode {mode!r} shifts half of the heads, so the number of heads must be even, got {H}")
     if mode == "sf" and sink_tokens < 0:
         raise ValueError(f"sink_tokens must be a non-negative int, got {sink_tokens!r}")
 
@@ -431,7 +431,7 @@ def attention(q, k, v, mode="full", *, group_size=None, sink_tokens=4, wrap=Fals
     """
     lengths, backend = _check_inputs(q, k, v, lengths, backend)  # lengths: None or a tuple of B ints
     B, T, H, D = q.shape
-    _check_mode(mode, H, sink_tokens)
+    _check_mode(mode, sink_tokens)
     g = resolve_group_size(mode, T, group_size, wrap)
     if backend == "reference":
         pattern = attention_pattern(mode, T, H, group_size=g, sink_tokens=sink_tokens, wrap=wrap)

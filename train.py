@@ -64,8 +64,8 @@ from longlora.checkpoint import checkpoint_dirs, find_checkpoint, full_trainable
 from longlora.cli import UsageError, entry, lock_output, write_text
 from longlora.data import longlora_sft_group_size, sample_positions
 from longlora.estimate import run_estimate
-from longlora.run import (StopSignals, find_start, fmt_time, load_data, log0, parse_args, peak_memory_gb, reset_peak_memory,
-                          sft_group_rule, trajectory_config, write_result)
+from longlora.run import (StopSignals, check_result, find_start, fmt_time, load_data, log0, parse_args, peak_memory_gb,
+                          reset_peak_memory, sft_group_rule, trajectory_config, write_result)
 from longlora.shard import all_sum, broadcast0, load_weights, lora_init_values, on_some_ranks, setup_distributed, shard_model
 from longlora.tokenizer import Tokenizer, find_tokenizer
 from longlora.weights import check_tokenizer_fits, read_checkpoint
@@ -232,6 +232,7 @@ def train(a, stop, held):
     checkpoint = on_some_ranks(lambda: read_checkpoint(a.model, ModelArgs), True, distributed) if a.model else None
     train_data, held_data = load_data(a, tokenizer, local_rank, distributed, wait_group)
     model, fingerprint, save_dtype = build_model(a, tokenizer, device, distributed, checkpoint, bf16)
+    check_result(a, model)  # the result can be written: found out now, not after the training
     reset_peak_memory(device)
     log0(rank, f"model: {model.num_params() / 1e6:.2f}M parameters, ctx {a.ctx}, rope scaling {model.args.rope_scaling:g}, "
                f"attn {a.attn}, {'bf16' if bf16 else 'fp32'}, {world} process(es) on {device.type}" +

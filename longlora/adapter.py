@@ -53,6 +53,16 @@ def base_fingerprint(tensor, n_layers) -> str:
     return h.hexdigest()[:16]
 
 
+def check_storable(model):
+    """A parameter that trains but that an adapter does not store would be silently lost: refuse it. (A tied output
+    head is tok_embeddings' own parameter, stored once under that name.)"""
+    saved = set(adapter_state(model))
+    lost = [n for n, p in model.named_parameters() if p.requires_grad and n not in saved]
+    if lost:
+        raise ValueError(f"parameter {lost[0]} is trainable but an adapter does not store it; "
+                         "use mark_trainable(model, embed=..., norms=...) to say what trains")
+
+
 def save_adapter(model: Transformer, out_dir, *, ctx: int, extra: dict | None = None, fingerprint: str | None = None):
     """Write `adapter.safetensors` and `adapter_config.json` into out_dir (atomically, file by file).
 
@@ -66,13 +76,8 @@ def save_adapter(model: Transformer, out_dir, *, ctx: int, extra: dict | None = 
     cfg = getattr(model, "lora_config", None)
     if cfg is None:
         raise ValueError("the model has no LoRA layers; nothing to save as an adapter")
+    check_storable(model)
     state = adapter_state(model)
-    # A parameter that trained but is not saved would be silently lost: refuse instead.
-    saved = set(state)
-    lost = [n for n, p in model.named_parameters() if p.requires_grad and n not in saved]
-    if lost:
-        raise ValueError(f"parameter {lost[0]} is trainable but an adapter does not store it; "
-                         "use mark_trainable(model, embed=..., norms=...) to say what trains")
     config = dict(
         format="longlora-adapter", r=cfg["r"], alpha=cfg["alpha"], dropout=cfg["dropout"], targets=cfg["targets"],
         embed=cfg["embed"], norms=cfg["norms"], base=base_shapes(model.args),

@@ -57,9 +57,9 @@ def param_counts(m: ModelArgs, lora_r, targets, embed, norms, full):
                 matmul=L * (block - 2 * d) + V * d)
 
 
-def visible_pairs(mode, T, g, sinks):
+def visible_pairs(mode, T, g, sinks, heads=2):
     """(query, key) pairs one head computes, averaged over the heads: causal full attention T(T+1)/2; S²
-    with groups of g: half the heads see their own group, the other half groups shifted by g/2 (first and
+    with groups of g: heads//2 heads see their own group, the others groups shifted by g/2 (first and
     last half-sized); SF also shows the first `sinks` keys to every query in a later group."""
     tri = lambda n: n * (n + 1) // 2
     if mode == "full":
@@ -71,7 +71,7 @@ def visible_pairs(mode, T, g, sinks):
 
     plain = pairs(range(0, T, g))
     shifted = pairs([0] + list(range(g // 2, T, g)))
-    return (plain + shifted) / 2
+    return (plain * (heads // 2) + shifted * (heads - heads // 2)) / heads
 
 
 def layer_activations(m: ModelArgs, full=False, lora_r=8, targets=DEFAULT_TARGETS, ffn_chunked=False, flash=False):
@@ -109,8 +109,8 @@ def flash_workspace(m: ModelArgs, attn):
     """Bytes per token that FlashAttention-2's backward allocates for itself (flash-attn's mha_varlen_bwd): an fp32
     accumulator of dq for the heads of a call, and with grouped-query attention (fewer key/value heads) dk and dv
     expanded to every query head in bf16. attention.py calls it once for all heads (full) or twice, for half of
-    the heads each, one after the other (s2, sf)."""
-    heads = m.n_heads if attn == "full" else m.n_heads // 2
+    the heads each, one after the other (s2, sf; with an odd count the shifted half, the larger, sets the peak)."""
+    heads = m.n_heads if attn == "full" else m.n_heads - m.n_heads // 2
     return 4 * heads * m.head_dim + (2 * 2 * heads * m.head_dim if m.n_kv_heads != m.n_heads else 0)
 
 
@@ -197,7 +197,7 @@ def estimate(m: ModelArgs, ctx, attn, gpus, batch, accum, lora_r=8, targets=DEFA
     # FLOPs per optimizer step, all GPUs together (a multiply-add counts 2):
     tokens = B * T * accum * W
     g = resolve_group_size(attn, T, group_size) if attn != "full" else None
-    pairs = visible_pairs(attn, T, g, sinks)
+    pairs = visible_pairs(attn, T, g, sinks, H)
     attn_fwd = L * H * 4 * hd * pairs * B  # per sequence: q·k and p·v for every visible pair, every head and layer
     # Backward is twice the forward; checkpointing reruns the forward once more (FlashAttention's own
     # recompute of the scores in backward is not counted, as usual for model FLOPs).

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from attention import resolve_group_size
-from longlora.adapter import save_adapter
+from longlora.adapter import check_storable, save_adapter
 from longlora.checkpoint import checkpoint_dirs, find_resumable
 from longlora.cli import Parser, UsageError, check_output
 from longlora.data import (SFT_TEMPLATES, PackedData, SFTData, open_tokens, prepare_sft, prepare_tokens, split_heldout)
@@ -348,19 +348,42 @@ class StopSignals:
 def write_result(a, model, tensors, base_fingerprint, save_dtype, tokenizer_path, bf16):
     """Rank 0, at the end: an adapter (LoRA), or a whole model in the base's layout (--full, --from-scratch) in the
     base's dtype, with the RoPE scaling and the new context in its config. tensors: every trainable tensor, whole."""
-    args = ModelArgs(**{**asdict(model.args), "attn": "full", "group_size": None})  # how the result is used
     if a.full or a.from_scratch:
+        args = result_args(model)
         if args.tie_embeddings:
             tensors["output.weight"] = tensors["tok_embeddings.weight"]
         layout = checkpoint_layout(a.model) if a.model else "own"
         write_model(args, {k: v.to(save_dtype) for k, v in tensors.items()}, a.out, layout, tokenizer_path)
         return
-    with torch.device("meta"):  # the same model with the trained tensors in place; the frozen ones are never read
+    train_args = {k: v for k, v in vars(a).items() if isinstance(v, (int, float, str, list, type(None)))}
+    train_args.update(sft_group_size=sft_group_rule(a), pad_multiple=pad_multiple(a), bf16=bf16)  # as trained
+    save_adapter(adapter_model(model, tensors), a.out, ctx=a.ctx, fingerprint=base_fingerprint,
+                 extra={"train_args": train_args})
+
+
+def result_args(model):
+    """The trained model's ModelArgs as the result is used: full attention."""
+    return ModelArgs(**{**asdict(model.args), "attn": "full", "group_size": None})
+
+
+def adapter_model(model, tensors):
+    """The model an adapter is saved from: a copy of `model` on the meta device (its frozen tensors are never read)
+    holding the trained tensors `tensors` ({name: whole tensor})."""
+    args = result_args(model)
+    with torch.device("meta"):
         shadow = Transformer(args)
     cfg = model.lora_config
     apply_lora(shadow, r=cfg["r"], alpha=cfg["alpha"], dropout=cfg["dropout"], targets=cfg["targets"])
     mark_trainable(shadow, embed=cfg["embed"], norms=cfg["norms"])
     shadow.load_state_dict(tensors, strict=False, assign=True)
-    train_args = {k: v for k, v in vars(a).items() if isinstance(v, (int, float, str, list, type(None)))}
-    train_args.update(sft_group_size=sft_group_rule(a), pad_multiple=pad_multiple(a), bf16=bf16)  # as trained
-    save_adapter(shadow, a.out, ctx=a.ctx, fingerprint=base_fingerprint, extra={"train_args": train_args})
+    if args.tie_embeddings:  # assign=True replaced the shared parameter: tie it again
+        shadow.output.weight = shadow.tok_embeddings.weight
+    return shadow
+
+
+def check_result(a, model):
+    """Before any training: the result can be written. For LoRA, the adapter is built as write_result builds it,
+    from stand-ins of the trained tensors, and it must store every tensor that trains."""
+    if not (a.full or a.from_scratch):
+        stand_ins = {n: torch.empty(p.shape, device="meta") for n, p in model.named_parameters() if p.requires_grad}
+        check_storable(adapter_model(model, stand_ins))

@@ -100,7 +100,8 @@ def inputs(B, T, H, H_kv, D=8, seed=0, dtype=torch.float32):
 
 
 # (B, T, H, H_kv, group_size, sink_tokens, lengths): T not a multiple of g, GQA 1:1, 2:1, 4:1, 6:3 (odd
-# kv heads), multi-query, batch > 1 with padding (one row fully padded, one cut inside a group)
+# kv heads), multi-query, batch > 1 with padding (one row fully padded, one cut inside a group), and an odd
+# number of heads (SmolLM2's 9 query and 3 kv heads, 5:5, 3:1): one more shifted head than plain ones
 CASES = [
     (1, 32, 4, 4, None, 4, None),
     (2, 37, 4, 2, 8, 4, [37, 21]),
@@ -109,6 +110,9 @@ CASES = [
     (2, 19, 8, 2, 4, 1, None),
     (1, 12, 2, 2, 2, 0, [7]),
     (2, 20, 4, 2, 32, 2, [20, 9]),  # g > T (LongLoRA's SFT rule on a short batch): skipped with wrap
+    (1, 24, 9, 3, 8, 2, None),
+    (2, 21, 5, 5, 6, 3, [21, 10]),
+    (1, 16, 3, 1, 4, 1, None),
 ]
 MODES = [("full", False), ("s2", False), ("s2", True), ("sf", False), ("sf", True)]
 
@@ -183,15 +187,16 @@ def pattern_from_the_rules(mode, T, H, g, sinks, wrap):
 
 @pytest.mark.parametrize("mode,wrap", MODES, ids=[f"{m}{'-wrap' if w else ''}" for m, w in MODES])
 def test_pattern_follows_the_documented_rules_pair_by_pair(mode, wrap):
-    for T, g, sinks in ((16, 8, 4), (22, 6, 2), (13, 4, 5), (8, 8, 1)):
-        expected = pattern_from_the_rules(mode, T, 4, g, sinks, wrap)
-        assert torch.equal(attention_pattern(mode, T, 4, group_size=g, sink_tokens=sinks, wrap=wrap), expected)
+    for T, g, sinks, H in ((16, 8, 4, 4), (22, 6, 2, 4), (13, 4, 5, 4), (8, 8, 1, 4), (16, 8, 2, 3), (14, 4, 3, 5)):
+        expected = pattern_from_the_rules(mode, T, H, g, sinks, wrap)
+        assert torch.equal(attention_pattern(mode, T, H, group_size=g, sink_tokens=sinks, wrap=wrap), expected)
 
 
-def test_s2_wrap_is_the_papers_algorithm_1():
-    # LongLoRA's Algorithm 1 run literally: roll the second half of the heads by -g/2 along the sequence,
-    # cut into groups of g, causal attention inside each group, roll the output back
-    B, T, H, D, g = 2, 32, 4, 8, 8
+@pytest.mark.parametrize("H", [4, 5])
+def test_s2_wrap_is_the_papers_algorithm_1(H):
+    # LongLoRA's Algorithm 1 run literally: roll heads H//2 onwards (for an odd H one more than half, as LongLoRA's
+    # code) by -g/2 along the sequence, cut into groups of g, causal attention inside each group, roll back
+    B, T, D, g = 2, 32, 8, 8
     q, k, v = inputs(B, T, H, H)
 
     def shift(x, direction):  # (B, T, H, D)
@@ -450,7 +455,6 @@ def test_flash_packing_is_built_once_per_forward_and_no_layer_waits_for_the_devi
     (dict(mode="s2", group_size=18, wrap=True), (1, 16, 4, 4), "larger than the sequence length"),
     (dict(mode="sf", group_size=5), (1, 16, 4, 4), "group_size must be even"),
     (dict(mode="s2"), (1, 6, 4, 4), "needs T >= 8"),
-    (dict(mode="s2"), (1, 16, 3, 3), "number of heads must be even"),
     (dict(mode="sparse"), (1, 16, 4, 4), "unknown attention mode 'sparse'"),
     (dict(backend="triton"), (1, 16, 4, 4), "unknown attention backend 'triton'"),
     (dict(mode="sf", sink_tokens=-1), (1, 16, 4, 4), "sink_tokens must be"),

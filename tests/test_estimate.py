@@ -56,10 +56,11 @@ def test_estimated_activations_are_what_autograd_saves(monkeypatch, full, ffn_ch
 
 
 @pytest.mark.parametrize("mode", ["full", "s2", "sf"])
-def test_attention_flops_count_the_pairs_attention_py_allows(mode):
+@pytest.mark.parametrize("H", [2, 9])
+def test_attention_flops_count_the_pairs_attention_py_allows(mode, H):
     T, g = 64, 16
-    pattern = attention_pattern(mode, T, 2, group_size=g if mode != "full" else None, sink_tokens=4)
-    assert visible_pairs(mode, T, g, 4) == pattern.sum().item() / 2  # average over the two heads
+    pattern = attention_pattern(mode, T, H, group_size=g if mode != "full" else None, sink_tokens=4)
+    assert visible_pairs(mode, T, g, 4, H) == pytest.approx(pattern.sum().item() / H, rel=1e-12)  # a head's mean
 
 
 def test_estimate_is_consistent_across_ctx_attention_and_checkpointing(capsys):

@@ -619,3 +619,83 @@ def test_no_flag_is_a_prefix_of_a_torchrun_flag():
     theirs = {o for a in get_args_parser()._actions for o in a.option_strings if o.startswith("--")} - {"--help"}
     ours = {o for a in build_parser(train.RECIPE)._actions for o in a.option_strings if o.startswith("--")} - {"--help"}
     assert not [(o, t) for o in ours for t in theirs if t.startswith(o) or o.startswith(t)]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Tied embeddings (Llama 3.2 1B/3B, Qwen2.5 0.5B/1.5B, SmolLM2): LoRA+ trains the one shared matrix
+
+
+@pytest.fixture(scope="module")
+def tied_base(tmp_path_factory, sp_model):
+    """A tiny random LLaMA with tied input and output embeddings, written by transformers (64 positions)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    d = tmp_path_factory.mktemp("tied_base")
+    torch.manual_seed(0)
+    cfg = LlamaConfig(hidden_size=64, intermediate_size=192, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=512, max_position_embeddings=64, rms_norm_eps=1e-5,
+                      tie_word_embeddings=True)
+    LlamaForCausalLM(cfg).save_pretrained(str(d))
+    (d / "tokenizer.model").write_bytes(open(sp_model, "rb").read())
+    return str(d)
+
+
+def test_lora_plus_on_tied_embeddings_stores_the_shared_matrix_once_and_every_use_of_the_adapter_agrees(
+        tied_base, corpus, token_cache, tmp_path, capsys):
+    """The adapter holds tok_embeddings once (no output.weight); it loads for sampling and evaluation with the two
+    still one matrix; merged into HF, Meta and own layouts (and read by transformers) it gives the same logits; a
+    run resumed from its step-1 checkpoint writes the same adapter; the PEFT export says in one line why not."""
+    from transformers import LlamaForCausalLM
+
+    from longlora.adapter import load_model
+    from longlora.export import main as export_main
+
+    out, half, resumed = (str(tmp_path / n) for n in ("run", "half", "resumed"))
+    assert train.main(common(tied_base, corpus, token_cache, steps=2, out=out)) == 0
+    adapter = load_file(os.path.join(out, "adapter.safetensors"))
+    assert "tok_embeddings.weight" in adapter and "output.weight" not in adapter
+    base = Transformer.from_pretrained(tied_base)
+    assert not torch.equal(adapter["tok_embeddings.weight"], base.tok_embeddings.weight)  # it trained
+    model = load_model(tied_base, out)  # what sample.py --adapter and eval do
+    assert model.output.weight is model.tok_embeddings.weight
+    assert torch.equal(model.tok_embeddings.weight, adapter["tok_embeddings.weight"])
+    x = torch.randint(0, 512, (1, 40))
+    with torch.no_grad():
+        ref = model(x)
+        for fmt in ("hf", "meta", "own"):
+            merged = str(tmp_path / f"merged-{fmt}")
+            assert export_main(["merge", "--base", tied_base, "--adapter", out, "--out", merged, "--format", fmt]) == 0
+            assert (Transformer.from_pretrained(merged).eval()(x) - ref).abs().max().item() <= 1e-5, fmt
+        hf = LlamaForCausalLM.from_pretrained(str(tmp_path / "merged-hf")).eval()
+        assert (hf(x).logits - ref).abs().max().item() <= 1e-4
+    capsys.readouterr()
+    assert export_main(["peft", "--base", tied_base, "--adapter", out, "--out", str(tmp_path / "peft")]) == 2
+    assert "tied to the output head is not supported" in capsys.readouterr().err
+    assert train.main(common(tied_base, corpus, token_cache, steps=2, save_every=1, out=half)) == 0
+    assert train.main(common(tied_base, corpus, token_cache, steps=2, out=resumed,
+                             resume=os.path.join(half, "checkpoints", "step-000001"))) == 0
+    again = load_file(os.path.join(resumed, "adapter.safetensors"))
+    assert again.keys() == adapter.keys()
+    for k in adapter:
+        torch.testing.assert_close(again[k], adapter[k], rtol=0, atol=1e-6)
+
+
+def test_a_result_that_could_not_be_written_is_refused_before_the_first_step(tied_base, corpus, token_cache, tmp_path,
+                                                                             monkeypatch, capsys):
+    """The adapter is built from stand-ins before training, as it is at the end: a trainable tensor it would not
+    store (here the tied head come apart from the embedding) is one error line before any step runs."""
+    from longlora import run
+
+    build = run.adapter_model
+
+    def untied(model, tensors):
+        shadow = build(model, tensors)
+        shadow.output.weight = torch.nn.Parameter(torch.empty_like(shadow.output.weight))  # trainable, not stored
+        return shadow
+
+    monkeypatch.setattr(run, "adapter_model", untied)
+    out = str(tmp_path / "run")
+    assert train.main(common(tied_base, corpus, token_cache, steps=2, out=out)) == 2
+    assert "parameter output.weight is trainable but an adapter does not store it" in capsys.readouterr().err
+    assert not os.path.exists(os.path.join(out, "checkpoints"))
+    assert not os.path.exists(os.path.join(out, "metrics.jsonl"))  # no step ran
