@@ -29,10 +29,10 @@ query i, one column per key j; h is the head; `python attention.py` draws this f
 
 The rules, for query i and key j (always j <= i, except in the wrap ablation):
   * full: every earlier key.
-  * s2 (S²-Attn): heads 0..⌊H/2⌋-1 see their group, ⌊i/g⌋ = ⌊j/g⌋; heads ⌊H/2⌋..H-1 (one more than half for
-    an odd H, as in LongLoRA's code) see groups shifted by half a group, ⌊(i+g/2)/g⌋ = ⌊(j+g/2)/g⌋, so the
-    first and the last half-group are segments of their own. This is what LongLoRA's FlashAttention-2
-    training path computes; nothing wraps around.
+  * s2 (S²-Attn): heads 0..⌊H/2⌋-1 see their group, ⌊i/g⌋ = ⌊j/g⌋; heads ⌊H/2⌋..H-1 (one more for an odd H,
+    as LongLoRA's non-flash path shifts them; its flash path needs an even H) see groups shifted by half a
+    group, ⌊(i+g/2)/g⌋ = ⌊(j+g/2)/g⌋, so the first and the last half-group are segments of their own. This is
+    what LongLoRA's FlashAttention-2 training path computes; nothing wraps around.
   * s2 with wrap=True: the paper's Algorithm 1 and LongLoRA's non-flash fallback (forward_noflashattn in
     llama_attn_replace.py), which roll the shifted heads by g/2 (torch.roll) before cutting groups. The
     last half-group and the first one then share a group and, causality being taken in the rolled order,
@@ -272,7 +272,7 @@ def _attend_segments(q, k, v, segments, L):
 
 
 def _halves(n):
-    """How many heads are plain and shifted: n//2, and the rest (LongLoRA shifts heads num_heads//2 onwards)."""
+    """Plain and shifted heads: n//2 and the rest (llama_attn_replace.py's shift() rolls heads num_heads//2:)."""
     return n // 2, n - n // 2
 
 
