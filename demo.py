@@ -38,7 +38,8 @@ in-process calls to their main() and public functions, not toy copies), with the
                  by position in the 4S windows, in 8 spans of S/2 (does a model predict tokens far into
                  the window better, i.e. does it use the context beyond one S2 group of S?); passkey
                  accuracy (LongLoRA's prompt, 20 prompts per length, random depth, greedy, exact match);
-                 each method's share of the full-attention improvement at 4S, SinkLoRA's measure:
+                 each method's share of the full-attention improvement at 4S (our formula for the "% of the
+                 perplexity improvement" SinkLoRA reports, whose public material gives only the figures):
                      share(m) = (ppl_baseline - ppl_m) / (ppl_baseline - ppl_full)   -> longlora/eval.py
   7. sample      the best fine-tuned model continues the first ~800 tokens of a held-out file
                  (out/demo/prompt.txt -> out/demo/sample.txt)                        -> sample.py
@@ -221,7 +222,8 @@ def write_jsonl(path, docs):
 
 
 def share_of_improvement(ppl_baseline: float, ppl_method: float, ppl_full: float) -> float:
-    """SinkLoRA's measure: 1 = as good as full-attention fine-tuning, 0 = no better than the baseline."""
+    """Our formula for SinkLoRA's "perplexity improvement compared to full attention" (its public material gives
+    only the figures, 39% and 92%): 1 = as good as full-attention fine-tuning, 0 = no better than the baseline."""
     return (ppl_baseline - ppl_method) / (ppl_baseline - ppl_full)
 
 

@@ -295,8 +295,9 @@ def longlora_sft_group_size(n_tokens):
     """S²-Attn group size of LongLoRA's SFT (llama_attn_replace_sft.py, forward_flashattn) for a batch
     whose longest example has n_tokens tokens (it pads to the longest, truncated at the context): a
     quarter of it when it is a multiple of 4096, else 8192. A group larger than the batch is the whole
-    row for half of the heads, and cuts the other half at 4096 (attention.py allows g > T for this):
-    an example under 4097 tokens gets full attention."""
+    row for half of the heads, and cuts the other half at 4096 (attention.py allows g > T for this): an
+    example shorter than 4096 tokens gets full attention, one of exactly 4096 groups of 1024 (LongLoRA's
+    llama_attn_replace_sft.py @d4eb344, lines 102-105)."""
     return n_tokens // 4 if n_tokens % 4096 == 0 else 8192
 
 

@@ -38,8 +38,9 @@ Remember it. 12345 is the pass key." at a random depth, more filler, and "What i
 pass key is". Decoding of as many tokens as the key has; correct only if they are exactly the key's
 tokens. Differences: we always decode greedily, where LongLoRA's generate() call sets neither do_sample
 nor temperature, so it decodes as the model's generation_config.json says (greedy only if that does not
-enable sampling); the key is a random 5-digit number (LongLoRA draws 1..49999, so some keys are shorter);
-and the prompt is assembled in tokens so its length is exactly the one asked for.
+enable sampling); the key is a random 5-digit number (LongLoRA draws randint(1, 50000), 1..50000
+inclusive, so some keys are shorter: passkey_retrivial.py @d4eb344, line 56); and the prompt is assembled
+in tokens so its length is exactly the one asked for.
 
 In-process use (demo.py): `perplexity(model, tokens, seq_len, stride)`, `passkey_prompt(...)`,
 `passkey_accuracy(model, tokenizer, lengths, trials)`, `main(argv)`.

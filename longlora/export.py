@@ -93,12 +93,14 @@ def write_peft(model: Transformer, out_dir):
 # ----------------------------------------------------------------------------------------------------
 # Import: LongLoRA's released LoRA weights (or any PEFT LoRA adapter of a LLaMA) as this project's adapter
 #
-# A LongLoRA LoRA+ checkpoint holds (fine-tune.py, save_callback.py, get_trainable_weights.py):
+# A LongLoRA LoRA+ checkpoint holds (fine-tune.py, get_trainable_weights.py):
 #   adapter_model.bin or .safetensors + adapter_config.json: PEFT's LoRA, r=8 alpha=16 on q_proj k_proj v_proj o_proj;
 #   trainable_params.bin: torch.save of {HF name: tensor} for every name holding "embed" or "norm", with the
 #     "base_model.model." prefix cut (model.embed_tokens.weight, model.layers.N.input_layernorm.weight, ...).
 # Its merge script loads trainable_params.bin into the base (strict=False), then the PEFT adapter on top.
-# Neither file records the context or the RoPE factor: fine-tune.py sets factor ceil(ctx / 4096) at load time.
+# Neither file records the context or the RoPE factor (fine-tune.py sets factor ceil(ctx / 4096) at load time);
+# LongLoRA's released LoRA repositories also ship a config.json, most with the factor (their issue #181), which
+# import_peft reads when --ctx is not given.
 
 PEFT_PREFIX = "base_model.model."
 # PEFT settings an adapter.safetensors cannot express (value PEFT writes when the feature is off).
@@ -174,7 +176,11 @@ def import_peft(peft_dir, base, ctx=None) -> tuple:
         if not os.path.isfile(config):
             raise ValueError(f"{peft_dir}: a PEFT adapter does not record the context it was trained for; "
                              "pass --ctx (e.g. 32768 for LongLoRA's Llama-2-7b-longlora-32k)")
-        ctx = ModelArgs(**hf_config_fields(read_json(config), config)).max_seq_len
+        args = ModelArgs(**hf_config_fields(read_json(config), config))
+        if args.rope_scaling == 1.0:  # (LongLoRA's issue #181: some released repositories lack rope_scaling)
+            raise ValueError(f"{config} records no RoPE scaling, so not the context the adapter was trained for; "
+                             "pass --ctx (e.g. 32768 for LongLoRA's Llama-2-7b-longlora-32k)")
+        ctx = args.max_seq_len
     model = Transformer.from_pretrained(base)
     args = model.args
     names = hf_key_map(args.n_layers)  # HF name -> our name

@@ -19,6 +19,7 @@ import itertools
 import json
 import os
 import shutil
+import sys
 from collections import namedtuple
 from dataclasses import asdict, fields
 
@@ -301,10 +302,14 @@ def hf_config_fields(cfg, where="config.json") -> dict:
     factor only divides the positions), so two conventions are in use, told apart by one field:
       * `original_max_position_embeddings` present (this project's exports; transformers' meaning for YaRN):
         it is the pre-training context, and `max_position_embeddings` the extended one;
-      * absent (LongLoRA's fine-tune.py keeps `max_position_embeddings` and adds the factor, so its released
-        -ft 32k models say 4096 + linear 8; transformers' default for YaRN too): `max_position_embeddings` is
-        the pre-training context and the context is max_position_embeddings x factor. fine-tune.py reads a
-        config back the same way (its orig_ctx_len = max_position_embeddings x factor).
+      * absent: our rule, a heuristic that fits LongLoRA's configs, is that `max_position_embeddings` is the
+        pre-training context and the context is max_position_embeddings x factor. LongLoRA's fine-tune.py keeps
+        `max_position_embeddings` and adds the factor (its released -ft 32k models say 4096 + linear 8), and
+        reads a config back the same way (fine-tune.py @d4eb344, lines 121-131: orig_ctx_len =
+        max_position_embeddings x factor); transformers' default for YaRN is the same.
+    A model that raised max_position_embeddings to its extended context itself (togethercomputer/LLaMA-2-7B-32K:
+    32768 + linear 8) reads as 262,144 tokens by that rule: above LLaMA2's 4096 it is ambiguous, and loading
+    says so in a warning that names the field to add.
     """
     if cfg.get("model_type", "llama") != "llama":
         raise CheckpointError(f"{where}: model_type {cfg.get('model_type')!r} is not llama")
@@ -321,6 +326,11 @@ def hf_config_fields(cfg, where="config.json") -> dict:
     factor = float(rope.get("factor", 1.0)) if rope_type == "linear" else 1.0
     max_pos = cfg.get("max_position_embeddings", 4096)
     original = cfg.get("original_max_position_embeddings") or rope.get("original_max_position_embeddings")
+    if factor > 1 and not original and max_pos > 4096 and os.environ.get("LOCAL_RANK", "0") == "0":
+        print(f"warning: {where}: the context is read as max_position_embeddings {max_pos} x linear factor {factor:g} = "
+              f"{round(max_pos * factor)} tokens (this project's rule for a config without "
+              f"original_max_position_embeddings); if {max_pos} is already the extended context, add "
+              f'"original_max_position_embeddings": <the pre-training context> to it', file=sys.stderr)
     return dict(
         dim=cfg["hidden_size"], n_layers=cfg["num_hidden_layers"], n_heads=n_heads,
         n_kv_heads=cfg.get("num_key_value_heads") or n_heads, vocab_size=cfg["vocab_size"],

@@ -3,6 +3,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -389,7 +390,7 @@ def write_longlora(d, serialization):
                 p.add_(0.1 * torch.randn(p.shape, generator=g))
     out = d / "peft"
     model.save_pretrained(out, safe_serialization=serialization == "safetensors")
-    # save_callback.py / get_trainable_weights.py: the tensors named "embed" or "norm", "base_model.model." cut
+    # get_trainable_weights.py: the tensors named "embed" or "norm", "base_model.model." cut
     trainable = {k.replace("base_model.model.", ""): v for k, v in model.state_dict().items() if "embed" in k or "norm" in k}
     torch.save(trainable, out / "trainable_params.bin")
     return model.eval(), str(d / "base"), str(out)
@@ -422,6 +423,29 @@ def test_longlora_peft_adapter_imports_with_the_logits_of_the_peft_model(longlor
     assert main(["merge", "--base", base, "--adapter", str(out), "--out", str(merged)]) == 0
     with torch.no_grad():
         assert (Transformer.from_pretrained(str(merged))(x) - ref).abs().max().item() <= HF_TOL
+
+
+def test_a_released_config_json_gives_the_context_and_one_without_rope_scaling_asks_for_ctx(longlora_dir, tmp_path,
+                                                                                           capsys):
+    """LongLoRA's released LoRA repositories ship the fine-tuned config.json (max_position_embeddings of the base and
+    the linear factor): the context is read from it; where it lacks rope_scaling (their issue #181), --ctx is asked
+    for instead of importing as if the adapter had trained at the base's context."""
+    _, base, peft_dir = longlora_dir
+    repo = tmp_path / "repo"
+    shutil.copytree(peft_dir, repo)
+    transformers.LlamaConfig(**HF_KW, rope_scaling={"type": "linear", "factor": 4.0}).save_pretrained(repo)
+    assert main(["import", "--peft", str(repo), "--base", base, "--out", str(tmp_path / "a")]) == 0
+    cfg = json.load(open(tmp_path / "a" / "adapter_config.json"))
+    assert (cfg["rope_scaling"], cfg["max_seq_len"]) == (4.0, 256)
+    config = json.load(open(repo / "config.json"))
+    for key in ("rope_scaling", "rope_parameters"):
+        config.pop(key, None)
+    (repo / "config.json").write_text(json.dumps(config))
+    capsys.readouterr()
+    assert main(["import", "--peft", str(repo), "--base", base, "--out", str(tmp_path / "b")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "records no RoPE scaling" in err and "pass --ctx" in err
+    assert not (tmp_path / "b").exists()
 
 
 def test_our_peft_export_imports_back_to_the_same_adapter(base_dir, adapter_dir, tmp_path):

@@ -467,6 +467,23 @@ def test_our_convention_reads_the_context_from_max_position_embeddings(tmp_path)
     assert (args.max_seq_len, args.rope_scaling, args.original_max_seq_len) == (4096, 1.0, 4096)
 
 
+def test_a_raised_max_position_embeddings_with_a_factor_reads_by_our_rule_with_a_warning(tmp_path, capsys):
+    """Without original_max_position_embeddings the context is max_position_embeddings x factor, our rule for
+    LongLoRA's configs; a model that raised max_position_embeddings itself (togethercomputer/LLaMA-2-7B-32K) reads
+    as 262,144 tokens, and loading says so and names the field that settles it."""
+    capsys.readouterr()
+    assert saved_config(tmp_path, "longlora", max_position_embeddings=4096,
+                        rope_scaling={"type": "linear", "factor": 8.0}).max_seq_len == 32768
+    assert capsys.readouterr().err == ""  # LLaMA2's 4096: LongLoRA's convention, no doubt
+    assert saved_config(tmp_path, "raised", max_position_embeddings=32768,
+                        rope_scaling={"type": "linear", "factor": 8.0}).max_seq_len == 262144
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("warning:") and "262144" in err and "original_max_position_embeddings" in err
+    args = saved_config(tmp_path, "settled", max_position_embeddings=32768, original_max_position_embeddings=4096,
+                        rope_scaling={"type": "linear", "factor": 8.0})
+    assert (args.max_seq_len, args.original_max_seq_len) == (32768, 4096) and capsys.readouterr().err == ""
+
+
 @pytest.mark.parametrize("ctx", [32768, 30000, 100000])
 def test_hf_config_of_an_extended_model_reads_back_unchanged_in_transformers_and_here(tmp_path, ctx, caplog):
     from longlora.weights import hf_config
