@@ -256,6 +256,24 @@ def test_sampling_stays_inside_top_k_and_the_top_p_nucleus():
     assert sample_next(torch.tensor([0.1, 3.0, 2.9]), 0.0) == 1  # temperature 0 = greedy
 
 
+def test_top_p_keeps_every_token_until_the_mass_before_it_reaches_p():
+    """Meta's rule: a token is dropped only when the tokens before it already hold more than top_p. Two equally
+    likely tokens of probability 0.5 each at top_p 0.5: the second's predecessors hold exactly 0.5, so both stay."""
+    logits = torch.tensor([0.0, 0.0, float("-inf"), float("-inf")])  # softmax: exactly 0.5, 0.5, 0, 0
+    g = torch.Generator().manual_seed(0)
+    assert {sample_next(logits, 1.0, 0.5, 0, g) for _ in range(200)} == {0, 1}
+
+
+def test_temperature_divides_the_logits_once(monkeypatch):
+    """What torch.multinomial receives is softmax(logits / T)."""
+    seen = []
+    draw = torch.multinomial
+    monkeypatch.setattr(torch, "multinomial", lambda probs, *a, **k: seen.append(probs.clone()) or draw(probs, *a, **k))
+    logits = torch.tensor([1.0, 0.5, -0.3, 2.0])
+    sample_next(logits, 0.5, 1.0, 0, torch.Generator().manual_seed(0))
+    torch.testing.assert_close(seen[0], torch.softmax(logits / 0.5, dim=-1), rtol=0, atol=1e-7)
+
+
 def test_stream_text_pieces_join_to_the_decoded_text_and_never_show_half_a_character(sp_model):
     tok = Tokenizer(sp_model)
     text = "naïve café: 日本語の文章 and ünïcödé, then plain words."

@@ -143,3 +143,16 @@ def rank_main(ref_path, out, *paths):
 
 if __name__ == "__main__":  # under torchrun
     rank_main(*sys.argv[1:])
+
+
+def test_each_rank_reads_the_rows_fsdp2_gives_it_also_when_they_do_not_divide_evenly():
+    """shard_rows against torch.chunk, which FSDP2's dim-0 Shard follows: every n (a vocabulary of 32001, 5 rows on
+    4 ranks, fewer rows than ranks), the ranks' rows in order and together all of them."""
+    from longlora.shard import shard_rows
+
+    for n, world in [(32001, 2), (32000, 8), (5, 4), (3, 8), (1, 2), (0, 2), (11008, 3)]:
+        pieces = torch.arange(n).chunk(world)
+        for rank in range(world):
+            start, end = shard_rows(n, rank, world)
+            expected = pieces[rank] if rank < len(pieces) else torch.arange(0)
+            assert torch.equal(torch.arange(n)[start:end], expected), (n, world, rank)

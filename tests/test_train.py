@@ -699,3 +699,69 @@ def test_a_result_that_could_not_be_written_is_refused_before_the_first_step(tie
     assert "parameter output.weight is trainable but an adapter does not store it" in capsys.readouterr().err
     assert not os.path.exists(os.path.join(out, "checkpoints"))
     assert not os.path.exists(os.path.join(out, "metrics.jsonl"))  # no step ran
+
+
+# ----------------------------------------------------------------------------------------------------
+# What a step communicates, what it trains on, how a checkpoint appears
+
+
+# train.py under torchrun, recording each call of set_requires_gradient_sync into a file per rank
+GRAD_SYNC_WATCH = """
+import json, os, sys, train
+from torch.distributed.fsdp import FSDPModule
+calls, original = [], FSDPModule.set_requires_gradient_sync
+def spy(self, requires_gradient_sync, **kwargs):
+    calls.append(requires_gradient_sync)
+    return original(self, requires_gradient_sync, **kwargs)
+FSDPModule.set_requires_gradient_sync = spy
+code = train.main(sys.argv[1:])
+out = sys.argv[sys.argv.index("--out") + 1]
+with open(f"{out}.sync-rank{os.environ['RANK']}.json", "w") as f:
+    json.dump(calls, f)
+os._exit(code)
+"""
+
+
+@pytest.mark.parametrize("full", [False, True], ids=["lora", "full"])
+def test_gradients_are_reduced_once_per_step_with_lora_and_every_micro_batch_with_full(base_dir, corpus, token_cache,
+                                                                                      tmp_path, full):
+    """--grad-accum 2 over 2 steps: LoRA syncs only the last micro-batch of a step ([False, True] per step, the
+    trainable gradients wait whole on each rank); --full syncs every micro-batch (a whole fp32 gradient of every
+    parameter would not fit)."""
+    (tmp_path / "watch.py").write_text(f"import sys\nsys.path.insert(0, {ROOT!r})\n" + GRAD_SYNC_WATCH)
+    out = str(tmp_path / "run")
+    run_torchrun(common(base_dir, corpus, token_cache, grad_accum=2, steps=2, out=out) + (["--full"] if full else []),
+                 script=str(tmp_path / "watch.py"))
+    for rank in (0, 1):
+        calls = json.load(open(f"{out}.sync-rank{rank}.json"))
+        assert calls == ([True] * 4 if full else [False, True] * 2), (rank, calls)
+
+
+def test_the_held_out_windows_are_never_trained_on(base_dir, corpus, token_cache, tmp_path):
+    """--heldout 0.5: the training and the held-out windows are disjoint and together are every window."""
+    from longlora.run import load_data
+
+    a = parse_args(common(base_dir, corpus, token_cache, heldout=0.5, out=str(tmp_path / "run")), train.RECIPE)
+    train_data, held = load_data(a, Tokenizer(os.path.join(base_dir, "tokenizer.model")), 0, False)
+    assert set(train_data.ids.tolist()).isdisjoint(held.ids.tolist())
+    assert sorted([*train_data.ids.tolist(), *held.ids.tolist()]) == list(range(train_data.n_windows))
+    assert abs(len(held) - train_data.n_windows / 2) <= 1
+
+
+def test_a_checkpoint_is_written_under_a_temporary_name_and_appears_whole(base_dir, corpus, token_cache, tmp_path,
+                                                                        monkeypatch):
+    """While a checkpoint's files are being written, its final folder does not exist yet: a kill then leaves the
+    previous checkpoint, never a half-written one under the final name."""
+    out = str(tmp_path / "run")
+    writes, save = [], torch.save
+
+    def watched(obj, path, *args, **kwargs):
+        if "checkpoints" in str(path):
+            step_dir = os.path.join(out, "checkpoints", "step-000001")
+            writes.append((os.path.basename(os.path.dirname(path)), os.path.exists(step_dir)))
+        return save(obj, path, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", watched)
+    assert train.main(common(base_dir, corpus, token_cache, steps=1, save_every=1, out=out)) == 0
+    assert writes and all(folder.startswith(".tmp-step-000001") and not final for folder, final in writes), writes
+    assert os.listdir(os.path.join(out, "checkpoints")) == ["step-000001"]
