@@ -143,6 +143,8 @@ CASES = [
     ("merge-out-foreign-folder", "longlora.export", ["merge", "--base", "{base}", "--adapter", "{adapter}", "--out", "{corpus}"],
      r"holds files this project did not write"),
     ("train-out-inside-data", "train", lambda w: train_args(w, os.path.join(w["corpus"], "run")), r"--out .* is inside --data"),
+    ("train-steps-0", "train", lambda w: train_args(w, os.path.join(os.path.dirname(w["base"]), "s0"), "--steps", "0"),
+     r"--steps must be >= 1, got 0"),
     ("eval-out-inside-data", "longlora.eval", ["ppl", "--model", "{base}", "--data", "{corpus}", "--out", "{corpus}/ppl.json"],
      r"--out .* is inside --data"),
     # train.py

@@ -323,6 +323,19 @@ def test_cli_streams_the_greedy_continuation(model_dir, tmp_path):
     assert "prefill: " in r.stderr and "tok/s" in r.stderr
 
 
+def test_a_prompt_and_new_tokens_that_exactly_fill_the_context_are_generated_without_a_note(model_dir):
+    """The context is 128 tokens: a prompt of n tokens may ask for 128 - n new ones (no note); for one more, the
+    command says it stops where the context ends."""
+    tok = Transformer.from_pretrained(model_dir).tokenizer
+    n = len(tok.encode("def main(argv=None):", bos=True))
+    fits = run_cli("--model", model_dir, "--prompt", "def main(argv=None):", "--max-new-tokens", str(128 - n),
+                   "--temperature", "0")
+    assert fits.returncode == 0 and "note:" not in fits.stderr, fits.stderr
+    over = run_cli("--model", model_dir, "--prompt", "def main(argv=None):", "--max-new-tokens", str(129 - n),
+                   "--temperature", "0")
+    assert over.returncode == 0 and f"generating at most {128 - n} tokens" in over.stderr, over.stderr
+
+
 def test_cli_chat_from_stdin_with_sink_cache(model_dir):
     r = run_cli("--model", model_dir, "--prompt", "-", "--chat", "--kv-cache", "sink", "--recent", "8",
                 "--temperature", "0", "--max-new-tokens", "16", stdin="Explain dataclasses.")

@@ -765,3 +765,17 @@ def test_a_checkpoint_is_written_under_a_temporary_name_and_appears_whole(base_d
     assert train.main(common(base_dir, corpus, token_cache, steps=1, save_every=1, out=out)) == 0
     assert writes and all(folder.startswith(".tmp-step-000001") and not final for folder, final in writes), writes
     assert os.listdir(os.path.join(out, "checkpoints")) == ["step-000001"]
+
+
+def test_step_s_trains_on_the_global_samples_of_step_s(base_dir, corpus, token_cache, tmp_path, monkeypatch):
+    """Global sample j of the run is sample_positions(n, seed, j): step s, micro-batch m reads samples
+    (s-1)·G + m·B .. (s-1)·G + (m+1)·B - 1 in one process (G = B·A), so the data order depends on the step alone."""
+    from longlora.data import PackedData, sample_positions
+
+    read, batch = [], PackedData.batch
+    monkeypatch.setattr(PackedData, "batch", lambda self, positions: read.append((len(self), list(positions)))
+                        or batch(self, positions))
+    out = str(tmp_path / "run")
+    assert train.main(common(base_dir, corpus, token_cache, steps=2, batch_size=2, grad_accum=2, heldout=0, out=out)) == 0
+    n = read[0][0]
+    assert [p for _, p in read] == [sample_positions(n, 0, j, 2).tolist() for j in (0, 2, 4, 6)]
