@@ -99,7 +99,7 @@ def write_peft(model: Transformer, out_dir):
 #     "base_model.model." prefix cut (model.embed_tokens.weight, model.layers.N.input_layernorm.weight, ...).
 # Its merge script loads trainable_params.bin into the base (strict=False), then the PEFT adapter on top.
 # Neither file records the context or the RoPE factor (fine-tune.py sets factor ceil(ctx / 4096) at load time);
-# LongLoRA's released LoRA repositories also ship a config.json, most with the factor (their issue #181), which
+# LongLoRA's released LoRA repositories also ship a config.json, most with the factor (dvlab-research/LongLoRA#181 on GitHub), which
 # import_peft reads when --ctx is not given.
 
 PEFT_PREFIX = "base_model.model."
@@ -177,7 +177,7 @@ def import_peft(peft_dir, base, ctx=None) -> tuple:
             raise ValueError(f"{peft_dir}: a PEFT adapter does not record the context it was trained for; "
                              "pass --ctx (e.g. 32768 for LongLoRA's Llama-2-7b-longlora-32k)")
         args = ModelArgs(**hf_config_fields(read_json(config), config))
-        if args.rope_scaling == 1.0:  # (LongLoRA's issue #181: some released repositories lack rope_scaling)
+        if args.rope_scaling == 1.0:  # (dvlab-research/LongLoRA#181: some released repositories lack rope_scaling)
             raise ValueError(f"{config} records no RoPE scaling, so not the context the adapter was trained for; "
                              "pass --ctx (e.g. 32768 for LongLoRA's Llama-2-7b-longlora-32k)")
         ctx = args.max_seq_len

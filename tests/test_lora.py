@@ -428,7 +428,7 @@ def test_longlora_peft_adapter_imports_with_the_logits_of_the_peft_model(longlor
 def test_a_released_config_json_gives_the_context_and_one_without_rope_scaling_asks_for_ctx(longlora_dir, tmp_path,
                                                                                            capsys):
     """LongLoRA's released LoRA repositories ship the fine-tuned config.json (max_position_embeddings of the base and
-    the linear factor): the context is read from it; where it lacks rope_scaling (their issue #181), --ctx is asked
+    the linear factor): the context is read from it; where it lacks rope_scaling (dvlab-research/LongLoRA#181), --ctx is asked
     for instead of importing as if the adapter had trained at the base's context."""
     _, base, peft_dir = longlora_dir
     repo = tmp_path / "repo"
