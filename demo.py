@@ -72,6 +72,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import shutil
 import sys
 import sysconfig
@@ -84,7 +85,8 @@ import sample
 import train
 from longlora.data import tokenize_documents
 from longlora.adapter import load_model
-from longlora.cli import LOCK, Parser, UsageError, atomic_write, check_output, entry, write_text
+from longlora.cli import Parser, UsageError, entry
+from longlora.output import STAMP, atomic_write, check_output, lock_output, set_aside, write_text
 from longlora.tokenizer import Tokenizer
 from model import Transformer
 
@@ -382,8 +384,8 @@ def run_stage(what, path, stamp, argv, module):
     if cached(path, stamp):
         log(f"{what}: cached in {path}")
         return
-    if os.path.isdir(path):  # an unfinished or outdated stage: start it again, if it is ours (train.py stamped it)
-        if not any(os.path.exists(os.path.join(path, n)) for n in (LOCK, "demo_stamp.json")):
+    if os.path.isdir(path):  # an unfinished stage of this run (its settings are OUT's): start it again, if ours
+        if not any(os.path.exists(os.path.join(path, n)) for n in (STAMP, "demo_stamp.json")):
             raise UsageError(f"{path} was not written by demo.py; move it away or choose another --out")
         shutil.rmtree(path)
     log(f"{what}: python {module.__name__}.py {' '.join(argv)}")
@@ -418,19 +420,37 @@ def passkey_fits(tokenizer, n_tokens) -> bool:
         return False
 
 
+def default_out(a) -> str:
+    """out/demo for the default settings; other settings get a folder of their own, never the default run's."""
+    name = "demo" + ("-fast" if a.fast else "") + (f"-seeds{a.seeds}" if a.seeds != 2 else "")
+    if a.corpus:
+        name += "-" + re.sub(r"[^\w.-]", "_", os.path.basename(os.path.realpath(a.corpus)))
+    return os.path.join("out", name)
+
+
+def settings_of(out):
+    """The settings fingerprint of the demo run in `out` (OUT/.demo), or None."""
+    try:
+        with open(os.path.join(out, ".demo")) as f:
+            return json.load(f)["settings"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 @entry
 def main(argv=None) -> int:
     p = Parser(description="\n\n".join(__doc__.strip().split("\n\n")[:2]),
                examples=["python demo.py", "python demo.py --fast", "python demo.py --corpus DIR --threads 1"])
-    p.add_argument("--out", help="output folder (results and cached models; default out/demo, with --fast "
-                   "out/demo-fast: a smoke test never touches the real run's results)")
+    p.add_argument("--out", help="output folder (results and cached models; default out/demo, and a folder of their own "
+                   "for other settings: out/demo-fast, out/demo-seeds3, out/demo-NAME for --corpus NAME, ...)")
+    p.add_argument("--overwrite", action="store_true", help="replace an --out that holds a demo run of other settings")
     p.add_argument("--fast", action="store_true", help="tiny everything: the same pipeline in seconds (a smoke test)")
     p.add_argument("--seeds", type=int, default=2, help="seeds for the extension runs (default 2: run-to-run noise)")
     p.add_argument("--corpus", help="folder of your own UTF-8 text files (default: the Python standard library)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice); use 1 "
                    "on a machine other jobs share, where more threads than free cores slow training many times over")
     a = p.parse_args(argv)
-    a.out = a.out or ("out/demo-fast" if a.fast else "out/demo")
+    a.out = a.out or default_out(a)
     if a.seeds < 1:
         raise UsageError(f"--seeds must be >= 1, got {a.seeds}")
     if a.threads is not None and a.threads < 1:
@@ -438,23 +458,23 @@ def main(argv=None) -> int:
     threads = torch.get_num_threads()
     torch.set_num_threads(a.threads or threads)
     try:
-        return run(a)
+        with contextlib.ExitStack() as held:  # the lock run() takes on --out, released when it ends
+            return run(a, held)
     finally:
         torch.set_num_threads(threads)  # in-process callers (the tests) get their setting back
 
 
-def run(a) -> int:
+def run(a, held) -> int:
     c = SETTINGS["fast" if a.fast else "full"]
     S = c["short"]
     ctx = c["factor"] * S
     lengths = [S, 2 * S, ctx]
     seeds = list(range(a.seeds))
     out = a.out
-    # Only into a folder of its own: a new or empty one, or one an earlier demo.py wrote (OUT/.demo, or older: its tokenizer stamp).
+    # Only into a folder of its own: a new or empty one, or one an earlier demo.py wrote (OUT/.demo), which
+    # caches the stages it finished. Its settings must be this run's; another run is replaced only with --overwrite.
     check_output(out, "--out", is_dir=True, inputs=[("--corpus", a.corpus)] if a.corpus else [],
-                 ours=[".demo", "tokenizer/demo_stamp.json"])
-    os.makedirs(os.path.join(out, "data", "heldout"), exist_ok=True)
-    open(os.path.join(out, ".demo"), "a").close()
+                 ours=[".demo"], overwrite=a.overwrite, grows=True)
     t_start = time.time()
     timings = {}
 
@@ -466,6 +486,15 @@ def run(a) -> int:
         raise UsageError(f"--corpus {e}" if a.corpus else str(e)) from None
     corpus_id = fingerprint([(p_, hashlib.md5(t.encode()).hexdigest()) for p_, t in train_docs + held_docs])
     log(f"corpus: {root}: {len(train_docs)} training files, {len(held_docs)} held-out files")
+    settings = fingerprint(corpus_id, c, VARIANTS, seeds)
+    if os.path.isdir(out) and os.listdir(out) and settings_of(out) != settings:
+        if not a.overwrite:
+            raise UsageError(f"--out {out} holds a demo run with other settings (corpus, --fast, --seeds) or another "
+                             "result; choose another --out, or add --overwrite to replace it")
+        set_aside(out, "--out")
+    held.enter_context(lock_output(out, "--out"))  # one demo.py per folder at a time
+    write_text(os.path.join(out, ".demo"), json.dumps({"settings": settings}))
+    os.makedirs(os.path.join(out, "data", "heldout"), exist_ok=True)
 
     # -- 2. tokenizer
     tok_stamp = fingerprint(corpus_id, c["vocab"])

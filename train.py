@@ -61,10 +61,11 @@ import torch.distributed as dist
 
 from longlora.adapter import base_fingerprint
 from longlora.checkpoint import checkpoint_dirs, find_checkpoint, full_trainable_state, load_checkpoint, save_checkpoint
-from longlora.cli import UsageError, entry, lock_output, write_text
+from longlora.cli import UsageError, entry
 from longlora.data import longlora_sft_group_size, sample_positions
 from longlora.estimate import run_estimate
-from longlora.run import (StopSignals, check_result, find_start, fmt_time, load_data, log0, parse_args, peak_memory_gb,
+from longlora.output import write_text
+from longlora.run import (StopSignals, check_result, claim_run, find_start, fmt_time, load_data, log0, parse_args, peak_memory_gb,
                           reset_peak_memory, sft_group_rule, trajectory_config, write_result)
 from longlora.shard import all_sum, broadcast0, load_weights, lora_init_values, on_some_ranks, setup_distributed, shard_model
 from longlora.tokenizer import Tokenizer, find_tokenizer
@@ -218,7 +219,7 @@ def log_metrics(path, rank, record):
 def train(a, stop, held):
     rank, local_rank, world, device, distributed, wait_group = setup_distributed()
     # One run per --out at a time (rank 0 holds the lock until train.py ends; every rank learns if it is taken).
-    held.enter_context(on_some_ranks(lambda: lock_output(a.out, "--out"), rank == 0, distributed) or nullcontext())
+    held.enter_context(on_some_ranks(lambda: claim_run(a), rank == 0, distributed) or nullcontext())
     if a.resume:  # only rank 0 reads it (other machines may not see the disk): checked there now, the rest below
         on_some_ranks(lambda: find_checkpoint(a.resume), rank == 0, distributed)
     bf16 = a.dtype == "bf16" or (a.dtype == "auto" and device.type == "cuda")

@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 
 from longlora.checkpoint import find_checkpoint, read_checkpoint_file, read_state
-from longlora.cli import atomic_write, write_text
+from longlora.output import atomic_write, write_text
 from lora import adapter_state, apply_lora, in_adapter, mark_trainable
 from model import ModelArgs, Transformer
 

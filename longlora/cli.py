@@ -4,8 +4,7 @@ What every command line of this project shares, so that each script says it once
   * a user's mistake is one `error: ...` line on stderr and exit status 2, never a traceback, also under
     torchrun (`entry`, around each script's main(argv));
   * `--help` shows every default, which flags are required, and example commands (`Parser`);
-  * a file or folder that will be written is checked before the long work starts (`check_output`), and a
-    folder is written by one command at a time (`lock_output`).
+  * what a command writes follows one policy: longlora/output.py.
 
     @entry
     def main(argv=None) -> int:
@@ -14,13 +13,11 @@ What every command line of this project shares, so that each script says it once
 """
 
 import argparse
-import fcntl
 import functools
 import json
 import os
 import re
 import sys
-import tempfile
 import time
 
 import torch
@@ -119,82 +116,6 @@ class Parser(argparse.ArgumentParser):
 
     def error(self, message):
         raise UsageError(message)
-
-
-# ----------------------------------------------------------------------------------------------------
-# Outputs
-
-
-LOCK = ".longlora.lock"  # in every folder a command writes: its lock, and the stamp that says "written by us"
-
-
-def lock_output(path, flag):
-    """An exclusive lock on the folder `path` (created if need be), held until the returned file is closed or the
-    process ends, even by a kill: a second command writing the same folder at the same time is refused, instead
-    of both interleaving their files. The lock file stays: it stamps the folder as one this project wrote."""
-    os.makedirs(path, exist_ok=True)
-    f = open(os.path.join(path, LOCK), "a")
-    try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        f.close()
-        raise UsageError(f"{flag} {path}: another command is writing there now (it holds {path}/{LOCK})") from None
-    return f
-
-
-def check_output(path, flag, is_dir=False, inputs=(), ours=()):
-    """Before any long work: make sure `path` can be written (as a directory with is_dir). It must not be
-    of the other kind (a file where a directory goes, or the reverse), and the nearest folder that exists,
-    `path` itself or a parent, must accept a new file: one is created there and removed again. That is
-    the only test that also holds for root (who ignores permission bits) and read-only file systems.
-
-    inputs: (flag, path) pairs the command reads; `path` must be none of them nor lie inside one, compared by
-    real path (symlinks resolved). A folder that already holds files must be one this project wrote (it holds
-    LOCK, or one of the names in `ours`), so that nothing in a user's folder is overwritten or deleted."""
-    real = os.path.realpath(path)
-    for in_flag, p in inputs:
-        if real == os.path.realpath(p) or real.startswith(os.path.join(os.path.realpath(p), "")):
-            raise UsageError(f"{flag} {path} {'is' if real == os.path.realpath(p) else 'is inside'} {in_flag} {p}; "
-                             "write to a new directory")
-    if is_dir and os.path.isdir(path) and os.listdir(path) and not any(
-            os.path.exists(os.path.join(path, n)) for n in (LOCK, *ours)):
-        raise UsageError(f"{flag} {path} holds files this project did not write; choose a new or empty folder")
-    path = os.path.abspath(path)
-    if os.path.exists(path) and os.path.isdir(path) != is_dir:
-        raise UsageError(f"{flag} {path}: is {'a file' if is_dir else 'a directory'}; expected "
-                         f"{'a directory' if is_dir else 'a file'}")
-    folder = path if is_dir else os.path.dirname(path)
-    existing = folder
-    while not os.path.exists(existing):  # a folder to write is created later, with its missing parents
-        existing = os.path.dirname(existing)
-    if not os.path.isdir(existing):
-        raise UsageError(f"{flag} {path}: {existing} is a file, not a directory")
-    if existing != folder and not is_dir:  # a file goes into a folder that exists
-        raise UsageError(f"{flag} {path}: no such folder {folder}")
-    try:
-        tempfile.TemporaryFile(dir=existing).close()
-    except OSError as e:
-        raise UsageError(f"{flag} {path}: cannot write in {existing} ({e.strerror or e})") from None
-
-
-def atomic_write(path, write_fn):
-    """Call write_fn(tmp_path), then rename over `path`: a killed run never leaves a half-written file."""
-    tmp = f"{path}.tmp.{os.getpid()}"
-    try:
-        write_fn(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def write_text(path, text: str):
-    """Write a UTF-8 text file atomically (see atomic_write)."""
-    def write(tmp):
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-
-    atomic_write(path, write)
 
 
 # ----------------------------------------------------------------------------------------------------

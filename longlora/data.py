@@ -54,7 +54,7 @@ import tempfile
 import numpy as np
 import torch
 
-from longlora.cli import atomic_write, write_text
+from longlora.output import atomic_write, write_text
 
 
 # ----------------------------------------------------------------------------------------------------

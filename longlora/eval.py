@@ -59,7 +59,8 @@ import torch.nn.functional as F
 
 from longlora.data import read_token_file, tokenize_documents
 from longlora.adapter import load_model
-from longlora.cli import Parser, atomic_write, check_output, entry, resolve_device_dtype, write_text
+from longlora.cli import Parser, entry, resolve_device_dtype
+from longlora.output import atomic_write, building, check_distinct, check_output, write_text
 from sample import generate
 
 
@@ -275,7 +276,8 @@ def parse_args(argv):
     common.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
                         help="auto = bfloat16 on CUDA, float32 on CPU")
     common.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
-    common.add_argument("--out", help="write the results as JSON to this file")
+    common.add_argument("--out", help="write the results as JSON to this new file")
+    common.add_argument("--overwrite", action="store_true", help="replace --out (and --png) if it exists")
 
     pp = sub.add_parser("ppl", parents=[common], help="perplexity over long documents at several window lengths",
                         examples=EXAMPLES[:2])
@@ -359,7 +361,8 @@ def run_passkey(a, model) -> dict:
         note = "  (beyond the model's context)" if n > ctx else ""
         print(f"{n:>8} {r['accuracy'][n]:>9.2f}{note}", flush=True)
     if a.png:
-        plot_passkey(results, a.png)
+        with building(a.png, a.overwrite, is_dir=False) as tmp:
+            plot_passkey(results, tmp)
         print(f"wrote {a.png}", file=sys.stderr)
     return dict(task="passkey", model=a.model, adapter=a.adapter, kv_cache=a.kv_cache, **results)
 
@@ -369,15 +372,18 @@ def main(argv=None) -> int:
     a = parse_args(argv)
     inputs = [("--model", a.model), ("--adapter", a.adapter), ("--tokens", getattr(a, "tokens", None))]
     inputs = [(f, p) for f, p in inputs + [("--data", p) for p in getattr(a, "data", None) or []] if p]
-    for flag in ("out", "png"):  # written after all the compute: checked before it
-        if getattr(a, flag, None):
-            check_output(getattr(a, flag), f"--{flag}", inputs=inputs)
+    outputs = [(f"--{flag}", getattr(a, flag, None)) for flag in ("out", "png")]
+    check_distinct(*outputs)
+    for flag, path in outputs:  # written after all the compute: checked before it
+        if path:
+            check_output(path, flag, inputs=inputs, overwrite=a.overwrite)
     device, dtype = resolve_device_dtype(a.device, a.dtype)
     model = load_model(a.model, a.adapter, dtype=dtype, device=device)
     result = run_ppl(a, model) if a.task == "ppl" else run_passkey(a, model)
     if a.out:
         text = json.dumps(result, indent=2)
-        write_text(a.out, text + "\n")
+        with building(a.out, a.overwrite, is_dir=False) as tmp:
+            write_text(tmp, text + "\n")
     return 0
 
 

@@ -16,9 +16,10 @@ import sys
 
 import torch
 
-from longlora.adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS, load_model, save_adapter
-from longlora.cli import Parser, atomic_write, check_output, entry, lock_output
-from longlora.weights import (CheckpointError, check_state_dict, checkpoint_layout, hf_config, hf_config_fields, hf_key_map,
+from longlora.adapter import load_model, save_adapter
+from longlora.cli import Parser, entry
+from longlora.output import atomic_write, building, check_output
+from longlora.weights import (CheckpointError, check_state_dict, hf_config, hf_config_fields, hf_key_map,
                               hf_to_meta_qk, meta_to_hf_qk, parse_size, read_json, write_json, write_model)
 from lora import TARGETS, adapter_state, apply_lora, mark_trainable, merge_lora
 from model import ModelArgs, Transformer
@@ -229,27 +230,24 @@ def import_peft(peft_dir, base, ctx=None) -> tuple:
 # Command line
 
 
+# Each command builds its result beside --out and renames it into place when complete (longlora/output.py):
+# a kill leaves the old --out or none, never shards of two models.
+
+
 def merge_command(a):
-    if os.path.isdir(a.out):
-        try:
-            have = checkpoint_layout(a.out)
-        except CheckpointError:  # no model there
-            have = a.format
-        if have != a.format:  # writing beside it would leave two layouts in one folder, which no loader opens
-            raise CheckpointError(f"--out {a.out} holds a model in the {have} layout; use --format {have} or a new folder")
     model = load_model(a.base, a.adapter)  # in the checkpoint's own dtype
     args = model.args
     state = merge_lora(model.state_dict(), model.lora_config)
-    lock = lock_output(a.out, "--out")  # noqa: F841 (held, and the folder stamped as ours, until the command ends)
-    write_model(args, state, a.out, a.format, model.tokenizer.path if model.tokenizer else None, a.shard_size)
+    with building(a.out, a.overwrite) as tmp:
+        write_model(args, state, tmp, a.format, model.tokenizer.path if model.tokenizer else None, a.shard_size)
     print(f"merged {a.adapter} into {a.base} -> {a.out} ({a.format} layout; rope scaling {args.rope_scaling:g}, "
           f"context {args.max_seq_len})")
 
 
 def peft_command(a):
     model = load_model(a.base, a.adapter)  # in the checkpoint's own dtype
-    lock = lock_output(a.out, "--out")  # noqa: F841
-    write_peft(model, a.out)
+    with building(a.out, a.overwrite) as tmp:
+        write_peft(model, tmp)
     print(f"wrote PEFT adapter {a.out}. Load it on the HF base model with its config (RoPE scaling {model.args.rope_scaling:g}):\n"
           f"  config = AutoConfig.from_pretrained({a.out!r})\n"
           f"  base = AutoModelForCausalLM.from_pretrained(HF_BASE_MODEL, config=config)\n"
@@ -257,15 +255,12 @@ def peft_command(a):
 
 
 def import_command(a):
-    for name in (ADAPTER_WEIGHTS, ADAPTER_CONFIG):  # never overwrite an adapter this command did not write
-        if os.path.exists(os.path.join(a.out, name)):
-            raise ValueError(f"--out {a.out} already holds {name}; choose a new directory")
     if a.ctx is not None and a.ctx < 1:
         raise ValueError(f"--ctx must be positive, got {a.ctx}")
     model, note = import_peft(a.peft, a.base, a.ctx)
     args, cfg = model.args, model.lora_config
-    lock = lock_output(a.out, "--out")  # noqa: F841
-    save_adapter(model, a.out, ctx=args.max_seq_len, extra={"imported_from": os.path.abspath(a.peft), "note": note})
+    with building(a.out, a.overwrite) as tmp:
+        save_adapter(model, tmp, ctx=args.max_seq_len, extra={"imported_from": os.path.abspath(a.peft), "note": note})
     print(f"imported {a.peft} onto {a.base} -> {a.out}: LoRA r={cfg['r']} alpha={cfg['alpha']:g} on {' '.join(cfg['targets'])}"
           f"{', embeddings' if cfg['embed'] else ''}{', norms' if cfg['norms'] else ''}; rope scaling {args.rope_scaling:g}, "
           f"context {args.max_seq_len}")
@@ -289,7 +284,7 @@ def main(argv=None) -> int:
     m.add_argument("--base", required=True, help="base checkpoint directory (Meta, HF or this project's layout)")
     m.add_argument("--adapter", required=True, help="adapter directory written by train.py / save_adapter "
                                                        "(adapter.safetensors + adapter_config.json)")
-    m.add_argument("--out", required=True, help="output directory (created; files in it are replaced atomically)")
+    m.add_argument("--out", required=True, help="new output directory (an existing one only with --overwrite)")
     m.add_argument("--format", default="hf", choices=("hf", "meta", "own"),
                    help="hf: config.json + safetensors shards, loads in transformers (default); "
                         "meta: params.json + consolidated.00.pth; own: this project's params.json + model.safetensors")
@@ -299,7 +294,7 @@ def main(argv=None) -> int:
                        description="Convert an adapter to PEFT's LoRA layout, HF names, with embed and norms as modules_to_save.")
     q.add_argument("--base", required=True, help="base checkpoint directory the adapter was trained on (checked against the adapter)")
     q.add_argument("--adapter", required=True, help="adapter directory written by train.py / save_adapter")
-    q.add_argument("--out", required=True, help="output directory for the PEFT adapter (must differ from --adapter)")
+    q.add_argument("--out", required=True, help="new output directory for the PEFT adapter")
     i = sub.add_parser("import", help="convert a PEFT LoRA adapter (LongLoRA's released weights) into this project's adapter",
                        examples=EXAMPLES[3:],
                        description="Read adapter_model.safetensors/.bin + adapter_config.json (+ LongLoRA's trainable_params.bin: "
@@ -309,9 +304,12 @@ def main(argv=None) -> int:
     i.add_argument("--ctx", type=int, help="the context it was fine-tuned for (LongLoRA's --context_size, e.g. 32768); "
                    "RoPE factor ceil(ctx / base context). Default: read from a config.json in --peft")
     i.add_argument("--out", required=True, help="new output directory for the adapter")
+    for s in (m, q, i):
+        s.add_argument("--overwrite", action="store_true", help="replace --out if it holds a result this project wrote "
+                       "(the new one takes its place only when complete)")
     a = p.parse_args(argv)
     src = ("--peft", a.peft) if a.command == "import" else ("--adapter", a.adapter)
-    check_output(a.out, "--out", is_dir=True, inputs=[("--base", a.base), src])
+    check_output(a.out, "--out", is_dir=True, inputs=[("--base", a.base), src], overwrite=a.overwrite)
     if a.command == "merge":
         parse_size(a.shard_size)
         merge_command(a)

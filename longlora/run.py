@@ -7,10 +7,12 @@ signals, memory and time in the log, and the result it writes.
     write_result(a, model, tensors, base_fingerprint, save_dtype, tokenizer_path)    # rank 0, at the end
 """
 
+import glob
 import hashlib
 import json
 import math
 import os
+import shutil
 import signal
 import sys
 from dataclasses import asdict
@@ -19,13 +21,14 @@ import numpy as np
 import torch
 
 from attention import resolve_group_size
-from longlora.adapter import check_storable, save_adapter
+from longlora.adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS, check_storable, save_adapter
 from longlora.checkpoint import checkpoint_dirs, find_resumable
-from longlora.cli import Parser, UsageError, check_output
+from longlora.cli import Parser, UsageError
+from longlora.output import check_output, install_files, lock_output, set_aside
 from longlora.data import (SFT_TEMPLATES, PackedData, SFTData, open_tokens, prepare_sft, prepare_tokens, split_heldout)
 from longlora.shard import on_some_ranks
 from longlora.tokenizer import find_tokenizer
-from longlora.weights import checkpoint_layout, write_model
+from longlora.weights import MODEL_CONFIGS, MODEL_FILES, checkpoint_layout, write_model
 from lora import TARGETS, apply_lora, mark_trainable
 from model import PRESETS, ModelArgs, Transformer
 
@@ -123,6 +126,8 @@ def build_parser(recipe):
     r.add_argument("--save-every", type=int, default=100, help="checkpoint every N steps (and at the end)")
     r.add_argument("--keep", type=int, default=2, help="checkpoints to keep")
     r.add_argument("--resume", metavar="DIR", help="continue from a checkpoint, or from the newest one of a run folder")
+    r.add_argument("--overwrite", action="store_true", help="start afresh in an --out that holds an earlier run or result "
+                   "this project wrote: it is deleted first (default: refused)")
     r.add_argument("--eval-every", type=int, default=0, help="held-out loss every N steps and before training (0: at the end only)")
     r.add_argument("--eval-samples", type=int, default=32, help="held-out sequences per evaluation")
     r.add_argument("--log-every", type=int, default=1, help="print every N steps (metrics.jsonl gets every step)")
@@ -196,20 +201,45 @@ def check_args(a, argv):
         raise UsageError(f"no tokenizer.model next to --model {a.model}; pass --tokenizer PATH")
     inputs = [(f"--{f.replace('_', '-')}", p) for f in ("model", "tokenizer", "data", "eval_data")
               for p in ([getattr(a, f)] if isinstance(getattr(a, f), str) else getattr(a, f) or [])]
-    check_output(a.out, "--out", is_dir=True, inputs=inputs, ours=["metrics.jsonl"])  # (runs from before the stamp)
+    if a.overwrite and a.resume:
+        raise UsageError("--resume continues a run, --overwrite deletes it first: give one of them")
+    check_output(a.out, "--out", is_dir=True, inputs=inputs, ours=["metrics.jsonl"], overwrite=a.overwrite,
+                 grows=is_run(a.out))  # a run folder: continued with --resume (find_start refuses it otherwise)
     if a.token_cache:  # a cache holds the token files of many runs: one with our token files is ours
         tc = a.token_cache
-        check_output(tc, "--token-cache", is_dir=True, inputs=inputs,
+        check_output(tc, "--token-cache", is_dir=True, inputs=inputs, grows=True,
                      ours=[n for n in os.listdir(tc) if n.endswith(".bin.json")] if os.path.isdir(tc) else [])
+
+
+RESULT_CONFIGS = (ADAPTER_CONFIG, *MODEL_CONFIGS)  # without these, no result loads
+
+
+def is_run(path):
+    """A training run's folder: train.py writes metrics.jsonl first."""
+    return os.path.exists(os.path.join(path, "metrics.jsonl"))
+
+
+def has_result(run_dir):
+    return any(os.path.exists(os.path.join(run_dir, n)) for n in RESULT_CONFIGS)
+
+
+def claim_run(a):
+    """Rank 0, first: --out for this command alone (output.lock_output, released when train.py ends), marked as a
+    training run; with --overwrite, the earlier one first leaves its place (output.set_aside)."""
+    if a.overwrite:
+        set_aside(a.out, "--out")
+    lock = lock_output(a.out, "--out")
+    open(os.path.join(a.out, "metrics.jsonl"), "a").close()
+    return lock
 
 
 def find_start(a, model, config):
     """(checkpoint, step, its files) to resume from, or (None, 0, None) for a fresh run. Rank 0 only: other machines
     may not see the disk."""
     if not a.resume:
-        if checkpoint_dirs(a.out):
-            raise UsageError(f"--out {a.out} already holds checkpoints; add --resume {a.out} to continue, "
-                             "or choose another --out")
+        if checkpoint_dirs(a.out) or has_result(a.out):
+            raise UsageError(f"--out {a.out} holds an earlier run{' and its result' if has_result(a.out) else ''}; add "
+                             f"--resume {a.out} to continue it, --overwrite to start afresh, or choose another --out")
         return None, 0, None
     ckpt, state, files = find_resumable(a.resume, model, config, lambda msg: print(msg, file=sys.stderr))
     if state["step"] >= a.steps:
@@ -347,18 +377,27 @@ class StopSignals:
 
 def write_result(a, model, tensors, base_fingerprint, save_dtype, tokenizer_path, bf16):
     """Rank 0, at the end: an adapter (LoRA), or a whole model in the base's layout (--full, --from-scratch) in the
-    base's dtype, with the RoPE scaling and the new context in its config. tensors: every trainable tensor, whole."""
+    base's dtype, with the RoPE scaling and the new context in its config. tensors: every trainable tensor, whole.
+
+    The run folder also holds checkpoints and metrics, and a resumed run may replace an earlier result: the result is
+    built in a folder inside, then moved in by output.install_files, configs last."""
+    for old in glob.glob(os.path.join(glob.escape(a.out), ".result.partial-*")):  # of a run killed here (we hold the lock)
+        shutil.rmtree(old)
+    tmp = os.path.join(a.out, f".result.partial-{os.getpid()}")
+    os.makedirs(tmp)
     if a.full or a.from_scratch:
         args = result_args(model)
         if args.tie_embeddings:
             tensors["output.weight"] = tensors["tok_embeddings.weight"]
         layout = checkpoint_layout(a.model) if a.model else "own"
-        write_model(args, {k: v.to(save_dtype) for k, v in tensors.items()}, a.out, layout, tokenizer_path)
-        return
-    train_args = {k: v for k, v in vars(a).items() if isinstance(v, (int, float, str, list, type(None)))}
-    train_args.update(sft_group_size=sft_group_rule(a), pad_multiple=pad_multiple(a), bf16=bf16)  # as trained
-    save_adapter(adapter_model(model, tensors), a.out, ctx=a.ctx, fingerprint=base_fingerprint,
-                 extra={"train_args": train_args})
+        write_model(args, {k: v.to(save_dtype) for k, v in tensors.items()}, tmp, layout, tokenizer_path)
+    else:
+        train_args = {k: v for k, v in vars(a).items() if isinstance(v, (int, float, str, list, type(None)))}
+        train_args.update(sft_group_size=sft_group_rule(a), pad_multiple=pad_multiple(a), bf16=bf16)  # as trained
+        save_adapter(adapter_model(model, tensors), tmp, ctx=a.ctx, fingerprint=base_fingerprint,
+                     extra={"train_args": train_args})
+    install_files(tmp, a.out, RESULT_CONFIGS, (*MODEL_FILES, ADAPTER_WEIGHTS))
+    os.rmdir(tmp)
 
 
 def result_args(model):

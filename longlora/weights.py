@@ -25,7 +25,8 @@ from dataclasses import asdict, fields
 
 import torch
 
-from longlora.cli import atomic_write, one_line, write_text
+from longlora.cli import one_line
+from longlora.output import atomic_write, write_text
 from longlora.tokenizer import Tokenizer, find_tokenizer
 
 
@@ -466,15 +467,6 @@ def _copy_file(src, dst):
     atomic_write(dst, lambda f: shutil.copyfile(src, f))
 
 
-def _remove_stale(out_dir, written, patterns):
-    """Delete weight files an earlier export left in out_dir (e.g. more shards, or an old index), so that the
-    directory never mixes two models. Runs after the new files are in place."""
-    for pattern in patterns:
-        for f in glob.glob(os.path.join(out_dir, pattern)):
-            if os.path.basename(f) not in written:
-                os.remove(f)
-
-
 def write_hf(args, state: dict, out_dir, tokenizer_path=None, shard_size="5GB"):
     """HF layout: config.json, model.safetensors (or model-0000i-of-0000n.safetensors + index), tokenizer.model."""
     from safetensors.torch import save_file
@@ -500,8 +492,6 @@ def write_hf(args, state: dict, out_dir, tokenizer_path=None, shard_size="5GB"):
         index = {"metadata": {"total_size": sum(v.numel() * v.element_size() for v in hf_state.values())},
                  "weight_map": {k: name for name, shard in zip(files, shards) for k in shard}}
         write_json(os.path.join(out_dir, "model.safetensors.index.json"), index)
-    written = set(files) | ({"model.safetensors.index.json"} if len(shards) > 1 else set())
-    _remove_stale(out_dir, written, ["model.safetensors", "model-*-of-*.safetensors", "model.safetensors.index.json"])
     dtype = next(iter(hf_state.values())).dtype
     tok = Tokenizer(tokenizer_path) if tokenizer_path else None
     write_json(os.path.join(out_dir, "config.json"), hf_config(args, dtype, tok))
@@ -537,7 +527,6 @@ def write_meta(args, state: dict, out_dir, tokenizer_path=None):
     params = meta_params(args)
     os.makedirs(out_dir, exist_ok=True)
     atomic_write(os.path.join(out_dir, "consolidated.00.pth"), lambda f: torch.save(state, f))
-    _remove_stale(out_dir, {"consolidated.00.pth"}, ["consolidated.*.pth"])  # an older export's shards 01, 02, ...
     write_json(os.path.join(out_dir, "params.json"), params)
     if tokenizer_path:
         _copy_file(tokenizer_path, os.path.join(out_dir, "tokenizer.model"))
@@ -557,9 +546,15 @@ def write_own(args, state: dict, out_dir, tokenizer_path=None):
         _copy_file(tokenizer_path, os.path.join(out_dir, "tokenizer.model"))
 
 
+# A model's files (the glob patterns write_model's layouts use), and those without which none loads: its configs.
+MODEL_FILES = ("model.safetensors", "model-*-of-*.safetensors", "model.safetensors.index.json", "consolidated.*.pth")
+MODEL_CONFIGS = ("config.json", "params.json")
+
+
 def write_model(args, state: dict, out_dir, layout, tokenizer_path=None, shard_size="5GB"):
     """A whole model (a state dict in Meta's names, output.weight included) in the layout "hf", "meta" or
-    "own", with the RoPE scaling and context of `args` in its config (lora.py merge; train.py --full)."""
+    "own", with the RoPE scaling and context of `args` in its config, into a new folder out_dir (lora.py merge
+    and train.py --full build it beside their destination: longlora/output.py)."""
     if layout == "hf":
         write_hf(args, state, out_dir, tokenizer_path, shard_size)
     elif layout == "meta":

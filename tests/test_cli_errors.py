@@ -138,8 +138,8 @@ CASES = [
     # outputs against inputs by real path; never into a folder this project did not write
     ("merge-out-symlink-to-base", "longlora.export", ["merge", "--base", "{base}", "--adapter", "{adapter}", "--out", "{link_to_base}"],
      r"--out .*link_to_base is --base"),
-    ("merge-out-holds-another-layout", "longlora.export", ["merge", "--base", "{base}", "--adapter", "{adapter}", "--out", "{merged}",
-                                                  "--format", "hf"], r"holds a model in the own layout; use --format own"),
+    ("merge-out-holds-a-model", "longlora.export", ["merge", "--base", "{base}", "--adapter", "{adapter}", "--out", "{merged}",
+                                                  "--format", "hf"], r"merged already exists; choose a new folder, or add --overwrite"),
     ("merge-out-foreign-folder", "longlora.export", ["merge", "--base", "{base}", "--adapter", "{adapter}", "--out", "{corpus}"],
      r"holds files this project did not write"),
     ("train-out-inside-data", "train", lambda w: train_args(w, os.path.join(w["corpus"], "run")), r"--out .* is inside --data"),
@@ -334,11 +334,11 @@ def test_sigterm_saves_a_checkpoint_says_how_to_resume_and_resume_works(world, t
 
 
 def test_two_runs_cannot_write_one_out_at_the_same_time(world, tmp_path, capsys):
-    from longlora import cli
+    from longlora import output
     import train
 
     out = str(tmp_path / "run")
-    other = cli.lock_output(out, "--out")  # another run, still writing there
+    other = output.lock_output(out, "--out")  # another run, still writing there
     try:
         assert train.main(train_args(world, out, "--steps", "1")) == 2
     finally:
@@ -371,9 +371,10 @@ def test_the_fast_demo_has_its_own_folder_and_demo_deletes_only_its_own(tmp_path
     import demo
 
     seen = []
-    monkeypatch.setattr(demo, "run", lambda a: seen.append(a.out) or 0)
+    monkeypatch.setattr(demo, "run", lambda a, held: seen.append(a.out) or 0)
     assert demo.main(["--fast"]) == 0 and demo.main([]) == 0
-    assert seen == ["out/demo-fast", "out/demo"]
+    assert demo.main(["--corpus", "texts/my books"]) == 0 and demo.main(["--seeds", "3", "--fast"]) == 0
+    assert seen == ["out/demo-fast", "out/demo", "out/demo-my_books", "out/demo-fast-seeds3"]
     monkeypatch.undo()
 
     foreign = tmp_path / "results"
@@ -402,11 +403,3 @@ def test_sample_without_model_uses_the_demo_model_or_says_what_to_pass(world, tm
     assert sample.main(["--prompt", "prompt.txt", "--max-new-tokens", "4"]) == 0
     captured = capsys.readouterr()
     assert "--adapter out/demo/runs/s2-seed0" in captured.err and captured.out.strip()
-
-
-def test_an_export_may_be_repeated_into_the_folder_it_wrote(world, tmp_path):
-    from longlora import export
-
-    out = str(tmp_path / "merged")
-    argv = ["merge", "--base", world["base"], "--adapter", world["adapter"], "--out", out, "--format", "own"]
-    assert export.main(argv) == 0 and export.main(argv) == 0  # stamped by the first: ours to overwrite

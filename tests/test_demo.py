@@ -6,6 +6,7 @@ these tests also catch a demo that no longer fits the files it calls.
 
 import json
 import math
+import os
 import re
 import shutil
 import sys
@@ -156,6 +157,21 @@ def test_demo_rerun_reuses_the_cached_models_and_gives_the_same_table(fast_runs,
     assert log.count(": cached in ") == 1 + 2 * len(demo.VARIANTS)  # the base and every adapter
     assert "train.py --" not in log  # nothing was trained again
     assert (out / "results.md").read_text() == table
+
+
+def test_demo_with_other_settings_never_touches_an_earlier_run(fast_runs, tmp_path, capsys):
+    """Other settings (here --seeds; also --corpus, --fast, a changed SETTINGS) in the folder of a finished run are
+    refused before any work, and the run is kept byte for byte; --overwrite replaces it."""
+    out = tmp_path / "rerun"
+    shutil.copytree(fast_runs[0], out)
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    assert demo.main(["--fast", "--out", str(out), "--seeds", "1"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "holds a demo run with other settings" in err and "--overwrite" in err, err
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    assert demo.main(["--fast", "--out", str(out), "--seeds", "1", "--overwrite", "--threads", "1"]) == 0
+    assert json.loads((out / "results.json").read_text())["seeds"] == [0]
+    assert os.listdir(tmp_path) == ["rerun"]  # the earlier run, set aside, is gone
 
 
 def test_demo_writes_a_sample_and_a_plot(fast_runs):

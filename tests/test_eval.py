@@ -216,8 +216,8 @@ def test_ppl_cli_prints_a_table_and_writes_json_equal_to_the_function(model_dir,
     tokens.astype("<u2").tofile(tmp_path / "raw.bin")
     for name in ("train.bin", "raw.bin"):
         assert ev.main(["ppl", "--model", model_dir, "--tokens", str(tmp_path / name), "--seq-lens", "32,64",
-                        "--stride", "16", "--max-tokens", "600", "--out", str(tmp_path / "again.json")]) == 0
-        again = json.loads((tmp_path / "again.json").read_text())
+                        "--stride", "16", "--max-tokens", "600", "--out", str(tmp_path / f"again-{name}.json")]) == 0
+        again = json.loads((tmp_path / f"again-{name}.json").read_text())
         assert [r["ppl"] for r in again["results"]] == pytest.approx([r["ppl"] for r in result["results"]], rel=1e-6)
 
 

@@ -18,7 +18,7 @@ PACKAGES = ("longlora",)  # `from longlora import x` imports the module longlora
 
 # The layers, lowest first. A new file gets a place here on purpose, or test_every_module_has_a_layer fails.
 LAYERS = [
-    ["longlora", "longlora.cli", "longlora.tokenizer", "longlora.weights", "longlora.data", "longlora.memory"],
+    ["longlora", "longlora.cli", "longlora.output", "longlora.tokenizer", "longlora.weights", "longlora.data", "longlora.memory"],
     ["attention"],
     ["model"],
     ["lora"],

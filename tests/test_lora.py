@@ -294,11 +294,12 @@ def test_hf_export_loads_in_transformers_with_equal_logits_and_rope_scaling(base
     assert (hf_logits(unscaled, x) - ours).abs().max().item() > 100 * HF_TOL
 
 
-def test_reexport_into_the_same_directory_leaves_no_stale_shards(base_dir, adapter_dir, tmp_path):
+def test_reexport_with_overwrite_leaves_no_stale_shards(base_dir, adapter_dir, tmp_path):
     adapter, ours = adapter_dir
     out = str(tmp_path / "hf")
     assert main(["merge", "--base", base_dir, "--adapter", adapter, "--out", out, "--shard-size", "100KB"]) == 0
-    assert main(["merge", "--base", base_dir, "--adapter", adapter, "--out", out]) == 0  # now one file
+    assert len([n for n in os.listdir(out) if n.startswith("model-")]) > 1
+    assert main(["merge", "--base", base_dir, "--adapter", adapter, "--out", out, "--overwrite"]) == 0  # now one file
     assert sorted(n for n in os.listdir(out) if n != ".longlora.lock") == ["config.json", "model.safetensors", "tokenizer.model"]
     with torch.no_grad():
         assert (Transformer.from_pretrained(out)(tokens(2, 200)) - ours).abs().max().item() <= MERGE_TOL
@@ -347,7 +348,7 @@ def test_cli_bad_input_is_one_line_and_exit_2(base_dir, adapter_dir, tmp_path, c
         (["merge", "--base", base_dir, "--adapter", str(tmp_path / "nope"), "--out", str(tmp_path / "o1")], "no such adapter"),
         (["merge", "--base", str(wrong_base), "--adapter", adapter, "--out", str(tmp_path / "o2")], "n_layers=2"),
         (["merge", "--base", base_dir, "--adapter", adapter, "--out", str(tmp_path / "o3"), "--shard-size", "big"], "size"),
-        (["peft", "--base", base_dir, "--adapter", adapter, "--out", adapter], "new directory"),
+        (["peft", "--base", base_dir, "--adapter", adapter, "--out", adapter], "write to a new path"),
     ]
     for argv, message in cases:
         assert main(argv) == 2, argv
@@ -502,7 +503,7 @@ def test_import_of_bad_input_is_one_line_and_exit_2(base_dir, tmp_path, capsys):
         assert err.startswith("error:") and message in err and err.count("\n") == 1, err
         assert not os.path.exists(out(f"o{i}"))  # nothing written
     assert not marker.exists()  # the pickle was refused, not run
-    # a file in a folder this project did not write is never overwritten (cli.check_output); checked through `python lora.py import`, as a process
+    # a file in a folder this project did not write is never overwritten (output.check_output); checked through `python lora.py import`, as a process
     taken = tmp_path / "taken"
     taken.mkdir()
     (taken / "adapter_config.json").write_text("mine")

@@ -570,7 +570,7 @@ BAD = {
     "sft group rule without sft": (dict(sft_group_size="official"), "--sft-group-size applies to --sft"),
     "two model sources": (dict(preset="tiny"), "exactly one of --model, --preset, --from-scratch"),
     "resume from another config": (dict(resume="RUN", lr=5e-4, out="NEW"), "lr=0.001"),
-    "out holds checkpoints": (dict(out="RUN"), "already holds checkpoints"),
+    "out holds an earlier run": (dict(out="RUN"), "holds an earlier run and its result; add --resume"),
     "resume from a checkpoint missing a tensor": (dict(resume="RUN-MISSING", **SMALL_RUN, out="NEW"),
                                                   "tensor layers.0.attention.wq.lora_b is missing"),
     "resume from a checkpoint with an extra tensor": (dict(resume="RUN-EXTRA", **SMALL_RUN, out="NEW"),
@@ -698,7 +698,7 @@ def test_a_result_that_could_not_be_written_is_refused_before_the_first_step(tie
     assert train.main(common(tied_base, corpus, token_cache, steps=2, out=out)) == 2
     assert "parameter output.weight is trainable but an adapter does not store it" in capsys.readouterr().err
     assert not os.path.exists(os.path.join(out, "checkpoints"))
-    assert not os.path.exists(os.path.join(out, "metrics.jsonl"))  # no step ran
+    assert open(os.path.join(out, "metrics.jsonl")).read() == ""  # no step ran
 
 
 # ----------------------------------------------------------------------------------------------------
