@@ -14,10 +14,12 @@ What every command line of this project shares, so that each script says it once
 
 import argparse
 import functools
+import hashlib
 import json
 import os
 import re
 import sys
+import tempfile
 import time
 
 import torch
@@ -39,27 +41,44 @@ def one_line(e: BaseException) -> str:
     return text or type(e).__name__
 
 
+def first_on_this_machine(message: str) -> bool:
+    """Whether this rank is the first of its machine to report `message` in this launch of torchrun: each one
+    tries to create a file named after the launch (torchrun's agent, the parent of every local rank, and its
+    restart count) and the message; only one can."""
+    launch = f"{os.getppid()} {os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')} {message}"
+    path = os.path.join(tempfile.gettempdir(), f"longlora-error-{hashlib.sha1(launch.encode()).hexdigest()[:20]}")
+    try:
+        os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+    except FileExistsError:
+        return False
+    except OSError:  # no temporary folder to agree in: print
+        pass
+    return True
+
+
 def report(e: BaseException):
-    """Print the error once. Under torchrun, an argument error is the same on every rank: the first rank of
-    each machine prints it; any other error is printed by the rank that met it, with its rank.
+    """Print the error once. Under torchrun, an error that every rank meets (a wrong flag, an unreadable tokenizer)
+    is printed once per machine, by the first rank there to meet it; any other error by the rank that met it.
+    Errors other than argument errors name that rank.
 
     torchrun stops every rank as soon as one exits, and then prints its own summary of the failure. So each
     rank also writes the line into torchrun's error file (TORCHELASTIC_ERROR_FILE), which that summary shows
     as the "Root Cause"; and a rank that prints nothing waits a moment, so that the one that prints is not
     stopped before it has."""
-    rank, local_rank = os.environ.get("RANK"), os.environ.get("LOCAL_RANK", "0")
+    rank = os.environ.get("RANK")
     line = f"error: {one_line(e)}"
     if rank is None or "WORLD_SIZE" not in os.environ:
         print(line, file=sys.stderr)
         return
+    prints = first_on_this_machine(one_line(e))
     if not isinstance(e, UsageError):
         line = f"error: rank {rank}: {one_line(e)}"
-    if local_rank == "0" or not isinstance(e, UsageError):
+    if prints:
         print(line, file=sys.stderr, flush=True)
     if os.environ.get("TORCHELASTIC_ERROR_FILE"):  # the format torch.distributed.elastic's @record writes
         with open(os.environ["TORCHELASTIC_ERROR_FILE"], "w") as f:
             json.dump({"message": {"message": line, "extraInfo": {"py_callstack": line, "timestamp": str(int(time.time()))}}}, f)
-    if local_rank != "0" and isinstance(e, UsageError):
+    if not prints:
         time.sleep(2)
 
 

@@ -271,7 +271,8 @@ def test_help_shows_every_default_the_required_flags_and_examples(script, sub, m
 @pytest.mark.parametrize("bad,pattern", [
     (["--ctx", "0"], r"--ctx must be >= 1, got 0"),  # every rank finds it in its arguments
     (["--resume", "{corpus}"], r"--resume .*no complete checkpoint"),  # rank 0 alone reads the disk; the others agree
-], ids=["bad-ctx", "bad-resume"])
+    (["--tokenizer", "{garbage_tok}/tokenizer.model"], r"rank \d: .*tokenizer\.model: not a sentencepiece"),  # every rank reads it
+], ids=["bad-ctx", "bad-resume", "bad-tokenizer"])
 def test_a_mistake_under_torchrun_is_one_line_per_machine(world, bad, pattern):
     argv = train_args(world, os.path.join(world["file"] + "dir5", "o"), "--steps", "1") + [b.format(**world) for b in bad]
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
