@@ -43,8 +43,8 @@ def _holds_files(folder):
 def check_output(path, flag, is_dir=False, inputs=(), ours=(), overwrite=False, grows=False):
     """Raise UsageError unless `path` can be written as this command's result (a directory with is_dir).
 
-    inputs: (flag, path) pairs the command reads; `path` must be none of them nor lie inside one, compared by real
-    path (symlinks resolved). Something already at `path` is replaced only with `overwrite`; a folder also only
+    inputs: (flag, path) pairs the command reads; `path` must be none of them, nor lie inside one, nor (a folder)
+    hold one, which replacing it would delete; compared by real path (symlinks resolved). Something already at `path` is replaced only with `overwrite`; a folder also only
     if this project wrote it (its STAMP, or one of the names in `ours`). grows: a folder the command continues
     (a training run folder with --resume), which may hold its own files without --overwrite.
 
@@ -56,6 +56,8 @@ def check_output(path, flag, is_dir=False, inputs=(), ours=(), overwrite=False, 
         if real == os.path.realpath(p) or real.startswith(os.path.join(os.path.realpath(p), "")):
             raise UsageError(f"{flag} {path} {'is' if real == os.path.realpath(p) else 'is inside'} {in_flag} {p}; "
                              "write to a new path")
+        if is_dir and os.path.realpath(p).startswith(os.path.join(real, "")):
+            raise UsageError(f"{flag} {path} holds {in_flag} {p}; write to a folder outside what the command reads")
     path = os.path.abspath(path)
     if os.path.exists(path) and os.path.isdir(path) != is_dir:
         raise UsageError(f"{flag} {path}: is {'a file' if is_dir else 'a directory'}; expected "
@@ -129,6 +131,7 @@ def set_aside(path, flag):
     """--overwrite of a folder that grows (a training run, a demo): the old one leaves its place in one rename, then
     is deleted. A kill leaves the old folder in place, or nothing there (and a hidden .NAME.old-PID, removed by
     the next command that writes `path`)."""
+    path = os.path.realpath(path)
     if not _holds_files(path):
         return
     with lock_output(path, flag):  # nobody is writing it now
@@ -145,6 +148,7 @@ def building(path, overwrite=False, is_dir=True):
 
     A folder is stamped and locked while it is built. Replacing a folder takes two renames (the old one aside,
     the new one in): a kill between them leaves nothing at `path`, never a mix."""
+    path = os.path.realpath(path)  # a symlink to the destination stays one: what it points to is replaced
     _remove_leftovers(path)
     tmp = _aside(path, "partial")
     if is_dir:

@@ -93,6 +93,24 @@ def test_overwrite_never_replaces_a_folder_this_project_did_not_write(base, tmp_
     assert sorted(os.listdir(out)) == ["config.json"] and (out / "config.json").read_text() == "a user's file"
 
 
+def test_overwrite_never_replaces_a_folder_that_holds_an_input(base, tmp_path, capsys):
+    out = tmp_path / "work"
+    shutil.copytree(base["base"], out / "base")  # the base model inside the folder the merge would replace
+    (out / output.STAMP).touch()
+    before = snapshot(out)
+    assert merge({**base, "base": str(out / "base")}, str(out), "--overwrite") == 2
+    assert "holds --base" in capsys.readouterr().err and snapshot(out) == before
+
+
+def test_overwrite_through_a_symlink_replaces_what_it_points_to(base, tmp_path):
+    real, link = tmp_path / "real", tmp_path / "link"
+    assert merge(base, str(real), "--format", "own") == 0
+    link.symlink_to(real)
+    assert merge(base, str(link), "--format", "meta", "--overwrite") == 0
+    assert link.is_symlink() and "params.json" in os.listdir(link) and "consolidated.00.pth" in os.listdir(real)
+    assert sorted(os.listdir(tmp_path)) == ["link", "real"]
+
+
 def test_peft_export_and_import_refuse_an_existing_out_without_overwrite(base, tmp_path, capsys):
     from longlora import export
 
