@@ -73,7 +73,7 @@ Three implementations of the same function, all tested against the dense pattern
     group), with separate query and key boundaries (cu_seqlens) when keys are prepended; its causal
     mask is aligned to the bottom right, which is what a group with prepended keys needs. Padding is
     handled by cutting each row at its length, so batches with padding and several rows are right.
-backend="auto" picks flash for fp16/bf16 on CUDA with flash-attn >= 2.1 (_flash_varlen), sdpa otherwise. Masks
+backend="auto" picks flash for fp16/bf16 on CUDA with flash-attn >= 2.1 (flash_varlen), sdpa otherwise. Masks
 and packed indices are built once per forward on the device and reused by every layer (_valid, _packing).
 
 Usage:
@@ -296,7 +296,7 @@ def _sdpa_grouped(q, k, v, plan, lengths):
 # ----------------------------------------------------------------------------- flash backend
 
 @functools.cache
-def _flash_varlen():
+def flash_varlen():
     """(flash_attn_varlen_func, None) when a usable flash-attn is installed, else (None, why not). Looked up once.
 
     Usable means FlashAttention-2 at version 2.1 or later: before 2.1, when a sequence has more keys than
@@ -367,7 +367,7 @@ def _flash(q, k, v, plan, lengths):
         heads = list(zip(*(t.split(_halves(t.shape[2]), dim=2) for t in (q, k, v)), plan))
     if sum(Ls) == 0:
         return q.new_zeros(B, T, H, D)
-    varlen, why_not = _flash_varlen()
+    varlen, why_not = flash_varlen()
     if varlen is None:
         raise ValueError(f"backend 'flash': {why_not}")
     outs = []
@@ -408,7 +408,7 @@ def _check_inputs(q, k, v, lengths, backend):
         if len(lengths) != B or not all(isinstance(L, int) and 0 <= L <= T for L in lengths):
             raise ValueError(f"lengths must be B={B} ints in [0, T={T}], got {list(lengths)}")
     if backend == "auto":
-        backend = "flash" if _flash_runs_on(q) and _flash_varlen()[0] is not None else "sdpa"
+        backend = "flash" if _flash_runs_on(q) and flash_varlen()[0] is not None else "sdpa"
     if backend == "flash" and not _flash_runs_on(q):
         raise ValueError(f"backend 'flash' needs CUDA fp16/bf16 tensors, got {q.dtype} on {q.device.type}; "
                          "use backend 'sdpa' or 'auto'")

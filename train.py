@@ -65,8 +65,8 @@ from longlora.cli import UsageError, entry
 from longlora.data import longlora_sft_group_size, sample_positions
 from longlora.estimate import run_estimate
 from longlora.output import write_text
-from longlora.run import (StopSignals, check_result, claim_run, find_start, fmt_time, load_data, log0, parse_args, peak_memory_gb,
-                          reset_peak_memory, sft_group_rule, trajectory_config, write_result)
+from longlora.run import (StopSignals, attention_backend, check_result, claim_run, find_start, fmt_time, load_data, log0,
+                          parse_args, peak_memory_gb, reset_peak_memory, sft_group_rule, trajectory_config, write_result)
 from longlora.shard import all_sum, broadcast0, load_weights, lora_init_values, on_some_ranks, setup_distributed, shard_model
 from longlora.tokenizer import Tokenizer, find_tokenizer
 from longlora.weights import check_tokenizer_fits, read_checkpoint
@@ -238,6 +238,7 @@ def train(a, stop, held):
     log0(rank, f"model: {model.num_params() / 1e6:.2f}M parameters, ctx {a.ctx}, rope scaling {model.args.rope_scaling:g}, "
                f"attn {a.attn}, {'bf16' if bf16 else 'fp32'}, {world} process(es) on {device.type}" +
                (", FSDP" if distributed else ""))
+    log0(rank, f"attention backend: {attention_backend(device, bf16)}")
     log0(rank, f"{'trainable: all parameters' if a.from_scratch or a.full else trainable_summary(model)}; "
                f"data: {len(train_data)} training sequences, {len(held_data) if held_data else 0} held out")
 

@@ -227,11 +227,11 @@ def main(argv=None):
     if not torch.cuda.is_available():
         print("no CUDA device: the GPU acceptance check needs one; nothing was checked")
         return 0
-    from attention import _flash_varlen
+    from attention import flash_varlen
 
     device = "cuda"
     t_start = time.perf_counter()
-    backends = ["sdpa"] + (["flash"] if _flash_varlen()[0] is not None else [])
+    backends = ["sdpa"] + (["flash"] if flash_varlen()[0] is not None else [])
     print(f"GPU acceptance check on {torch.cuda.get_device_name()}, torch {torch.__version__} (CUDA {torch.version.cuda}), "
           f"attention backends {', '.join(backends)}{'' if 'flash' in backends else ' (flash-attn >= 2.1 not importable)'}",
           flush=True)

@@ -23,6 +23,8 @@ import fcntl
 import glob
 import os
 import shutil
+import socket
+import sys
 import tempfile
 
 from longlora.cli import UsageError
@@ -93,9 +95,12 @@ def check_distinct(*outputs):
 
 
 def lock_output(path, flag):
-    """An exclusive lock on the folder `path` (created if need be), held until the returned file is closed or the
+    """An exclusive lock on the folder `path` (created if need be), held until the returned object is closed or the
     process ends, even by a kill: a second command writing the same folder at the same time is refused, instead
-    of both interleaving their files. The lock file stays: it stamps the folder as one this project wrote."""
+    of both interleaving their files. The lock file stays: it stamps the folder as one this project wrote.
+
+    A file system without flock (Lustre mounted without -o flock, NFS without lockd) gets an owner file instead,
+    with a warning (OwnerFile)."""
     os.makedirs(path, exist_ok=True)
     f = open(os.path.join(path, STAMP), "a")
     try:
@@ -103,7 +108,55 @@ def lock_output(path, flag):
     except BlockingIOError:
         f.close()
         raise UsageError(f"{flag} {path}: another command is writing there now (it holds {path}/{STAMP})") from None
+    except OSError as e:  # ENOLCK, EOPNOTSUPP, ENOSYS: no flock here
+        f.close()
+        print(f"warning: {path}: this file system does not lock files ({e.strerror or e}); using {STAMP}.owner instead",
+              file=sys.stderr)
+        return OwnerFile(os.path.join(path, STAMP + ".owner"), flag)
     return f
+
+
+class OwnerFile:
+    """The lock where flock is missing: a file created only if absent (O_EXCL, atomic on every file system),
+    holding "host pid"; removed by close(). One left by a killed command is taken over when its process is gone
+    from this host; one of another host is never taken over (its process cannot be seen from here)."""
+
+    def __init__(self, path, flag):
+        self.path = path
+        me = f"{socket.gethostname()} {os.getpid()}"
+        while True:
+            try:
+                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                owner = open(path).read().split()
+                if len(owner) == 2 and owner[0] == socket.gethostname() and not _alive(int(owner[1])):
+                    os.remove(path)  # left by a killed command of this host
+                    continue
+                raise UsageError(f"{flag} {os.path.dirname(path)}: another command is writing there now (its owner "
+                                 f"file {path} names {' pid '.join(owner)}; delete it if that command is gone)") from None
+            os.write(fd, me.encode())
+            os.close(fd)
+            return
+
+    def close(self):
+        if os.path.exists(self.path):
+            os.remove(self.path)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def _alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, as another user's
+        pass
+    return True
 
 
 def _aside(path, kind):
@@ -122,8 +175,8 @@ def _remove_leftovers(path):
             with open(os.path.join(d, STAMP), "a") as f:
                 try:
                     fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                except BlockingIOError:
-                    continue  # a command is building it now
+                except OSError:
+                    continue  # a command is building it now (or no flock here: left alone)
                 shutil.rmtree(d, ignore_errors=True)
 
 

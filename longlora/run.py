@@ -20,12 +20,12 @@ from dataclasses import asdict
 import numpy as np
 import torch
 
-from attention import resolve_group_size
+from attention import flash_varlen, resolve_group_size
 from longlora.adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS, check_storable, save_adapter
 from longlora.checkpoint import checkpoint_dirs, find_resumable
 from longlora.cli import Parser, UsageError
-from longlora.output import check_output, install_files, lock_output, set_aside
 from longlora.data import (SFT_TEMPLATES, PackedData, SFTData, open_tokens, prepare_sft, prepare_tokens, split_heldout)
+from longlora.output import STAMP, check_output, install_files, lock_output, set_aside
 from longlora.shard import on_some_ranks
 from longlora.tokenizer import find_tokenizer
 from longlora.weights import MODEL_CONFIGS, MODEL_FILES, checkpoint_layout, write_model
@@ -203,8 +203,8 @@ def check_args(a, argv):
               for p in ([getattr(a, f)] if isinstance(getattr(a, f), str) else getattr(a, f) or [])]
     if a.overwrite and a.resume:
         raise UsageError("--resume continues a run, --overwrite deletes it first: give one of them")
-    check_output(a.out, "--out", is_dir=True, inputs=inputs, ours=["metrics.jsonl"], overwrite=a.overwrite,
-                 grows=is_run(a.out))  # a run folder: continued with --resume (find_start refuses it otherwise)
+    check_output(a.out, "--out", is_dir=True, inputs=inputs, ours=["metrics.jsonl"] + (["tokens"] * is_run(a.out)),
+                 overwrite=a.overwrite, grows=is_run(a.out))  # continued with --resume (find_start refuses it otherwise)
     if a.token_cache:  # a cache holds the token files of many runs: one with our token files is ours
         tc = a.token_cache
         check_output(tc, "--token-cache", is_dir=True, inputs=inputs, grows=True,
@@ -215,8 +215,13 @@ RESULT_CONFIGS = (ADAPTER_CONFIG, *MODEL_CONFIGS)  # without these, no result lo
 
 
 def is_run(path):
-    """A training run's folder: train.py writes metrics.jsonl first."""
-    return os.path.exists(os.path.join(path, "metrics.jsonl"))
+    """A training run's folder: rank 0 writes metrics.jsonl first. On another machine, which may not share rank 0's
+    disk, the folder holds only that machine's token cache (OUT/tokens, with its .bin.json sidecars)."""
+    if os.path.exists(os.path.join(path, "metrics.jsonl")):
+        return True
+    tokens = os.path.join(path, "tokens")
+    return (os.path.isdir(tokens) and set(os.listdir(path)) <= {"tokens", STAMP}
+            and any(n.endswith(".bin.json") for n in os.listdir(tokens)))
 
 
 def has_result(run_dir):
@@ -317,9 +322,20 @@ def reset_peak_memory(device):
             pass
 
 
+def attention_backend(device, bf16) -> str:
+    """For the log: what attention's backend "auto" runs in training, and when it is not flash-attn, why not."""
+    why_not = flash_varlen()[1]
+    if device.type != "cuda" or not bf16:
+        why_not = f"it runs on CUDA in bf16; this run is {'bf16' if bf16 else 'fp32'} on {device.type}"
+    return "flash-attn 2" if why_not is None else f"PyTorch SDPA (not flash-attn: {why_not})"
+
+
 def peak_memory_gb(device):
+    """(peak GB, what it counts). On CUDA the peak allocated by tensors, and what the caching allocator reserved
+    (allocated plus cached blocks: what the GPU sees used, which out-of-memory errors count)."""
     if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 1e9, "cuda max allocated"
+        return (torch.cuda.max_memory_allocated(device) / 1e9,
+                f"cuda max allocated; {torch.cuda.max_memory_reserved(device) / 1e9:.2f} GB reserved")
     if os.path.exists("/proc/self/status"):
         with open("/proc/self/status") as f:
             kb = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))

@@ -29,6 +29,7 @@ on the CPU, so one process and W ranks start from the same numbers.
 import datetime
 import math
 import os
+import re
 
 import torch
 import torch.distributed as dist
@@ -40,12 +41,28 @@ from longlora.weights import CheckpointError, check_state_dict
 
 # torchrun sets RANK / LOCAL_RANK / WORLD_SIZE; without them train.py runs in one process
 
+# FSDP2 takes frozen bf16 and trainable fp32 parameters in one unit (a LoRA block) from torch 2.8 on: before it,
+# fully_shard asked one dtype of every parameter of a unit (FSDPParamGroup._init_mp_dtypes: "FSDP expects uniform
+# original parameter dtype"); 2.8 asks it of the trainable ones only.
+FSDP_TORCH = (2, 8)
+
+
+def check_torch_version(version: str):
+    """Under torchrun, before anything is loaded: a torch too old for FSDP2 here is one error line, not an
+    AssertionError at the first forward."""
+    found = re.match(r"(\d+)\.(\d+)", version)
+    if found is None or tuple(map(int, found.groups())) < FSDP_TORCH:
+        raise UsageError(f"training under torchrun needs torch >= {'.'.join(map(str, FSDP_TORCH))} (FSDP2 with frozen bf16 "
+                         f"and trainable fp32 parameters in one unit); this is torch {version}: install a newer build "
+                         "for your CUDA (https://pytorch.org/get-started/locally/)")
+
 
 def setup_distributed():
     """(rank, local_rank, world, device, distributed, wait_group)."""
     if "WORLD_SIZE" not in os.environ:
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         return 0, 0, 1, device, False, None
+    check_torch_version(torch.__version__)
     rank, local_rank, world = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank)

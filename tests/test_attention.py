@@ -68,7 +68,7 @@ def flash_standin(monkeypatch):
         calls.append((args, kwargs))
         return flash_varlen_standin(*args, **kwargs)
 
-    monkeypatch.setattr(A, "_flash_varlen", lambda: (varlen, None))
+    monkeypatch.setattr(A, "flash_varlen", lambda: (varlen, None))
     monkeypatch.setattr(A, "_flash_runs_on", lambda q: True)  # as if q were CUDA fp16/bf16
     return calls
 
@@ -343,10 +343,10 @@ def test_flash_runs_only_on_cuda_half_precision():
 
 @pytest.fixture
 def fresh_flash_lookup():
-    """_flash_varlen looks flash-attn up once per process: forget it before and after the test."""
-    A._flash_varlen.cache_clear()
+    """flash_varlen looks flash-attn up once per process: forget it before and after the test."""
+    A.flash_varlen.cache_clear()
     yield
-    A._flash_varlen.cache_clear()
+    A.flash_varlen.cache_clear()
 
 
 def fake_flash_attn(version, with_varlen=True, calls=None):
@@ -408,7 +408,7 @@ def test_flash_needs_the_bottom_right_causal_mask_of_2_1(mode, wrap, monkeypatch
     errors = {}
     for top_left in (False, True):
         varlen = functools.partial(flash_varlen_standin, top_left=top_left)
-        monkeypatch.setattr(A, "_flash_varlen", lambda: (varlen, None))
+        monkeypatch.setattr(A, "flash_varlen", lambda: (varlen, None))
         errors[top_left] = (attention(q, k, v, mode, backend="flash", **kw) - ref).abs().max().item()
     assert errors[False] < 1e-5 and errors[True] > 0.1, errors
 

@@ -5,6 +5,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -321,3 +322,54 @@ def test_an_export_killed_while_writing_leaves_nothing_that_loads(base, tmp_path
     from longlora import export
     assert export.main(["peft", "--base", base["base"], "--adapter", base["adapter"], "--out", out]) == 0
     assert sorted(os.listdir(tmp_path)) == ["peft"]  # what the killed one left beside it is gone
+
+
+# ----------------------------------------------------------------------------------------------------
+# A file system without flock, a machine that does not share rank 0's disk
+
+
+def test_without_flock_an_owner_file_locks_the_folder_and_a_killed_owner_is_taken_over(tmp_path, monkeypatch, capsys):
+    import errno
+
+    def no_flock(f, how):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(output.fcntl, "flock", no_flock)
+    out = str(tmp_path / "run")
+    first = output.lock_output(out, "--out")
+    assert "does not lock files (No locks available)" in capsys.readouterr().err
+    with pytest.raises(output.UsageError, match=f"another command is writing there now .*{socket.gethostname()} pid {os.getpid()}"):
+        output.lock_output(out, "--out")
+    first.close()
+    with output.lock_output(out, "--out"):  # free again
+        pass
+    owner = os.path.join(out, output.STAMP + ".owner")
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    open(owner, "w").write(f"{socket.gethostname()} {dead.stdout.strip()}")  # left by a killed command of this host
+    with output.lock_output(out, "--out"):
+        assert open(owner).read() == f"{socket.gethostname()} {os.getpid()}"
+    open(owner, "w").write(f"another-host {os.getpid()}")  # its process cannot be seen from here: never taken over
+    with pytest.raises(output.UsageError, match="another-host pid"):
+        output.lock_output(out, "--out")
+
+
+def test_a_run_folder_holding_only_another_machines_token_cache_is_accepted_and_nothing_more(base, tmp_path, capsys):
+    """Without a shared disk, rank 0's machine holds the run (metrics, checkpoints, result); every other machine's
+    --out holds only its token cache, and a rerun or --resume must be accepted there too."""
+    import train
+
+    from longlora.data import prepare_tokens
+    from longlora.tokenizer import Tokenizer
+
+    out = tmp_path / "run"
+    (out / "tokens").mkdir(parents=True)  # a machine's cache, as load_data writes it
+    prepare_tokens([base["corpus"]], Tokenizer(base["tok"]), str(out / "tokens" / "train.bin"))
+    assert any(n.endswith(".bin.json") for n in os.listdir(out / "tokens"))
+    argv = ["--model", base["base"], "--data", base["corpus"], "--ctx", "32", "--steps", "1", "--heldout", "0",
+            "--out", str(out)]
+    from longlora.run import parse_args
+
+    parse_args(argv, train.RECIPE)  # accepted: no error
+    (out / "notes.txt").write_text("a user's file")
+    with pytest.raises(output.UsageError, match="did not write"):
+        parse_args(argv, train.RECIPE)

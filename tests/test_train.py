@@ -6,6 +6,7 @@ attention), the defaults are LongLoRA's recipe, clean failures, no flag shadows 
 
 import json
 import math
+import re
 import os
 import shutil
 import signal
@@ -779,3 +780,53 @@ def test_step_s_trains_on_the_global_samples_of_step_s(base_dir, corpus, token_c
     assert train.main(common(base_dir, corpus, token_cache, steps=2, batch_size=2, grad_accum=2, heldout=0, out=out)) == 0
     n = read[0][0]
     assert [p for _, p in read] == [sample_positions(n, 0, j, 2).tolist() for j in (0, 2, 4, 6)]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Before a GPU run: the torch version under torchrun, the attention backend in the log
+
+
+@pytest.mark.parametrize("version,ok", [("2.7.1+cu126", False), ("2.8.0", True), ("2.10.0a0+git1234", True),
+                                        ("2.13.0+cpu", True), ("1.13.1", False)])
+def test_torchrun_needs_torch_2_8_for_mixed_dtype_fsdp_units(version, ok):
+    from longlora.cli import UsageError
+    from longlora.shard import check_torch_version
+
+    if ok:
+        check_torch_version(version)
+    else:
+        with pytest.raises(UsageError, match=rf"needs torch >= 2\.8 .*this is torch {re.escape(version)}"):
+            check_torch_version(version)
+
+
+def test_under_torchrun_an_old_torch_is_refused_before_the_process_group_starts(monkeypatch):
+    from longlora import shard
+    from longlora.cli import UsageError
+
+    for k, v in dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="2").items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setattr(shard.torch, "__version__", "2.7.1+cu126")
+    monkeypatch.setattr(shard.dist, "init_process_group", lambda *a, **k: pytest.fail("the process group started"))
+    with pytest.raises(UsageError, match="needs torch >= 2.8"):
+        shard.setup_distributed()
+
+
+def test_the_log_names_the_attention_backend_and_why_not_flash(monkeypatch):
+    import attention
+    from longlora import run
+
+    cuda = torch.device("cuda")
+    assert run.attention_backend(torch.device("cpu"), False) == \
+        "PyTorch SDPA (not flash-attn: it runs on CUDA in bf16; this run is fp32 on cpu)"
+    monkeypatch.setattr(run, "flash_varlen", lambda: (None, "flash-attn 2 cannot be imported (No module named 'flash_attn')"))
+    assert run.attention_backend(cuda, True) == \
+        "PyTorch SDPA (not flash-attn: flash-attn 2 cannot be imported (No module named 'flash_attn'))"
+    monkeypatch.setattr(run, "flash_varlen", lambda: (attention.attention, None))
+    assert run.attention_backend(cuda, True) == "flash-attn 2"
+    assert run.attention_backend(cuda, False).startswith("PyTorch SDPA")
+
+
+def test_a_run_logs_its_attention_backend(base_dir, corpus, token_cache, tmp_path, capsys):
+    assert train.main(common(base_dir, corpus, token_cache, steps=1, ctx=32, out=str(tmp_path / "run"))) == 0
+    assert "attention backend: PyTorch SDPA (not flash-attn: it runs on CUDA in bf16; this run is fp32 on cpu)" \
+        in capsys.readouterr().out
