@@ -17,7 +17,7 @@ import sys
 import torch
 
 from longlora.adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS, load_model, save_adapter
-from longlora.cli import Parser, atomic_write, check_output, entry, lock_output
+from longlora.cli import MAX_CTX, Parser, UsageError, atomic_write, check_output, entry, integer, lock_output
 from longlora.weights import (CheckpointError, check_state_dict, checkpoint_layout, hf_config, hf_config_fields, hf_key_map,
                               hf_to_meta_qk, meta_to_hf_qk, parse_size, read_json, write_json, write_model)
 from lora import TARGETS, adapter_state, apply_lora, mark_trainable, merge_lora
@@ -260,8 +260,6 @@ def import_command(a):
     for name in (ADAPTER_WEIGHTS, ADAPTER_CONFIG):  # never overwrite an adapter this command did not write
         if os.path.exists(os.path.join(a.out, name)):
             raise ValueError(f"--out {a.out} already holds {name}; choose a new directory")
-    if a.ctx is not None and a.ctx < 1:
-        raise ValueError(f"--ctx must be positive, got {a.ctx}")
     model, note = import_peft(a.peft, a.base, a.ctx)
     args, cfg = model.args, model.lora_config
     lock = lock_output(a.out, "--out")  # noqa: F841
@@ -306,14 +304,17 @@ def main(argv=None) -> int:
                                    "embeddings and norms) and write adapter.safetensors + adapter_config.json for the base.")
     i.add_argument("--peft", required=True, help="PEFT adapter directory (e.g. LongLoRA's Llama-2-7b-longlora-32k)")
     i.add_argument("--base", required=True, help="the base checkpoint it was trained on (Meta, HF or this project's layout)")
-    i.add_argument("--ctx", type=int, help="the context it was fine-tuned for (LongLoRA's --context_size, e.g. 32768); "
+    i.add_argument("--ctx", type=integer(1, MAX_CTX), help="the context it was fine-tuned for (LongLoRA's --context_size, e.g. 32768); "
                    "RoPE factor ceil(ctx / base context). Default: read from a config.json in --peft")
     i.add_argument("--out", required=True, help="new output directory for the adapter")
     a = p.parse_args(argv)
     src = ("--peft", a.peft) if a.command == "import" else ("--adapter", a.adapter)
     check_output(a.out, "--out", is_dir=True, inputs=[("--base", a.base), src])
     if a.command == "merge":
-        parse_size(a.shard_size)
+        try:
+            parse_size(a.shard_size)
+        except ValueError as e:
+            raise UsageError(f"--shard-size {e}") from None
         merge_command(a)
     elif a.command == "peft":
         peft_command(a)

@@ -17,6 +17,7 @@ formats, not the model: the caller passes model.ModelArgs, and a model to fill.
 import glob
 import itertools
 import json
+import math
 import os
 import shutil
 import sys
@@ -449,12 +450,12 @@ def parse_size(text) -> int:
     else:
         m = 1
     try:
-        n = int(float(s) * m)
+        x = float(s) * m
     except ValueError:
-        raise ValueError(f"cannot read size {text!r} (expected e.g. 5GB, 500MB or a number of bytes)") from None
-    if n <= 0:
-        raise ValueError(f"size must be positive, got {text!r}")
-    return n
+        raise ValueError(f"{text}: not a size (expected e.g. 5GB, 500MB or a number of bytes)") from None
+    if not (math.isfinite(x) and x >= 1):
+        raise ValueError(f"{text}: must be a finite size of at least 1 byte")
+    return int(x)
 
 
 def write_json(path, obj):

@@ -105,7 +105,7 @@ CASES = [
      r"a 512-token tokenizer does not fit the model's 2048-token embedding"),
     ("model-unknown-flag", "longlora.inspect", ["--bogus"], r"unrecognized arguments: --bogus"),
     # sample.py
-    ("sample-temperature-nan", "sample", ["--model", "{base}", "--prompt", "hi there", "--temperature", "nan"], r"finite --temperature"),
+    ("sample-temperature-nan", "sample", ["--model", "{base}", "--prompt", "hi there", "--temperature", "nan"], r"--temperature must be a finite number >= 0, got nan"),
     ("sample-h2o-no-budget", "sample", ["--model", "{base}", "--prompt", "hi there", "--kv-cache", "h2o", "--heavy", "0",
                                         "--recent", "0"], r"--kv-cache h2o needs --recent > 0"),
     ("sample-sink-no-recent", "sample", ["--model", "{base}", "--prompt", "hi there", "--kv-cache", "sink", "--recent", "0"],
@@ -144,7 +144,7 @@ CASES = [
      r"holds files this project did not write"),
     ("train-out-inside-data", "train", lambda w: train_args(w, os.path.join(w["corpus"], "run")), r"--out .* is inside --data"),
     ("train-steps-0", "train", lambda w: train_args(w, os.path.join(os.path.dirname(w["base"]), "s0"), "--steps", "0"),
-     r"--steps must be >= 1, got 0"),
+     r"--steps must be an integer >= 1, got 0"),
     ("eval-out-inside-data", "longlora.eval", ["ppl", "--model", "{base}", "--data", "{corpus}", "--out", "{corpus}/ppl.json"],
      r"--out .* is inside --data"),
     # train.py
@@ -159,12 +159,52 @@ CASES = [
     ("train-resume-truncated-optimizer", "train", resume("run_bad_optimizer"), r"optimizer\.pt: cannot read"),
     ("train-resume-truncated-rng", "train", resume("run_bad_rng"), r"rng\.pt: cannot read"),
     ("train-resume-invalid-state-json", "train", resume("run_bad_state"), r"--resume .*state\.json"),
+    # numbers: every numeric flag is parsed by a type that refuses nan, inf and values out of range, naming the flag
+    *[(f"train-{flag[2:]}-{v}", "train", (lambda flag, v: lambda w: train_args(w, w["file"] + "dir7") + [flag, v])(flag, v),
+       re.escape(flag) + " must be " + re.escape(msg)) for flag, v, msg in [
+        ("--grad-clip", "nan", "a finite number >= 0, got nan"), ("--lora-alpha", "0", "a finite number > 0, got 0"),
+        ("--lora-dropout", "-1", "a finite number in [0, 1), got -1"), ("--lora-dropout", "nan", "a finite number in [0, 1)"),
+        ("--ctx", "1e12", "an integer, got '1e12'"), ("--ctx", str(2**24 + 1), "an integer in [1, 16777216]"),
+        ("--beta2", "1", "a finite number in [0, 1), got 1"), ("--heldout", "nan", "a finite number in [0, 1)"),
+        ("--eval-samples", "-1", "an integer >= 0"), ("--seed", "-1", "an integer in [0,"), ("--lora-r", "0", "an integer in [1,"),
+        ("--min-lr-ratio", "inf", "a finite number in [0, 1]"), ("--weight-decay", "-0.1", "a finite number >= 0")]],
+    ("train-sft-template-without-sft", "train", lambda w: train_args(w, w["file"] + "dir7") + ["--sft-template", "longalpaca"],
+     r"--sft-template applies to --sft only"),
+    ("train-sink-tokens-without-sf", "train", lambda w: train_args(w, w["file"] + "dir7") + ["--attn", "s2", "--sink-tokens", "8"],
+     r"--sink-tokens applies to --attn sf only"),
+    ("train-shift-wrap-with-full", "train", lambda w: train_args(w, w["file"] + "dir7") + ["--attn", "full", "--shift-wrap"],
+     r"--shift-wrap applies to --attn s2 or sf only"),
+    *[(f"sample-{flag[2:]}-{v}", "sample", ["--model", "{base}", "--prompt", "hi there", flag, v], re.escape(flag) + " " + msg)
+      for flag, v, msg in [
+        ("--top-p", "1.5", r"must be a finite number in \(0, 1\], got 1.5"), ("--top-k", "-1", "must be an integer >= 0"),
+        ("--max-new-tokens", "0", r"must be an integer in \[1,"), ("--heavy", "nan", "must be a count"),
+        ("--recent", "1e9", "must be a count"), ("--prefill-chunk", "0", "must be an integer"), ("--seed", "1.5", "must be an integer"),
+        ("--device", "gpu", "gpu: expected cpu, cuda, cuda:N or mps"), ("--device", "meta", "meta: expected cpu, cuda")]],
+    ("sample-heavy-with-full-cache", "sample", ["--model", "{base}", "--prompt", "hi there", "--heavy", "0.2"],
+     r"--heavy applies to --kv-cache h2o, not full"),
+    ("sample-sink-tokens-with-h2o", "sample", ["--model", "{base}", "--prompt", "hi there", "--kv-cache", "h2o", "--sink-tokens", "2"],
+     r"--sink-tokens applies to --kv-cache sink, not h2o"),
+    *[(f"eval-{flag[2:]}-{v}", "longlora.eval", [task, "--model", "{base}", *(["--data", "{corpus}"] if task == "ppl" else []), flag, v],
+       re.escape(flag) + " " + msg) for task, flag, v, msg in [
+        ("ppl", "--seq-lens", "32,0", r"must be an integer in \[1, 16777216\], got 0"), ("ppl", "--stride", "-256", "must be an integer"),
+        ("ppl", "--batch-size", "0", "must be an integer >= 1"), ("ppl", "--max-tokens", "1", "must be an integer >= 2"),
+        ("passkey", "--depths", "0.5,nan", r"must be a finite number in \[0, 1\], got nan"),
+        ("passkey", "--trials", "0", "must be an integer >= 1"), ("passkey", "--lengths", "1e12", "must be an integer"),
+        ("ppl", "--device", "cuda:x", "cuda:x: expected cpu, cuda")]],
+    ("bench-ctx-inf", "longlora.bench", ["train", "--ctx", "inf"], r"--ctx must be an integer, got 'inf'"),
+    ("bench-threads-negative", "longlora.bench", ["sample", "--threads", "-2"], r"--threads must be an integer in \[0, 4096\]"),
+    ("inspect-seed-negative", "longlora.inspect", ["--seed", "-5"], r"--seed must be an integer in \[0,"),
+    ("demo-threads-0", "demo", ["--threads", "0", "--out", "{under}"], r"--threads must be an integer in \[1, 4096\], got 0"),
+    ("import-ctx-huge", "longlora.export", ["import", "--peft", "{adapter}", "--base", "{base}", "--ctx", "1000000000000",
+                                            "--out", "{file}dir8"], r"--ctx must be an integer in \[1, 16777216\]"),
+    ("merge-shard-size-inf", "longlora.export", ["merge", "--base", "{base}", "--adapter", "{adapter}", "--out", "{file}dir8",
+                                                "--shard-size", "inf"], r"--shard-size inf: must be a finite size"),
     # bench.py, attention.py, demo.py
-    ("bench-train-repeats-0", "longlora.bench", ["train", "--repeats", "0"], r"--repeats must be >= 1"),
-    ("bench-attention-short-T", "longlora.bench", ["attention", "--T", "4"], r"--T must be at least 8"),
-    ("attention-T-1", "longlora.draw", ["--T", "1"], r"--T must be between 2 and 200"),
+    ("bench-train-repeats-0", "longlora.bench", ["train", "--repeats", "0"], r"--repeats must be an integer >= 1, got 0"),
+    ("bench-attention-short-T", "longlora.bench", ["attention", "--T", "4"], r"--T must be an integer in \[8, 16777216\], got 4"),
+    ("attention-T-1", "longlora.draw", ["--T", "1"], r"--T must be an integer in \[2, 200\], got 1"),
     ("attention-odd-group", "longlora.draw", ["--T", "16", "--group-size", "3"], r"group"),
-    ("demo-seeds-0", "demo", ["--seeds", "0", "--out", "{under}"], r"--seeds must be >= 1"),
+    ("demo-seeds-0", "demo", ["--seeds", "0", "--out", "{under}"], r"--seeds must be an integer >= 1, got 0"),
     ("demo-missing-corpus", "demo", ["--fast", "--corpus", "{file}nope", "--out", "{file}dir3"], r"--corpus"),
 ]
 
@@ -214,7 +254,7 @@ def test_a_broken_model_is_reported_before_the_data_is_tokenized(world, tmp_path
 
 
 @pytest.mark.parametrize("script,argv,pattern", [
-    ("sample.py", ["--model", "{base}", "--prompt", "hi", "--temperature", "nan"], r"finite --temperature"),
+    ("sample.py", ["--model", "{base}", "--prompt", "hi", "--temperature", "nan"], r"--temperature must be a finite number >= 0, got nan"),
     ("train.py", ["--model", "{base}", "--data", "{corpus}", "--out", "{under}"], r"--out .*is a file"),
 ])
 def test_a_mistake_from_the_command_line_is_one_line_too(world, script, argv, pattern):
@@ -269,7 +309,7 @@ def test_help_shows_every_default_the_required_flags_and_examples(script, sub, m
 
 
 @pytest.mark.parametrize("bad,pattern", [
-    (["--ctx", "0"], r"--ctx must be >= 1, got 0"),  # every rank finds it in its arguments
+    (["--ctx", "0"], r"--ctx must be an integer in \[1, 16777216\], got 0"),  # every rank finds it in its arguments
     (["--resume", "{corpus}"], r"--resume .*no complete checkpoint"),  # rank 0 alone reads the disk; the others agree
 ], ids=["bad-ctx", "bad-resume"])
 def test_a_mistake_under_torchrun_is_one_line_per_machine(world, bad, pattern):
