@@ -193,10 +193,10 @@ def check_args(a, argv):
     inputs = [(f"--{f.replace('_', '-')}", p) for f in ("model", "tokenizer", "data", "eval_data")
               for p in ([getattr(a, f)] if isinstance(getattr(a, f), str) else getattr(a, f) or [])]
     check_output(a.out, "--out", is_dir=True, inputs=inputs, ours=["metrics.jsonl"])  # (runs from before the stamp)
-    if a.token_cache:  # a cache holds the token files of many runs: one with our token files is ours
+    if a.token_cache:  # a cache holds the token files of many runs: one with our token files (or their locks) is ours
         tc = a.token_cache
         check_output(tc, "--token-cache", is_dir=True, inputs=inputs,
-                     ours=[n for n in os.listdir(tc) if n.endswith(".bin.json")] if os.path.isdir(tc) else [])
+                     ours=[n for n in os.listdir(tc) if n.endswith((".bin.json", ".bin.lock"))] if os.path.isdir(tc) else [])
 
 
 def find_start(a, model, config):
@@ -246,6 +246,9 @@ def load_data(a, tokenizer, local_rank, distributed, wait_group=None):
         keep = np.flatnonzero(index[:, 1] < np.minimum(index[:, 2], a.ctx + 1))  # at least one answer token fits
         if len(keep) == 0:
             raise UsageError(f"empty dataset: no example of {', '.join(a.data)} has answer tokens within --ctx {a.ctx}")
+        if len(keep) < len(index) and local_rank == 0:
+            print(f"note: {len(index) - len(keep)} of {len(index)} SFT examples are left out: their prompt fills --ctx "
+                  f"{a.ctx} (no answer token to learn); a larger --ctx keeps them", file=sys.stderr, flush=True)
         n = len(keep)
     else:
         n = (len(tokens) - 1) // a.ctx

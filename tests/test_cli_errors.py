@@ -66,6 +66,11 @@ def world(tmp_path_factory, sp_model):
     torch.save(Transformer(preset("tiny", vocab_size=512)).state_dict(), os.path.join(w["meta_bad"], "consolidated.00.pth"))
     json.dump({"dim": 128, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "vocab_size": 512, "multiple_of": 32},
               open(os.path.join(w["meta_bad"], "params.json"), "w"))
+    good = {"instruction": "Name a module.", "output": "argparse"}
+    for name, recs in (("sft_input_number.jsonl", [good, {**good, "input": 5}]), ("sft_input_list.json", [good, {**good, "input": ["x"]}]),
+                       ("sft_no_output.jsonl", [good, good, {"instruction": "Name one."}]), ("sft_not_object.json", [good, "text"])):
+        with open(path(name), "w") as f:
+            f.write("\n".join(json.dumps(r) for r in recs) if name.endswith("l") else json.dumps(recs))
     os.symlink(w["base"], path("link_to_base"))
     shutil.copytree(w["base"], path("mixed"))  # a leftover Meta shard beside this project's layout
     shutil.copy(os.path.join(w["meta_bad"], "consolidated.00.pth"), w["mixed"])
@@ -159,6 +164,16 @@ CASES = [
     ("train-resume-truncated-optimizer", "train", resume("run_bad_optimizer"), r"optimizer\.pt: cannot read"),
     ("train-resume-truncated-rng", "train", resume("run_bad_rng"), r"rng\.pt: cannot read"),
     ("train-resume-invalid-state-json", "train", resume("run_bad_state"), r"--resume .*state\.json"),
+    # SFT records: every field of the expected type, else the file and the record (its line in a .jsonl) are named
+    ("train-sft-input-number", "train", lambda w: train_args(w, w["file"] + "dir7") + ["--sft", "--data", w["sft_input_number.jsonl"]],
+     r"sft_input_number\.jsonl:2: field 'input' must be a string or null, got a number \(5\)"),
+    ("train-sft-input-list-longalpaca", "train", lambda w: train_args(w, w["file"] + "dir7") + [
+        "--sft", "--sft-template", "longalpaca", "--data", w["sft_input_list.json"]],
+     r"sft_input_list\.json: record 2: field 'input' must be a string or null, got an array"),
+    ("train-sft-no-output", "train", lambda w: train_args(w, w["file"] + "dir7") + ["--sft", "--data", w["sft_no_output.jsonl"]],
+     r"sft_no_output\.jsonl:3: field 'output' must be a string, got no such field"),
+    ("train-sft-not-an-object", "train", lambda w: train_args(w, w["file"] + "dir7") + ["--sft", "--data", w["sft_not_object.json"]],
+     r"sft_not_object\.json: record 2: must be an object \{instruction, input\?, output\}, got a string"),
     # numbers: every numeric flag is parsed by a type that refuses nan, inf and values out of range, naming the flag
     *[(f"train-{flag[2:]}-{v}", "train", (lambda flag, v: lambda w: train_args(w, w["file"] + "dir7") + [flag, v])(flag, v),
        re.escape(flag) + " must be " + re.escape(msg)) for flag, v, msg in [
@@ -450,3 +465,60 @@ def test_an_export_may_be_repeated_into_the_folder_it_wrote(world, tmp_path):
     out = str(tmp_path / "merged")
     argv = ["merge", "--base", world["base"], "--adapter", world["adapter"], "--out", out, "--format", "own"]
     assert export.main(argv) == 0 and export.main(argv) == 0  # stamped by the first: ours to overwrite
+
+
+def test_sft_examples_whose_prompt_fills_the_context_are_counted_in_a_note(world, tmp_path, capsys):
+    import train
+
+    long_input = open(os.path.join(STDLIB, "argparse.py")).read()[:2000]  # hundreds of tokens: more than --ctx 32
+    recs = [{"instruction": "Name a module.", "output": "argparse"}] * 3 + [{"instruction": "Summarize.", "input": long_input,
+                                                                             "output": "A parser."}] * 2
+    data = tmp_path / "sft.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    argv = train_args(world, str(tmp_path / "run"), "--steps", "1", "--sft", "--attn", "full")
+    argv[argv.index("--data") + 1] = str(data)
+    argv[argv.index("--token-cache") + 1] = str(tmp_path / "tokens")
+    assert train.main(argv) == 0
+    err = capsys.readouterr().err
+    assert "note: 2 of 5 SFT examples are left out: their prompt fills --ctx 32" in err, err
+
+
+def test_a_second_run_waits_for_the_first_tokenizing_into_a_shared_token_cache(world, tmp_path, capsys):
+    """A run that shares --token-cache with one still tokenizing (its lock held, its token file half written) is
+    not refused: it waits for the lock, then reads what the first wrote instead of tokenizing again."""
+    import fcntl
+    import threading
+    import train
+
+    def argv(out, cache):
+        a = train_args(world, str(tmp_path / out), "--steps", "1")
+        a[a.index("--token-cache") + 1] = str(tmp_path / cache)
+        return a
+
+    assert train.main(argv("run0", "done")) == 0  # the first run's result, and the name of its token file
+    name = next(n for n in os.listdir(tmp_path / "done") if n.endswith(".bin"))
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    lock = open(shared / f"{name}.lock", "a")  # the first run, now tokenizing
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    (shared / f"{name}.tmp.12345").write_bytes(b"\0" * 100)
+    first = {}
+
+    def finish():  # it writes its files as data.py does (each by a rename), then lets go of the lock
+        first["written meanwhile"] = os.path.exists(shared / name)  # by the second run, which should be waiting
+        for n in (name, name + ".json"):
+            shutil.copy(tmp_path / "done" / n, shared / (n + ".part"))
+            os.replace(shared / (n + ".part"), shared / n)
+        os.remove(shared / f"{name}.tmp.12345")
+        first["inode"] = os.stat(shared / name).st_ino
+        lock.close()
+
+    timer = threading.Timer(2.0, finish)
+    timer.start()
+    try:
+        assert train.main(argv("run1", "shared")) == 0
+    finally:
+        timer.join()
+    err = capsys.readouterr().err
+    assert "waiting for another run that is tokenizing into" in err, err
+    assert not first["written meanwhile"] and os.stat(shared / name).st_ino == first["inode"]  # read, not written again
