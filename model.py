@@ -67,10 +67,12 @@ class ModelArgs:
     shift_wrap: bool = False  # the paper's cyclic roll (leaks future tokens; ablation only)
 
     def __post_init__(self):
-        for f in fields(self):  # values read from a config file: a number must be a number
+        for f in fields(self):  # values read from a config file: a number must be a number, finite and > 0
             v = getattr(self, f.name)
             if f.name != "attn" and not (v is None or isinstance(v, int if type(f.default) is int else (int, float))):
                 raise ValueError(f"{f.name} must be a number, got {v!r}")
+            if type(v) in (int, float) and not (math.isfinite(v) and (v > 0 or (f.name == "sink_tokens" and v == 0))):
+                raise ValueError(f"{f.name} must be a finite number > 0, got {v!r}")
         if self.n_kv_heads is None:
             self.n_kv_heads = self.n_heads
         if self.dim % self.n_heads:

@@ -176,7 +176,12 @@ def import_peft(peft_dir, base, ctx=None) -> tuple:
         if not os.path.isfile(config):
             raise ValueError(f"{peft_dir}: a PEFT adapter does not record the context it was trained for; "
                              "pass --ctx (e.g. 32768 for LongLoRA's Llama-2-7b-longlora-32k)")
-        args = ModelArgs(**hf_config_fields(read_json(config), config))
+        try:
+            args = ModelArgs(**hf_config_fields(read_json(config), config))
+        except CheckpointError:
+            raise
+        except ValueError as e:  # fields of the right types that make no model (ModelArgs' checks)
+            raise CheckpointError(f"{config}: {e}") from None
         if args.rope_scaling == 1.0:  # (dvlab-research/LongLoRA#181: some released repositories lack rope_scaling)
             raise ValueError(f"{config} records no RoPE scaling, so not the context the adapter was trained for; "
                              "pass --ctx (e.g. 32768 for LongLoRA's Llama-2-7b-longlora-32k)")

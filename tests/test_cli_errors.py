@@ -66,6 +66,36 @@ def world(tmp_path_factory, sp_model):
     torch.save(Transformer(preset("tiny", vocab_size=512)).state_dict(), os.path.join(w["meta_bad"], "consolidated.00.pth"))
     json.dump({"dim": 128, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "vocab_size": 512, "multiple_of": 32},
               open(os.path.join(w["meta_bad"], "params.json"), "w"))
+    hf = {"model_type": "llama", "hidden_size": 64, "num_attention_heads": 4, "num_hidden_layers": 2, "vocab_size": 512,
+          "intermediate_size": 192}
+    for name, cfg in (("hf_rope_string", {**hf, "rope_scaling": "linear"}), ("hf_rope_list", {**hf, "rope_scaling": [8.0]}),
+                      ("hf_list", [1]), ("hf_heads_0", {**hf, "num_attention_heads": 0}),
+                      ("hf_eps_string", {**hf, "rms_norm_eps": "1e-5"}), ("hf_layers_float", {**hf, "num_hidden_layers": 2.5}),
+                      ("hf_factor_inf", {**hf, "rope_scaling": {"type": "linear", "factor": float("inf")}}),
+                      ("hf_tie_string", {**hf, "tie_word_embeddings": "false"}),
+                      ("hf_rope_disagree", {**hf, "rope_scaling": {"type": "linear", "factor": 8.0},
+                                            "rope_parameters": {"rope_type": "linear", "factor": 4.0, "rope_theta": 10000.0}}),
+                      ("hf_theta_disagree", {**hf, "rope_theta": 50000.0, "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0}})):
+        os.makedirs(path(name))
+        json.dump(cfg, open(os.path.join(w[name], "config.json"), "w"))
+    os.makedirs(path("meta_heads_float"))  # Meta's layout, a params.json field of the wrong type
+    shutil.copy(os.path.join(w["meta_bad"], "consolidated.00.pth"), w["meta_heads_float"])
+    json.dump({"dim": 64, "n_layers": 2, "n_heads": 4.5, "n_kv_heads": 2, "vocab_size": 512, "multiple_of": 32},
+              open(os.path.join(w["meta_heads_float"], "params.json"), "w"))
+    shutil.copytree(w["base"], path("own_list"))
+    json.dump([1], open(os.path.join(w["own_list"], "params.json"), "w"))
+    shutil.copytree(w["base"], path("own_eps_0"))
+    json.dump({**params, "norm_eps": 0}, open(os.path.join(w["own_eps_0"], "params.json"), "w"))
+    from safetensors.torch import load_file, save_file
+    shutil.copytree(w["base"], path("int8"))  # a quantized checkpoint: integer weights
+    tensors = load_file(os.path.join(w["int8"], "model.safetensors"))
+    tensors["layers.0.attention.wq.weight"] = (tensors["layers.0.attention.wq.weight"] * 100).to(torch.int8)
+    save_file(tensors, os.path.join(w["int8"], "model.safetensors"))
+    peft_dir = path("peft_no_fields")  # a PEFT adapter whose config.json lacks fields
+    os.makedirs(peft_dir)
+    json.dump({"peft_type": "LORA", "r": 2, "lora_alpha": 4, "target_modules": ["q_proj"]}, open(os.path.join(peft_dir, "adapter_config.json"), "w"))
+    save_file({"base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": torch.zeros(2, 64)}, os.path.join(peft_dir, "adapter_model.safetensors"))
+    json.dump({"model_type": "llama", "rope_scaling": {"type": "linear", "factor": 2.0}}, open(os.path.join(peft_dir, "config.json"), "w"))
     good = {"instruction": "Name a module.", "output": "argparse"}
     for name, recs in (("sft_input_number.jsonl", [good, {**good, "input": 5}]), ("sft_input_list.json", [good, {**good, "input": ["x"]}]),
                        ("sft_no_output.jsonl", [good, good, {"instruction": "Name one."}]), ("sft_not_object.json", [good, "text"])):
@@ -164,6 +194,26 @@ CASES = [
     ("train-resume-truncated-optimizer", "train", resume("run_bad_optimizer"), r"optimizer\.pt: cannot read"),
     ("train-resume-truncated-rng", "train", resume("run_bad_rng"), r"rng\.pt: cannot read"),
     ("train-resume-invalid-state-json", "train", resume("run_bad_state"), r"--resume .*state\.json"),
+    # config.json, params.json: every field of the right type and range, else one line naming the file and the field
+    *[(f"model-{name}", "longlora.inspect", ["--model", "{%s}" % name], pattern) for name, pattern in [
+        ("hf_rope_string", r"hf_rope_string/config\.json: field 'rope_scaling' must be an object, got \"linear\""),
+        ("hf_rope_list", r"config\.json: field 'rope_scaling' must be an object, got \[8\.0\]"),
+        ("hf_list", r"hf_list/config\.json: expected a JSON object, got \[1\]"),
+        ("hf_heads_0", r"config\.json: field 'num_attention_heads' must be an integer >= 1, got 0"),
+        ("hf_eps_string", r"config\.json: field 'rms_norm_eps' must be a finite number > 0, got \"1e-5\""),
+        ("hf_layers_float", r"config\.json: field 'num_hidden_layers' must be an integer >= 1, got 2\.5"),
+        ("hf_factor_inf", r"config\.json: rope_scaling: field 'factor' must be a finite number >= 1, got Infinity"),
+        ("hf_tie_string", r"config\.json: field 'tie_word_embeddings' must be true or false"),
+        ("hf_rope_disagree", r"config\.json: rope_scaling's linear factor 8 and rope_parameters's linear factor 4 disagree"),
+        ("hf_theta_disagree", r"config\.json: rope_parameters's rope_theta 10000 and rope_theta 50000 disagree"),
+        ("meta_heads_float", r"meta_heads_float/params\.json: field 'n_heads' must be an integer >= 1, got 4\.5"),
+        ("own_list", r"own_list/params\.json: expected a JSON object"),
+        ("own_eps_0", r"own_eps_0/params\.json: norm_eps must be a finite number > 0, got 0"),
+        ("int8", r"int8: tensor layers\.0\.attention\.wq\.weight is int8, not floating point")]],
+    ("sample-int8-weights", "sample", ["--model", "{int8}", "--prompt", "hi there"], r"wq\.weight is int8, not floating point"),
+    ("train-int8-weights", "train", lambda w: train_args(w, w["file"] + "dir7") + ["--model", w["int8"]], r"wq\.weight is int8"),
+    ("import-config-lacks-fields", "longlora.export", ["import", "--peft", "{peft_no_fields}", "--base", "{base}", "--out", "{file}dir8"],
+     r"peft_no_fields/config\.json: no field 'hidden_size'"),
     # SFT records: every field of the expected type, else the file and the record (its line in a .jsonl) are named
     ("train-sft-input-number", "train", lambda w: train_args(w, w["file"] + "dir7") + ["--sft", "--data", w["sft_input_number.jsonl"]],
      r"sft_input_number\.jsonl:2: field 'input' must be a string or null, got a number \(5\)"),
