@@ -23,6 +23,7 @@ import torch.nn as nn
 
 from longlora.checkpoint import find_checkpoint, read_checkpoint_file, read_state
 from longlora.cli import atomic_write, write_text
+from longlora.weights import read_checkpoint
 from lora import adapter_state, apply_lora, in_adapter, mark_trainable
 from model import ModelArgs, Transformer
 
@@ -40,9 +41,11 @@ def base_shapes(args: ModelArgs) -> dict:
 
 def base_fingerprint(tensor, n_layers) -> str:
     """A fingerprint of the frozen base weights: 4096 evenly spaced values of wq and w2 of the first and last
-    layers, rounded to bf16 (so that a base loaded in fp32, bf16 or fp16 gives the same), hashed. Another base of the
+    layers, rounded to bf16 (so that an fp32 or a bf16 copy of one base gives the same), hashed. Another base of the
     same shapes, or a model an adapter was already merged into (wq changed), has another fingerprint.
-    tensor(name) gives a whole tensor: a model's state_dict().__getitem__, or a checkpoint's reader."""
+    tensor(name) gives a whole tensor: the checkpoint's reader (train.py, load_model), so the load dtype plays no
+    part (an fp32 value rounded to fp16 and then to bf16 can differ from the same value rounded to bf16 at once),
+    or a model's state_dict().__getitem__ for a model that is not loaded from a file."""
     h = hashlib.sha256()
     for i in (0, n_layers - 1):
         for name in (f"layers.{i}.attention.wq.weight", f"layers.{i}.feed_forward.w2.weight"):
@@ -137,10 +140,11 @@ def checkpoint_as_adapter(path):
     return cfg, tensors
 
 
-def load_adapter(model: Transformer, adapter_dir) -> Transformer:
+def load_adapter(model: Transformer, adapter_dir, fingerprint=None) -> Transformer:
     """Turn a base model into the fine-tuned one, in place: apply LoRA as recorded, set rope_scaling and
     max_seq_len, load the adapter's tensors strictly, and mark the same parameters trainable (so training
     can resume). Refuses, with a one-line ValueError, an adapter that does not fit this base model.
+    fingerprint: base_fingerprint of the model's checkpoint as stored (default: of the model's weights).
     """
     cfg, tensors = read_adapter(adapter_dir)
     where = os.path.join(adapter_dir, ADAPTER_CONFIG)
@@ -152,7 +156,7 @@ def load_adapter(model: Transformer, adapter_dir) -> Transformer:
             raise ValueError(f"adapter {adapter_dir} was trained on a base model with {field}={value}, "
                              f"this one has {field}={ours[field]}")
     theirs = cfg.get("base_fingerprint")  # (adapters written before fingerprints have none)
-    if theirs and theirs != base_fingerprint(model.state_dict().__getitem__, model.args.n_layers):
+    if theirs and theirs != (fingerprint or base_fingerprint(model.state_dict().__getitem__, model.args.n_layers)):
         raise ValueError(f"adapter {adapter_dir} was trained on another base model than this one (their weights differ), "
                          "or this model already contains it (a merged export): load it on the base it was trained on")
     have = getattr(model, "lora_config", None)
@@ -192,7 +196,10 @@ def load_model(model_dir, adapter_dir=None, dtype=None, device=None) -> Transfor
     and context), in eval mode. Raises CheckpointError / ValueError / FileNotFoundError with one line."""
     if adapter_dir is not None and not os.path.isdir(adapter_dir):
         raise FileNotFoundError(f"{adapter_dir}: no such adapter directory")
-    model = Transformer.from_pretrained(model_dir, dtype=dtype, device=device)
-    if adapter_dir is not None:
-        load_adapter(model, adapter_dir)  # LoRA matrices stay fp32 next to bf16 weights, by design
+    checkpoint = read_checkpoint(model_dir, ModelArgs)
+    model = Transformer.from_pretrained(model_dir, dtype=dtype, device=device, checkpoint=checkpoint)
+    if adapter_dir is not None:  # the base's fingerprint from its stored tensors, whatever dtype it was loaded in
+        weights = checkpoint[1]
+        fingerprint = base_fingerprint(lambda name: weights.read([name])[name], model.args.n_layers)
+        load_adapter(model, adapter_dir, fingerprint)  # LoRA matrices stay fp32 next to bf16 weights, by design
     return model.eval()
