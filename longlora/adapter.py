@@ -23,15 +23,18 @@ import torch.nn as nn
 
 from longlora.checkpoint import find_checkpoint, read_checkpoint_file, read_state
 from longlora.cli import atomic_write, write_text
-from longlora.weights import read_checkpoint
-from lora import adapter_state, apply_lora, in_adapter, mark_trainable
+from longlora.weights import json_field, read_checkpoint
+from lora import TARGETS, adapter_state, apply_lora, in_adapter, mark_trainable
 from model import ModelArgs, Transformer
 
 ADAPTER_WEIGHTS = "adapter.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
+# The fields of adapter_config.json that rebuild the model, with their types and ranges (weights.json_field's).
+ADAPTER_FIELDS = {"r": (int, dict(lo=1)), "alpha": (float, dict(above=0)), "dropout": (float, dict(lo=0, below=1)),
+                  "targets": (list, {}), "embed": (bool, {}), "norms": (bool, {}), "base": (dict, {}),
+                  "rope_scaling": (float, dict(lo=1)), "max_seq_len": (int, dict(lo=1))}
 # The ModelArgs fields that decide the tensor shapes (and rope_theta, which decides what the weights mean):
 # an adapter only fits a base model that agrees on all of them.
-ADAPTER_FIELDS = ("r", "alpha", "dropout", "targets", "embed", "norms", "base", "rope_scaling", "max_seq_len")
 BASE_FIELDS = ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "hidden_dim", "tie_embeddings", "rope_theta")
 
 
@@ -113,13 +116,24 @@ def read_adapter(adapter_dir):
         hint = (" (a PEFT adapter: convert it with `python lora.py import --peft DIR --base BASE --out ADAPTER`)"
                 if "peft_type" in cfg else "")
         raise ValueError(f"{cfg_path}: not an adapter written by train.py or lora.py import{hint}")
-    missing = [k for k in ADAPTER_FIELDS if k not in cfg]
-    if missing:
-        raise ValueError(f"{cfg_path}: missing field {missing[0]!r}")
     try:
         tensors = load_file(w_path)
     except Exception as e:
         raise ValueError(f"{w_path}: cannot read safetensors file ({str(e).splitlines()[0]})") from None
+    return check_adapter(cfg, cfg_path, tensors, w_path)
+
+
+def check_adapter(cfg, where, tensors, tensors_where):
+    """An adapter's config, every field of ADAPTER_FIELDS of its type and in range, and its tensors floating
+    point and finite: ValueError naming the file and the field or tensor. Returns (cfg, tensors)."""
+    for name, (kind, bounds) in ADAPTER_FIELDS.items():
+        json_field(cfg, name, kind, where, **bounds)
+    if not (cfg["targets"] and all(t in TARGETS for t in cfg["targets"])):
+        raise ValueError(f"{where}: field 'targets' must be a non-empty list of {', '.join(TARGETS)}, got {cfg['targets']}")
+    for k, v in tensors.items():
+        if not v.is_floating_point() or not torch.isfinite(v).all():
+            raise ValueError(f"{tensors_where}: tensor {k} " + (f"is {str(v.dtype).removeprefix('torch.')}, not floating point"
+                                                                if not v.is_floating_point() else "holds NaN or infinite values"))
     return cfg, tensors
 
 
@@ -133,11 +147,11 @@ def checkpoint_as_adapter(path):
     if c.get("from_scratch") or c.get("full"):
         raise ValueError(f"{ckpt}: a checkpoint of full-parameter training (every weight trains), not of a LoRA adapter")
     tensors = read_checkpoint_file(ckpt, "trainable.safetensors")
-    cfg = dict(format="longlora-adapter", r=c["lora_r"], alpha=c["lora_alpha"], dropout=c["lora_dropout"],
-               targets=c["lora_targets"], embed=not c["no_train_embed"], norms=not c["no_train_norms"], base={},
-               rope_scaling=state["rope_scaling"], max_seq_len=c["ctx"],  # as train.py's save_adapter(ctx=--ctx)
+    cfg = dict(format="longlora-adapter", r=c.get("lora_r"), alpha=c.get("lora_alpha"), dropout=c.get("lora_dropout"),
+               targets=c.get("lora_targets"), embed=not c.get("no_train_embed"), norms=not c.get("no_train_norms"), base={},
+               rope_scaling=state.get("rope_scaling"), max_seq_len=c.get("ctx"),  # as train.py's save_adapter(ctx=--ctx)
                base_fingerprint=state.get("base_fingerprint"), extra={"checkpoint": os.path.abspath(ckpt)})
-    return cfg, tensors
+    return check_adapter(cfg, os.path.join(ckpt, "state.json"), tensors, os.path.join(ckpt, "trainable.safetensors"))
 
 
 def load_adapter(model: Transformer, adapter_dir, fingerprint=None) -> Transformer:

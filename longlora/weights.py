@@ -376,10 +376,11 @@ def hf_config_fields(cfg, where="config.json") -> dict:
 REQUIRED = object()  # json_field's default for a field that must be there
 
 
-def json_field(cfg, name, kind, where, default=REQUIRED, lo=None, above=None):
-    """cfg[name] of a user's JSON file, checked: kind int (not a boolean), float (any finite number), bool, str or
-    dict; a number >= lo, or > above. Absent or null: `default`, or an error if it is REQUIRED. Every field of
-    config.json and of Meta's params.json is read through here: a wrong one is one line naming file and field."""
+def json_field(cfg, name, kind, where, default=REQUIRED, lo=None, above=None, below=None):
+    """cfg[name] of a user's JSON file, checked: kind int (not a boolean), float (any finite number), bool, str,
+    list or dict; a number >= lo, or > above, and < below. Absent or null: `default`, or an error if it is REQUIRED.
+    Every field of config.json, Meta's params.json and the adapter configs (ours, PEFT's) is read through here:
+    a wrong one is one line naming the file and the field."""
     v = cfg.get(name)
     if v is None:
         if default is REQUIRED:
@@ -387,10 +388,13 @@ def json_field(cfg, name, kind, where, default=REQUIRED, lo=None, above=None):
         return default
     number = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
     ok = {int: number and isinstance(v, int), float: number, bool: isinstance(v, bool), str: isinstance(v, str),
-          dict: isinstance(v, dict)}[kind] and (lo is None or v >= lo) and (above is None or v > above)
+          list: isinstance(v, list), dict: isinstance(v, dict)}[kind]
+    ok = ok and (lo is None or v >= lo) and (above is None or v > above) and (below is None or v < below)
     if not ok:
-        want = {int: "an integer", float: "a finite number", bool: "true or false", str: "a string", dict: "an object"}[kind]
+        want = {int: "an integer", float: "a finite number", bool: "true or false", str: "a string", list: "a list",
+                dict: "an object"}[kind]
         want += f" >= {lo}" if lo is not None else f" > {above}" if above is not None else ""
+        want += f"{' and' if lo is not None or above is not None else ''} < {below}" if below is not None else ""
         raise CheckpointError(f"{where}: field {name!r} must be {want}, got {json.dumps(v)[:40]}")
     return float(v) if kind is float else v
 

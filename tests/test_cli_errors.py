@@ -19,6 +19,8 @@ import pytest
 import torch
 
 from conftest import ROOT, STDLIB
+from safetensors.torch import load_file, save_file
+
 from longlora.adapter import save_adapter
 from lora import apply_lora, mark_trainable
 from model import Transformer, preset
@@ -86,7 +88,6 @@ def world(tmp_path_factory, sp_model):
     json.dump([1], open(os.path.join(w["own_list"], "params.json"), "w"))
     shutil.copytree(w["base"], path("own_eps_0"))
     json.dump({**params, "norm_eps": 0}, open(os.path.join(w["own_eps_0"], "params.json"), "w"))
-    from safetensors.torch import load_file, save_file
     shutil.copytree(w["base"], path("int8"))  # a quantized checkpoint: integer weights
     tensors = load_file(os.path.join(w["int8"], "model.safetensors"))
     tensors["layers.0.attention.wq.weight"] = (tensors["layers.0.attention.wq.weight"] * 100).to(torch.int8)
@@ -96,6 +97,31 @@ def world(tmp_path_factory, sp_model):
     json.dump({"peft_type": "LORA", "r": 2, "lora_alpha": 4, "target_modules": ["q_proj"]}, open(os.path.join(peft_dir, "adapter_config.json"), "w"))
     save_file({"base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": torch.zeros(2, 64)}, os.path.join(peft_dir, "adapter_model.safetensors"))
     json.dump({"model_type": "llama", "rope_scaling": {"type": "linear", "factor": 2.0}}, open(os.path.join(peft_dir, "config.json"), "w"))
+    from longlora import export
+    assert export.main(["merge", "--base", w["base"], "--adapter", w["adapter"], "--out", path("merged"), "--format", "own"]) == 0
+    assert export.main(["peft", "--base", w["base"], "--adapter", w["adapter"], "--out", path("peft")]) == 0
+    peft_cfg = json.load(open(os.path.join(w["peft"], "adapter_config.json")))
+    peft_tensors = load_file(os.path.join(w["peft"], "adapter_model.safetensors"))
+    a_name = next(k for k in peft_tensors if k.endswith("lora_A.weight"))
+    for name, cfg_edit, tensor_edit in (
+            ("peft_lora_bias", {"lora_bias": True}, {}), ("peft_alpha_inf", {"lora_alpha": float("inf")}, {}),
+            ("peft_r_float", {"r": 8.5}, {}), ("peft_dropout_string", {"lora_dropout": "0.1"}, {}),
+            ("peft_layer_replication", {"layer_replication": [[0, 2]]}, {}),
+            ("peft_bias_tensor", {}, {a_name.replace("lora_A.weight", "lora_B.bias"): torch.zeros(64)}),
+            ("peft_nan_tensor", {}, {a_name: peft_tensors[a_name].index_fill(0, torch.tensor([0]), float("nan"))}),  # one row
+            ("peft_int8_tensor", {}, {a_name: peft_tensors[a_name].to(torch.int8)})):
+        shutil.copytree(w["peft"], path(name))
+        json.dump({**peft_cfg, **cfg_edit}, open(os.path.join(w[name], "adapter_config.json"), "w"))
+        save_file({**peft_tensors, **tensor_edit}, os.path.join(w[name], "adapter_model.safetensors"))
+    ours_cfg = json.load(open(os.path.join(w["adapter"], "adapter_config.json")))
+    ours_tensors = load_file(os.path.join(w["adapter"], "adapter.safetensors"))
+    for name, cfg_edit, tensor_edit in (
+            ("adapter_dropout_1", {"dropout": 1}, {}), ("adapter_targets_bogus", {"targets": ["wq", "bogus"]}, {}),
+            ("adapter_r_string", {"r": "2"}, {}), ("adapter_scaling_nan", {"rope_scaling": float("nan")}, {}),
+            ("adapter_inf_tensor", {}, {"norm.weight": ours_tensors["norm.weight"].index_fill(0, torch.tensor([3]), float("inf"))})):
+        shutil.copytree(w["adapter"], path(name))
+        json.dump({**ours_cfg, **cfg_edit}, open(os.path.join(w[name], "adapter_config.json"), "w"))
+        save_file({**ours_tensors, **tensor_edit}, os.path.join(w[name], "adapter.safetensors"))
     good = {"instruction": "Name a module.", "output": "argparse"}
     for name, recs in (("sft_input_number.jsonl", [good, {**good, "input": 5}]), ("sft_input_list.json", [good, {**good, "input": ["x"]}]),
                        ("sft_no_output.jsonl", [good, good, {"instruction": "Name one."}]), ("sft_not_object.json", [good, "text"])):
@@ -105,9 +131,7 @@ def world(tmp_path_factory, sp_model):
     shutil.copytree(w["base"], path("mixed"))  # a leftover Meta shard beside this project's layout
     shutil.copy(os.path.join(w["meta_bad"], "consolidated.00.pth"), w["mixed"])
 
-    from longlora import export
     import train
-    assert export.main(["merge", "--base", w["base"], "--adapter", w["adapter"], "--out", path("merged"), "--format", "own"]) == 0
     assert train.main(train_args(w, path("run"), "--steps", "1", "--save-every", "1", "--keep", "1")) == 0
     ckpt = "checkpoints/step-000001"
     for name, damage in (("trainable.safetensors", "cut"), ("optimizer.pt", "cut"), ("rng.pt", "cut"), ("state.json", "junk")):
@@ -214,6 +238,24 @@ CASES = [
     ("train-int8-weights", "train", lambda w: train_args(w, w["file"] + "dir7") + ["--model", w["int8"]], r"wq\.weight is int8"),
     ("import-config-lacks-fields", "longlora.export", ["import", "--peft", "{peft_no_fields}", "--base", "{base}", "--out", "{file}dir8"],
      r"peft_no_fields/config\.json: no field 'hidden_size'"),
+    # adapter configs and tensors, PEFT's (lora.py import) and ours: every field of its type and range, no bias, finite floats
+    *[(f"import-{name}", "longlora.export", ["import", "--peft", "{%s}" % name, "--base", "{base}", "--ctx", "128",
+                                             "--out", "{file}dir8"], pattern) for name, pattern in [
+        ("peft_lora_bias", r"peft_lora_bias/adapter_config\.json: lora_bias=True is not supported"),
+        ("peft_alpha_inf", r"adapter_config\.json: field 'lora_alpha' must be a finite number > 0, got Infinity"),
+        ("peft_r_float", r"adapter_config\.json: field 'r' must be an integer >= 1, got 8\.5"),
+        ("peft_dropout_string", r"adapter_config\.json: field 'lora_dropout' must be a finite number >= 0 and < 1, got \"0\.1\""),
+        ("peft_layer_replication", r"adapter_config\.json: layer_replication=\[\[0, 2\]\] is not supported"),
+        ("peft_bias_tensor", r"adapter_model\.safetensors: tensor .*lora_B\.bias is not supported \(a LoRA bias"),
+        ("peft_nan_tensor", r"adapter_model\.safetensors: tensor .*lora_A\.weight holds NaN or infinite values"),
+        ("peft_int8_tensor", r"adapter_model\.safetensors: tensor .*lora_A\.weight is int8, not floating point")]],
+    *[(f"sample-{name}", "sample", ["--model", "{base}", "--adapter", "{%s}" % name, "--prompt", "hi there"], pattern)
+      for name, pattern in [
+        ("adapter_dropout_1", r"adapter_config\.json: field 'dropout' must be a finite number >= 0 and < 1, got 1"),
+        ("adapter_targets_bogus", r"adapter_config\.json: field 'targets' must be a non-empty list of wq, "),
+        ("adapter_r_string", r"adapter_config\.json: field 'r' must be an integer >= 1, got \"2\""),
+        ("adapter_scaling_nan", r"adapter_config\.json: field 'rope_scaling' must be a finite number >= 1, got NaN"),
+        ("adapter_inf_tensor", r"adapter\.safetensors: tensor norm\.weight holds NaN or infinite values")]],
     # SFT records: every field of the expected type, else the file and the record (its line in a .jsonl) are named
     ("train-sft-input-number", "train", lambda w: train_args(w, w["file"] + "dir7") + ["--sft", "--data", w["sft_input_number.jsonl"]],
      r"sft_input_number\.jsonl:2: field 'input' must be a string or null, got a number \(5\)"),
