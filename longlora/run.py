@@ -19,7 +19,7 @@ import torch
 
 from attention import resolve_group_size
 from longlora.adapter import check_storable, save_adapter
-from longlora.checkpoint import checkpoint_dirs, find_resumable
+from longlora.checkpoint import checkpoint_dirs, comparable, find_resumable
 from longlora.cli import MAX_CTX, Parser, UsageError, check_output, integer, number
 from longlora.data import (SFT_TEMPLATES, PackedData, SFTData, open_tokens, prepare_sft, prepare_tokens, split_heldout)
 from longlora.shard import on_some_ranks
@@ -310,7 +310,7 @@ def trajectory_config(a, world):
     keys += (["full"] if a.full else []) + (["sft_template"] if a.sft else [])  # (older runs lack them)
     if a.schedule == "cosine":
         keys.append("steps")  # the cosine's length; a constant schedule may be extended by a larger --steps
-    cfg = {k: getattr(a, k) for k in keys}
+    cfg = {k: comparable(k, getattr(a, k)) for k in keys}  # (paths as real paths)
     if a.sft:
         cfg["sft_group_size"] = sft_group_rule(a)
     cfg["global_batch"] = a.batch_size * a.grad_accum * world  # the number of ranks itself may change

@@ -614,3 +614,25 @@ def test_a_second_run_waits_for_the_first_tokenizing_into_a_shared_token_cache(w
     err = capsys.readouterr().err
     assert "waiting for another run that is tokenizing into" in err, err
     assert not first["written meanwhile"] and os.stat(shared / name).st_ino == first["inode"]  # read, not written again
+
+
+def test_resume_with_the_model_and_data_written_as_another_path_to_the_same_files_continues(world, tmp_path, monkeypatch, capsys):
+    """--model and --data, relative or absolute or through a symlink, name the same files: resume compares real paths,
+    also against a state.json that stored a path as it was typed."""
+    import train
+
+    out = str(tmp_path / "run")
+    assert train.main(train_args(world, out, "--steps", "1", "--save-every", "1")) == 0  # absolute paths
+    monkeypatch.chdir(os.path.dirname(world["base"]))
+    relative = train_args(world, out, "--resume", out)
+    relative[relative.index("--model") + 1] = os.path.basename(world["base"])
+    relative[relative.index("--data") + 1] = os.path.basename(world["corpus"])
+    assert train.main(relative + ["--steps", "2", "--save-every", "1"]) == 0
+    state_path = os.path.join(out, "checkpoints", "step-000002", "state.json")
+    state = json.load(open(state_path))
+    state["config"]["model"] = os.path.basename(world["base"])  # as an older state.json holds it: as typed
+    json.dump(state, open(state_path, "w"))
+    linked = train_args(world, out, "--resume", out, "--steps", "3")
+    linked[linked.index("--model") + 1] = world["link_to_base"]
+    assert train.main(linked) == 0
+    assert "resumed from" in capsys.readouterr().out
