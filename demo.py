@@ -85,7 +85,7 @@ import sample
 import train
 from longlora.data import tokenize_documents
 from longlora.adapter import load_model
-from longlora.cli import Parser, UsageError, entry
+from longlora.cli import Parser, UsageError, entry, integer
 from longlora.output import STAMP, atomic_write, check_output, lock_output, set_aside, write_text
 from longlora.tokenizer import Tokenizer
 from model import Transformer
@@ -445,16 +445,12 @@ def main(argv=None) -> int:
                    "for other settings: out/demo-fast, out/demo-seeds3, out/demo-NAME for --corpus NAME, ...)")
     p.add_argument("--overwrite", action="store_true", help="replace an --out that holds a demo run of other settings")
     p.add_argument("--fast", action="store_true", help="tiny everything: the same pipeline in seconds (a smoke test)")
-    p.add_argument("--seeds", type=int, default=2, help="seeds for the extension runs (default 2: run-to-run noise)")
+    p.add_argument("--seeds", type=integer(1), default=2, help="seeds for the extension runs (default 2: run-to-run noise)")
     p.add_argument("--corpus", help="folder of your own UTF-8 text files (default: the Python standard library)")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice); use 1 "
+    p.add_argument("--threads", type=integer(1, 4096), default=None, help="CPU threads for torch (default: torch's choice); use 1 "
                    "on a machine other jobs share, where more threads than free cores slow training many times over")
     a = p.parse_args(argv)
     a.out = a.out or default_out(a)
-    if a.seeds < 1:
-        raise UsageError(f"--seeds must be >= 1, got {a.seeds}")
-    if a.threads is not None and a.threads < 1:
-        raise UsageError(f"--threads must be >= 1, got {a.threads}")
     threads = torch.get_num_threads()
     torch.set_num_threads(a.threads or threads)
     try:

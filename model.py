@@ -67,10 +67,12 @@ class ModelArgs:
     shift_wrap: bool = False  # the paper's cyclic roll (leaks future tokens; ablation only)
 
     def __post_init__(self):
-        for f in fields(self):  # values read from a config file: a number must be a number
+        for f in fields(self):  # values read from a config file: a number must be a number, finite and > 0
             v = getattr(self, f.name)
             if f.name != "attn" and not (v is None or isinstance(v, int if type(f.default) is int else (int, float))):
                 raise ValueError(f"{f.name} must be a number, got {v!r}")
+            if type(v) in (int, float) and not (math.isfinite(v) and (v > 0 or (f.name == "sink_tokens" and v == 0))):
+                raise ValueError(f"{f.name} must be a finite number > 0, got {v!r}")
         if self.n_kv_heads is None:
             self.n_kv_heads = self.n_heads
         if self.dim % self.n_heads:
@@ -358,12 +360,13 @@ class Transformer(nn.Module):
         return sum(p.numel() for p in self.parameters())  # tied weights are counted once
 
     @classmethod
-    def from_pretrained(cls, path, dtype=None, device=None, **overrides) -> "Transformer":
+    def from_pretrained(cls, path, dtype=None, device=None, checkpoint=None, **overrides) -> "Transformer":
         """Load Meta (`params.json` + `consolidated.NN.pth`), HF (`config.json` + `*.safetensors`) or this
         project's layout (`params.json` + `model.safetensors`), strictly: a missing, unexpected or mis-shaped
         tensor is an error naming it. `overrides` replace ModelArgs fields. Built on the meta device and filled
-        one block at a time from the memory-mapped files, so loading needs one copy of the weights, not two."""
-        args, weights = read_checkpoint(path, ModelArgs)  # the config, and the tensors' shapes (no data yet)
+        one block at a time from the memory-mapped files, so loading needs one copy of the weights, not two.
+        checkpoint: read_checkpoint(path)'s result, if the caller has it already."""
+        args, weights = checkpoint or read_checkpoint(path, ModelArgs)  # the config, the tensors' shapes (no data yet)
         with torch.device("meta"):
             model = cls(ModelArgs(**{**asdict(args), **overrides}))
         load_into(model, weights, path, dtype, device)

@@ -31,7 +31,6 @@ attention weights explicitly, for its scores; tests/test_sample.py checks both).
 """
 
 import json
-import math
 import os
 import sys
 import time
@@ -40,7 +39,7 @@ import torch
 
 from longlora.adapter import load_model
 from longlora.caches import H2OCache, SinkCache, cache_bytes, resolve_size
-from longlora.cli import Parser, UsageError, entry, read_prompt, resolve_device_dtype, size_or_ratio
+from longlora.cli import MAX_CTX, Parser, UsageError, entry, integer, number, read_prompt, resolve_device_dtype, size_or_ratio
 from model import KVCache
 
 
@@ -65,10 +64,14 @@ def make_cache(model, kind, prompt_len, max_new_tokens, *, heavy=0.1, recent=0.1
 
 
 def sample_next(logits: torch.Tensor, temperature=0.0, top_p=1.0, top_k=0, generator=None) -> int:
-    """One token id from the logits (V,) of the last position. temperature 0 = greedy (argmax)."""
+    """One token id from the logits (V,) of the last position. temperature 0 = greedy (argmax).
+
+    softmax(logits / T) is computed in float64 from logits - max(logits): every scaled value is <= 0, so no
+    temperature, however small (1e-300), overflows; as T -> 0 it tends to greedy (ties shared)."""
     if temperature <= 0:
         return int(logits.argmax())
-    probs = torch.softmax(logits.float() / temperature, dim=-1)  # (V,)
+    z = logits.double()
+    probs = torch.softmax((z - z.max()) / temperature, dim=-1).float()  # (V,)
     if top_k > 0:  # keep the k most likely tokens
         kth = probs.topk(min(top_k, probs.numel())).values[-1]
         probs = probs.masked_fill(probs < kth, 0.0)
@@ -182,26 +185,26 @@ def parse_args(argv):
     p.add_argument("--prompt", required=True,
                    help="a text file, - for stdin, or the prompt itself (one word containing a slash or a file extension is taken as a path)")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in LLaMA2-chat's template: <s>[INST] prompt [/INST]")
-    p.add_argument("--max-new-tokens", type=int, default=256, help="stop after this many new tokens (or at EOS) (default 256)")
-    p.add_argument("--temperature", type=float, default=0.6, help="sampling temperature; 0 = greedy (default 0.6, Meta's)")
-    p.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling: sample from the smallest set of tokens holding this probability (default 0.9)")
-    p.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens only; 0 = off (default)")
-    p.add_argument("--seed", type=int, default=0, help="random seed for sampling (default 0)")
+    p.add_argument("--max-new-tokens", type=integer(1, MAX_CTX), default=256, help="stop after this many new tokens (or at EOS) (default 256)")
+    p.add_argument("--temperature", type=number(0), default=0.6, help="sampling temperature; 0 = greedy, and a tiny one tends to greedy (default 0.6, Meta's)")
+    p.add_argument("--top-p", type=number(0, 1, lo_open=True), default=0.9, help="nucleus sampling: sample from the smallest set of tokens holding this probability (default 0.9)")
+    p.add_argument("--top-k", type=integer(0), default=0, help="sample from the k most likely tokens only; 0 = off (default)")
+    p.add_argument("--seed", type=integer(0, 2**63 - 1), default=0, help="random seed for sampling (default 0)")
     p.add_argument("--kv-cache", default="full", choices=("full", "h2o", "sink"),
                    help="full: keep every token; h2o: heavy hitters + recent; sink: first tokens + recent window (default full)")
     p.add_argument("--heavy", type=size_or_ratio, default=0.1, help="h2o: heavy hitters kept, a count or a ratio of the prompt (default 0.1)")
     p.add_argument("--recent", type=size_or_ratio, default=0.1, help="h2o and sink: newest tokens kept, a count or a ratio of the prompt (default 0.1)")
-    p.add_argument("--sink-tokens", type=int, default=4, help="sink: first tokens always kept (default 4, StreamingLLM's)")
-    p.add_argument("--prefill-chunk", type=int, default=512, help="prompt tokens per forward pass while prefilling (bounds memory) (default 512)")
+    p.add_argument("--sink-tokens", type=integer(0, MAX_CTX), default=4, help="sink: first tokens always kept (default 4, StreamingLLM's)")
+    p.add_argument("--prefill-chunk", type=integer(1, MAX_CTX), default=512, help="prompt tokens per forward pass while prefilling (bounds memory) (default 512)")
     p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
                    help="weights and activations dtype; auto = bfloat16 on CUDA, float32 on CPU")
     p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+    argv = sys.argv[1:] if argv is None else list(argv)
     a = p.parse_args(argv)
-    for flag in ("max_new_tokens", "prefill_chunk"):
-        if getattr(a, flag) < 1:
-            p.error(f"--{flag.replace('_', '-')} must be >= 1")
-    if not (0 <= a.temperature < math.inf and 0 < a.top_p <= 1) or a.top_k < 0 or a.sink_tokens < 0:  # (nan fails)
-        p.error("need a finite --temperature >= 0, 0 < --top-p <= 1, --top-k >= 0, --sink-tokens >= 0")
+    # A cache's own flag with another cache would be ignored: refuse it where it was typed.
+    for flag, caches in (("--heavy", ("h2o",)), ("--recent", ("h2o", "sink")), ("--sink-tokens", ("sink",))):
+        if a.kv_cache not in caches and any(t == flag or t.startswith(flag + "=") for t in argv):
+            p.error(f"{flag} applies to --kv-cache {' or '.join(caches)}, not {a.kv_cache}")
     if a.kv_cache != "full" and a.recent == 0:  # the newest token must stay: it is the one attending
         p.error(f"--kv-cache {a.kv_cache} needs --recent > 0")
     return a
@@ -210,13 +213,13 @@ def parse_args(argv):
 @entry
 def main(argv=None) -> int:
     a = parse_args(argv)
+    device, dtype = resolve_device_dtype(a.device, a.dtype)
     text = read_prompt(a.prompt)
     if a.model is None:
         if a.adapter:
             raise UsageError("--adapter needs --model, the base model it was trained on")
         a.model, a.adapter = demo_model()
         print(f"note: sampling from the demo's best model: --model {a.model} --adapter {a.adapter}", file=sys.stderr)
-    device, dtype = resolve_device_dtype(a.device, a.dtype)
     model = load_model(a.model, a.adapter, dtype=dtype, device=device)
     tok = model.tokenizer
     if tok is None:

@@ -23,14 +23,18 @@ import torch.nn as nn
 
 from longlora.checkpoint import find_checkpoint, read_checkpoint_file, read_state
 from longlora.output import atomic_write, write_text
-from lora import adapter_state, apply_lora, in_adapter, mark_trainable
+from longlora.weights import json_field, read_checkpoint
+from lora import TARGETS, adapter_state, apply_lora, in_adapter, mark_trainable
 from model import ModelArgs, Transformer
 
 ADAPTER_WEIGHTS = "adapter.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
+# The fields of adapter_config.json that rebuild the model, with their types and ranges (weights.json_field's).
+ADAPTER_FIELDS = {"r": (int, dict(lo=1)), "alpha": (float, dict(above=0)), "dropout": (float, dict(lo=0, below=1)),
+                  "targets": (list, {}), "embed": (bool, {}), "norms": (bool, {}), "base": (dict, {}),
+                  "rope_scaling": (float, dict(lo=1)), "max_seq_len": (int, dict(lo=1))}
 # The ModelArgs fields that decide the tensor shapes (and rope_theta, which decides what the weights mean):
 # an adapter only fits a base model that agrees on all of them.
-ADAPTER_FIELDS = ("r", "alpha", "dropout", "targets", "embed", "norms", "base", "rope_scaling", "max_seq_len")
 BASE_FIELDS = ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "hidden_dim", "tie_embeddings", "rope_theta")
 
 
@@ -40,9 +44,11 @@ def base_shapes(args: ModelArgs) -> dict:
 
 def base_fingerprint(tensor, n_layers) -> str:
     """A fingerprint of the frozen base weights: 4096 evenly spaced values of wq and w2 of the first and last
-    layers, rounded to bf16 (so that a base loaded in fp32, bf16 or fp16 gives the same), hashed. Another base of the
+    layers, rounded to bf16 (so that an fp32 or a bf16 copy of one base gives the same), hashed. Another base of the
     same shapes, or a model an adapter was already merged into (wq changed), has another fingerprint.
-    tensor(name) gives a whole tensor: a model's state_dict().__getitem__, or a checkpoint's reader."""
+    tensor(name) gives a whole tensor: the checkpoint's reader (train.py, load_model), so the load dtype plays no
+    part (an fp32 value rounded to fp16 and then to bf16 can differ from the same value rounded to bf16 at once),
+    or a model's state_dict().__getitem__ for a model that is not loaded from a file."""
     h = hashlib.sha256()
     for i in (0, n_layers - 1):
         for name in (f"layers.{i}.attention.wq.weight", f"layers.{i}.feed_forward.w2.weight"):
@@ -110,13 +116,24 @@ def read_adapter(adapter_dir):
         hint = (" (a PEFT adapter: convert it with `python lora.py import --peft DIR --base BASE --out ADAPTER`)"
                 if "peft_type" in cfg else "")
         raise ValueError(f"{cfg_path}: not an adapter written by train.py or lora.py import{hint}")
-    missing = [k for k in ADAPTER_FIELDS if k not in cfg]
-    if missing:
-        raise ValueError(f"{cfg_path}: missing field {missing[0]!r}")
     try:
         tensors = load_file(w_path)
     except Exception as e:
         raise ValueError(f"{w_path}: cannot read safetensors file ({str(e).splitlines()[0]})") from None
+    return check_adapter(cfg, cfg_path, tensors, w_path)
+
+
+def check_adapter(cfg, where, tensors, tensors_where):
+    """An adapter's config, every field of ADAPTER_FIELDS of its type and in range, and its tensors floating
+    point and finite: ValueError naming the file and the field or tensor. Returns (cfg, tensors)."""
+    for name, (kind, bounds) in ADAPTER_FIELDS.items():
+        json_field(cfg, name, kind, where, **bounds)
+    if not (cfg["targets"] and all(t in TARGETS for t in cfg["targets"])):
+        raise ValueError(f"{where}: field 'targets' must be a non-empty list of {', '.join(TARGETS)}, got {cfg['targets']}")
+    for k, v in tensors.items():
+        if not v.is_floating_point() or not torch.isfinite(v).all():
+            raise ValueError(f"{tensors_where}: tensor {k} " + (f"is {str(v.dtype).removeprefix('torch.')}, not floating point"
+                                                                if not v.is_floating_point() else "holds NaN or infinite values"))
     return cfg, tensors
 
 
@@ -130,17 +147,18 @@ def checkpoint_as_adapter(path):
     if c.get("from_scratch") or c.get("full"):
         raise ValueError(f"{ckpt}: a checkpoint of full-parameter training (every weight trains), not of a LoRA adapter")
     tensors = read_checkpoint_file(ckpt, "trainable.safetensors")
-    cfg = dict(format="longlora-adapter", r=c["lora_r"], alpha=c["lora_alpha"], dropout=c["lora_dropout"],
-               targets=c["lora_targets"], embed=not c["no_train_embed"], norms=not c["no_train_norms"], base={},
-               rope_scaling=state["rope_scaling"], max_seq_len=c["ctx"],  # as train.py's save_adapter(ctx=--ctx)
+    cfg = dict(format="longlora-adapter", r=c.get("lora_r"), alpha=c.get("lora_alpha"), dropout=c.get("lora_dropout"),
+               targets=c.get("lora_targets"), embed=not c.get("no_train_embed"), norms=not c.get("no_train_norms"), base={},
+               rope_scaling=state.get("rope_scaling"), max_seq_len=c.get("ctx"),  # as train.py's save_adapter(ctx=--ctx)
                base_fingerprint=state.get("base_fingerprint"), extra={"checkpoint": os.path.abspath(ckpt)})
-    return cfg, tensors
+    return check_adapter(cfg, os.path.join(ckpt, "state.json"), tensors, os.path.join(ckpt, "trainable.safetensors"))
 
 
-def load_adapter(model: Transformer, adapter_dir) -> Transformer:
+def load_adapter(model: Transformer, adapter_dir, fingerprint=None) -> Transformer:
     """Turn a base model into the fine-tuned one, in place: apply LoRA as recorded, set rope_scaling and
     max_seq_len, load the adapter's tensors strictly, and mark the same parameters trainable (so training
     can resume). Refuses, with a one-line ValueError, an adapter that does not fit this base model.
+    fingerprint: base_fingerprint of the model's checkpoint as stored (default: of the model's weights).
     """
     cfg, tensors = read_adapter(adapter_dir)
     where = os.path.join(adapter_dir, ADAPTER_CONFIG)
@@ -152,7 +170,7 @@ def load_adapter(model: Transformer, adapter_dir) -> Transformer:
             raise ValueError(f"adapter {adapter_dir} was trained on a base model with {field}={value}, "
                              f"this one has {field}={ours[field]}")
     theirs = cfg.get("base_fingerprint")  # (adapters written before fingerprints have none)
-    if theirs and theirs != base_fingerprint(model.state_dict().__getitem__, model.args.n_layers):
+    if theirs and theirs != (fingerprint or base_fingerprint(model.state_dict().__getitem__, model.args.n_layers)):
         raise ValueError(f"adapter {adapter_dir} was trained on another base model than this one (their weights differ), "
                          "or this model already contains it (a merged export): load it on the base it was trained on")
     have = getattr(model, "lora_config", None)
@@ -192,7 +210,10 @@ def load_model(model_dir, adapter_dir=None, dtype=None, device=None) -> Transfor
     and context), in eval mode. Raises CheckpointError / ValueError / FileNotFoundError with one line."""
     if adapter_dir is not None and not os.path.isdir(adapter_dir):
         raise FileNotFoundError(f"{adapter_dir}: no such adapter directory")
-    model = Transformer.from_pretrained(model_dir, dtype=dtype, device=device)
-    if adapter_dir is not None:
-        load_adapter(model, adapter_dir)  # LoRA matrices stay fp32 next to bf16 weights, by design
+    checkpoint = read_checkpoint(model_dir, ModelArgs)
+    model = Transformer.from_pretrained(model_dir, dtype=dtype, device=device, checkpoint=checkpoint)
+    if adapter_dir is not None:  # the base's fingerprint from its stored tensors, whatever dtype it was loaded in
+        weights = checkpoint[1]
+        fingerprint = base_fingerprint(lambda name: weights.read([name])[name], model.args.n_layers)
+        load_adapter(model, adapter_dir, fingerprint)  # LoRA matrices stay fp32 next to bf16 weights, by design
     return model.eval()

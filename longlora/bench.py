@@ -23,7 +23,7 @@ import time
 import torch
 
 from attention import attention
-from longlora.cli import Parser, UsageError, entry
+from longlora.cli import MAX_CTX, Parser, UsageError, entry, integer
 
 MODES = ("full", "s2", "sf")
 
@@ -86,7 +86,7 @@ def _peak_bytes(q, k, v, grad_out, mode, backend):
 def bench_attention(args):
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError(f"--device cuda but CUDA is not available")
+        raise UsageError("--device cuda but CUDA is not available")
     Ts = [1024, 2048] if args.quick else args.T
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -516,6 +516,8 @@ def bench_sample(args):
 
 @entry
 def main(argv=None):
+    from model import PRESETS
+
     parser = Parser(description="Benchmarks of the project (speed targets live here, not in tests).", examples=[
         "python -m longlora.bench attention --quick", "python -m longlora.bench train --threads 1", "python -m longlora.bench sample"])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -523,17 +525,17 @@ def main(argv=None):
     p = sub.add_parser("attention", examples=["python -m longlora.bench attention --quick", "python -m longlora.bench attention --T 8192 --dtype bfloat16 --device cuda"], help="forward+backward time and peak memory of full, s2 and sf attention",
                        description="Median forward+backward time and peak memory of full, S²-Attn and SF-Attn, "
                                    "with ratios to full attention.")
-    p.add_argument("--T", type=int, nargs="+", default=[2048, 4096, 8192, 16384],
-                   help="sequence lengths (default 2048 4096 8192 16384)")
+    p.add_argument("--T", type=integer(8, MAX_CTX), nargs="+", default=[2048, 4096, 8192, 16384],
+                   help="sequence lengths, each >= 8: group size T/4 must be even and >= 2 (default 2048 4096 8192 16384)")
     p.add_argument("--dtype", nargs="+", choices=["float32", "bfloat16", "float16"], default=["float32", "bfloat16"],
                    help="dtypes to run (default float32 bfloat16)")
-    p.add_argument("--repeats", type=int, default=3, help="timed runs per case after one warm-up (default 3)")
+    p.add_argument("--repeats", type=integer(1), default=3, help="timed runs per case after one warm-up (default 3)")
     p.add_argument("--quick", action="store_true", help="T = 1024 and 2048 only, for a check in seconds")
     p.add_argument("--backend", choices=["sdpa", "flash", "auto", "reference"], default="sdpa",
                    help="attention backend (default sdpa, the CPU fast path; flash needs CUDA and flash-attn; "
                         "reference builds T x T masks and is only for small T)")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="device (default cpu)")
-    p.add_argument("--threads", type=int, default=0,
+    p.add_argument("--threads", type=integer(0, 4096), default=0,
                    help="CPU threads for torch (default 0: torch's default, one per core); 1 gives steadier ratios "
                         "when other jobs share the machine")
     p.set_defaults(run=bench_attention)
@@ -541,13 +543,13 @@ def main(argv=None):
     p = sub.add_parser("train", examples=["python -m longlora.bench train --threads 1", "python -m longlora.bench train --only chunking"], help="training step tokens/s and peak memory per attention mode, and HF + PEFT",
                        description="tokens/s and peak memory of one LoRA training step (train.py's recipe) with "
                                    "full, s2 and sf attention, and the same step in HF transformers + PEFT.")
-    p.add_argument("--preset", default="demo", help="model shape from model.py's PRESETS (default demo)")
-    p.add_argument("--ctx", type=int, default=4096, help="sequence length (default 4096)")
-    p.add_argument("--batch-size", type=int, default=1, help="sequences per step (default 1)")
-    p.add_argument("--repeats", type=int, default=3, help="timed steps per variant after one warm-up (default 3)")
-    p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
+    p.add_argument("--preset", default="demo", choices=sorted(PRESETS), help="model shape from model.py's PRESETS (default demo)")
+    p.add_argument("--ctx", type=integer(1, MAX_CTX), default=4096, help="sequence length (default 4096)")
+    p.add_argument("--batch-size", type=integer(1), default=1, help="sequences per step (default 1)")
+    p.add_argument("--repeats", type=integer(1), default=3, help="timed steps per variant after one warm-up (default 3)")
+    p.add_argument("--threads", type=integer(0, 4096), default=0, help="torch threads (default: torch's choice)")
     p.add_argument("--no-peer", action="store_true", help="skip HF transformers + PEFT")
-    p.add_argument("--chunk-ctx", type=int, default=8192,
+    p.add_argument("--chunk-ctx", type=integer(1, MAX_CTX), default=8192,
                    help="sequence length of the chunked-loss case, at vocab 32000 (default 8192)")
     p.add_argument("--only", choices=["modes", "chunking"],
                    help="run one case: the attention modes (and the peer), or the chunked loss and feed-forward")
@@ -556,22 +558,15 @@ def main(argv=None):
     p = sub.add_parser("sample", examples=["python -m longlora.bench sample", "python -m longlora.bench sample --long 4096 --repeats 5"], help="generation tokens/s: KV cache vs recomputation, h2o vs full, ours vs HF generate",
                        description="Decode tokens/s of sample.py: full KV cache vs recomputation, H2O at 20% vs the "
                                    "full cache at a long prompt, and ours vs HF transformers' generate on the same weights.")
-    p.add_argument("--long", type=int, default=8192, help="prompt length of the h2o vs full comparison (default 8192)")
-    p.add_argument("--repeats", type=int, default=3, help="runs per variant, round-robin; the best counts (default 3)")
-    p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
+    p.add_argument("--long", type=integer(1, MAX_CTX), default=8192, help="prompt length of the h2o vs full comparison (default 8192)")
+    p.add_argument("--repeats", type=integer(1), default=3, help="runs per variant, round-robin; the best counts (default 3)")
+    p.add_argument("--threads", type=integer(0, 4096), default=0, help="torch threads (default: torch's choice)")
     p.set_defaults(run=bench_sample)
 
     args = parser.parse_args(argv)
-    for flag in ("repeats", "ctx", "batch_size", "chunk_ctx", "long"):
-        if getattr(args, flag, 1) < 1:
-            raise UsageError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
-    if getattr(args, "threads", 0) < 0:
-        raise UsageError(f"--threads must be >= 0, got {args.threads}")
     if args.command == "attention":
         if args.backend == "flash" and (args.device == "cpu" or "float32" in args.dtype):
             raise UsageError("--backend flash runs on CUDA fp16/bf16 only: add --device cuda --dtype bfloat16")
-        if min(args.T) < 8:
-            raise UsageError(f"every --T must be at least 8 (group size T/4 must be even and >= 2), got {min(args.T)}")
     args.run(args)
     return 0
 

@@ -183,6 +183,18 @@ def read_state(ckpt):
     return state
 
 
+PATH_KEYS = ("model", "data", "eval_data")  # a run's config values that name files: compared by real path
+
+
+def comparable(key, value):
+    """A config value as resume compares it: a path (or list of paths) by its real path, so that `--model base`
+    and `--model /abs/base` (or a symlink to it) are one model. state.json holds real paths; one written with the
+    path as typed is read the same way (a relative one from the current folder)."""
+    if key not in PATH_KEYS or value is None:
+        return value
+    return [os.path.realpath(p) for p in value] if isinstance(value, list) else os.path.realpath(value)
+
+
 def check_checkpoint(ckpt, model, config):
     """One-line CheckpointError if the checkpoint was written by a run with a different training config, or
     does not hold exactly this model's trainable tensors. Returns its state.json."""
@@ -190,7 +202,7 @@ def check_checkpoint(ckpt, model, config):
 
     state = read_state(ckpt)
     for k, v in config.items():
-        if state["config"].get(k) != v:
+        if comparable(k, state["config"].get(k)) != comparable(k, v):
             raise CheckpointError(f"--resume {ckpt}: it was trained with {k}={state['config'].get(k)!r}, this run has "
                              f"{k}={v!r}; resuming needs the same training config")
     try:

@@ -16,6 +16,7 @@ import argparse
 import functools
 import hashlib
 import json
+import math
 import os
 import re
 import sys
@@ -134,7 +135,50 @@ class Parser(argparse.ArgumentParser):
         super().__init__(*args, **kw)
 
     def error(self, message):
-        raise UsageError(message)
+        # "argument --steps: must be an integer >= 1, got '0'" (a type of this file) reads as "--steps must be ..."
+        raise UsageError(re.sub(r"^argument (\S+): (must )", r"\1 \2", message))
+
+
+# The type of every numeric flag, so that each is checked once, as it is parsed, before any work: nan, inf and
+# out-of-range values are refused with the flag's name. (A default is not parsed: it is right by construction.)
+
+MAX_CTX = 2**24  # the longest context (and prompt, window, --ctx) any flag takes: 16M tokens, 4096 x a factor of 4096
+
+
+def _bounds(lo, hi, lo_open=False, hi_open=False):
+    lo, hi = (f"{v:g}" if isinstance(v, float) else v for v in (lo, hi))
+    if lo is not None and hi is not None:
+        return f"in {'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
+    return f"{'>' if lo_open else '>='} {lo}" if lo is not None else f"{'<' if hi_open else '<='} {hi}"
+
+
+def integer(lo=None, hi=None):
+    """argparse type: an integer in [lo, hi] (either bound may be None)."""
+    def parse(s):
+        try:
+            v = int(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be an integer, got {s!r}") from None
+        if (lo is not None and v < lo) or (hi is not None and v > hi):
+            raise argparse.ArgumentTypeError(f"must be an integer {_bounds(lo, hi)}, got {s}")
+        return v
+
+    return parse
+
+
+def number(lo=None, hi=None, lo_open=False, hi_open=False):
+    """argparse type: a finite number in [lo, hi], (lo, hi], [lo, hi) ... (nan and inf are refused)."""
+    def parse(s):
+        try:
+            v = float(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be a number, got {s!r}") from None
+        if not (math.isfinite(v) and (lo is None or v > lo or (v == lo and not lo_open))
+                and (hi is None or v < hi or (v == hi and not hi_open))):
+            raise argparse.ArgumentTypeError(f"must be a finite number {_bounds(lo, hi, lo_open, hi_open)}, got {s}")
+        return v
+
+    return parse
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -170,18 +214,28 @@ def read_prompt(arg: str) -> str:
 def size_or_ratio(s: str):
     """argparse type: "256" -> 256 tokens, "0.1" -> 10% of the prompt."""
     try:
-        value = float(s) if any(c in s for c in ".eE") else int(s)
+        value = float(s) if any(c in s.lower() for c in ".ena") else int(s)  # (nan and inf are floats)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a token count (256) or a ratio of the prompt (0.1), got {s!r}")
-    if value < 0 or (isinstance(value, float) and value > 1):
-        raise argparse.ArgumentTypeError(f"expected a count >= 0 or a ratio in [0, 1], got {s!r}")
+        raise argparse.ArgumentTypeError(f"must be a token count (256) or a ratio of the prompt (0.1), got {s!r}")
+    if not 0 <= value <= (1 if isinstance(value, float) else MAX_CTX):  # (nan fails)
+        raise argparse.ArgumentTypeError(f"must be a count in [0, {MAX_CTX}] or a ratio in [0, 1], got {s!r}")
     return value
 
 
 def resolve_device_dtype(device, dtype):
+    """(device, torch dtype) of --device and --dtype: cpu, cuda, cuda:N (a GPU that exists) or mps (where
+    available); anything else is refused, by name, before a model is loaded."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"--device {device} but CUDA is not available")
+    m = re.fullmatch(r"cuda(?::(\d+))?", device)
+    if m and not torch.cuda.is_available():
+        raise UsageError(f"--device {device} but CUDA is not available")
+    if m and m.group(1) is not None and int(m.group(1)) >= torch.cuda.device_count():
+        raise UsageError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s), cuda:0 .. "
+                         f"cuda:{torch.cuda.device_count() - 1}")
+    if device == "mps" and not torch.backends.mps.is_available():
+        raise UsageError("--device mps but MPS is not available")
+    if not (m or device in ("cpu", "mps")):
+        raise UsageError(f"--device {device}: expected cpu, cuda, cuda:N or mps")
     if dtype in (None, "auto"):  # bf16 halves memory on GPUs; CPUs are fastest and exact in fp32
         dtype = "bfloat16" if device.startswith("cuda") else "float32"
     return device, getattr(torch, dtype)

@@ -45,10 +45,13 @@ held-out split and the sample order. train.py trains on it, longlora/eval.py and
     step alone and a resumed run reads exactly the batches the uninterrupted one would have.
 """
 
+import contextlib
+import fcntl
 import functools
 import hashlib
 import json
 import os
+import sys
 import tempfile
 
 import numpy as np
@@ -81,22 +84,29 @@ def source_files(paths):
     return files
 
 
+def is_json(path):
+    """A file of records: .json or .jsonl, in any case (DATA.JSONL too)."""
+    return path.lower().endswith((".json", ".jsonl"))
+
+
 def read_records(path):
-    """The records of a .json (a list of objects) or .jsonl (one object per line) file."""
+    """(where, record) for each record of a .json (a list of objects) or .jsonl (one object per line) file;
+    `where` names it for an error message: "file.jsonl:7" (its line) or "file.json: record 7" (from 1)."""
     try:
         with open(path, encoding="utf-8") as f:
-            if path.endswith(".jsonl"):
+            if path.lower().endswith(".jsonl"):
                 for i, line in enumerate(f, 1):
                     if line.strip():
                         try:
-                            yield json.loads(line)
+                            yield f"{path}:{i}", json.loads(line)
                         except json.JSONDecodeError as e:
                             raise ValueError(f"{path}:{i}: not a JSON line ({e.msg})") from None
             else:
                 data = json.load(f)
                 if not isinstance(data, list):
                     raise ValueError(f"{path}: expected a JSON list of records")
-                yield from data
+                for i, rec in enumerate(data, 1):
+                    yield f"{path}: record {i}", rec
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
     except UnicodeDecodeError:
@@ -106,10 +116,10 @@ def read_records(path):
 def read_documents(files):
     """Yield document strings: a .jsonl/.json file holds records with a `text` field; any other file is one document."""
     for path in files:
-        if path.endswith((".jsonl", ".json")):
-            for i, rec in enumerate(read_records(path)):
+        if is_json(path):
+            for where, rec in read_records(path):
                 if not isinstance(rec, dict) or not isinstance(rec.get("text"), str):
-                    raise ValueError(f"{path}: record {i} has no string field 'text'")
+                    raise ValueError(f"{where}: needs an object with a string field 'text', got {describe(rec, 'text')}")
                 yield rec["text"]
         else:
             try:
@@ -117,6 +127,19 @@ def read_documents(files):
                     yield f.read()
             except UnicodeDecodeError:
                 raise ValueError(f"{path}: not UTF-8 text") from None
+
+
+JSON_TYPES = {dict: "an object", list: "an array", str: "a string", int: "a number", float: "a number", bool: "a boolean",
+              type(None): "null"}
+
+
+def describe(rec, field):
+    """What a record holds where a string was expected, for an error message."""
+    if not isinstance(rec, dict) or field is None:
+        return JSON_TYPES.get(type(rec), "a value")
+    if field not in rec:
+        return "no such field"
+    return f"{JSON_TYPES.get(type(rec[field]), 'a value')} ({json.dumps(rec[field])[:40]})"
 
 
 def token_dtype(vocab_size):
@@ -148,6 +171,20 @@ def _cached(out_path, key):
         return meta if meta["key"] == key and whole else None
     except (OSError, ValueError, KeyError, TypeError):
         return None
+
+
+@contextlib.contextmanager
+def _one_writer(out_path):
+    """Hold an exclusive lock on out_path + ".lock" while preparing out_path. Runs that share a --token-cache
+    and start together tokenize the same data once: the second waits here for the first (however long it
+    takes), then finds the finished file. The lock file stays, and marks the folder as a token cache."""
+    with open(out_path + ".lock", "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"waiting for another run that is tokenizing into {out_path}", file=sys.stderr, flush=True)
+            fcntl.flock(f, fcntl.LOCK_EX)
+        yield  # (closing the file releases the lock, also when the process dies)
 
 
 def _write_tokens(out_path, dtype, sequences):
@@ -189,23 +226,24 @@ def prepare_tokens(paths, tokenizer, out_path):
     """
     files = source_files(paths)
     key = data_key(files, tokenizer, "text")
-    if _cached(out_path, key) is None:
-        if tokenizer.eos_id < 0:
-            raise ValueError(f"{tokenizer.path}: the tokenizer has no EOS token to join documents with")
-        dtype, n_docs = token_dtype(tokenizer.vocab_size), 0
+    with _one_writer(out_path):  # a second run preparing the same file waits, then reuses it
+        if _cached(out_path, key) is None:
+            if tokenizer.eos_id < 0:
+                raise ValueError(f"{tokenizer.path}: the tokenizer has no EOS token to join documents with")
+            dtype, n_docs = token_dtype(tokenizer.vocab_size), 0
 
-        def docs():
-            nonlocal n_docs
-            for text in read_documents(files):
-                if text.strip():  # an empty document would only add a BOS/EOS pair
-                    n_docs += 1
-                    yield tokenizer.encode(text, bos=tokenizer.bos_id >= 0, eos=True)
+            def docs():
+                nonlocal n_docs
+                for text in read_documents(files):
+                    if text.strip():  # an empty document would only add a BOS/EOS pair
+                        n_docs += 1
+                        yield tokenizer.encode(text, bos=tokenizer.bos_id >= 0, eos=True)
 
-        n_tokens = _write_tokens(out_path, dtype, docs())
-        if n_docs == 0:
-            os.remove(out_path)
-            raise ValueError(f"empty dataset: no text in {', '.join(paths)}")
-        _write_sidecar(out_path, key, tokenizer, dtype, n_tokens, n_docs=n_docs)
+            n_tokens = _write_tokens(out_path, dtype, docs())
+            if n_docs == 0:
+                os.remove(out_path)
+                raise ValueError(f"empty dataset: no text in {', '.join(paths)}")
+            _write_sidecar(out_path, key, tokenizer, dtype, n_tokens, n_docs=n_docs)
     return open_tokens(out_path)
 
 
@@ -260,6 +298,18 @@ LONGALPACA_SYSTEM = (
 SFT_TEMPLATES = ("llama2", "longalpaca")
 
 
+def check_sft_record(where, rec):
+    """An SFT record, checked: an object whose `instruction` and `output` are strings and whose `input`, if
+    present, is a string or null (other fields are ignored). ValueError naming the record and the field."""
+    if not isinstance(rec, dict):
+        raise ValueError(f"{where}: must be an object {{instruction, input?, output}}, got {describe(rec, None)}")
+    for field in ("instruction", "output", "input"):
+        if not (isinstance(rec.get(field), str) or (field == "input" and rec.get(field) is None)):
+            need = "a string or null" if field == "input" else "a string"
+            raise ValueError(f"{where}: field '{field}' must be {need}, got {describe(rec, field)}")
+    return rec
+
+
 def sft_prompt(rec, template="llama2"):
     """The prompt text of a record {instruction, input?, output}.
 
@@ -307,31 +357,29 @@ def prepare_sft(paths, tokenizer, out_path, template="llama2"):
     files = source_files(paths)
     key = data_key(files, tokenizer, f"sft-{template}")
     index_path = out_path + ".index.npy"
-    if _cached(out_path, key) is None or not os.path.exists(index_path):
-        if tokenizer.eos_id < 0:
-            raise ValueError(f"{tokenizer.path}: the tokenizer has no EOS token to end answers with")
-        index = []
+    with _one_writer(out_path):  # a second run preparing the same file waits, then reuses it
+        if _cached(out_path, key) is None or not os.path.exists(index_path):
+            if tokenizer.eos_id < 0:
+                raise ValueError(f"{tokenizer.path}: the tokenizer has no EOS token to end answers with")
+            index = []
 
-        def examples():
-            start = 0
-            for path in files:
-                for i, rec in enumerate(read_records(path)):
-                    ok = isinstance(rec, dict) and all(isinstance(rec.get(k), str) for k in ("instruction", "output"))
-                    if not ok:
-                        raise ValueError(f"{path}: record {i} needs string fields 'instruction' and 'output'")
-                    ids, n_prompt = sft_example(tokenizer, rec, template)
-                    index.append((start, n_prompt, len(ids)))
-                    start += len(ids)
-                    yield ids
+            def examples():
+                start = 0
+                for path in files:
+                    for where, rec in read_records(path):
+                        ids, n_prompt = sft_example(tokenizer, check_sft_record(where, rec), template)
+                        index.append((start, n_prompt, len(ids)))
+                        start += len(ids)
+                        yield ids
 
-        dtype = token_dtype(tokenizer.vocab_size)
-        n_tokens = _write_tokens(out_path, dtype, examples())
-        if not index:
-            os.remove(out_path)
-            raise ValueError(f"empty dataset: no records in {', '.join(paths)}")
-        arr = np.asarray(index, dtype=np.int64).reshape(-1, 3)
-        atomic_write(index_path, lambda f: np.save(open(f, "wb"), arr))
-        _write_sidecar(out_path, key, tokenizer, dtype, n_tokens, n_examples=len(index))
+            dtype = token_dtype(tokenizer.vocab_size)
+            n_tokens = _write_tokens(out_path, dtype, examples())
+            if not index:
+                os.remove(out_path)
+                raise ValueError(f"empty dataset: no records in {', '.join(paths)}")
+            arr = np.asarray(index, dtype=np.int64).reshape(-1, 3)
+            atomic_write(index_path, lambda f: np.save(open(f, "wb"), arr))
+            _write_sidecar(out_path, key, tokenizer, dtype, n_tokens, n_examples=len(index))
     return open_tokens(out_path), np.load(index_path)
 
 

@@ -9,7 +9,7 @@ for any T, g and number of sinks, from the dense specification (attention.attent
 import sys
 
 from attention import attention_pattern
-from longlora.cli import Parser, UsageError, entry
+from longlora.cli import Parser, entry, integer
 
 
 def draw_patterns(T=16, group_size=8, sink_tokens=2):
@@ -34,17 +34,13 @@ def draw_patterns(T=16, group_size=8, sink_tokens=2):
 def main(argv=None):
     parser = Parser(description="Draw which keys each query sees under full, S²-Attn and SF-Attn.",
                     examples=["python attention.py", "python attention.py --T 32 --group-size 8 --sink-tokens 4"])
-    parser.add_argument("--T", type=int, default=16, help="sequence length to draw (default 16)")
-    parser.add_argument("--group-size", type=int, default=None,
+    parser.add_argument("--T", type=integer(2, 200), default=16, help="sequence length to draw, 2 to 200 to fit a terminal (default 16)")
+    parser.add_argument("--group-size", type=integer(2, 200), default=None,
                         help="group size g, even, 2 <= g <= T (default T/2 rounded to even: two groups, the clearest picture)")
-    parser.add_argument("--sink-tokens", type=int, default=2,
+    parser.add_argument("--sink-tokens", type=integer(0, 200), default=2,
                         help="sink tokens of SF-Attn (default 2 here, to keep the sinks apart from the first group in "
                              "a small picture; attention() defaults to 4)")
     args = parser.parse_args(argv)
-    if not 2 <= args.T <= 200:
-        raise UsageError(f"--T must be between 2 and 200 to fit a terminal, got {args.T}")
-    if args.sink_tokens < 0:
-        raise UsageError(f"--sink-tokens must be >= 0, got {args.sink_tokens}")
     g = args.group_size if args.group_size is not None else max(2, 2 * (args.T // 4))
     print(draw_patterns(args.T, g, args.sink_tokens))  # a group size that does not tile T: one error line (entry)
     return 0

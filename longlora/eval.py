@@ -59,7 +59,7 @@ import torch.nn.functional as F
 
 from longlora.data import read_token_file, tokenize_documents
 from longlora.adapter import load_model
-from longlora.cli import Parser, entry, resolve_device_dtype
+from longlora.cli import MAX_CTX, Parser, entry, integer, number, resolve_device_dtype
 from longlora.output import atomic_write, building, check_distinct, check_output, write_text
 from sample import generate
 
@@ -242,24 +242,19 @@ def plot_passkey(result: dict, path, depth_bins=5) -> bool:
 # CLI
 
 
-def int_list(s: str) -> list:
-    try:
-        values = [int(x) for x in s.split(",") if x.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {s!r}")
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"expected positive integers, got {s!r}")
-    return values
+def comma_list(item):
+    """argparse type: comma-separated values, each parsed (and range-checked) by the type `item`."""
+    def parse(s):
+        values = [item(x) for x in s.split(",") if x.strip()]
+        if not values:
+            raise argparse.ArgumentTypeError(f"must be a comma-separated list, got {s!r}")
+        return values
+
+    return parse
 
 
-def float_list(s: str) -> list:
-    try:
-        values = [float(x) for x in s.split(",") if x.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {s!r}")
-    if not values or min(values) < 0 or max(values) > 1:
-        raise argparse.ArgumentTypeError(f"expected depths in [0, 1], got {s!r}")
-    return values
+int_list = comma_list(integer(1, MAX_CTX))  # lengths in tokens
+float_list = comma_list(number(0, 1))  # depths
 
 
 EXAMPLES = ["python -m longlora.eval ppl --model DIR [--adapter DIR] --data a.txt b.txt --seq-lens 2048,4096,8192 --out ppl.json",
@@ -286,28 +281,24 @@ def parse_args(argv):
     src.add_argument("--tokens", help="token file from train.py's data preparation, or a raw little-endian uint16 array of ids "
                                       "(uint32 when the vocabulary exceeds 65536), e.g. LongLoRA's proof-pile test .bin")
     pp.add_argument("--seq-lens", type=int_list, default=[2048, 4096, 8192], help="evaluation window lengths, comma-separated (default 2048,4096,8192)")
-    pp.add_argument("--stride", type=int, default=256, help="LongLoRA's sliding-window step; 0 = non-overlapping windows (cheaper) (default 256)")
-    pp.add_argument("--batch-size", type=int, default=1, help="windows per forward pass (default 1)")
-    pp.add_argument("--max-tokens", type=int, help="evaluate only the first this-many tokens of the data")
+    pp.add_argument("--stride", type=integer(0, MAX_CTX), default=256, help="LongLoRA's sliding-window step; 0 = non-overlapping windows (cheaper) (default 256)")
+    pp.add_argument("--batch-size", type=integer(1), default=1, help="windows per forward pass (default 1)")
+    pp.add_argument("--max-tokens", type=integer(2), help="evaluate only the first this-many tokens of the data")
     pp.add_argument("--attn", default="full", choices=("full", "s2", "sf"), help="attention during evaluation (default full, as in the papers)")
-    pp.add_argument("--position-buckets", type=int, default=0, metavar="N", help="also the loss by position in the window, in N "
+    pp.add_argument("--position-buckets", type=integer(0), default=0, metavar="N", help="also the loss by position in the window, in N "
                     "equal spans: does the model predict tokens far into the window better? (default 0: off)")
 
     pk = sub.add_parser("passkey", parents=[common], help="passkey retrieval accuracy per prompt length",
                         examples=EXAMPLES[2:])
     pk.add_argument("--lengths", type=int_list, help="prompt lengths in tokens, comma-separated (default: 1/4, 1/2, 3/4 and all of the model's context)")
-    pk.add_argument("--trials", type=int, default=10, help="prompts per length (per depth with --depths) (default 10, LongLoRA's)")
+    pk.add_argument("--trials", type=integer(1), default=10, help="prompts per length (per depth with --depths) (default 10, LongLoRA's)")
     pk.add_argument("--depths", type=float_list, help="fixed depths of the key in [0, 1], comma-separated (default: a random depth per trial)")
-    pk.add_argument("--seed", type=int, default=0, help="seed for keys and depths (default 0)")
+    pk.add_argument("--seed", type=integer(0, 2**63 - 1), default=0, help="seed for keys and depths (default 0)")
     pk.add_argument("--kv-cache", default="full", choices=("full", "h2o", "sink"), help="KV cache while decoding the answer (see sample.py and longlora/caches.py) (default full)")
     pk.add_argument("--png", help="also draw accuracy over length x depth into this PNG (needs matplotlib)")
     a = p.parse_args(argv)
-    if a.task == "ppl" and (a.stride < 0 or a.batch_size < 1 or (a.max_tokens is not None and a.max_tokens < 2)):
-        p.error("need --stride >= 0, --batch-size >= 1, --max-tokens >= 2")
     if a.task == "ppl" and not 0 <= a.position_buckets <= min(a.seq_lens) // 2:
         p.error(f"--position-buckets must be in 0..{min(a.seq_lens) // 2} (half the shortest of --seq-lens)")
-    if a.task == "passkey" and a.trials < 1:
-        p.error("need --trials >= 1")
     return a
 
 

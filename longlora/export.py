@@ -17,10 +17,10 @@ import sys
 import torch
 
 from longlora.adapter import load_model, save_adapter
-from longlora.cli import Parser, entry
+from longlora.cli import MAX_CTX, Parser, UsageError, entry, integer
 from longlora.output import atomic_write, building, check_output
 from longlora.weights import (CheckpointError, check_state_dict, hf_config, hf_config_fields, hf_key_map,
-                              hf_to_meta_qk, meta_to_hf_qk, parse_size, read_json, write_json, write_model)
+                              hf_to_meta_qk, json_field, meta_to_hf_qk, parse_size, read_json, write_json, write_model)
 from lora import TARGETS, adapter_state, apply_lora, mark_trainable, merge_lora
 from model import ModelArgs, Transformer
 
@@ -106,7 +106,7 @@ def write_peft(model: Transformer, out_dir):
 PEFT_PREFIX = "base_model.model."
 # PEFT settings an adapter.safetensors cannot express (value PEFT writes when the feature is off).
 PEFT_OFF = {"use_rslora": False, "use_dora": False, "fan_in_fan_out": False, "bias": "none", "layers_to_transform": None,
-            "rank_pattern": {}, "alpha_pattern": {}}
+            "rank_pattern": {}, "alpha_pattern": {}, "lora_bias": False, "layer_replication": None}
 
 
 def _load_tensors(path) -> dict:
@@ -122,6 +122,11 @@ def _load_tensors(path) -> dict:
         raise CheckpointError(f"{path}: cannot read it as plain tensors ({type(e).__name__}: {str(e).strip().splitlines()[0]})") from None
     if not isinstance(state, dict) or not all(isinstance(k, str) and torch.is_tensor(v) for k, v in state.items()):
         raise CheckpointError(f"{path}: expected a dict of named tensors")
+    for k, v in state.items():  # trained values: floating point and finite, or the model's logits would not be
+        if not v.is_floating_point():
+            raise CheckpointError(f"{path}: tensor {k} is {str(v.dtype).removeprefix('torch.')}, not floating point")
+        if not torch.isfinite(v).all():
+            raise CheckpointError(f"{path}: tensor {k} holds NaN or infinite values")
     return state
 
 
@@ -138,8 +143,9 @@ def read_peft_dir(peft_dir) -> tuple:
     cfg = read_json(cfg_path)
     if not isinstance(cfg, dict) or cfg.get("peft_type") != "LORA":
         raise CheckpointError(f"{cfg_path}: not a PEFT LoRA adapter (no \"peft_type\": \"LORA\")")
-    if not all(isinstance(cfg.get(f), (int, float)) and cfg[f] > 0 for f in ("r", "lora_alpha")):
-        raise CheckpointError(f"{cfg_path}: needs positive numbers r and lora_alpha")
+    json_field(cfg, "r", int, cfg_path, lo=1)
+    json_field(cfg, "lora_alpha", float, cfg_path, above=0)
+    cfg["lora_dropout"] = json_field(cfg, "lora_dropout", float, cfg_path, 0.0, lo=0, below=1)
     for field, off in PEFT_OFF.items():
         if cfg.get(field, off) not in (off, None):
             raise CheckpointError(f"{cfg_path}: {field}={cfg[field]!r} is not supported (only plain LoRA, scale alpha/r)")
@@ -150,6 +156,9 @@ def read_peft_dir(peft_dir) -> tuple:
     tensors = {}
     for path in weights[:1] + [f for f in [os.path.join(peft_dir, "trainable_params.bin")] if os.path.isfile(f)]:
         for k, v in _load_tensors(path).items():
+            if ".lora_" in k and not k.endswith(("lora_A.weight", "lora_B.weight", "lora_A.default.weight", "lora_B.default.weight")):
+                raise CheckpointError(f"{path}: tensor {k} is not supported ({'a LoRA bias' if 'bias' in k else 'not a LoRA matrix'}: "
+                                      "only plain LoRA, lora_A and lora_B weights)")
             k = k.removeprefix(PEFT_PREFIX).replace(".lora_A.default.", ".lora_A.").replace(".lora_B.default.", ".lora_B.")
             if k in tensors and not torch.equal(tensors[k], v):  # recent PEFT saves a resized embedding itself too
                 raise CheckpointError(f"{path}: tensor {k} differs from the one in {os.path.basename(weights[0])}")
@@ -177,7 +186,12 @@ def import_peft(peft_dir, base, ctx=None) -> tuple:
         if not os.path.isfile(config):
             raise ValueError(f"{peft_dir}: a PEFT adapter does not record the context it was trained for; "
                              "pass --ctx (e.g. 32768 for LongLoRA's Llama-2-7b-longlora-32k)")
-        args = ModelArgs(**hf_config_fields(read_json(config), config))
+        try:
+            args = ModelArgs(**hf_config_fields(read_json(config), config))
+        except CheckpointError:
+            raise
+        except ValueError as e:  # fields of the right types that make no model (ModelArgs' checks)
+            raise CheckpointError(f"{config}: {e}") from None
         if args.rope_scaling == 1.0:  # (dvlab-research/LongLoRA#181: some released repositories lack rope_scaling)
             raise ValueError(f"{config} records no RoPE scaling, so not the context the adapter was trained for; "
                              "pass --ctx (e.g. 32768 for LongLoRA's Llama-2-7b-longlora-32k)")
@@ -207,7 +221,7 @@ def import_peft(peft_dir, base, ctx=None) -> tuple:
     targets = [t for t in TARGETS if any(k.endswith(f".{t}.lora_a") or k == f"{t}.lora_a" for k in ours)]
     if not targets:
         raise CheckpointError(f"{peft_dir}: no LoRA tensors (lora_A / lora_B) found")
-    apply_lora(model, r=cfg["r"], alpha=cfg["lora_alpha"], dropout=cfg.get("lora_dropout") or 0.0, targets=targets)
+    apply_lora(model, r=cfg["r"], alpha=cfg["lora_alpha"], dropout=cfg["lora_dropout"], targets=targets)
     mark_trainable(model, embed="tok_embeddings.weight" in ours, norms=any(k.endswith("norm.weight") for k in ours))
     params = adapter_state(model)
     # Every LoRA matrix must be there; norms left out keep the base's values, as LongLoRA's strict=False load does.
@@ -255,8 +269,6 @@ def peft_command(a):
 
 
 def import_command(a):
-    if a.ctx is not None and a.ctx < 1:
-        raise ValueError(f"--ctx must be positive, got {a.ctx}")
     model, note = import_peft(a.peft, a.base, a.ctx)
     args, cfg = model.args, model.lora_config
     with building(a.out, a.overwrite) as tmp:
@@ -301,7 +313,7 @@ def main(argv=None) -> int:
                                    "embeddings and norms) and write adapter.safetensors + adapter_config.json for the base.")
     i.add_argument("--peft", required=True, help="PEFT adapter directory (e.g. LongLoRA's Llama-2-7b-longlora-32k)")
     i.add_argument("--base", required=True, help="the base checkpoint it was trained on (Meta, HF or this project's layout)")
-    i.add_argument("--ctx", type=int, help="the context it was fine-tuned for (LongLoRA's --context_size, e.g. 32768); "
+    i.add_argument("--ctx", type=integer(1, MAX_CTX), help="the context it was fine-tuned for (LongLoRA's --context_size, e.g. 32768); "
                    "RoPE factor ceil(ctx / base context). Default: read from a config.json in --peft")
     i.add_argument("--out", required=True, help="new output directory for the adapter")
     for s in (m, q, i):
@@ -311,7 +323,10 @@ def main(argv=None) -> int:
     src = ("--peft", a.peft) if a.command == "import" else ("--adapter", a.adapter)
     check_output(a.out, "--out", is_dir=True, inputs=[("--base", a.base), src], overwrite=a.overwrite)
     if a.command == "merge":
-        parse_size(a.shard_size)
+        try:
+            parse_size(a.shard_size)
+        except ValueError as e:
+            raise UsageError(f"--shard-size {e}") from None
         merge_command(a)
     elif a.command == "peft":
         peft_command(a)

@@ -10,7 +10,7 @@ import sys
 
 import torch
 
-from longlora.cli import Parser, entry
+from longlora.cli import Parser, entry, integer
 from model import PRESETS, Transformer, preset
 
 
@@ -22,7 +22,7 @@ def main(argv=None):
     src.add_argument("--model", help="checkpoint directory: Meta, HF or this project's layout")
     src.add_argument("--preset", default="tiny", choices=sorted(PRESETS), help="random-weight model of a named shape")
     p.add_argument("--prompt", default="Hello", help="text to run through the model (needs a tokenizer.model for --model)")
-    p.add_argument("--seed", type=int, default=0, help="seed for the random preset weights and tokens")
+    p.add_argument("--seed", type=integer(0, 2**63 - 1), default=0, help="seed for the random preset weights and tokens")
     a = p.parse_args(argv)
     torch.manual_seed(a.seed)
     # A preset of billions of parameters is only described: built on the meta device, it holds no memory.

@@ -10,7 +10,6 @@ signals, memory and time in the log, and the result it writes.
 import glob
 import hashlib
 import json
-import math
 import os
 import shutil
 import signal
@@ -22,8 +21,8 @@ import torch
 
 from attention import flash_varlen, resolve_group_size
 from longlora.adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS, check_storable, save_adapter
-from longlora.checkpoint import checkpoint_dirs, find_resumable
-from longlora.cli import Parser, UsageError
+from longlora.checkpoint import checkpoint_dirs, comparable, find_resumable
+from longlora.cli import MAX_CTX, Parser, UsageError, integer, number
 from longlora.data import (SFT_TEMPLATES, PackedData, SFTData, open_tokens, prepare_sft, prepare_tokens, split_heldout)
 from longlora.output import STAMP, check_output, install_files, lock_output, set_aside
 from longlora.shard import on_some_ranks
@@ -85,36 +84,36 @@ def build_parser(recipe):
                    "[INST] turn (as sample.py --chat), or LongAlpaca's exact one (LongLoRA's supervised-fine-tune.py)")
     d.add_argument("--sft-group-size", choices=("official", "quarter"), help="--sft groups: LongLoRA's SFT rule (default; "
                    "see longlora/data.py) or T/4 of the padded batch (the default with --shift-wrap, as LongLoRA's non-flash path)")
-    d.add_argument("--ctx", type=int, help="training sequence length; sets the RoPE interpolation factor "
+    d.add_argument("--ctx", type=integer(1, MAX_CTX), help="training sequence length; sets the RoPE interpolation factor "
                    "ceil(ctx / the model's original context)")
-    d.add_argument("--heldout", type=float, default=0.01, help="fraction of sequences held out for evaluation (evenly spread)")
+    d.add_argument("--heldout", type=number(0, 1, hi_open=True), default=0.01, help="fraction of sequences held out for evaluation (evenly spread)")
     d.add_argument("--eval-data", nargs="+", help="separate held-out data (then nothing of --data is held out)")
     d.add_argument("--token-cache", help="folder for the tokenized data, reused across runs (default: OUT/tokens)")
     at = p.add_argument_group("attention")
     at.add_argument("--attn", choices=("full", "s2", "sf"),
                     help="training attention: full, S²-Attn (LongLoRA) or SF-Attn (SinkLoRA); evaluation uses full")
-    at.add_argument("--group-size", type=int, help="S²/SF group size (default ctx/4, LongLoRA's ratio)")
-    at.add_argument("--sink-tokens", type=int, default=4, help="SF-Attn: leading tokens every query sees")
+    at.add_argument("--group-size", type=integer(2, MAX_CTX), help="S²/SF group size (default ctx/4, LongLoRA's ratio)")
+    at.add_argument("--sink-tokens", type=integer(0, MAX_CTX), default=4, help="SF-Attn: leading tokens every query sees")
     at.add_argument("--shift-wrap", action="store_true", help="S²: the paper's cyclic roll (leaks future tokens; ablation only)")
     lo = p.add_argument_group("LoRA (not with --from-scratch or --full)")
-    lo.add_argument("--lora-r", type=int, help="LoRA rank")
-    lo.add_argument("--lora-alpha", type=float, help="LoRA alpha; the update is scaled by alpha/r")
-    lo.add_argument("--lora-dropout", type=float, help="dropout on the LoRA input")
+    lo.add_argument("--lora-r", type=integer(1, 2**16), help="LoRA rank")
+    lo.add_argument("--lora-alpha", type=number(0, lo_open=True), help="LoRA alpha; the update is scaled by alpha/r")
+    lo.add_argument("--lora-dropout", type=number(0, 1, hi_open=True), help="dropout on the LoRA input")
     lo.add_argument("--lora-targets", nargs="+", choices=TARGETS, help="layers that get LoRA")
     lo.add_argument("--no-train-embed", action="store_true", help="freeze tok_embeddings (LongLoRA trains them)")
     lo.add_argument("--no-train-norms", action="store_true", help="freeze the RMSNorm weights (LongLoRA trains them)")
     o = p.add_argument_group("optimisation")
-    o.add_argument("--steps", type=int, help="optimizer steps")
-    o.add_argument("--batch-size", type=int, help="sequences per micro-batch per process")
-    o.add_argument("--grad-accum", type=int, help="micro-batches per optimizer step")
-    o.add_argument("--lr", type=float, help="peak learning rate (AdamW)")
-    o.add_argument("--warmup", type=int, help="linear warmup steps")
+    o.add_argument("--steps", type=integer(1), help="optimizer steps")
+    o.add_argument("--batch-size", type=integer(1), help="sequences per micro-batch per process")
+    o.add_argument("--grad-accum", type=integer(1), help="micro-batches per optimizer step")
+    o.add_argument("--lr", type=number(0, lo_open=True), help="peak learning rate (AdamW)")
+    o.add_argument("--warmup", type=integer(0), help="linear warmup steps")
     o.add_argument("--schedule", choices=("constant", "cosine"), help="after warmup")
-    o.add_argument("--min-lr-ratio", type=float, default=0.1, help="cosine: final lr = lr x this")
-    o.add_argument("--weight-decay", type=float, help="AdamW weight decay (matrices only, not norms)")
-    o.add_argument("--beta2", type=float, help="AdamW beta2 (beta1 is 0.9)")
-    o.add_argument("--grad-clip", type=float, help="clip the global gradient norm (0: off)")
-    o.add_argument("--seed", type=int, default=0, help="seed of the LoRA/model init and the data order")
+    o.add_argument("--min-lr-ratio", type=number(0, 1), default=0.1, help="cosine: final lr = lr x this")
+    o.add_argument("--weight-decay", type=number(0), help="AdamW weight decay (matrices only, not norms)")
+    o.add_argument("--beta2", type=number(0, 1, hi_open=True), help="AdamW beta2 (beta1 is 0.9)")
+    o.add_argument("--grad-clip", type=number(0), help="clip the global gradient norm (0: off)")
+    o.add_argument("--seed", type=integer(0, 2**63 - 1), default=0, help="seed of the LoRA/model init and the data order")
     o.add_argument("--dtype", choices=("auto", "bf16", "fp32"), default="auto",
                    help="compute dtype: auto = bf16 on GPU (frozen weights bf16, trainable fp32), fp32 on CPU")
     o.add_argument("--no-grad-ckpt", action="store_true", help="keep all activations instead of recomputing blocks in backward")
@@ -123,20 +122,25 @@ def build_parser(recipe):
     r = p.add_argument_group("output")
     r.add_argument("--out", help="(required, except with --estimate) output folder: metrics.jsonl, checkpoints/, and "
                    "the final adapter or model")
-    r.add_argument("--save-every", type=int, default=100, help="checkpoint every N steps (and at the end)")
-    r.add_argument("--keep", type=int, default=2, help="checkpoints to keep")
+    r.add_argument("--save-every", type=integer(1), default=100, help="checkpoint every N steps (and at the end)")
+    r.add_argument("--keep", type=integer(1), default=2, help="checkpoints to keep")
     r.add_argument("--resume", metavar="DIR", help="continue from a checkpoint, or from the newest one of a run folder")
     r.add_argument("--overwrite", action="store_true", help="start afresh in an --out that holds an earlier run or result "
                    "this project wrote: it is deleted first (default: refused)")
-    r.add_argument("--eval-every", type=int, default=0, help="held-out loss every N steps and before training (0: at the end only)")
-    r.add_argument("--eval-samples", type=int, default=32, help="held-out sequences per evaluation")
-    r.add_argument("--log-every", type=int, default=1, help="print every N steps (metrics.jsonl gets every step)")
+    r.add_argument("--eval-every", type=integer(0), default=0, help="held-out loss every N steps and before training (0: at the end only)")
+    r.add_argument("--eval-samples", type=integer(0), default=32, help="held-out sequences per evaluation")
+    r.add_argument("--log-every", type=integer(1), default=1, help="print every N steps (metrics.jsonl gets every step)")
     e = p.add_argument_group("estimate")
     e.add_argument("--estimate", action="store_true", help="print per-GPU memory and FLOPs per step for --preset/--model, "
                    "--ctx, --attn, --gpus, --batch-size, --grad-accum, then exit (no weights are loaded)")
-    e.add_argument("--gpus", type=int, default=8, help="--estimate: number of GPUs")
+    e.add_argument("--gpus", type=integer(1, 2**20), default=8, help="--estimate: number of GPUs")
     p.set_defaults(**recipe)
     return p
+
+
+def typed(flag, argv):
+    """Whether `flag` was given on the command line (not just its default)."""
+    return any(t == flag or t.startswith(flag + "=") for t in argv)
 
 
 def check_args(a, argv):
@@ -144,27 +148,19 @@ def check_args(a, argv):
     sources = [s for s in ("model", "preset", "from_scratch") if getattr(a, s)]
     if len(sources) > 1 or not (sources or a.estimate):  # (--estimate alone describes LLaMA2-7B)
         raise UsageError("give exactly one of --model, --preset, --from-scratch" + (f" (got {', '.join('--' + s.replace('_', '-') for s in sources)})" if sources else ""))
-    lora_flags = [f for f in ("--lora-r", "--lora-alpha", "--lora-dropout", "--lora-targets")
-                  if any(t == f or t.startswith(f + "=") for t in argv)]
+    lora_flags = [f for f in ("--lora-r", "--lora-alpha", "--lora-dropout", "--lora-targets") if typed(f, argv)]
     if a.full and a.from_scratch:
         raise UsageError("--full fine-tunes --model or --preset; --from-scratch already trains every parameter")
     if (a.from_scratch or a.full) and (lora_flags or a.no_train_embed or a.no_train_norms):
         raise UsageError(f"--{'full' if a.full else 'from-scratch'} trains every parameter; "
                          f"{(lora_flags or ['--no-train-embed' if a.no_train_embed else '--no-train-norms'])[0]} does not apply")
-    for flag in ("ctx", "steps", "batch_size", "grad_accum", "save_every", "keep", "log_every", "gpus", "lora_r"):
-        if getattr(a, flag) < 1:
-            raise UsageError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(a, flag)}")
-    for flag in ("warmup", "eval_every", "eval_samples", "weight_decay", "grad_clip", "sink_tokens"):
-        if getattr(a, flag) < 0:
-            raise UsageError(f"--{flag.replace('_', '-')} must be >= 0, got {getattr(a, flag)}")
+    # (The numbers' ranges are checked as they are parsed: the types in build_parser.)
+    for flag, needs, ok in (("--sft-template", "--sft", a.sft), ("--sink-tokens", "--attn sf", a.attn == "sf"),
+                            ("--shift-wrap", "--attn s2 or sf", a.attn != "full")):
+        if not ok and typed(flag, argv):  # accepted and ignored, it would hide a mistake
+            raise UsageError(f"{flag} applies to {needs} only")
     if a.offload_activations and a.no_grad_ckpt:
         raise UsageError("--offload-activations moves the checkpointed block inputs; it needs checkpointing (drop --no-grad-ckpt)")
-    if not 0 < a.lr < math.inf:
-        raise UsageError(f"--lr must be a finite number > 0, got {a.lr}")
-    if not 0 <= a.heldout < 1:
-        raise UsageError(f"--heldout must be in [0, 1), got {a.heldout}")
-    if not 0 <= a.min_lr_ratio <= 1:
-        raise UsageError(f"--min-lr-ratio must be in [0, 1], got {a.min_lr_ratio}")
     # The attention groups must tile the sequence.
     if a.attn != "full":
         try:
@@ -205,10 +201,10 @@ def check_args(a, argv):
         raise UsageError("--resume continues a run, --overwrite deletes it first: give one of them")
     check_output(a.out, "--out", is_dir=True, inputs=inputs, ours=["metrics.jsonl"] + (["tokens"] * is_run(a.out)),
                  overwrite=a.overwrite, grows=is_run(a.out))  # continued with --resume (find_start refuses it otherwise)
-    if a.token_cache:  # a cache holds the token files of many runs: one with our token files is ours
+    if a.token_cache:  # a cache holds the token files of many runs: one with our token files (or their locks) is ours
         tc = a.token_cache
         check_output(tc, "--token-cache", is_dir=True, inputs=inputs, grows=True,
-                     ours=[n for n in os.listdir(tc) if n.endswith(".bin.json")] if os.path.isdir(tc) else [])
+                     ours=[n for n in os.listdir(tc) if n.endswith((".bin.json", ".bin.lock"))] if os.path.isdir(tc) else [])
 
 
 RESULT_CONFIGS = (ADAPTER_CONFIG, *MODEL_CONFIGS)  # without these, no result loads
@@ -285,6 +281,9 @@ def load_data(a, tokenizer, local_rank, distributed, wait_group=None):
         keep = np.flatnonzero(index[:, 1] < np.minimum(index[:, 2], a.ctx + 1))  # at least one answer token fits
         if len(keep) == 0:
             raise UsageError(f"empty dataset: no example of {', '.join(a.data)} has answer tokens within --ctx {a.ctx}")
+        if len(keep) < len(index) and local_rank == 0:
+            print(f"note: {len(index) - len(keep)} of {len(index)} SFT examples are left out: their prompt fills --ctx "
+                  f"{a.ctx} (no answer token to learn); a larger --ctx keeps them", file=sys.stderr, flush=True)
         n = len(keep)
     else:
         n = (len(tokens) - 1) // a.ctx
@@ -357,7 +356,7 @@ def trajectory_config(a, world):
     keys += (["full"] if a.full else []) + (["sft_template"] if a.sft else [])  # (older runs lack them)
     if a.schedule == "cosine":
         keys.append("steps")  # the cosine's length; a constant schedule may be extended by a larger --steps
-    cfg = {k: getattr(a, k) for k in keys}
+    cfg = {k: comparable(k, getattr(a, k)) for k in keys}  # (paths as real paths)
     if a.sft:
         cfg["sft_group_size"] = sft_group_rule(a)
     cfg["global_batch"] = a.batch_size * a.grad_accum * world  # the number of ranks itself may change

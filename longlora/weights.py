@@ -17,6 +17,7 @@ formats, not the model: the caller passes model.ModelArgs, and a model to fill.
 import glob
 import itertools
 import json
+import math
 import os
 import shutil
 import sys
@@ -74,6 +75,10 @@ def read_checkpoint(path, model_args):
             unknown = sorted(set(config) - {f.name for f in fields(model_args)})
             if unknown:
                 raise CheckpointError(f"{path}/params.json: unknown field {unknown[0]}")
+        bad = next((k for k, v in weights.specs.items() if not v.is_floating_point()), None)
+        if bad is not None:  # an integer tensor would be cast to the compute dtype as if it held the weights
+            raise CheckpointError(f"{path}: tensor {bad} is {str(weights.specs[bad].dtype).removeprefix('torch.')}, not "
+                                  "floating point (a quantized checkpoint?); this project reads fp32, fp16 or bf16 weights")
         return model_args(**config), weights
     except CheckpointError:
         raise
@@ -83,7 +88,11 @@ def read_checkpoint(path, model_args):
 
 
 def read_own(path):
-    return read_json(os.path.join(path, "params.json")), _read_safetensors([os.path.join(path, "model.safetensors")], lambda k: (k, None))
+    """This project's layout: params.json holds ModelArgs' own fields, checked by ModelArgs itself."""
+    params = read_json(os.path.join(path, "params.json"))
+    if not isinstance(params, dict):
+        raise CheckpointError(f"{path}/params.json: expected a JSON object, got {json.dumps(params)[:40]}")
+    return params, _read_safetensors([os.path.join(path, "model.safetensors")], lambda k: (k, None))
 
 
 def read_meta(path):
@@ -96,6 +105,17 @@ def read_meta(path):
     if not os.path.exists(params_path):
         raise CheckpointError(f"{path}: consolidated.NN.pth shards but no params.json")
     params = read_json(params_path)
+    if not isinstance(params, dict):
+        raise CheckpointError(f"{params_path}: expected a JSON object, got {json.dumps(params)[:40]}")
+    get = lambda name, kind, default=REQUIRED, **bounds: json_field(params, name, kind, params_path, default, **bounds)
+    args = dict(
+        dim=get("dim", int, lo=1), n_layers=get("n_layers", int, lo=1), n_heads=get("n_heads", int, lo=1),
+        n_kv_heads=get("n_kv_heads", int, None, lo=1), vocab_size=get("vocab_size", int, -1, lo=-1),
+        multiple_of=get("multiple_of", int, 256, lo=1), ffn_dim_multiplier=get("ffn_dim_multiplier", float, None, above=0),
+        norm_eps=get("norm_eps", float, 1e-5, above=0), rope_theta=get("rope_theta", float, 10000.0, above=0),
+        rope_scaling=get("rope_scaling", float, 1.0, lo=1), max_seq_len=get("max_seq_len", int, 4096, lo=1),
+        original_max_seq_len=get("original_max_seq_len", int, None, lo=1),
+    )
     files = sorted(glob.glob(os.path.join(path, "consolidated.*.pth")))
     # Shards are numbered 00 .. N-1: a gap means a missing file, which would silently mis-merge.
     for i, f in enumerate(files):
@@ -147,16 +167,8 @@ def read_meta(path):
         if extra:
             raise CheckpointError(f"{path}: unexpected tensor {extra[0]} in shard {i:02d}")
     del shards
-    vocab = params.get("vocab_size", -1)
-    if vocab is None or vocab <= 0:  # Meta's params.json says -1: the tokenizer decides; read it off the weights
-        vocab = specs["tok_embeddings.weight"].shape[0] if "tok_embeddings.weight" in specs else 32000
-    args = dict(
-        dim=params["dim"], n_layers=params["n_layers"], n_heads=params["n_heads"],
-        n_kv_heads=params.get("n_kv_heads"), vocab_size=vocab, multiple_of=params.get("multiple_of", 256),
-        ffn_dim_multiplier=params.get("ffn_dim_multiplier"), norm_eps=params.get("norm_eps", 1e-5),
-        rope_theta=params.get("rope_theta", 10000.0), rope_scaling=params.get("rope_scaling", 1.0),
-        max_seq_len=params.get("max_seq_len", 4096), original_max_seq_len=params.get("original_max_seq_len"),
-    )
+    if args["vocab_size"] <= 0:  # Meta's params.json says -1: the tokenizer decides; read it off the weights
+        args["vocab_size"] = specs["tok_embeddings.weight"].shape[0] if "tok_embeddings.weight" in specs else 32000
     # params.json does not say how many shards there were; a lost last shard shows up as short matrices.
     wq = specs.get("layers.0.attention.wq.weight")  # (dim, dim); a lost shard shortens dim 0 only
     if wq is not None and wq.shape[1] != args["dim"]:
@@ -312,34 +324,80 @@ def hf_config_fields(cfg, where="config.json") -> dict:
     32768 + linear 8) reads as 262,144 tokens by that rule: above LLaMA2's 4096 it is ambiguous, and loading
     says so in a warning that names the field to add.
     """
-    if cfg.get("model_type", "llama") != "llama":
+    if not isinstance(cfg, dict):
+        raise CheckpointError(f"{where}: expected a JSON object, got {json.dumps(cfg)[:40]}")
+    get = lambda name, kind, default=REQUIRED, **bounds: json_field(cfg, name, kind, where, default, **bounds)
+    if get("model_type", str, "llama") != "llama":
         raise CheckpointError(f"{where}: model_type {cfg.get('model_type')!r} is not llama")
-    if cfg.get("hidden_act", "silu") != "silu" or cfg.get("attention_bias") or cfg.get("mlp_bias"):
+    if get("hidden_act", str, "silu") != "silu" or get("attention_bias", bool, False) or get("mlp_bias", bool, False):
         raise CheckpointError(f"{where}: only LLaMA's silu activation without biases is supported")
-    n_heads = cfg["num_attention_heads"]
-    if cfg.get("head_dim") not in (None, cfg["hidden_size"] // n_heads):
+    dim, n_heads = get("hidden_size", int, lo=1), get("num_attention_heads", int, lo=1)
+    if get("head_dim", int, None, lo=1) not in (None, dim // n_heads):
         raise CheckpointError(f"{where}: head_dim {cfg['head_dim']} != hidden_size / num_attention_heads")
-    # transformers 4.x writes rope_theta + rope_scaling; 5.x writes rope_parameters holding both.
-    rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
-    rope_type = rope.get("rope_type", rope.get("type", "default"))
-    if rope_type not in ("default", "linear"):
-        raise CheckpointError(f"{where}: rope type {rope_type!r} is not supported (only linear interpolation)")
-    factor = float(rope.get("factor", 1.0)) if rope_type == "linear" else 1.0
-    max_pos = cfg.get("max_position_embeddings", 4096)
-    original = cfg.get("original_max_position_embeddings") or rope.get("original_max_position_embeddings")
+    # transformers 4.x writes rope_theta + rope_scaling; 5.x writes rope_parameters holding both (and reads either).
+    # One fact, two places: where both are given, they must agree.
+    theta = get("rope_theta", float, None, above=0)
+    ropes = {}
+    for name in ("rope_scaling", "rope_parameters"):
+        rope = get(name, dict, None)
+        if rope is not None:
+            rget = lambda key, kind, default=REQUIRED, **bounds: json_field(rope, key, kind, f"{where}: {name}", default, **bounds)
+            kind = rget("rope_type", str, None) or rget("type", str, "default")
+            if kind not in ("default", "linear"):
+                raise CheckpointError(f"{where}: rope type {kind!r} is not supported (only linear interpolation)")
+            ropes[name] = dict(kind=kind, factor=rget("factor", float, lo=1) if kind == "linear" else 1.0,
+                               theta=rget("rope_theta", float, None, above=0),
+                               original=rget("original_max_position_embeddings", int, None, lo=1))
+    said = [(f"{n}'s", r["kind"], r["factor"]) for n, r in ropes.items()]
+    if len(said) == 2 and said[0][1:] != said[1][1:]:
+        raise CheckpointError(f"{where}: " + " and ".join(f"{n} {kind} factor {f:g}" for n, kind, f in said) + " disagree; keep one of them")
+    thetas = [(f"{n}'s rope_theta", r["theta"]) for n, r in ropes.items() if r["theta"] is not None]
+    thetas += [("rope_theta", theta)] if theta is not None else []
+    if len({t for _, t in thetas}) > 1:
+        raise CheckpointError(f"{where}: " + " and ".join(f"{n} {t:g}" for n, t in thetas) + " disagree; keep one of them")
+    rope = next(iter(ropes.values()), dict(kind="default", factor=1.0, theta=None, original=None))
+    factor = rope["factor"]
+    max_pos = get("max_position_embeddings", int, 4096, lo=1)
+    original = get("original_max_position_embeddings", int, None, lo=1) or rope["original"]
     if factor > 1 and not original and max_pos > 4096 and os.environ.get("LOCAL_RANK", "0") == "0":
         print(f"warning: {where}: the context is read as max_position_embeddings {max_pos} x linear factor {factor:g} = "
               f"{round(max_pos * factor)} tokens (this project's rule for a config without "
               f"original_max_position_embeddings); if {max_pos} is already the extended context, add "
               f'"original_max_position_embeddings": <the pre-training context> to it', file=sys.stderr)
     return dict(
-        dim=cfg["hidden_size"], n_layers=cfg["num_hidden_layers"], n_heads=n_heads,
-        n_kv_heads=cfg.get("num_key_value_heads") or n_heads, vocab_size=cfg["vocab_size"],
-        ffn_hidden_dim=cfg["intermediate_size"], norm_eps=cfg.get("rms_norm_eps", 1e-6),
-        rope_theta=rope.get("rope_theta", cfg.get("rope_theta", 10000.0)), rope_scaling=factor,
+        dim=dim, n_layers=get("num_hidden_layers", int, lo=1), n_heads=n_heads,
+        n_kv_heads=get("num_key_value_heads", int, n_heads, lo=1), vocab_size=get("vocab_size", int, lo=1),
+        ffn_hidden_dim=get("intermediate_size", int, lo=1), norm_eps=get("rms_norm_eps", float, 1e-6, above=0),
+        rope_theta=theta or rope["theta"] or 10000.0, rope_scaling=factor,
         max_seq_len=max_pos if original else round(max_pos * factor), original_max_seq_len=original or max_pos,
-        tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+        tie_embeddings=get("tie_word_embeddings", bool, False),
     )
+
+
+REQUIRED = object()  # json_field's default for a field that must be there
+
+
+def json_field(cfg, name, kind, where, default=REQUIRED, lo=None, above=None, below=None):
+    """cfg[name] of a user's JSON file, checked: kind int (not a boolean), float (any finite number), bool, str,
+    list or dict; a number >= lo, or > above, and < below. Absent or null: `default`, or an error if it is REQUIRED.
+    Every field of config.json, Meta's params.json and the adapter configs (ours, PEFT's) is read through here:
+    a wrong one is one line naming the file and the field."""
+    v = cfg.get(name)
+    if v is None:
+        if default is REQUIRED:
+            raise CheckpointError(f"{where}: no field {name!r}")
+        return default
+    number = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    ok = {int: number and isinstance(v, int), float: number, bool: isinstance(v, bool), str: isinstance(v, str),
+          list: isinstance(v, list), dict: isinstance(v, dict)}[kind]
+    ok = ok and (lo is None or v >= lo) and (above is None or v > above) and (below is None or v < below)
+    if not ok:
+        want = {int: "an integer", float: "a finite number", bool: "true or false", str: "a string", list: "a list",
+                dict: "an object"}[kind]
+        want += f" >= {lo}" if lo is not None else f" > {above}" if above is not None else ""
+        want += f"{' and' if lo is not None or above is not None else ''} < {below}" if below is not None else ""
+        raise CheckpointError(f"{where}: field {name!r} must be {want}, got {json.dumps(v)[:40]}")
+    return float(v) if kind is float else v
 
 
 def load_into(model, weights, where, dtype=None, device=None):
@@ -384,9 +442,10 @@ def load_tokenizer(path, vocab_size):
 def hf_config(args, dtype: torch.dtype, tokenizer=None) -> dict:
     """LlamaConfig's fields for these args, written by hand (the product never imports transformers).
 
-    The RoPE scaling is written twice, so that both generations of transformers read it: 4.x reads
-    `rope_scaling` + `rope_theta`; 5.x reads `rope_parameters` (and converts a 4.x-style `rope_scaling`,
-    which takes precedence, to the same thing). `max_position_embeddings` is the extended context and
+    The RoPE scaling is written once, as `rope_scaling` + `rope_theta`, which both generations of transformers
+    read: 4.x as they are, 5.x by converting them to its `rope_parameters` (which it would write itself). Not
+    both: a config that says one fact twice can be edited into two answers (hf_config_fields refuses a config
+    whose `rope_scaling` and `rope_parameters` disagree). `max_position_embeddings` is the extended context and
     `original_max_position_embeddings` the pre-training one (see hf_config_fields for how both are read).
     It sits at the top level: transformers ignores it there for linear scaling, and warns about it inside
     `rope_scaling`.
@@ -409,8 +468,6 @@ def hf_config(args, dtype: torch.dtype, tokenizer=None) -> dict:
         "original_max_position_embeddings": args.original_max_seq_len,
         "rope_theta": args.rope_theta,
         "rope_scaling": {"type": "linear", "factor": args.rope_scaling} if linear else None,
-        "rope_parameters": ({"rope_type": "linear", "factor": args.rope_scaling, "rope_theta": args.rope_theta} if linear
-                            else {"rope_type": "default", "rope_theta": args.rope_theta}),
         "tie_word_embeddings": args.tie_embeddings,
         "attention_bias": False,
         "mlp_bias": False,
@@ -450,12 +507,12 @@ def parse_size(text) -> int:
     else:
         m = 1
     try:
-        n = int(float(s) * m)
+        x = float(s) * m
     except ValueError:
-        raise ValueError(f"cannot read size {text!r} (expected e.g. 5GB, 500MB or a number of bytes)") from None
-    if n <= 0:
-        raise ValueError(f"size must be positive, got {text!r}")
-    return n
+        raise ValueError(f"{text}: not a size (expected e.g. 5GB, 500MB or a number of bytes)") from None
+    if not (math.isfinite(x) and x >= 1):
+        raise ValueError(f"{text}: must be a finite size of at least 1 byte")
+    return int(x)
 
 
 def write_json(path, obj):

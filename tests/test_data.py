@@ -181,3 +181,16 @@ def test_sft_group_size_cuts_every_batch_where_longlora_sft_does(q_len):
     g = longlora_sft_group_size(q_len)
     ours = [[(a, e) for a, e, _, _ in half] for half in _plan("s2", q_len, g, 0, False)]
     assert ours == official_sft_segments(q_len)
+
+
+@pytest.mark.parametrize("name", ["DATA.JSONL", "Data.Json"])
+def test_record_files_are_recognised_in_any_case_of_their_extension(sp_model, tmp_path, name):
+    """DATA.JSONL holds records: what is trained on is their `text`, not the JSON syntax around it."""
+    texts = ["The first document.", "A second one, longer than the first."]
+    path = tmp_path / name
+    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts) if name.lower().endswith("l")
+                    else json.dumps([{"text": t} for t in texts]))
+    tok = Tokenizer(sp_model)
+    tokens = prepare_tokens([str(path)], tok, str(tmp_path / "tokens.bin"))
+    want = [i for t in texts for i in tok.encode(t, bos=True, eos=True)]
+    assert tokens.tolist() == want

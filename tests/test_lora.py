@@ -226,6 +226,25 @@ def test_adapter_round_trip_reproduces_the_finetuned_logits_exactly(base_dir, tm
         assert torch.equal(fresh(x), model(x))
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_an_adapter_of_an_fp32_base_loads_on_it_in_any_dtype_with_close_logits(base_dir, adapter_dir, dtype):
+    """The base check compares the checkpoint's stored weights, not the loaded copy: rounded to fp16 first,
+    some of this base's values round to other bf16 values than they do at once, which once made an fp16 load
+    look like another base."""
+    from longlora.adapter import base_fingerprint, load_model
+
+    adapter, logits = adapter_dir
+    model = load_model(base_dir, adapter, dtype=dtype)
+    if dtype == torch.float16:  # the case is there: the loaded copy's fingerprint differs from the stored one's
+        plain = Transformer.from_pretrained(base_dir, dtype=dtype)
+        stored = Transformer.from_pretrained(base_dir)
+        assert (base_fingerprint(plain.state_dict().__getitem__, BASE["n_layers"])
+                != base_fingerprint(stored.state_dict().__getitem__, BASE["n_layers"]))
+    with torch.no_grad():
+        out = model(tokens(2, 200)).float()
+    assert (out - logits).abs().max().item() < {torch.float16: 0.05, torch.bfloat16: 0.25}[dtype]  # logits up to 4.2
+
+
 def test_adapter_that_does_not_fit_the_base_is_refused(base_dir, adapter_dir, tmp_path):
     adapter, _ = adapter_dir
 

@@ -498,5 +498,8 @@ def test_hf_config_of_an_extended_model_reads_back_unchanged_in_transformers_and
     with caplog.at_level("WARNING"):
         hf = transformers.AutoConfig.from_pretrained(str(tmp_path))
     assert not [r for r in caplog.records if "rope" in r.getMessage().lower()], caplog.text
+    # one field per fact: rope_scaling alone, which transformers 5.x converts to its rope_parameters
+    assert "rope_parameters" not in cfg and hf.rope_parameters["factor"] == args.rope_scaling
+    assert hf.rope_parameters["rope_theta"] == args.rope_theta
     assert (hf.max_position_embeddings, hf.original_max_position_embeddings) == (ctx, 4096)
     assert hf.rope_parameters["factor"] == args.rope_scaling

@@ -454,3 +454,11 @@ def test_defaults_are_metas_sampling_and_streamingllms_sinks():
 
     a = parse_args(["--model", "m", "--prompt", "p"])
     assert (a.temperature, a.top_p, a.top_k, a.kv_cache, a.sink_tokens) == (0.6, 0.9, 0, "full", 4)
+
+
+def test_a_tiny_temperature_samples_the_most_likely_token_without_overflow():
+    """softmax(logits / T) for T = 1e-300 is one-hot on the argmax (it would overflow computed naively)."""
+    logits = torch.tensor([1.0, 3.0, 2.9, -5.0])
+    g = torch.Generator().manual_seed(0)
+    assert {sample_next(logits, 1e-300, 1.0, 0, g) for _ in range(50)} == {1}
+    assert {sample_next(logits, 5e-324, 0.9, 3, g) for _ in range(50)} == {1}
