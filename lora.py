@@ -70,7 +70,8 @@ class LoRALinear(nn.Module):
       state dict loads into a plain Transformer unchanged.
     * dtype: A and B are fp32 even when W is bf16. They are the parameters the optimizer updates, and
       AdamW's tiny steps vanish in bf16 rounding (bf16 has 8 bits of mantissa). The LoRA branch is
-      computed in fp32 and cast to x's dtype before the sum, so the output dtype is the base dtype.
+      computed in their dtype and cast to x's before the sum, so the output dtype is the base dtype; in
+      training on a GPU FSDP2 (param_dtype) and torch.autocast make that computation bf16 (docs/gpu.md).
     * A model built on the meta device gets its LoRA matrices on meta too; after `to_empty()` call
       `reset_lora_parameters()` on each layer (Transformer.init_weights would make B nonzero).
     """
@@ -95,7 +96,7 @@ class LoRALinear(nn.Module):
 
     def forward(self, x):
         y = F.linear(x, self.weight)  # (..., out), the frozen path
-        h = self.dropout(x).to(self.lora_a.dtype)  # (..., in) in fp32
+        h = self.dropout(x).to(self.lora_a.dtype)  # (..., in)
         lora = F.linear(F.linear(h, self.lora_a), self.lora_b)  # (..., r) -> (..., out); never forms B·A
         # y + (α/r)·lora, in place: at long context each (..., out) temporary is as large as a layer's input, and
         # backward needs neither y nor lora (the same numbers as out of place)

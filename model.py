@@ -215,6 +215,7 @@ class Attention(nn.Module):
             a = self.args
             y = attention(q, k, v, mode=a.attn, group_size=a.group_size, sink_tokens=a.sink_tokens,
                           wrap=a.shift_wrap, lengths=lengths)  # (B, T, H, D)
+        del q, k, v  # attention saved what its backward needs; the rest need not wait through wo
         return self.wo(y.reshape(B, T, self.n_heads * self.head_dim))
 
 

@@ -59,6 +59,7 @@ from contextlib import ExitStack, nullcontext
 import torch
 import torch.distributed as dist
 
+from longlora import memory
 from longlora.adapter import base_fingerprint
 from longlora.checkpoint import checkpoint_dirs, find_checkpoint, full_trainable_state, load_checkpoint, save_checkpoint
 from longlora.cli import UsageError, entry
@@ -233,6 +234,9 @@ def train(a, stop, held):
     checkpoint = on_some_ranks(lambda: read_checkpoint(a.model, ModelArgs), True, distributed) if a.model else None
     train_data, held_data = load_data(a, tokenizer, local_rank, distributed, wait_group)
     model, fingerprint, save_dtype = build_model(a, tokenizer, device, distributed, checkpoint, bf16)
+    if a.no_ffn_chunks:  # the feed-forward over the whole sequence (longlora/memory.py), for this run
+        held.callback(setattr, memory, "FFN_CHUNK_SIZE", memory.FFN_CHUNK_SIZE)
+        memory.FFN_CHUNK_SIZE = 0
     check_result(a, model)  # the result can be written: found out now, not after the training
     reset_peak_memory(device)
     log0(rank, f"model: {model.num_params() / 1e6:.2f}M parameters, ctx {a.ctx}, rope scaling {model.args.rope_scaling:g}, "

@@ -115,13 +115,14 @@ def flash_workspace(m: ModelArgs, attn):
 
 
 def activation_peak(m: ModelArgs, ctx, batch, full=False, lora_r=8, targets=DEFAULT_TARGETS, chunk=CHUNK_SIZE,
-                    attn="s2", flash=True, checkpointing=True, offload=False):
+                    attn="s2", flash=True, checkpointing=True, offload=False, ffn_chunks=True):
     """Peak bytes of activations of one micro-batch's forward and backward: what model.py keeps, with the
     gradients in flight at the widest moment of backward. flash: FlashAttention-2 kernels (train.py on a GPU
-    with flash-attn); False: PyTorch's SDPA, e.g. on the CPU, whose scratch memory stays inside the kernel."""
+    with flash-attn); False: PyTorch's SDPA, e.g. on the CPU, whose scratch memory stays inside the kernel.
+    ffn_chunks: False for train.py --no-ffn-chunks (the feed-forward over the whole sequence at once)."""
     d, kv, F_, V, L, hd = m.dim, m.n_kv_heads * m.head_dim, m.hidden_dim, m.vocab_size, m.n_layers, m.head_dim
     B, T = batch, ctx
-    ffn_chunked = T > chunk
+    ffn_chunked = ffn_chunks and T > chunk
     part = layer_activations(m, full, lora_r, targets, ffn_chunked, flash)  # per token, see there
     # RoPE's cos and sin (fp32, head_dim/2 each) and the positions (int64), once per forward for every layer
     rope = (4 * hd + 8) * T
@@ -140,7 +141,7 @@ def activation_peak(m: ModelArgs, ctx, batch, full=False, lora_r=8, targets=DEFA
     # throughout: the gradient arriving at the block's output, 2d (after the feed-forward, the residual's).
     g = 2 * d
     kept = sum(part.values()) - part["input"]  # the recomputed block's own saved tensors; its input is counted above
-    ffn_tokens = B * min(chunk, T)
+    ffn_tokens = B * (min(chunk, T) if ffn_chunked else T)
     if ffn_chunked:
         # The feed-forward's chunks, backward one after the other: every saved tensor of the block, the chunks'
         # input gradients gathered so far (2d), and one chunk's recomputed w1·x, silu(w1·x), w3·x with the
@@ -162,9 +163,10 @@ def activation_peak(m: ModelArgs, ctx, batch, full=False, lora_r=8, targets=DEFA
 
 
 def estimate(m: ModelArgs, ctx, attn, gpus, batch, accum, lora_r=8, targets=DEFAULT_TARGETS, embed=True,
-             norms=True, full=False, group_size=None, sinks=4, chunk=CHUNK_SIZE, offload=False):
+             norms=True, full=False, group_size=None, sinks=4, chunk=CHUNK_SIZE, offload=False, ffn_chunks=True):
     """Per-GPU memory (bytes) and FLOPs per optimizer step of a bf16 FSDP run; see the comments for each term.
-    chunk: memory.CHUNK_SIZE, tokens per chunk of the loss and of the feed-forward; offload: --offload-activations."""
+    chunk: memory.CHUNK_SIZE, tokens per chunk of the loss and of the feed-forward; offload: --offload-activations;
+    ffn_chunks: False for --no-ffn-chunks."""
     c = param_counts(m, lora_r, targets, embed, norms, full)
     d, F_, V, L, H, hd = m.dim, m.hidden_dim, m.vocab_size, m.n_layers, m.n_heads, m.head_dim
     B, T, W = batch, ctx, gpus
@@ -189,10 +191,10 @@ def estimate(m: ModelArgs, ctx, attn, gpus, batch, accum, lora_r=8, targets=DEFA
     # (FSDP2 accumulates in the reduce dtype). Full fine-tuning reduces every micro-batch (see train.py).
     mem["unsharded gradients (fp32)"] = 4 * c["trainable"] if accum > 1 and W > 1 and not full else 0
     # Activations: see activation_peak
-    common = dict(full=full, lora_r=lora_r, targets=targets, chunk=chunk, attn=attn)
+    common = dict(full=full, lora_r=lora_r, targets=targets, chunk=chunk, attn=attn, ffn_chunks=ffn_chunks)
     mem["activations, checkpointing"] = activation_peak(m, T, B, offload=offload, **common)
     mem["activations, no checkpointing"] = activation_peak(m, T, B, checkpointing=False, **common)
-    ffn_chunked = T > chunk
+    ffn_chunked = ffn_chunks and T > chunk
     static = sum(v for k, v in mem.items() if not k.startswith("activations"))
     # FLOPs per optimizer step, all GPUs together (a multiply-add counts 2):
     tokens = B * T * accum * W
@@ -241,6 +243,8 @@ def format_estimate(e, name, ctx, attn, gpus, batch, accum, full):
     lines.append(f"FLOPs per step (all GPUs): attention {e['attn_flops'] / 1e15:.1f} PFLOP, dense {e['dense_flops'] / 1e15:.1f} "
                  f"PFLOP, total {total / 1e15:.1f} PFLOP ({total / gpus / 1e15:.1f} per GPU; attention "
                  f"{100 * e['attn_flops'] / total:.0f}%)")
+    lines.append("not counted: the CUDA context, library and NCCL buffers, and the caching allocator's fragmentation "
+                 "(several GB per GPU; leave room for them, and set PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True)")
     return "\n".join(lines)
 
 
@@ -270,6 +274,6 @@ def run_estimate(a):
         m = preset(name)
     e = estimate(m, a.ctx, a.attn, a.gpus, a.batch_size, a.grad_accum, a.lora_r, a.lora_targets,
                  not a.no_train_embed, not a.no_train_norms, full=bool(a.from_scratch or a.full), group_size=a.group_size,
-                 sinks=a.sink_tokens, offload=a.offload_activations)
+                 sinks=a.sink_tokens, offload=a.offload_activations, ffn_chunks=not a.no_ffn_chunks)
     print(format_estimate(e, name, a.ctx, a.attn, a.gpus, a.batch_size, a.grad_accum, bool(a.from_scratch or a.full)))
     return 0

@@ -117,6 +117,9 @@ def build_parser(recipe):
     o.add_argument("--dtype", choices=("auto", "bf16", "fp32"), default="auto",
                    help="compute dtype: auto = bf16 on GPU (frozen weights bf16, trainable fp32), fp32 on CPU")
     o.add_argument("--no-grad-ckpt", action="store_true", help="keep all activations instead of recomputing blocks in backward")
+    o.add_argument("--no-ffn-chunks", action="store_true", help="run the feed-forward over the whole sequence at "
+                   "once, not in checkpointed chunks: faster (no second forward of it in backward) where memory allows; --estimate "
+                   "counts either")
     o.add_argument("--offload-activations", action="store_true", help="keep the checkpointed block inputs in (pinned) "
                    "host memory until backward needs them: GPU memory for contexts that do not fit otherwise")
     r = p.add_argument_group("output")

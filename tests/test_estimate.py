@@ -120,3 +120,22 @@ def test_offloading_moves_the_block_inputs_from_the_gpu_to_the_host():
     moved = off["memory"]["activations, checkpointing"] - on["memory"]["activations, checkpointing"]
     assert moved == inputs - 2 * m.dim * T  # one block's input is back on the GPU for its recompute
     assert train.main(["--estimate", "--preset", "llama2-70b", "--ctx", "65536", "--offload-activations"]) == 0
+
+
+def test_the_estimate_says_what_it_leaves_out_and_counts_the_whole_feed_forward_with_no_ffn_chunks(capsys):
+    import train
+
+    argv = ["--estimate", "--preset", "llama2-7b", "--ctx", "32768", "--gpus", "8"]
+    outs = []
+    for extra in ([], ["--no-ffn-chunks"]):
+        assert train.main(argv + extra) == 0
+        outs.append(capsys.readouterr().out)
+    assert all("not counted: the CUDA context, library and NCCL buffers, and the caching allocator's fragmentation" in o
+               for o in outs)
+    m = preset("llama2-7b")
+    chunked, whole = estimate(m, 32768, "s2", 8, 1, 8), estimate(m, 32768, "s2", 8, 1, 8, ffn_chunks=False)
+    # whole: no second forward of the feed-forward (2 FLOPs x 3 matrices of dim x hidden per token and layer), more memory
+    tokens = 32768 * 8 * 8
+    assert chunked["dense_flops"] - whole["dense_flops"] == 2 * 3 * m.dim * m.hidden_dim * m.n_layers * tokens
+    assert whole["memory"]["activations, checkpointing"] > chunked["memory"]["activations, checkpointing"]
+    assert f"{whole['dense_flops'] / 1e15:.1f} PFLOP" in outs[1] and f"{chunked['dense_flops'] / 1e15:.1f} PFLOP" in outs[0]

@@ -545,3 +545,20 @@ def test_an_fp16_and_a_bf16_copy_of_one_base_have_one_fingerprint_and_another_ba
     assert base_fingerprint(bf16.__getitem__, 2) == base_fingerprint(fp16.__getitem__, 2) == base_fingerprint(state.__getitem__, 2)
     other = {k: v + 0.01 for k, v in state.items()}
     assert base_fingerprint(other.__getitem__, 2) != base_fingerprint(state.__getitem__, 2)
+
+
+def test_under_autocast_the_lora_branch_computes_in_bf16_while_a_and_b_stay_fp32():
+    """What docs/gpu.md says of one-process bf16 training (torch.autocast): the branch's matmuls run in bf16, so its
+    output is the bf16 computation's, not the fp32 one's; the trainable matrices themselves stay fp32."""
+    torch.manual_seed(0)
+    layer = LoRALinear(torch.nn.Parameter(torch.randn(32, 64).bfloat16(), requires_grad=False), r=4, alpha=8)
+    with torch.no_grad():
+        layer.lora_b.normal_()
+    x = torch.randn(3, 64).bfloat16()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+    frozen = x @ layer.weight.T
+    in_bf16 = frozen + ((x @ layer.lora_a.bfloat16().T) @ layer.lora_b.bfloat16().T * 2).bfloat16()
+    in_fp32 = frozen + ((x.float() @ layer.lora_a.T) @ layer.lora_b.T * 2).bfloat16()
+    assert torch.equal(y, in_bf16) and not torch.equal(y, in_fp32)
+    assert layer.lora_a.dtype == layer.lora_b.dtype == torch.float32

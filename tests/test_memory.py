@@ -172,15 +172,18 @@ STEP_CASES = {"70B-like": dict(n_kv_heads=1, ffn_hidden_dim=448, vocab_size=256)
               "attention": dict(n_kv_heads=8, ffn_hidden_dim=256, vocab_size=256)}
 
 
-@pytest.mark.parametrize("case", list(STEP_CASES))
-def test_estimated_activation_peak_is_the_measured_peak_of_a_training_step(monkeypatch, case):
+@pytest.mark.parametrize("case,ffn_chunks", [(c, True) for c in STEP_CASES] + [("feed-forward", False)],
+                         ids=list(STEP_CASES) + ["feed-forward, no-ffn-chunks"])
+def test_estimated_activation_peak_is_the_measured_peak_of_a_training_step(monkeypatch, case, ffn_chunks):
     """One LoRA training step with checkpointing, as train.py takes it, in bf16 (FSDP's compute dtype): the peak of
     live tensor bytes, less the parameters' gradients (the estimate counts those apart), against estimate.py's
     activation_peak with PyTorch's SDPA kernels (estimate() asks for FlashAttention-2's, whose backward adds its
     own scratch; both are the same formula otherwise). Within 3% (observed: the estimate 0.4-0.6% above); the final
-    norm kept outside the loss chunks, or an RMSNorm that keeps an fp32 copy of its input, add a quarter."""
+    norm kept outside the loss chunks, or an RMSNorm that keeps an fp32 copy of its input, add a quarter.
+    Without chunks the feed-forward's (T, hidden) intermediates exist whole (train.py --no-ffn-chunks)."""
     T, chunk = 1024, 64
     monkeypatch.setattr(memory, "CHUNK_SIZE", chunk)
+    monkeypatch.setattr(memory, "FFN_CHUNK_SIZE", None if ffn_chunks else 0)
     m = ModelArgs(dim=128, n_layers=2, n_heads=8, max_seq_len=T, **STEP_CASES[case])
     torch.manual_seed(0)
     model = Transformer(m)
@@ -192,11 +195,12 @@ def test_estimated_activation_peak_is_the_measured_peak_of_a_training_step(monke
     with LiveTensorBytes() as mem:
         model(tokens, targets).backward()
     measured = mem.peak(exclude=[p.grad for p in model.parameters() if p.grad is not None])
-    estimated = activation_peak(m, T, 1, chunk=chunk, attn="full", flash=False)
+    estimated = activation_peak(m, T, 1, chunk=chunk, attn="full", flash=False, ffn_chunks=ffn_chunks)
     print(f"{case}: measured {measured / 1e6:.3f} MB, estimated {estimated / 1e6:.3f} MB")
     assert abs(estimated - measured) <= 0.03 * measured
-    e = estimate(m, T, "full", 1, 1, 1, chunk=chunk)
-    assert e["memory"]["activations, checkpointing"] == activation_peak(m, T, 1, chunk=chunk, attn="full")
+    e = estimate(m, T, "full", 1, 1, 1, chunk=chunk, ffn_chunks=ffn_chunks)
+    assert e["memory"]["activations, checkpointing"] == activation_peak(m, T, 1, chunk=chunk, attn="full",
+                                                                         ffn_chunks=ffn_chunks)
 
 
 def test_a_lean_model_decodes_with_its_kv_cache_as_a_plain_model_does():

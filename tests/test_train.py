@@ -830,3 +830,20 @@ def test_a_run_logs_its_attention_backend(base_dir, corpus, token_cache, tmp_pat
     assert train.main(common(base_dir, corpus, token_cache, steps=1, ctx=32, out=str(tmp_path / "run"))) == 0
     assert "attention backend: PyTorch SDPA (not flash-attn: it runs on CUDA in bf16; this run is fp32 on cpu)" \
         in capsys.readouterr().out
+
+
+def test_no_ffn_chunks_runs_the_feed_forward_whole_for_that_run_only(base_dir, corpus, token_cache, tmp_path, monkeypatch):
+    """With CHUNK_SIZE below ctx the feed-forward runs in checkpointed chunks, with --no-ffn-chunks whole; the setting
+    does not outlive the run."""
+    from longlora import memory
+
+    monkeypatch.setattr(memory, "CHUNK_SIZE", 8)
+    checkpointed = []
+    real = memory.checkpoint
+    monkeypatch.setattr(memory, "checkpoint", lambda fn, *a, **k: checkpointed.append(fn.__name__) or real(fn, *a, **k))
+    for flags, chunked in (([], True), (["--no-ffn-chunks"], False)):
+        checkpointed.clear()
+        out = str(tmp_path / f"run{chunked}")
+        assert train.main(common(base_dir, corpus, token_cache, steps=1, ctx=32, out=out) + flags) == 0
+        assert ("swiglu" in checkpointed) == chunked and "chunk_loss" in checkpointed
+        assert memory.FFN_CHUNK_SIZE is None
