@@ -133,6 +133,23 @@ def test_sft_learns_only_the_answer_and_pads_to_a_multiple_of_8(sp_model, tmp_pa
         assert (token_loss_sum(model, other_pad, y[2:], None, nograd) - loss).abs() > 1e-3
 
 
+def test_sft_batch_pads_to_the_least_multiple_that_holds_the_longest_row_and_cuts_examples_at_ctx_plus_one():
+    """SFTData on a hand-made index: row b holds example b's first min(n, ctx + 1) tokens as input and target
+    shifted by one, T is the smallest multiple of 8 (or ctx) that holds the longest row."""
+    tokens = np.arange(1000, 2000)  # token i is 1000 + i: every slice says where it came from
+    ctx = 40
+    for lengths, T in (([17, 5], 16), ([18, 5], 24), ([9, 33], 32), ([100, 3], 40), ([41, 42], 40)):
+        starts = np.cumsum([0, *lengths[:-1]])
+        index = np.array([(s, 2, n) for s, n in zip(starts, lengths)], dtype=np.int64)
+        x, y, lens = SFTData(tokens, index, ctx, 8, pad_id=0).batch([0, 1])
+        assert x.shape == (2, T), (lengths, x.shape)
+        for b, (s, n) in enumerate(zip(starts, lengths)):
+            m = min(n, ctx + 1) - 1  # inputs of an example of n tokens cut at ctx + 1
+            assert lens[b] == m
+            assert x[b, :m].tolist() == list(range(1000 + s, 1000 + s + m))
+            assert y[b, 1:m].tolist() == list(range(1001 + s + 1, 1001 + s + m))  # (target 0 is a prompt token)
+
+
 # LongLoRA's supervised-fine-tune.py (dvlab-research/LongLoRA, PROMPT_DICT, lines 69-75), copied verbatim:
 # SupervisedDataset uses "prompt_input_llama2" when a record's input is not "", else "prompt_llama2" (line 187).
 OFFICIAL_PROMPT_INPUT = (
