@@ -379,6 +379,20 @@ def test_a_prompt_of_exactly_the_context_is_accepted_and_one_token_more_is_refus
     assert "the prompt has 129 tokens, more than the model's context of 128" in capsys.readouterr().err
 
 
+def test_a_sink_cache_and_prefill_chunk_that_exactly_fill_the_context_are_accepted(model_dir, capsys):
+    """With --kv-cache sink only the cache and the chunk being prefilled must fit the 128 positions: 4 sinks + 60 recent
+    + a chunk of 64 do (the prompt itself may be longer), 4 + 61 + 64 do not."""
+    from sample import main
+
+    prompt = stdlib_text(("argparse.py",))[:600]  # about 200 tokens, more than the context
+    sink = ["--model", model_dir, "--prompt", prompt, "--kv-cache", "sink", "--sink-tokens", "4", "--prefill-chunk", "64",
+            "--temperature", "0", "--max-new-tokens", "2"]
+    assert main(sink + ["--recent", "60"]) == 0
+    capsys.readouterr()
+    assert main(sink + ["--recent", "61"]) == 2
+    assert "sink cache of 65 tokens + prefill chunk 64 exceeds the model's context of 128" in capsys.readouterr().err
+
+
 def test_cli_chat_from_stdin_with_sink_cache(model_dir):
     r = run_cli("--model", model_dir, "--prompt", "-", "--chat", "--kv-cache", "sink", "--recent", "8",
                 "--temperature", "0", "--max-new-tokens", "16", stdin="Explain dataclasses.")
