@@ -90,7 +90,7 @@ def test_sample_order_is_a_fresh_permutation_each_epoch_drawn_from_the_seed():
     assert list(sample_positions(n, 1, 0, n)) != list(e0)  # and of the seed
 
 
-def test_sft_learns_only_the_answer_and_pads_to_a_multiple_of_8(sp_model, tmp_path):
+def test_sft_learns_only_the_answer_pads_to_a_multiple_of_8_and_the_padding_never_reaches_the_loss(sp_model, tmp_path):
     doc = open(os.path.join(STDLIB, "bisect.py")).read()
     recs = [{"instruction": "Summarize this module.", "input": doc[:400], "output": "Binary search helpers."},
             {"instruction": "What does insort do?", "output": doc[400:1200]},

@@ -111,7 +111,7 @@ def test_attention_flops_count_the_pairs_attention_py_allows(mode, H):
     assert visible_pairs(mode, T, g, 4, H) == pytest.approx(pattern.sum().item() / H, rel=1e-12)  # a head's mean
 
 
-def test_estimate_is_consistent_across_ctx_attention_and_checkpointing(capsys):
+def test_estimate_grows_linearly_with_ctx_s2_computes_the_pairs_its_groups_allow_and_checkpointing_saves_memory(capsys):
     m = preset("llama2-7b")
     e = {T: estimate(m, T, "s2", 8, 1, 8) for T in (8192, 16384, 32768)}
     for T in e:

@@ -136,7 +136,7 @@ def test_dropout_touches_only_the_lora_branch():
 
 
 @pytest.mark.parametrize("embed,norms", [(True, True), (False, False)])
-def test_only_lora_embed_and_norm_params_change_in_training(base_dir, embed, norms):
+def test_mark_trainable_counts_and_trains_only_the_lora_embed_and_norm_params(base_dir, embed, norms):
     model = Transformer.from_pretrained(base_dir)
     apply_lora(model)
     n_trainable, n_total = mark_trainable(model, embed=embed, norms=norms)

@@ -272,7 +272,7 @@ def test_sink_cache_rotates_queries_by_their_position_in_the_cache():
 # Sampling and streaming
 
 
-def test_sampling_stays_inside_top_k_and_the_top_p_nucleus():
+def test_sampling_stays_inside_top_k_and_the_top_p_nucleus_and_temperature_0_is_greedy():
     probs = torch.tensor([0.5, 0.2, 0.15, 0.1, 0.05])
     logits = probs.log()
     g = torch.Generator().manual_seed(0)
