@@ -214,6 +214,10 @@ def test_default_group_size_is_a_quarter_of_T_rounded_to_even():
     assert resolve_group_size("sf", 100) == 24  # 100/4 = 25 is odd: half a group must be whole tokens
     assert resolve_group_size("full", 100) is None
     assert resolve_group_size("s2", 100, 10) == 10
+    # the smallest T with a default group: T = 8 gives g = 2, and so does every T up to 15; T = 7 has none
+    assert [resolve_group_size("s2", T) for T in (8, 15, 16)] == [2, 2, 4]
+    with pytest.raises(ValueError, match="needs T >= 8"):
+        resolve_group_size("s2", 7)
 
 
 def test_sf_with_zero_sinks_is_s2_and_sinks_are_ignored_by_s2():

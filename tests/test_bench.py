@@ -97,7 +97,7 @@ def test_gpu_checks_attention_comparison_passes_sdpa_and_catches_a_wrong_result(
     assert not ok, result
 
 
-def test_attention_bench_refuses_flash_on_fp32_or_cpu_with_one_error_line():
+def test_attention_bench_refuses_flash_in_fp32_with_one_error_line():
     r = subprocess.run([sys.executable, "-m", "longlora.bench", "attention", "--backend", "flash", "--device", "cuda"],
                        cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 2 and r.stdout == ""

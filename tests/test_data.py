@@ -90,7 +90,7 @@ def test_sample_order_is_a_fresh_permutation_each_epoch_drawn_from_the_seed():
     assert list(sample_positions(n, 1, 0, n)) != list(e0)  # and of the seed
 
 
-def test_sft_learns_only_the_answer_and_pads_to_a_multiple_of_8(sp_model, tmp_path):
+def test_sft_learns_only_the_answer_pads_to_a_multiple_of_8_and_the_padding_never_reaches_the_loss(sp_model, tmp_path):
     doc = open(os.path.join(STDLIB, "bisect.py")).read()
     recs = [{"instruction": "Summarize this module.", "input": doc[:400], "output": "Binary search helpers."},
             {"instruction": "What does insort do?", "output": doc[400:1200]},
@@ -131,6 +131,23 @@ def test_sft_learns_only_the_answer_and_pads_to_a_multiple_of_8(sp_model, tmp_pa
         assert T - n >= g // 2 and torch.allclose(token_loss_sum(model, other_pad, y[2:], lengths[2:], nograd), loss, atol=1e-5)
         # the probe can fail: without lengths the pad tokens reach the loss
         assert (token_loss_sum(model, other_pad, y[2:], None, nograd) - loss).abs() > 1e-3
+
+
+def test_sft_batch_pads_to_the_least_multiple_that_holds_the_longest_row_and_cuts_examples_at_ctx_plus_one():
+    """SFTData on a hand-made index: row b holds example b's first min(n, ctx + 1) tokens as input and target
+    shifted by one, T is the smallest multiple of 8 (or ctx) that holds the longest row."""
+    tokens = np.arange(1000, 2000)  # token i is 1000 + i: every slice says where it came from
+    ctx = 40
+    for lengths, T in (([17, 5], 16), ([18, 5], 24), ([9, 33], 32), ([100, 3], 40), ([41, 42], 40)):
+        starts = np.cumsum([0, *lengths[:-1]])
+        index = np.array([(s, 2, n) for s, n in zip(starts, lengths)], dtype=np.int64)
+        x, y, lens = SFTData(tokens, index, ctx, 8, pad_id=0).batch([0, 1])
+        assert x.shape == (2, T), (lengths, x.shape)
+        for b, (s, n) in enumerate(zip(starts, lengths)):
+            m = min(n, ctx + 1) - 1  # inputs of an example of n tokens cut at ctx + 1
+            assert lens[b] == m
+            assert x[b, :m].tolist() == list(range(1000 + s, 1000 + s + m))
+            assert y[b, 1:m].tolist() == list(range(1001 + s + 1, 1001 + s + m))  # (target 0 is a prompt token)
 
 
 # LongLoRA's supervised-fine-tune.py (dvlab-research/LongLoRA, PROMPT_DICT, lines 69-75), copied verbatim:

@@ -24,14 +24,62 @@ def test_estimate_counts_llama2_7b_and_its_lora_exactly():
     assert c["trainable"] == c["lora"] + 32000 * 4096 + 65 * 4096  # + embeddings + 65 RMSNorms
 
 
+# (ModelArgs overrides of the tiny preset, LoRA targets, embed, norms, full): GQA, tied embeddings, an odd head count
+# with a set feed-forward width, every LoRA target including the output head, and full fine-tuning
+COUNT_CASES = [
+    (dict(), ("wq", "wk", "wv", "wo"), True, True, False),
+    (dict(tie_embeddings=True), ("wq", "wk", "wv", "wo", "w1", "w2", "w3"), True, False, False),
+    (dict(dim=72, n_heads=9, n_kv_heads=3, ffn_hidden_dim=100), ("wq", "wk", "wv", "wo", "w1", "w2", "w3", "output"),
+     False, True, False),
+    (dict(n_kv_heads=1), (), True, True, True),
+    (dict(tie_embeddings=True), (), True, True, True),
+]
+
+
+@pytest.mark.parametrize("overrides,targets,embed,norms,full", COUNT_CASES)
+def test_parameter_counts_are_the_models_own(overrides, targets, embed, norms, full):
+    """param_counts against the parameters of the model itself (built on the meta device, LoRA applied, marked
+    trainable as train.py does): total, trainable, LoRA, one block and the matrices that multiply every token."""
+    m = preset("tiny", **overrides)
+    with torch.device("meta"):
+        model = Transformer(m)
+        if not full:
+            apply_lora(model, r=4, targets=targets)
+            mark_trainable(model, embed=embed, norms=norms)
+    params = dict(model.named_parameters())  # a tied weight once
+    is_lora = lambda n: n.endswith(("lora_a", "lora_b"))  # noqa: E731
+    c = param_counts(m, 4, targets, embed, norms, full)
+    assert c["total"] == sum(p.numel() for n, p in params.items() if not is_lora(n))
+    assert c["trainable"] == sum(p.numel() for p in params.values() if p.requires_grad or full)
+    assert c["lora"] == sum(p.numel() for n, p in params.items() if is_lora(n))
+    assert c["block"] == sum(p.numel() for p in model.layers[0].parameters())
+    matrices = [n for n, p in params.items() if p.ndim == 2 and not is_lora(n) and n != "tok_embeddings.weight"]
+    assert c["matmul"] == sum(params[n].numel() for n in matrices) + (m.vocab_size * m.dim if m.tie_embeddings else 0)
+
+
+def test_only_lora_accumulating_over_several_gpus_keeps_whole_fp32_gradients_and_tied_embeddings_stay_gathered():
+    """The unsharded fp32 gradients are there only when gradients wait across micro-batches (--grad-accum > 1) on
+    more than one GPU with LoRA; a tied embedding matrix, the output head too, stays gathered in bf16 while the
+    blocks run backward."""
+    m = preset("llama2-7b")
+    trainable = param_counts(m, 8, ("wq", "wk", "wv", "wo"), True, True, full=False)["trainable"]
+    unsharded = lambda gpus, accum, full=False: estimate(m, 8192, "s2", gpus, 1, accum, full=full)["memory"][  # noqa: E731
+        "unsharded gradients (fp32)"]
+    assert unsharded(8, 8) == 4 * trainable
+    assert unsharded(8, 1) == unsharded(1, 8) == unsharded(8, 8, full=True) == 0
+    tied = preset("llama2-7b", tie_embeddings=True)
+    gathered = lambda args: estimate(args, 8192, "s2", 8, 1, 8)["memory"]["FSDP gathered weights (bf16)"]  # noqa: E731
+    assert gathered(tied) - gathered(m) == 2 * m.vocab_size * m.dim
+
+
 @pytest.mark.parametrize("full,ffn_chunked", [(False, False), (True, False), (False, True), (True, True)])
 def test_estimated_activations_are_what_autograd_saves(monkeypatch, full, ffn_chunked):
     """The per-layer activation formula against the bytes autograd keeps (bf16 model, full attention); with
-    the feed-forward chunked, what its checkpointed chunks keep."""
+    the feed-forward chunked, what its checkpointed chunks keep. A sequence of exactly one chunk is not chunked."""
     m = ModelArgs(dim=128, n_layers=2, n_heads=4, vocab_size=256, multiple_of=32, max_seq_len=512)
     torch.manual_seed(0)
     model = Transformer(m)
-    monkeypatch.setattr(memory, "FFN_CHUNK_SIZE", 64 if ffn_chunked else 0)
+    monkeypatch.setattr(memory, "FFN_CHUNK_SIZE", 64 if ffn_chunked else 256)  # 256: T itself
     if not full:
         apply_lora(model)
         mark_trainable(model)
@@ -63,7 +111,7 @@ def test_attention_flops_count_the_pairs_attention_py_allows(mode, H):
     assert visible_pairs(mode, T, g, 4, H) == pytest.approx(pattern.sum().item() / H, rel=1e-12)  # a head's mean
 
 
-def test_estimate_is_consistent_across_ctx_attention_and_checkpointing(capsys):
+def test_estimate_grows_linearly_with_ctx_s2_computes_the_pairs_its_groups_allow_and_checkpointing_saves_memory(capsys):
     m = preset("llama2-7b")
     e = {T: estimate(m, T, "s2", 8, 1, 8) for T in (8192, 16384, 32768)}
     for T in e:

@@ -50,6 +50,16 @@ def test_window_starts_are_longloras_with_the_last_dropped_and_every_full_window
         ev.window_starts(512, 256, 256)  # range(0, 256, 256) = [0], popped: nothing left
 
 
+@pytest.mark.parametrize("seq_len,stride", [(256, 256), (100, 7), (64, None)])
+def test_too_few_tokens_names_the_least_count_that_gives_a_window(seq_len, stride):
+    with pytest.raises(ValueError, match="too few") as refused:
+        ev.window_starts(seq_len - 1, seq_len, stride)
+    need = int(str(refused.value).split("need at least ")[1].rstrip(")"))
+    assert len(ev.window_starts(need, seq_len, stride)) == 1  # the count it names works
+    with pytest.raises(ValueError, match="too few"):
+        ev.window_starts(need - 1, seq_len, stride)  # and one token less does not
+
+
 @pytest.mark.parametrize("batch_size", [1, 3])
 def test_longlora_protocol_is_the_mean_of_window_mean_losses_over_overlapping_windows(batch_size):
     model = KnownLogits()
@@ -89,6 +99,20 @@ def test_loss_by_position_is_the_mean_over_windows_of_each_spans_predictions(str
         ev.perplexity(model, tokens, L, buckets=11)  # more than L / 2: a span without a predicted token
 
 
+def test_windows_longer_than_a_scoring_slice_score_every_prediction():
+    """perplexity scores a window's log-softmax 4096 positions at a time: windows of 4098 and 8193 tokens (a last
+    slice of one prediction, and slices of exactly 4096) against one float64 log-softmax over the whole window."""
+    model = KnownLogits(seed=4)
+    for L in (4098, 8193):
+        tokens = torch.randint(0, 11, (L + 5,), generator=torch.Generator().manual_seed(L)).numpy()
+        window = torch.from_numpy(tokens[:L]).long()
+        logp = model(window[None])[0].double().log_softmax(-1)  # (L, V)
+        nll = -logp[:-1].gather(1, window[1:, None]).squeeze(1)  # the L - 1 predictions
+        r = ev.perplexity(model, tokens, L)
+        assert r["windows"] == 1 and r["scored"] == L - 1
+        assert r["loss"] == pytest.approx(nll.mean().item(), rel=1e-6)
+
+
 def test_uniform_logits_give_the_vocabulary_size_under_both_protocols():
     class Uniform(nn.Module):
         def __init__(self):
@@ -119,7 +143,7 @@ def test_perplexity_uses_full_attention_and_restores_the_models_setting():
 # Passkey
 
 
-@pytest.mark.parametrize("n_tokens,depth", [(300, 0.0), (600, 0.25), (1000, 0.5), (1500, 0.9), (800, 1.0)])
+@pytest.mark.parametrize("n_tokens,depth", [(300, 0.0), (600, 0.25), (600, 0.3), (1000, 0.5), (1500, 0.9), (800, 1.0)])
 def test_passkey_prompt_has_the_requested_length_and_the_key_at_the_requested_depth(sp_model, n_tokens, depth):
     tok = Tokenizer(sp_model)
     ids, key, d = ev.passkey_prompt(tok, n_tokens, depth=depth, seed=n_tokens)
@@ -132,16 +156,20 @@ def test_passkey_prompt_has_the_requested_length_and_the_key_at_the_requested_de
     assert info == f"The pass key is {key}. Remember it. {key} is the pass key."
     filler = " ".join([ev.FILLER] * 200)
     assert filler.startswith(before) and filler.startswith(after)  # both cut from the start of the filler
-    # the depth in tokens of filler, counted independently by re-encoding each part
-    n_before = len(tok.encode(before, bos=False)) if before else 0
-    n_after = len(tok.encode(after, bos=False)) if after else 0
-    assert abs(n_before / (n_before + n_after) - depth) <= 2 / (n_before + n_after)
+    # the filler tokens before and after the key, counted between the prompt's four newline tokens: p and q with
+    # p = round(depth * (p + q)) (the docstring's rule)
+    newline = [i for i, t in enumerate(ids) if tok.decode([t]) == "\n"]
+    assert len(newline) == 4
+    p, q = newline[1] - newline[0] - 1, newline[3] - newline[2] - 1
+    assert p == round(depth * (p + q)), (p, q)
 
 
 def test_passkey_prompt_draws_key_and_depth_from_the_seed_and_refuses_too_short_prompts(sp_model):
     tok = Tokenizer(sp_model)
     a, b, c = (ev.passkey_prompt(tok, 400, seed=s) for s in (1, 1, 2))
     assert a == b and (a[1], a[2]) != (c[1], c[2])
+    keys = [ev.passkey_prompt(tok, 200, seed=s)[1] for s in range(100)]  # a random five-digit number, every time
+    assert all(len(k) == 5 and k.isdigit() for k in keys) and len(set(keys)) > 90
     with pytest.raises(ValueError, match="at least"):
         ev.passkey_prompt(tok, 20)
 
@@ -223,10 +251,12 @@ def test_ppl_cli_prints_a_table_and_writes_json_equal_to_the_function(model_dir,
 
 def test_passkey_cli_writes_accuracy_json_and_a_png(model_dir, tmp_path, capsys):
     out, png = tmp_path / "pk.json", tmp_path / "pk.png"
-    assert ev.main(["passkey", "--model", model_dir, "--lengths", "200,300", "--trials", "2", "--out", str(out),
-                    "--png", str(png)]) == 0
+    # depth 1.0 (the key right before the question) is drawn in the last row of the heat map
+    assert ev.main(["passkey", "--model", model_dir, "--lengths", "200,300", "--trials", "1", "--depths", "0,1",
+                    "--out", str(out), "--png", str(png)]) == 0
     result = json.loads(out.read_text())
     assert set(result["accuracy"]) == {"200", "300"} and len(result["trials"]) == 4
+    assert sorted(r["depth"] for r in result["trials"]) == [0.0, 0.0, 1.0, 1.0]
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

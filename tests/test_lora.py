@@ -136,7 +136,7 @@ def test_dropout_touches_only_the_lora_branch():
 
 
 @pytest.mark.parametrize("embed,norms", [(True, True), (False, False)])
-def test_only_lora_embed_and_norm_params_change_in_training(base_dir, embed, norms):
+def test_mark_trainable_counts_and_trains_only_the_lora_embed_and_norm_params(base_dir, embed, norms):
     model = Transformer.from_pretrained(base_dir)
     apply_lora(model)
     n_trainable, n_total = mark_trainable(model, embed=embed, norms=norms)
@@ -193,8 +193,22 @@ def test_merge_is_fp32_math_cast_back_to_the_weight_dtype():
     merged = merge_lora({"x.weight": w, "x.lora_a": a, "x.lora_b": b}, 0.5)["x.weight"]
     assert merged.dtype == torch.bfloat16
     assert torch.equal(merged, (w.double() + 0.5 * (b.double() @ a.double())).float().to(torch.bfloat16))
+
+
+def test_merge_refuses_a_missing_a_mismatched_or_a_stray_lora_matrix_and_lora_on_a_tied_head():
+    w, a, b = torch.randn(16, 8), torch.randn(2, 8), torch.randn(16, 2)
     with pytest.raises(ValueError, match="lora_b is missing"):
         merge_lora({"x.weight": w, "x.lora_a": a}, 0.5)
+    with pytest.raises(ValueError, match="cannot merge x.weight"):  # ranks 2 and 3
+        merge_lora({"x.weight": w, "x.lora_a": a, "x.lora_b": torch.randn(16, 3)}, 0.5)
+    with pytest.raises(ValueError, match="cannot merge x.weight"):  # B·A would be (8, 16)
+        merge_lora({"x.weight": w, "x.lora_a": torch.randn(2, 16), "x.lora_b": torch.randn(8, 2)}, 0.5)
+    with pytest.raises(ValueError, match="y.lora_a has no base weight"):
+        merge_lora({"x.weight": w, "y.lora_a": a, "y.lora_b": b}, 0.5)
+    # a tied output head is the embedding: LoRA on it would change the input side too
+    tied = Transformer(ModelArgs(**{**BASE, "tie_embeddings": True}))
+    with pytest.raises(ValueError, match="cannot put LoRA on `output` when it is tied"):
+        apply_lora(tied, targets=("wq", "output"))
 
 
 # ----------------------------------------------------------------------------------------------------

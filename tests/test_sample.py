@@ -10,7 +10,7 @@ import torch
 
 from conftest import ROOT, stdlib_text
 from longlora.adapter import load_model, save_adapter
-from longlora.caches import H2OCache, SinkCache, h2o_keep
+from longlora.caches import H2OCache, SinkCache, h2o_keep, resolve_size
 from longlora.tokenizer import Tokenizer
 from model import Transformer, apply_rope, preset, rope_angles
 from sample import chat_prompt, generate, make_cache, sample_next, stream_text
@@ -58,6 +58,33 @@ def test_greedy_generation_with_kv_cache_equals_recomputing_every_step(prefill_c
     prompt = torch.randint(0, 256, (23,), generator=torch.Generator().manual_seed(1)).tolist()
     ours = list(generate(model, prompt, 30, prefill_chunk=prefill_chunk))
     assert ours == greedy_by_recomputation(model, prompt, 30)
+
+
+def test_generation_stops_before_the_first_eos_and_never_yields_it():
+    """eos_id = the 6th token of the greedy continuation (recomputed without a cache): generate yields the tokens
+    before its first occurrence, not the EOS itself, and nothing after it."""
+    model = make_model()
+    prompt = torch.randint(0, 256, (9,), generator=torch.Generator().manual_seed(4)).tolist()
+    greedy = greedy_by_recomputation(model, prompt, 12)
+    eos = greedy[5]
+    assert list(generate(model, prompt, 12, eos_id=eos)) == greedy[:greedy.index(eos)]
+    assert list(generate(model, prompt, 12, eos_id=-1)) == greedy  # an id never drawn: all max_new_tokens
+
+
+def test_the_full_cache_holds_exactly_the_prompt_and_the_new_tokens():
+    """make_cache("full") allocates prompt + max_new_tokens positions of keys and values per layer, no more (the stats'
+    bytes, against the count from the shapes): generation then fills it to the last position."""
+    model = make_model()
+    stats = {}
+    assert len(list(generate(model, list(range(1, 24)), 7, stats=stats))) == 7
+    a = model.args
+    assert stats["kv_cache_bytes"] == a.n_layers * 2 * (23 + 7) * a.n_kv_heads * a.head_dim * 4  # fp32
+
+
+def test_cache_sizes_given_as_a_ratio_round_to_the_nearest_token_and_keep_at_least_one():
+    assert resolve_size(0.1, 19) == 2 and resolve_size(0.1, 14) == 1  # 1.9 and 1.4 tokens
+    assert resolve_size(0.01, 30) == 1 and resolve_size(0.0, 100) == 0  # at least one, unless the ratio is 0
+    assert resolve_size(1.0, 37) == 37 and resolve_size(256, 10) == 256  # a count is a count
 
 
 @pytest.mark.parametrize("kind", ["full", "h2o", "sink"])
@@ -245,7 +272,7 @@ def test_sink_cache_rotates_queries_by_their_position_in_the_cache():
 # Sampling and streaming
 
 
-def test_sampling_stays_inside_top_k_and_the_top_p_nucleus():
+def test_sampling_stays_inside_top_k_and_the_top_p_nucleus_and_temperature_0_is_greedy():
     probs = torch.tensor([0.5, 0.2, 0.15, 0.1, 0.05])
     logits = probs.log()
     g = torch.Generator().manual_seed(0)
@@ -334,6 +361,36 @@ def test_a_prompt_and_new_tokens_that_exactly_fill_the_context_are_generated_wit
     over = run_cli("--model", model_dir, "--prompt", "def main(argv=None):", "--max-new-tokens", str(129 - n),
                    "--temperature", "0")
     assert over.returncode == 0 and f"generating at most {128 - n} tokens" in over.stderr, over.stderr
+
+
+def test_a_prompt_of_exactly_the_context_is_accepted_and_one_token_more_is_refused(model_dir, capsys):
+    """The context is 128 tokens: a prompt of 128 leaves no room for a new token (a note says so) but is no error;
+    a prompt of 129 is one error line. (In-process: sample.main with its exit code.)"""
+    from sample import main
+
+    tok = Transformer.from_pretrained(model_dir).tokenizer
+    ids = tok.encode(stdlib_text(("argparse.py",))[:3000], bos=True)
+    text = {n: tok.decode(ids[1:n]) for n in (128, 129)}  # BOS + n - 1 tokens that re-encode to themselves
+    assert all(tok.encode(t, bos=True) == ids[:n] for n, t in text.items())
+    capsys.readouterr()
+    assert main(["--model", model_dir, "--prompt", text[128], "--temperature", "0", "--max-new-tokens", "4"]) == 0
+    assert "generating at most 0 tokens" in capsys.readouterr().err
+    assert main(["--model", model_dir, "--prompt", text[129], "--temperature", "0", "--max-new-tokens", "4"]) == 2
+    assert "the prompt has 129 tokens, more than the model's context of 128" in capsys.readouterr().err
+
+
+def test_a_sink_cache_and_prefill_chunk_that_exactly_fill_the_context_are_accepted(model_dir, capsys):
+    """With --kv-cache sink only the cache and the chunk being prefilled must fit the 128 positions: 4 sinks + 60 recent
+    + a chunk of 64 do (the prompt itself may be longer), 4 + 61 + 64 do not."""
+    from sample import main
+
+    prompt = stdlib_text(("argparse.py",))[:600]  # about 200 tokens, more than the context
+    sink = ["--model", model_dir, "--prompt", prompt, "--kv-cache", "sink", "--sink-tokens", "4", "--prefill-chunk", "64",
+            "--temperature", "0", "--max-new-tokens", "2"]
+    assert main(sink + ["--recent", "60"]) == 0
+    capsys.readouterr()
+    assert main(sink + ["--recent", "61"]) == 2
+    assert "sink cache of 65 tokens + prefill chunk 64 exceeds the model's context of 128" in capsys.readouterr().err
 
 
 def test_cli_chat_from_stdin_with_sink_cache(model_dir):

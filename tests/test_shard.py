@@ -152,7 +152,13 @@ def test_each_rank_reads_the_rows_fsdp2_gives_it_also_when_they_do_not_divide_ev
 
     for n, world in [(32001, 2), (32000, 8), (5, 4), (3, 8), (1, 2), (0, 2), (11008, 3)]:
         pieces = torch.arange(n).chunk(world)
+        previous_end = 0
         for rank in range(world):
             start, end = shard_rows(n, rank, world)
             expected = pieces[rank] if rank < len(pieces) else torch.arange(0)
             assert torch.equal(torch.arange(n)[start:end], expected), (n, world, rank)
+            # a range the checkpoint readers can use as it is: inside the tensor, never backwards, right after the
+            # previous rank's (a rank without rows gets an empty range at the end, not one past it)
+            assert previous_end == start <= end <= n, (n, world, rank, start, end)
+            previous_end = end
+        assert previous_end == n

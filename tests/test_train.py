@@ -162,21 +162,29 @@ def test_sft_loss_is_the_global_token_mean_on_one_process_and_on_two_ranks(base_
 
 @pytest.mark.parametrize("rule", ["official", "quarter"])
 def test_sft_attention_groups_follow_the_chosen_rule(rule, base_dir, tmp_path, monkeypatch):
-    """official (the default): LongLoRA's SFT rule from the batch's longest example, here 8192 > T, so the
-    plain heads see whole rows; quarter: T/4 of the padded batch."""
+    """official (the default): LongLoRA's SFT rule applied to the token count of the batch's longest example,
+    truncated at ctx (one example here is longer than ctx), which gives 8192 > T here, so the plain heads see whole
+    rows; quarter: T/4 of the padded batch."""
     import model as model_py
 
     seen, attention = [], model_py.attention
     monkeypatch.setattr(model_py, "attention", lambda q, k, v, mode, **kw: seen.append((mode, q.shape[1], kw["group_size"]))
                         or attention(q, k, v, mode, **kw))
+    ruled, expected, rule_of, batch = [], [], train.longlora_sft_group_size, SFTData.batch
+    monkeypatch.setattr(train, "longlora_sft_group_size", lambda n: ruled.append(n) or rule_of(n))
+    # the longest example of each batch, from the index: its whole length, truncated at ctx
+    monkeypatch.setattr(SFTData, "batch", lambda self, positions: expected.append(
+        min(max(int(self.index[self.ids[p], 2]) for p in positions), self.ctx)) or batch(self, positions))
     doc = open(os.path.join(STDLIB, "bisect.py")).read()
-    recs = [{"instruction": f"Quote part {i}.", "output": doc[i * 53:i * 53 + 40 * (i + 1)]} for i in range(4)]
+    recs = [{"instruction": f"Quote part {i}.", "output": doc[i * 53:i * 53 + 40 * (i + 1)]} for i in range(3)]
+    recs.append({"instruction": "Quote all of it.", "output": doc[:3000]})  # more than ctx tokens
     (tmp_path / "sft.json").write_text(json.dumps(recs))
-    args = common(base_dir, str(tmp_path / "sft.json"), str(tmp_path / "tok"), ctx=256, steps=2, grad_accum=1, heldout=0,
-                  out=str(tmp_path / "out"), sft_group_size=rule) + ["--sft"]
+    args = common(base_dir, str(tmp_path / "sft.json"), str(tmp_path / "tok"), ctx=256, steps=2, batch_size=2,
+                  grad_accum=1, heldout=0, out=str(tmp_path / "out"), sft_group_size=rule) + ["--sft"]
     assert train.main(args) == 0
     groups = [(T, g) for mode, T, g in seen if mode == "s2"]
     assert groups and all(g == (8192 if rule == "official" else None) for _, g in groups), groups
+    assert ruled == (expected if rule == "official" else []) and 256 in expected
 
 
 def test_step_loss_and_gradient_are_the_global_token_mean_of_an_independent_forward(base_dir, sp_model, tmp_path):
@@ -490,6 +498,20 @@ def test_defaults_are_longloras_recipe(tmp_path):
     a = parse_args(["--model", str(tmp_path / "base"), "--data", str(tmp_path / "data.txt"), "--out", str(tmp_path / "out")],
                    train.RECIPE)
     assert {k: getattr(a, k) for k in RECIPE} == RECIPE
+
+
+def test_sft_groups_default_to_longloras_rule_or_with_shift_wrap_to_a_quarter_and_pad_to_the_group_size():
+    """--sft without --group-size: LongLoRA's SFT rule, whose groups can exceed a batch; --shift-wrap's roll cannot
+    take those, so it gets T/4 of the padded batch. A fixed --group-size pads each batch to a multiple of it (so
+    its groups tile the batch), full attention to a multiple of 8."""
+    from longlora.run import pad_multiple, sft_group_rule
+
+    parse = lambda *flags: parse_args(["--estimate", "--preset", "tiny", "--ctx", "128", "--sft", *flags], train.RECIPE)  # noqa: E731
+    assert sft_group_rule(parse()) == "official"
+    assert sft_group_rule(parse("--shift-wrap")) == "quarter"
+    assert sft_group_rule(parse("--group-size", "32")) is None and sft_group_rule(parse("--attn", "full")) is None
+    assert pad_multiple(parse("--group-size", "32")) == 32 and pad_multiple(parse("--attn", "full")) == 8
+    assert pad_multiple(parse()) == 8
 
 
 def test_a_default_run_trains_with_the_recipe(base_dir, corpus, token_cache, tmp_path, monkeypatch):
