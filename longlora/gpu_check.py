@@ -6,14 +6,18 @@ It builds everything it needs in a temporary folder (a sentencepiece tokenizer a
 LLaMA, trained on Python standard-library source as text; nothing is downloaded), then checks:
 
   1. attention.attention() for every mode (full, s2, sf, and the wrap ablation of s2 and sf, with and
-     without padding) in bf16 on CUDA, forward and backward, with the sdpa backend, and with flash when
-     flash-attn >= 2.1 imports, against the fp32 reference on the same bf16 inputs. Tolerance: the
-     largest error of the output and of dq, dk, dv, relative to the largest value of the reference, at
-     most ATTN_TOL (bf16 keeps 8 bits of mantissa: one rounding is up to 0.4%);
-  2. train.py, a LoRA fine-tuning of the tiny model at ctx 512 with S²-Attn, for STEPS steps, under
-     `torchrun --nproc_per_node=1` (NCCL, FSDP2, bf16 weights) and in one process (bf16 autocast):
-     the loss goes down, a resume from the middle checkpoint repeats the losses within LOSS_TOL, and
-     the peak memory train.py logs is shown;
+     without padding) at head_dim 64 and 128 in bf16 on CUDA, forward and backward, with the sdpa backend,
+     and with flash when flash-attn >= 2.1 imports, against the fp32 reference on the same bf16 inputs.
+     Tolerance: the largest error of the output and of dq, dk, dv, relative to the largest value of the
+     reference, at most ATTN_TOL (bf16 keeps 8 bits of mantissa: one rounding is up to 0.4%);
+  2. train.py, a LoRA fine-tuning at ctx CTX (over memory.CHUNK_SIZE: the chunked loss, feed-forward and
+     RoPE run) with S²-Attn of a small model with head_dim 128, for STEPS steps, under torchrun (NCCL,
+     FSDP2, bf16 weights; 2 ranks where 2 GPUs exist) and in one process (bf16 autocast): the loss goes
+     down, a resume from the middle checkpoint repeats the losses within LOSS_TOL, and the peak memory
+     train.py logs is shown; in one process again with --offload-activations: the same losses;
+  2b. memory: train.py at ctx 32768 on a model of dim 2048 (8 layers, 0.4B parameters, 3.6 GB by the estimate,
+     so that fixed workspaces weigh little), its peak allocated memory against `--estimate`'s total (with the
+     attention kernels it ran), within MEM_TOL;
   3. sample.py with each KV cache (full, h2o, sink) in bf16 on CUDA: it generates every token asked for;
   4. `python -m longlora.eval ppl` in bf16 on CUDA equals the fp32 CPU result within LOSS_TOL (mean loss in nats);
   5. figures: attention forward+backward time of full, s2 and sf at T = 8k, 16k and 32k in bf16
@@ -40,6 +44,8 @@ from longlora.cli import Parser, entry
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the project: train.py, sample.py
 ATTN_TOL = 0.02  # max |fast - reference| / max |reference|, outputs and gradients
 LOSS_TOL = 0.02  # nats: bf16 against fp32, and a resumed bf16 run against the uninterrupted one
+MEM_TOL = 0.05  # |measured peak - estimate| / estimate
+CTX = 2048  # train.py's context in check 2: over memory.CHUNK_SIZE
 STEPS = 8  # train.py steps per run; checkpoints at STEPS/2 and STEPS
 TEXTS = ("argparse.py", "dataclasses.py", "pathlib.py", "typing.py")  # real text on every machine with Python
 
@@ -82,7 +88,9 @@ def make_workspace(work):
         f.write(open(text, encoding="utf-8").read()[:120])  # about 80 tokens: the tiny model holds 128
     base = os.path.join(work, "base")
     torch.manual_seed(0)
-    Transformer(preset("tiny", vocab_size=512)).save_pretrained(base, tokenizer_path=os.path.join(work, "tokenizer.model"))
+    # head_dim 128, as LLaMA2's; 512 positions, so ctx CTX interpolates by 4
+    Transformer(preset("tiny", vocab_size=512, dim=256, n_heads=2, n_kv_heads=1, max_seq_len=512)).save_pretrained(
+        base, tokenizer_path=os.path.join(work, "tokenizer.model"))
     return base, corpus, prompt
 
 
@@ -97,18 +105,19 @@ def run(cmd, what):
 
 # ----------------------------------------------------------------------------- 1. attention
 
-def check_attention(device, backends):
+def check_attention(device, backends, head_dims=(64, 128)):
     """(check, result, requirement, ok) rows: each backend and mode against the reference, bf16 fwd + bwd."""
     from attention import attention
 
     cases = [("full", False, None), ("s2", False, None), ("sf", False, None), ("s2", True, None),
              ("sf", True, None), ("s2", False, (256, 131)), ("sf", False, (256, 131))]
-    B, T, H, H_kv, D = 2, 256, 8, 4, 64
+    cases = [(mode, wrap, lengths, D) for D in head_dims for mode, wrap, lengths in cases]
+    B, T, H, H_kv = 2, 256, 8, 4
     g = torch.Generator().manual_seed(0)
     rows = []
     for backend in backends:
         worst, where = 0.0, ""
-        for mode, wrap, lengths in cases:
+        for mode, wrap, lengths, D in cases:
             q = torch.randn(B, T, H, D, generator=g).to(device, torch.bfloat16)
             k, v = (torch.randn(B, T, H_kv, D, generator=g).to(device, torch.bfloat16) for _ in range(2))
             grad = torch.randn(B, T, H, D, generator=g).to(device, torch.bfloat16)
@@ -123,8 +132,9 @@ def check_attention(device, backends):
             for what, fast, ref in zip(("out", "dq", "dk", "dv"), *results):
                 err = ((fast.float() - ref).abs().max() / ref.abs().max().clamp_min(1e-6)).item()
                 if err > worst:
-                    worst, where = err, f"{mode}{' wrap' if wrap else ''}{' padded' if lengths else ''} {what}"
-        rows.append((f"attention {backend}, bf16, fwd + bwd vs fp32 reference ({len(cases)} cases)",
+                    worst, where = err, f"{mode}{' wrap' if wrap else ''}{' padded' if lengths else ''} D={D} {what}"
+        rows.append((f"attention {backend}, bf16, fwd + bwd vs fp32 reference ({len(cases)} cases, head_dim "
+                     f"{' and '.join(map(str, head_dims))})",
                      f"worst {worst:.4f} ({where})", f"<= {ATTN_TOL}", worst <= ATTN_TOL))
     return rows
 
@@ -139,10 +149,11 @@ def losses(run_dir):
     return {r["step"]: r["loss"] for r in steps}, steps
 
 
-def check_train(base, corpus, work, launcher, label):
-    """Train STEPS steps, then resume from the middle checkpoint; rows and the median tokens/s."""
+def check_train(base, corpus, work, launcher, label, offload=False):
+    """Train STEPS steps, then resume from the middle checkpoint; rows and the median tokens/s. With offload, also
+    a run with --offload-activations, whose losses must be the first run's."""
     out = os.path.join(work, f"run-{label.split()[0]}")
-    argv = ["--model", base, "--data", corpus, "--ctx", "512", "--attn", "s2", "--steps", str(STEPS),
+    argv = ["--model", base, "--data", corpus, "--ctx", str(CTX), "--attn", "s2", "--steps", str(STEPS),
             "--batch-size", "2", "--grad-accum", "1", "--lr", "5e-3", "--warmup", "1",
             "--save-every", str(STEPS // 2), "--token-cache", os.path.join(work, "tokens"), "--out", out]
     run([*launcher, os.path.join(ROOT, "train.py"), *argv], f"train.py ({label})")
@@ -154,13 +165,47 @@ def check_train(base, corpus, work, launcher, label):
     again, _ = losses(out)
     drift = max(abs(again[s] - first[s]) for s in range(half + 1, STEPS + 1))
     tokens_per_s = statistics.median(r["tokens_per_s"] for r in recs[1:])  # the first step warms up
-    return [
+    rows = []
+    if offload:
+        off = out + "-offload"
+        run([*launcher, os.path.join(ROOT, "train.py"), *argv[:-1], off, "--offload-activations"],
+            f"train.py --offload-activations ({label})")
+        moved, off_recs = losses(off)
+        diff = max(abs(moved[s] - first[s]) for s in first)
+        rows = [(f"train.py {label} --offload-activations: the same losses", f"max difference {diff:.4f}; peak memory "
+                 f"{off_recs[-1]['peak_mem_gb']:.2f} GB (without: {recs[-1]['peak_mem_gb']:.2f})", f"<= {LOSS_TOL}",
+                 diff <= LOSS_TOL)]
+    return rows + [
         (f"train.py {label}: loss goes down", f"{early:.3f} (steps 1-2) -> {late:.3f} (steps {STEPS - 1}-{STEPS})",
          "lower", late < early),
         (f"train.py {label}: resume at step {half} repeats steps {half + 1}-{STEPS}", f"max difference {drift:.4f}",
          f"<= {LOSS_TOL}", drift <= LOSS_TOL),
         (f"train.py {label}: peak memory", f"{recs[-1]['peak_mem_gb']:.2f} GB", "printed", None),
     ], tokens_per_s
+
+
+def check_memory(work, corpus, launcher, gpus, flash, label):
+    """train.py's peak allocated memory against the estimate's total for the same run. The model is wide enough
+    (dim 2048, head_dim 128, ctx 32768) that what the estimate counts tensor by tensor dominates."""
+    from longlora.estimate import activation_peak, estimate
+    from model import ModelArgs, Transformer
+
+    T = 32768
+    m = ModelArgs(dim=2048, n_layers=8, n_heads=16, vocab_size=512, multiple_of=256, max_seq_len=4096)
+    base = os.path.join(work, "base-wide")
+    torch.manual_seed(0)
+    Transformer(m).to(torch.bfloat16).save_pretrained(base, tokenizer_path=os.path.join(work, "tokenizer.model"))
+    out = os.path.join(work, f"run-memory-{label.split()[0]}")
+    run([*launcher, os.path.join(ROOT, "train.py"), "--model", base, "--data", corpus, "--ctx", str(T), "--attn", "s2",
+         "--steps", "2", "--batch-size", "1", "--grad-accum", "1", "--save-every", "2", "--heldout", "0",
+         "--token-cache", os.path.join(work, "tokens"), "--out", out], f"train.py memory ({label})")
+    measured = losses(out)[1][-1]["peak_mem_gb"] * 1e9
+    e = estimate(m, T, "s2", gpus, 1, 1)  # with FlashAttention-2's kernels; the SDPA ones where flash-attn is absent
+    expected = e["total_ckpt"] - e["memory"]["activations, checkpointing"] + activation_peak(m, T, 1, attn="s2", flash=flash)
+    err = abs(measured - expected) / expected
+    return [(f"train.py {label}: peak allocated memory vs --estimate (dim 2048, ctx {T}, s2)",
+             f"{measured / 1e9:.3f} GB vs {expected / 1e9:.3f} GB ({100 * err:.1f}% apart)", f"<= {100 * MEM_TOL:.0f}%",
+             err <= MEM_TOL)]
 
 
 # ----------------------------------------------------------------------------- 3. sample.py, 4. longlora/eval.py
@@ -236,19 +281,22 @@ def main(argv=None):
           f"attention backends {', '.join(backends)}{'' if 'flash' in backends else ' (flash-attn >= 2.1 not importable)'}",
           flush=True)
     rows = []
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1"]
+    gpus = min(2, torch.cuda.device_count())  # FSDP2 across 2 ranks where there are 2 GPUs
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={gpus}"]
+    distributed = f"torchrun --nproc_per_node={gpus} (NCCL, FSDP2, bf16)"
     with tempfile.TemporaryDirectory() as work:
         base, corpus, prompt = make_workspace(work)
         speeds = {}
 
-        def train(launcher, label):
-            result, speeds[label] = check_train(base, corpus, work, launcher, label)
+        def train(launcher, label, offload=False):
+            result, speeds[label] = check_train(base, corpus, work, launcher, label, offload)
             return result
 
         steps = [
             ("attention", lambda: check_attention(device, backends)),
-            ("train torchrun", lambda: train(torchrun, "torchrun --nproc_per_node=1 (NCCL, FSDP2, bf16)")),
-            ("train one process", lambda: train([sys.executable], "one process (bf16 autocast)")),
+            ("train torchrun", lambda: train(torchrun, distributed)),
+            ("train one process", lambda: train([sys.executable], "one process (bf16 autocast)", offload=True)),
+            ("memory", lambda: check_memory(work, corpus, torchrun, gpus, "flash" in backends, distributed)),
             ("sample", lambda: check_sample(base, prompt, device)),
             ("eval", lambda: check_eval(base, corpus, work, device)),
             ("figures", lambda: attention_figures(device)),
@@ -261,7 +309,7 @@ def main(argv=None):
                 rows.append((name, f"{type(e).__name__}: {str(e)[:160]}", "runs", False))
             print(f"  {name}: {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
         for label, tps in speeds.items():
-            rows.append((f"train.py tokens/s, {label}, tiny preset, ctx 512, batch 2", f"{tps:,.0f}", "", None))
+            rows.append((f"train.py tokens/s, {label}, dim 256, head_dim 128, ctx {CTX}, batch 2", f"{tps:,.0f}", "", None))
     print(format_table(rows))
     print(f"(total {time.perf_counter() - t_start:.0f} s)")
     return 1 if any(ok is False for *_, ok in rows) else 0
