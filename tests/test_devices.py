@@ -107,7 +107,7 @@ def model_dirs(tmp_path_factory, sp_model):
     return dirs
 
 
-SPLITS = [("3", ["cpu", "cpu"]), ("5", ["cpu", "cpu", "cpu"])]
+SPLITS = [("3", ["cpu", "cpu"]), ("5", ["cpu", "cpu", "cpu"])]  # layers that the devices do not divide
 
 
 @pytest.mark.parametrize("layers,devices,adapter", [(*SPLITS[0], False), (*SPLITS[1], True)])
@@ -131,7 +131,7 @@ def generate_greedy(model, prompt, **kw):
     return sample.generate(model, prompt, 24, temperature=0.0, **kw)
 
 
-@pytest.mark.parametrize("layers,devices", SPLITS)
+@pytest.mark.parametrize("layers,devices", [*SPLITS, ("3", ["cpu", "cpu", "cpu"])])  # and one layer per device
 def test_a_split_model_gives_one_devices_perplexity(model_dirs, layers, devices):
     base, adapter_dir = model_dirs[layers]
     tokens = torch.randint(0, 512, (400,), generator=torch.Generator().manual_seed(1)).numpy()
