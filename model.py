@@ -179,10 +179,13 @@ def rope_rotate(args: ModelArgs, positions: torch.Tensor, apply=apply_rope):
     by index in the cache) are computed on demand.
     """
     cos, sin = rope_angles(positions, args.head_dim, args.rope_theta, args.rope_scaling)  # (T, D/2) each
+    on = {positions.device: (cos, sin)}  # and copied once to each further device of a split model (longlora/devices.py)
 
     def rotate(x, p):
         if p is positions:
-            return apply(x, cos, sin)
+            if x.device not in on:
+                on[x.device] = (cos.to(x.device), sin.to(x.device))
+            return apply(x, *on[x.device])
         return apply(x, *rope_angles(p, args.head_dim, args.rope_theta, args.rope_scaling))
 
     return rotate
@@ -243,6 +246,7 @@ class TransformerBlock(nn.Module):
     def forward(self, x, positions, lengths=None, cache=None, rotate=None, lean=False):
         if lean:  # the same two lines with less kept for backward (longlora/memory.py)
             return memory.lean_block(self, x, positions, lengths, rotate)
+        x = x.to(self.attention_norm.weight.device)  # a model split over devices (longlora/devices.py); else a no-op
         h = x + self.attention(self.attention_norm(x), positions, lengths, cache, rotate)
         return h + self.feed_forward(self.ffn_norm(h))
 
@@ -261,8 +265,9 @@ class KVCache:
 
     def __init__(self, args: ModelArgs, batch_size: int, max_len: int, device=None, dtype=torch.float32):
         shape = (batch_size, max_len, args.n_kv_heads, args.head_dim)
-        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(args.n_layers)]
-        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(args.n_layers)]
+        devices = device if isinstance(device, list) else [device] * args.n_layers  # a list: each layer's own
+        self.k = [torch.zeros(shape, device=d, dtype=dtype) for d in devices]
+        self.v = [torch.zeros(shape, device=d, dtype=dtype) for d in devices]
         self.max_len = max_len
         self.pos = 0  # number of tokens already in the cache; advanced by Transformer.forward
 

@@ -6,6 +6,7 @@ Generate text from a LLaMA2 checkpoint (optionally + a LoRA adapter), with a ful
     cat book.txt | python sample.py --model DIR --prompt - --kv-cache h2o --heavy 0.1 --recent 0.1
     python sample.py --model DIR --prompt book.txt --kv-cache sink --sink-tokens 4 --recent 2048
     python sample.py --prompt file.txt     # after `python demo.py`: the demo's best fine-tuned model
+    python sample.py --model /ckpt/llama-2-70b --devices cuda:0,cuda:1 --prompt paper.txt   # layers split over 2 GPUs
 
 The model directory may hold a base model, a merged export (`lora.py merge`), or a base plus `--adapter`;
 the RoPE scaling recorded in them is used. Text streams to stdout as it is generated; prefill and decode
@@ -30,7 +31,6 @@ the sink cache's logits are identical to the full cache's, H₂O's agree within 
 attention weights explicitly, for its scores; tests/test_sample.py checks both).
 """
 
-import json
 import os
 import sys
 import time
@@ -39,7 +39,8 @@ import torch
 
 from longlora.adapter import load_model
 from longlora.caches import H2OCache, SinkCache, cache_bytes, resolve_size
-from longlora.cli import MAX_CTX, Parser, UsageError, entry, integer, number, read_prompt, resolve_device_dtype, size_or_ratio
+from longlora.cli import (DEMO_RESULTS, MAX_CTX, Parser, UsageError, demo_model, device_list, entry, integer, number, read_prompt,
+                          resolve_device_dtype, size_or_ratio)
 from model import KVCache
 
 
@@ -49,9 +50,9 @@ from model import KVCache
 
 def make_cache(model, kind, prompt_len, max_new_tokens, *, heavy=0.1, recent=0.1, sink_tokens=4, batch_size=1):
     """The KV cache for one generation: "full" (model.KVCache), "h2o" or "sink"."""
-    p = next(model.parameters())
-    if kind == "full":
-        return KVCache(model.args, batch_size, prompt_len + max_new_tokens, device=p.device, dtype=p.dtype)
+    if kind == "full":  # each layer's keys and values on the device of its weights (several: longlora/devices.py)
+        devices = [layer.attention_norm.weight.device for layer in model.layers]
+        return KVCache(model.args, batch_size, prompt_len + max_new_tokens, device=devices, dtype=next(model.parameters()).dtype)
     if kind == "h2o":
         return H2OCache(model.args, resolve_size(heavy, prompt_len), resolve_size(recent, prompt_len))
     if kind == "sink":
@@ -99,7 +100,6 @@ def generate(model, prompt_ids, max_new_tokens, temperature=0.0, top_p=1.0, top_
     device = next(model.parameters()).device
     ids = torch.tensor([list(prompt_ids)], dtype=torch.long, device=device)  # (1, T)
     kv = make_cache(model, cache, ids.shape[1], max_new_tokens, heavy=heavy, recent=recent, sink_tokens=sink_tokens)
-    generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
     stats = {} if stats is None else stats
     stats.update(prefill_tokens=ids.shape[1], prefill_seconds=0.0, decode_tokens=0, decode_seconds=0.0)
 
@@ -107,6 +107,7 @@ def generate(model, prompt_ids, max_new_tokens, temperature=0.0, top_p=1.0, top_
     for start in range(0, ids.shape[1], prefill_chunk):
         logits = model(ids[:, start:start + prefill_chunk], cache=kv)[0, -1]  # (V,) of the chunk's last position
     stats["kv_cache_bytes"] = cache_bytes(kv)
+    generator = torch.Generator(device=logits.device).manual_seed(seed) if seed is not None else None  # the last stage's
     for i in range(max_new_tokens):
         token = sample_next(logits, temperature, top_p, top_k, generator)  # int(): waits for the device
         elapsed = time.perf_counter() - t0
@@ -156,23 +157,6 @@ def chat_prompt(tokenizer, text: str) -> list:
 # CLI
 
 
-DEMO_RESULTS = os.path.join("out", "demo", "results.json")
-
-
-def demo_model():
-    """(base, adapter) of the best fine-tuned model of `python demo.py`, as its results.json names them: the model
-    sample.py uses when no --model is given (as nanoGPT's sample.py reads out/)."""
-    try:
-        with open(DEMO_RESULTS) as f:
-            best = json.load(f)["sample"]
-        root = os.path.dirname(DEMO_RESULTS)
-        # the adapter is null when the best model was fully fine-tuned (a whole model of its own)
-        return os.path.join(root, best["base"]), best["adapter"] and os.path.join(root, best["adapter"])
-    except (OSError, ValueError, KeyError, TypeError):
-        raise UsageError(f"no --model given and no demo model in {DEMO_RESULTS}: pass --model DIR (a checkpoint), "
-                         "or run `python demo.py` first") from None
-
-
 def parse_args(argv):
     p = Parser(description="Generate text from a LLaMA2 checkpoint (+ LoRA adapter), streaming to stdout.", examples=[
         "python sample.py --model out/llama-2-7b-longlora-32k --prompt paper.txt --max-new-tokens 256",
@@ -198,7 +182,10 @@ def parse_args(argv):
     p.add_argument("--prefill-chunk", type=integer(1, MAX_CTX), default=512, help="prompt tokens per forward pass while prefilling (bounds memory) (default 512)")
     p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
                    help="weights and activations dtype; auto = bfloat16 on CUDA, float32 on CPU")
-    p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+    where.add_argument("--devices", type=device_list, help="split the layers over several devices, e.g. cuda:0,cuda:1 "
+                       "(a model too large for one: longlora/devices.py)")
     argv = sys.argv[1:] if argv is None else list(argv)
     a = p.parse_args(argv)
     # A cache's own flag with another cache would be ignored: refuse it where it was typed.
@@ -213,7 +200,7 @@ def parse_args(argv):
 @entry
 def main(argv=None) -> int:
     a = parse_args(argv)
-    device, dtype = resolve_device_dtype(a.device, a.dtype)
+    device, dtype = resolve_device_dtype(a.devices or a.device, a.dtype)
     text = read_prompt(a.prompt)
     if a.model is None:
         if a.adapter:

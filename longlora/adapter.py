@@ -22,6 +22,7 @@ import torch
 import torch.nn as nn
 
 from longlora.checkpoint import find_checkpoint, read_checkpoint_file, read_state
+from longlora.devices import pipeline
 from longlora.output import atomic_write, write_text
 from longlora.weights import json_field, read_checkpoint
 from lora import TARGETS, adapter_state, apply_lora, in_adapter, mark_trainable
@@ -207,10 +208,13 @@ def load_adapter(model: Transformer, adapter_dir, fingerprint=None) -> Transform
 
 def load_model(model_dir, adapter_dir=None, dtype=None, device=None) -> Transformer:
     """A base model, a merged export, or a base plus a LoRA adapter (load_adapter applies the adapter's RoPE scaling
-    and context), in eval mode. Raises CheckpointError / ValueError / FileNotFoundError with one line."""
+    and context), in eval mode, on `device`, or split over a list of devices (longlora/devices.py). Raises
+    CheckpointError / ValueError / FileNotFoundError with one line."""
     if adapter_dir is not None and not os.path.isdir(adapter_dir):
         raise FileNotFoundError(f"{adapter_dir}: no such adapter directory")
     checkpoint = read_checkpoint(model_dir, ModelArgs)
+    if isinstance(device, list):  # each tensor straight onto its stage's device
+        device = pipeline(checkpoint, device)
     model = Transformer.from_pretrained(model_dir, dtype=dtype, device=device, checkpoint=checkpoint)
     if adapter_dir is not None:  # the base's fingerprint from its stored tensors, whatever dtype it was loaded in
         weights = checkpoint[1]

@@ -79,6 +79,7 @@ class H2OCache:
         B, T, H, D = q.shape
         H_kv = k.shape[2]
         q, k = rotate(q, positions), rotate(k, positions)  # absolute positions: H₂O never moves a token
+        positions = positions.to(k.device)  # the bookkeeping beside this layer's keys (a split model: longlora/devices.py)
         k, v = k.transpose(1, 2), v.transpose(1, 2)  # (B, H_kv, T, D)
         # Query head h uses KV head h // n_rep, so view the H query heads as (H_kv, n_rep).
         qg = q.transpose(1, 2).reshape(B, H_kv, H // H_kv, T, D)  # (B, H_kv, n_rep, T, D)
@@ -157,6 +158,7 @@ class SinkCache:
 
     def attend(self, layer_id, q, k, v, positions, rotate):
         B, T, H, D = q.shape
+        positions = positions.to(k.device)  # the bookkeeping beside this layer's keys (a split model: longlora/devices.py)
         if self.k[layer_id] is None:
             keys, values, kept = k, v, positions
         else:

@@ -211,6 +211,23 @@ def read_prompt(arg: str) -> str:
     return text
 
 
+DEMO_RESULTS = os.path.join("out", "demo", "results.json")
+
+
+def demo_model():
+    """(base, adapter) of the best fine-tuned model of `python demo.py`, as its results.json names them: the model
+    sample.py uses when no --model is given (as nanoGPT's sample.py reads out/)."""
+    try:
+        with open(DEMO_RESULTS) as f:
+            best = json.load(f)["sample"]
+        root = os.path.dirname(DEMO_RESULTS)
+        # the adapter is null when the best model was fully fine-tuned (a whole model of its own)
+        return os.path.join(root, best["base"]), best["adapter"] and os.path.join(root, best["adapter"])
+    except (OSError, ValueError, KeyError, TypeError):
+        raise UsageError(f"no --model given and no demo model in {DEMO_RESULTS}: pass --model DIR (a checkpoint), "
+                         "or run `python demo.py` first") from None
+
+
 def size_or_ratio(s: str):
     """argparse type: "256" -> 256 tokens, "0.1" -> 10% of the prompt."""
     try:
@@ -222,20 +239,35 @@ def size_or_ratio(s: str):
     return value
 
 
-def resolve_device_dtype(device, dtype):
-    """(device, torch dtype) of --device and --dtype: cpu, cuda, cuda:N (a GPU that exists) or mps (where
-    available); anything else is refused, by name, before a model is loaded."""
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+def device_list(s: str) -> list:
+    """argparse type of --devices: two or more devices, comma-separated (each is checked by resolve_device_dtype)."""
+    devices = [d.strip() for d in s.split(",")]
+    if len(devices) < 2 or not all(devices):
+        raise argparse.ArgumentTypeError(f"must be two or more comma-separated devices (cuda:0,cuda:1), got {s!r}")
+    return devices
+
+
+def check_device(device: str, flag: str):
+    """cpu, cuda, cuda:N (a GPU that exists) or mps (where available); anything else is refused, by name."""
     m = re.fullmatch(r"cuda(?::(\d+))?", device)
     if m and not torch.cuda.is_available():
-        raise UsageError(f"--device {device} but CUDA is not available")
+        raise UsageError(f"{flag} {device} but CUDA is not available")
     if m and m.group(1) is not None and int(m.group(1)) >= torch.cuda.device_count():
-        raise UsageError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s), cuda:0 .. "
+        raise UsageError(f"{flag} {device}: this machine has {torch.cuda.device_count()} CUDA device(s), cuda:0 .. "
                          f"cuda:{torch.cuda.device_count() - 1}")
     if device == "mps" and not torch.backends.mps.is_available():
-        raise UsageError("--device mps but MPS is not available")
+        raise UsageError(f"{flag} mps but MPS is not available")
     if not (m or device in ("cpu", "mps")):
-        raise UsageError(f"--device {device}: expected cpu, cuda, cuda:N or mps")
+        raise UsageError(f"{flag} {device}: expected cpu, cuda, cuda:N or mps")
+
+
+def resolve_device_dtype(device, dtype):
+    """(device, torch dtype) of --device (a string) or --devices (a list, a model split over them: longlora/devices.py)
+    and --dtype; every device is checked (check_device) before a model is loaded."""
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    devices = device if isinstance(device, list) else [device]
+    for d in devices:
+        check_device(d, "--devices" if isinstance(device, list) else "--device")
     if dtype in (None, "auto"):  # bf16 halves memory on GPUs; CPUs are fastest and exact in fp32
-        dtype = "bfloat16" if device.startswith("cuda") else "float32"
+        dtype = "bfloat16" if all(d.startswith("cuda") for d in devices) else "float32"
     return device, getattr(torch, dtype)

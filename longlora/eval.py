@@ -4,6 +4,7 @@ Does the longer context really work? Perplexity at growing evaluation lengths, a
     python -m longlora.eval ppl --model DIR [--adapter DIR] --data a.txt b.txt --seq-lens 2048,4096,8192 --out ppl.json
     python -m longlora.eval ppl --model DIR --tokens data/test.bin --seq-lens 8192,32768 --stride 0     # non-overlapping
     python -m longlora.eval passkey --model DIR [--adapter DIR] --lengths 2000,4000,8000 --trials 10 --png passkey.png
+    python -m longlora.eval ppl --model /ckpt/llama-2-70b --devices cuda:0,cuda:1 --data pg19/test --seq-lens 4096
 
 Both use full attention, as the papers do at evaluation (S²-Attn and SF-Attn are training-time
 patterns); `--attn s2|sf` evaluates with a training pattern instead.
@@ -59,7 +60,7 @@ import torch.nn.functional as F
 
 from longlora.data import read_token_file, tokenize_documents
 from longlora.adapter import load_model
-from longlora.cli import MAX_CTX, Parser, entry, integer, number, resolve_device_dtype
+from longlora.cli import MAX_CTX, Parser, device_list, entry, integer, number, resolve_device_dtype
 from longlora.output import atomic_write, building, check_distinct, check_output, write_text
 from sample import generate
 
@@ -112,6 +113,7 @@ def perplexity(model, tokens, seq_len: int, stride=None, batch_size: int = 1, at
             x = torch.from_numpy(np.stack([tokens[s:s + seq_len].astype(np.int64) for s in starts[i:i + batch_size]]))
             x = x.to(device)  # (B, L)
             logits = model(x)  # (B, L, V)
+            x = x.to(logits.device)  # a model split over devices returns its logits on the last one
             # fp32 log-softmax a slice at a time: a full (L, V) fp32 copy at L=32k, V=32k would be 4 GB
             for b in range(x.shape[0]):
                 for c in range(0, seq_len - 1, 4096):
@@ -270,7 +272,10 @@ def parse_args(argv):
     common.add_argument("--adapter", help="LoRA adapter directory written by train.py (its RoPE scaling and context are applied)")
     common.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
                         help="auto = bfloat16 on CUDA, float32 on CPU")
-    common.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+    where = common.add_mutually_exclusive_group()
+    where.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+    where.add_argument("--devices", type=device_list, help="split the layers over several devices, e.g. cuda:0,cuda:1 "
+                       "(a model too large for one: longlora/devices.py)")
     common.add_argument("--out", help="write the results as JSON to this new file")
     common.add_argument("--overwrite", action="store_true", help="replace --out (and --png) if it exists")
 
@@ -368,7 +373,7 @@ def main(argv=None) -> int:
     for flag, path in outputs:  # written after all the compute: checked before it
         if path:
             check_output(path, flag, inputs=inputs, overwrite=a.overwrite)
-    device, dtype = resolve_device_dtype(a.device, a.dtype)
+    device, dtype = resolve_device_dtype(a.devices or a.device, a.dtype)
     model = load_model(a.model, a.adapter, dtype=dtype, device=device)
     result = run_ppl(a, model) if a.task == "ppl" else run_passkey(a, model)
     if a.out:

@@ -20,6 +20,9 @@ LLaMA, trained on Python standard-library source as text; nothing is downloaded)
      attention kernels it ran), within MEM_TOL;
   3. sample.py with each KV cache (full, h2o, sink) in bf16 on CUDA: it generates every token asked for;
   4. `python -m longlora.eval ppl` in bf16 on CUDA equals the fp32 CPU result within LOSS_TOL (mean loss in nats);
+     both split over the GPU and the CPU (`--devices cuda:0,cpu`, fp32: every activation, cache and RoPE angle
+     crosses devices): sample.py runs with each cache, eval's loss equals the GPU's within LOSS_TOL; with two GPUs
+     also over cuda:0,cuda:1, where sample.py's text must equal one GPU's;
   5. figures: attention forward+backward time of full, s2 and sf at T = 8k, 16k and 32k in bf16
      (B=1, H=8, D=64, as `python -m longlora.bench attention`), and train.py's tokens/s from check 2.
 
@@ -210,12 +213,16 @@ def check_memory(work, corpus, launcher, gpus, flash, label):
 
 # ----------------------------------------------------------------------------- 3. sample.py, 4. longlora/eval.py
 
+# each cache's own flags (sample.py refuses a flag of another cache)
+CACHE_FLAGS = {"full": [], "h2o": ["--heavy", "16", "--recent", "16"], "sink": ["--recent", "16"]}
+
+
 def check_sample(base, prompt, device):
     rows = []
-    for cache in ("full", "h2o", "sink"):
+    for cache, flags in CACHE_FLAGS.items():
         text = run([sys.executable, os.path.join(ROOT, "sample.py"), "--model", base, "--prompt", prompt,
-                    "--max-new-tokens", "32", "--temperature", "0", "--kv-cache", cache, "--recent", "16",
-                    "--heavy", "16", "--dtype", "bfloat16", "--device", device], f"sample.py --kv-cache {cache}")
+                    "--max-new-tokens", "32", "--temperature", "0", "--kv-cache", cache, *flags,
+                    "--dtype", "bfloat16", "--device", device], f"sample.py --kv-cache {cache}")
         rows.append((f"sample.py --kv-cache {cache}, bf16, {device}", text.strip().splitlines()[-1][:80],
                      "runs to the end", True))
     return rows
@@ -232,6 +239,35 @@ def check_eval(base, corpus, work, device):
     diff = abs(loss[device] - loss["cpu"])
     return [(f"longlora.eval ppl, bf16 {device} vs fp32 cpu (mean loss)", f"{loss[device]:.4f} vs {loss['cpu']:.4f}",
              f"within {LOSS_TOL}", diff <= LOSS_TOL)]
+
+
+def check_split(base, prompt, corpus, work, split):
+    """sample.py and eval with the layers split over `split` (longlora/devices.py), in fp32: sample.py runs with each
+    cache and prints the split; eval's perplexity equals the first device's within LOSS_TOL; over devices of one kind
+    (cuda:0,cuda:1: the same arithmetic as one of them) sample.py's text equals the first device's."""
+    rows, where = [], ",".join(split)
+    for cache, flags in CACHE_FLAGS.items():
+        args = [sys.executable, os.path.join(ROOT, "sample.py"), "--model", base, "--prompt", prompt, "--max-new-tokens", "32",
+                "--temperature", "0", "--kv-cache", cache, *flags, "--dtype", "float32"]
+        text = run(args + ["--devices", where], f"sample.py --devices {where} --kv-cache {cache}")
+        split_line = next((line for line in text.splitlines() if line.startswith("layers ")), "")
+        same = None  # the GPU's and the CPU's arithmetic differ: no target then
+        if len({d.split(":")[0] for d in split}) == 1:  # devices of one kind: the text of one of them, exactly
+            one = run(args + ["--device", split[0]], f"sample.py --device {split[0]} --kv-cache {cache}")
+            same = text.replace(split_line + "\n", "").split("prefill:")[0] == one.split("prefill:")[0]
+        rows.append((f"sample.py --devices {where} --kv-cache {cache}, fp32", split_line or "no split printed",
+                     "runs, prints the split" + ("" if same is None else f", the text of --device {split[0]}"),
+                     bool(split_line) and same is not False))
+    loss = {}
+    for flag, value in (("--devices", where), ("--device", split[0])):
+        out = os.path.join(work, f"ppl-split-{flag}.json")
+        run([sys.executable, "-m", "longlora.eval", "ppl", "--model", base, "--data", corpus, "--seq-lens", "256", "--stride",
+             "0", "--max-tokens", "16384", "--dtype", "float32", flag, value, "--out", out], f"longlora.eval ppl {flag} {value}")
+        with open(out) as f:
+            loss[flag] = json.load(f)["results"][0]["loss"]
+    return rows + [(f"longlora.eval ppl --devices {where} vs --device {split[0]}, fp32 (mean loss)",
+                    f"{loss['--devices']:.6f} vs {loss['--device']:.6f}", f"within {LOSS_TOL}",
+                    abs(loss["--devices"] - loss["--device"]) <= LOSS_TOL)]
 
 
 # ----------------------------------------------------------------------------- 5. figures
@@ -299,6 +335,9 @@ def main(argv=None):
             ("memory", lambda: check_memory(work, corpus, torchrun, gpus, "flash" in backends, distributed)),
             ("sample", lambda: check_sample(base, prompt, device)),
             ("eval", lambda: check_eval(base, corpus, work, device)),
+            ("split", lambda: check_split(base, prompt, corpus, work, ["cuda:0", "cpu"])),
+            *([("split over GPUs", lambda: check_split(base, prompt, corpus, work, ["cuda:0", "cuda:1"]))]
+              if torch.cuda.device_count() > 1 else []),
             ("figures", lambda: attention_figures(device)),
         ]
         for name, step in steps:

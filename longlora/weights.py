@@ -402,13 +402,15 @@ def json_field(cfg, name, kind, where, default=REQUIRED, lo=None, above=None, be
 
 def load_into(model, weights, where, dtype=None, device=None):
     """Fill a model built on the meta device from `weights` (read_checkpoint's), strictly, one block at a time
-    (read from the memory-mapped files, converted to dtype/device as they arrive)."""
+    (read from the memory-mapped files, converted to dtype/device as they arrive). device: one for every tensor, or a
+    function of a tensor's name (a model split over devices: longlora/devices.py)."""
+    device_of = device if callable(device) else lambda name: device
     tied = model.args.tie_embeddings
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items() if not (tied and k == "output.weight")}
     check_state_dict(weights.specs, expected, where)
     state = {}
     for _, names in itertools.groupby(weights.specs, key=lambda k: k.split(".")[:2]):  # ["layers", "0"], ...
-        state.update({k: v.to(device=device, dtype=dtype if v.is_floating_point() and dtype else v.dtype)
+        state.update({k: v.to(device=device_of(k), dtype=dtype if v.is_floating_point() and dtype else v.dtype)
                       for k, v in weights.read(list(names)).items()})
     if tied:
         state["output.weight"] = state["tok_embeddings.weight"]

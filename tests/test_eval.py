@@ -11,7 +11,7 @@ import torch.nn as nn
 
 from conftest import stdlib_text
 from longlora.tokenizer import Tokenizer
-from model import Transformer, preset
+from model import Transformer, TransformerBlock, preset
 from longlora import eval as ev
 
 
@@ -182,6 +182,7 @@ class Copier(nn.Module):
     def __init__(self, vocab, shift=0):
         super().__init__()
         self.args = preset("tiny", vocab_size=vocab)  # generate() sizes its KV cache from these
+        self.layers = nn.ModuleList(TransformerBlock(self.args, i) for i in range(self.args.n_layers))  # and places it by these
         self.p = nn.Parameter(torch.zeros(1))
         self.vocab, self.shift, self.seen = vocab, shift, []
 

@@ -22,7 +22,7 @@ LAYERS = [
     ["attention"],
     ["model"],
     ["lora"],
-    ["longlora.adapter", "longlora.shard", "longlora.checkpoint", "longlora.caches", "longlora.run", "longlora.estimate"],
+    ["longlora.adapter", "longlora.devices", "longlora.shard", "longlora.checkpoint", "longlora.caches", "longlora.run", "longlora.estimate"],
     ["train", "sample"],
     ["longlora.export", "longlora.eval", "longlora.bench", "longlora.gpu_check", "longlora.inspect", "longlora.draw",
      "demo"],
