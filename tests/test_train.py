@@ -312,30 +312,54 @@ def hf_base(tmp_path_factory, sp_model):
     return str(d)
 
 
-def test_full_fine_tuning_two_ranks_equal_one_process_resumes_exactly_and_exports_an_hf_model(hf_base, corpus,
-                                                                                             token_cache, tmp_path):
-    """--full: every parameter trains under FSDP; HF in, HF out, RoPE scaling recorded, transformers agrees."""
+def dcp_weights(ckpt):
+    """{name: full tensor} of the weights in a --full checkpoint's DCP shards, read here in one process as any tool
+    would: empty tensors of the shapes .metadata records, filled by dcp.load."""
+    from torch.distributed.checkpoint import FileSystemReader, load
+
+    reader = FileSystemReader(os.path.join(ckpt, "dcp"))
+    wanted = {k: torch.empty(m.size, dtype=m.properties.dtype) for k, m in reader.read_metadata().state_dict_metadata.items()
+              if k.startswith("model.")}
+    load(wanted, storage_reader=reader, no_dist=True)
+    return {k.removeprefix("model."): v for k, v in wanted.items()}
+
+
+def test_full_fine_tuning_two_ranks_equal_one_process_resume_exactly_at_either_world_size_and_export_an_hf_model(
+        hf_base, corpus, token_cache, tmp_path):
+    """--full: every parameter trains under FSDP; HF in, HF out, RoPE scaling recorded, transformers agrees. Its
+    checkpoints are DCP shards, one set per rank; resumed from step 2 by 2 ranks, by 1 process from the 2 ranks'
+    checkpoint and by 2 ranks from the 1 process's (DCP reshards), step 3 repeats the uninterrupted runs."""
     from transformers import LlamaForCausalLM
 
-    one, two, resumed = (str(tmp_path / n) for n in ("one", "two", "resumed"))
+    one, two, resumed, two_to_one, one_to_two = (str(tmp_path / n) for n in ("one", "two", "resumed", "2to1", "1to2"))
+    step2 = lambda run: os.path.join(run, "checkpoints", "step-000002")  # noqa: E731
     assert train.main(common(hf_base, corpus, token_cache, grad_accum=2, out=one) + ["--full"]) == 0
     run_torchrun(common(hf_base, corpus, token_cache, grad_accum=1, out=two) + ["--full"])
-    run_torchrun(common(hf_base, corpus, token_cache, grad_accum=1, out=resumed,
-                        resume=os.path.join(two, "checkpoints", "step-000002")) + ["--full"])
-    (l1, _), (l2, _), (l3, _) = losses(one), losses(two), losses(resumed)
-    assert sorted(l1) == sorted(l2) == [1, 2, 3] and list(l3) == [3]
+    shards = sorted(os.listdir(os.path.join(step2(two), "dcp")))
+    assert ".metadata" in shards and {n[:3] for n in shards if n.endswith(".distcp")} == {"__0", "__1"}, shards
+    assert not os.path.exists(os.path.join(step2(two), "trainable.safetensors"))  # nothing gathered whole
+    run_torchrun(common(hf_base, corpus, token_cache, grad_accum=1, out=resumed, resume=step2(two)) + ["--full"])
+    assert train.main(common(hf_base, corpus, token_cache, grad_accum=2, out=two_to_one, resume=step2(two)) + ["--full"]) == 0
+    run_torchrun(common(hf_base, corpus, token_cache, grad_accum=1, out=one_to_two, resume=step2(one)) + ["--full"])
+    (l1, _), (l2, _) = losses(one), losses(two)
+    assert sorted(l1) == sorted(l2) == [1, 2, 3]
     for s in l1:
         assert abs(l1[s] - l2[s]) <= FSDP_LOSS_TOL, (s, l1[s], l2[s])
-    assert abs(l3[3] - l2[3]) <= RESUME_TOL
+    for run, uninterrupted in ((resumed, l2), (two_to_one, l2), (one_to_two, l1)):
+        l3, _ = losses(run)
+        assert list(l3) == [3] and abs(l3[3] - uninterrupted[3]) <= RESUME_TOL, (run, l3, uninterrupted[3])
     base = Transformer.from_pretrained(hf_base).state_dict()
     m1, m2, m3 = (Transformer.from_pretrained(d) for d in (one, two, resumed))  # strict: every tensor, no other
     for d in (one, two, resumed):
         assert os.path.exists(os.path.join(d, "config.json")) and not os.path.exists(os.path.join(d, "adapter.safetensors"))
     s1, s2, s3 = m1.state_dict(), m2.state_dict(), m3.state_dict()
+    s21, s12 = Transformer.from_pretrained(two_to_one).state_dict(), Transformer.from_pretrained(one_to_two).state_dict()
     for k in base:
         assert not torch.equal(s1[k], base[k]), k  # every parameter trained
         assert torch.allclose(s1[k], s2[k], atol=FSDP_WEIGHT_TOL, rtol=0), k
         assert torch.allclose(s2[k], s3[k], atol=RESUME_TOL, rtol=0), k
+        assert torch.allclose(s2[k], s21[k], atol=RESUME_TOL, rtol=0), k
+        assert torch.allclose(s1[k], s12[k], atol=RESUME_TOL, rtol=0), k
     assert (m1.args.rope_scaling, m1.args.max_seq_len) == (2.0, 128)
     # transformers reads the same model, RoPE scaling included, and computes the same logits
     hf = LlamaForCausalLM.from_pretrained(one).eval()
@@ -358,7 +382,7 @@ def test_full_fine_tuning_writes_the_bases_layout(layout, hf_base, corpus, token
     assert checkpoint_layout(out) == layout
     tuned = Transformer.from_pretrained(out)  # strict
     assert (tuned.args.rope_scaling, tuned.args.max_seq_len, tuned.args.attn) == (2.0, 128, "full")
-    trained = load_file(os.path.join(out, "checkpoints", "step-000001", "trainable.safetensors"))
+    trained = dcp_weights(os.path.join(out, "checkpoints", "step-000001"))
     assert trained.keys() == tuned.state_dict().keys()
     for k, v in tuned.state_dict().items():  # the fp32 masters, written in the base's dtype
         assert v.dtype == base.state_dict()[k].dtype and torch.equal(v, trained[k].to(v.dtype)), k
