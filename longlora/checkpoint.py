@@ -35,6 +35,7 @@ DCP: every rank reads the pieces of its own shards (dcp.load resharding to this 
 import json
 import os
 import shutil
+import warnings
 
 import torch
 import torch.distributed as dist
@@ -42,6 +43,10 @@ import torch.distributed as dist
 from longlora.cli import one_line
 from longlora.weights import CheckpointError
 from longlora.shard import broadcast0
+
+
+# One process writes and reads DCP's format too (a single rank of it); DCP warns each time that it assumes so.
+warnings.filterwarnings("ignore", "torch.distributed is disabled, unavailable or uninitialized, assuming")
 
 
 class DamagedCheckpoint(CheckpointError):
@@ -144,7 +149,7 @@ def save_shards(path, model, opt, group):
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
     weights, optim = get_state_dict(model, opt)  # DTensors: each rank's own shard, nothing gathered
-    dcp.save({"model": weights, "optim": optim}, process_group=group, no_dist=not dist.is_initialized(),
+    dcp.save({"model": weights, "optim": optim}, process_group=group,
              storage_writer=dcp.FileSystemWriter(path, single_file_per_rank=False))
 
 
@@ -220,8 +225,7 @@ def load_checkpoint(ckpt, files, model, opt, rank, world, distributed, group=Non
         import torch.distributed.checkpoint as dcp
 
         weights, optim = get_state_dict(model, opt)  # this run's shards, to be filled in place
-        dcp.load({"model": weights, "optim": optim}, checkpoint_id=os.path.join(ckpt, "dcp"), process_group=group,
-                 no_dist=not distributed)
+        dcp.load({"model": weights, "optim": optim}, checkpoint_id=os.path.join(ckpt, "dcp"), process_group=group)
         set_state_dict(model, opt, model_state_dict=weights, optim_state_dict=optim)
     elif distributed:
         opts = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=False)
