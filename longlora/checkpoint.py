@@ -110,10 +110,11 @@ def save_checkpoint(run_dir, step, model, opt, state, keep, rank, world, group=N
         rngs = [rng]
     root = os.path.join(run_dir, "checkpoints")
     final = os.path.join(root, f"step-{step:06d}")
-    tmp = broadcast0(os.path.join(root, f".tmp-step-{step:06d}-{os.getpid()}"), world > 1)  # rank 0's name
+    tmp = os.path.join(root, f".tmp-step-{step:06d}-{os.getpid()}")
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
+    tmp = broadcast0(tmp, world > 1)  # rank 0's name, made before any rank writes into it
     if sharded(model):
         save_shards(os.path.join(tmp, "dcp"), model, opt, group)
     else:
