@@ -258,7 +258,7 @@ def train(a, stop, held):
     ckpt, start, files = on_some_ranks(lambda: find_start(a, model, config), rank == 0, distributed) or (None, None, None)
     ckpt, start = broadcast0((ckpt, start), distributed)
     if ckpt:
-        load_checkpoint(files, model, opt, rank, world, distributed)
+        load_checkpoint(ckpt, files, model, opt, rank, world, distributed, wait_group)
         log0(rank, f"resumed from {ckpt} at step {start}")
     metrics = os.path.join(a.out, "metrics.jsonl")
     if rank == 0:  # a resumed run keeps the records up to its checkpoint
@@ -322,7 +322,7 @@ def train(a, stop, held):
         if step % a.save_every == 0 or step == a.steps or stopping:
             state = {"step": step, "samples_seen": step * G, "config": config, "rope_scaling": model.args.rope_scaling,
                      "max_seq_len": model.args.max_seq_len, "base_fingerprint": fingerprint}  # (also read as an adapter)
-            save_checkpoint(a.out, step, model, opt, state, a.keep, rank, world)
+            save_checkpoint(a.out, step, model, opt, state, a.keep, rank, world, wait_group)
         if stopping:
             log0(rank, f"stopped at step {step}: checkpoint saved in {a.out}/checkpoints; to continue, run the same "
                        f"command with --resume {a.out}")

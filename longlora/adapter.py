@@ -146,7 +146,8 @@ def checkpoint_as_adapter(path):
     state = read_state(ckpt)
     c = state["config"]
     if c.get("from_scratch") or c.get("full"):
-        raise ValueError(f"{ckpt}: a checkpoint of full-parameter training (every weight trains), not of a LoRA adapter")
+        raise ValueError(f"{ckpt}: a checkpoint of full-parameter training (every weight trains), not of a LoRA adapter: "
+                         "its model is the run's result, written when the run (or its --resume) finishes")
     tensors = read_checkpoint_file(ckpt, "trainable.safetensors")
     cfg = dict(format="longlora-adapter", r=c.get("lora_r"), alpha=c.get("lora_alpha"), dropout=c.get("lora_dropout"),
                targets=c.get("lora_targets"), embed=not c.get("no_train_embed"), norms=not c.get("no_train_norms"), base={},

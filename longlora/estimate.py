@@ -15,6 +15,8 @@ The run it describes is train.py's: bf16 compute under FSDP2 over --gpus GPUs, L
   * unsharded gradients: with gradient accumulation and LoRA, FSDP reduces only after the last micro-batch,
     so until then each GPU keeps every trainable tensor's whole gradient in fp32 (full fine-tuning reduces
     every micro-batch instead: a whole fp32 gradient of every parameter would cost more than it saves);
+  * reduce-scatter staging (full fine-tuning): FSDP2 reduces a unit's gradients in fp32, through a flat buffer of
+    the whole unit's size and one of its 1/W share;
   * activations: counted from the tensors autograd keeps for model.py with model.lean (layer_activations; a test checks it
     against autograd's saved tensors), along the timeline of backward (activation_peak; a test checks it against
     the measured peak of a step on the CPU). With checkpointing, each block's input (2·dim bytes per token and
@@ -23,6 +25,10 @@ The run it describes is train.py's: bf16 compute under FSDP2 over --gpus GPUs, L
     one block's backward at its widest (the recomputed block's saved tensors and the gradients in flight).
     With --offload-activations the blocks' inputs move to the host's pinned memory, reported separately (per
     GPU and for all GPUs: the host of 8 GPUs holds 8 times that).
+
+Host memory of a checkpoint save, per GPU (longlora/checkpoint.py): LoRA's rank 0 gathers the fp32 trainable
+tensors and AdamW's two moments whole; full fine-tuning's ranks each write their own shards (DCP), one tensor shard
+at a time.
 
 FLOPs count a multiply-add as 2, backward as twice the forward, plus the forward recomputed by
 checkpointing (the chunked feed-forward's twice, the loss chunks' output projection once); attention counts the (query, key) pairs each pattern lets a head compute (visible_pairs; a
@@ -190,6 +196,13 @@ def estimate(m: ModelArgs, ctx, attn, gpus, batch, accum, lora_r=8, targets=DEFA
     # (set_requires_gradient_sync), so until then every trainable tensor keeps an unsharded gradient, in fp32
     # (FSDP2 accumulates in the reduce dtype). Full fine-tuning reduces every micro-batch (see train.py).
     mem["unsharded gradients (fp32)"] = 4 * c["trainable"] if accum > 1 and W > 1 and not full else 0
+    # FSDP2 reduce-scatters a unit's gradients in the reduce dtype, fp32 (shard.shard_model's MixedPrecisionPolicy):
+    # it copies the unit's whole bf16 gradients into one flat fp32 buffer (each tensor padded to a multiple of W rows)
+    # and reduce-scatters it into a second, the unit's 1/W share (fully_shard's foreach_reduce). Full fine-tuning
+    # does this for every parameter: the largest unit counts (a block, or the embedding or output matrix). LoRA's
+    # blocks reduce their few trainable numbers, the embeddings after the blocks' backward, their activations gone.
+    unit = max(c["block"], V * d + (d if m.tie_embeddings else 0))
+    mem["reduce-scatter staging (fp32)"] = 4 * unit * (1 + 1 / W) if full and W > 1 else 0
     # Activations: see activation_peak
     common = dict(full=full, lora_r=lora_r, targets=targets, chunk=chunk, attn=attn, ffn_chunks=ffn_chunks)
     mem["activations, checkpointing"] = activation_peak(m, T, B, offload=offload, **common)
@@ -215,8 +228,12 @@ def estimate(m: ModelArgs, ctx, attn, gpus, batch, accum, lora_r=8, targets=DEFA
     # output projection once more in backward.
     recompute = 2 * (blocks_matmul + lora_matmul) + (2 * L * 3 * d * F_ if ffn_chunked else 0) + 2 * V * d
     dense_flops = (fwd + bwd + recompute) * tokens
+    # A checkpoint save's host memory (checkpoint.py): LoRA's rank 0 holds the trainable tensors and AdamW's two
+    # moments whole, fp32; full fine-tuning's DCP copies one tensor shard at a time to the host (its largest: the
+    # embedding or a feed-forward matrix; DCP's 10 MB of copy-ahead left out).
+    save_host = 4 * max(V * d, d * F_) / W if full else 12 * c["trainable"]
     return dict(params=c, memory=mem, static=static, tokens=tokens, group=g, attn_flops=attn_flops,
-                host=L * 2 * d * B * T if offload else 0,
+                host=L * 2 * d * B * T if offload else 0, save_host=save_host,
                 dense_flops=dense_flops, total_ckpt=static + mem["activations, checkpointing"],
                 total_no_ckpt=static + mem["activations, no checkpointing"])
 
@@ -239,6 +256,9 @@ def format_estimate(e, name, ctx, attn, gpus, batch, accum, full):
     if e["host"]:
         lines.append(f"host memory per GPU (pinned, offloaded block inputs): {e['host'] / GB:.2f} GB ({e['host'] * gpus / GB:.1f} GB "
                      f"for {gpus} GPU(s))")
+    lines.append(f"host memory of a checkpoint save: {e['save_host'] / GB:.2f} GB " + (
+        "per GPU (each rank writes its own shards, one tensor at a time)" if full else
+        "on rank 0's machine (rank 0 gathers the trainable tensors and AdamW's state)"))
     total = e["attn_flops"] + e["dense_flops"]
     lines.append(f"FLOPs per step (all GPUs): attention {e['attn_flops'] / 1e15:.1f} PFLOP, dense {e['dense_flops'] / 1e15:.1f} "
                  f"PFLOP, total {total / 1e15:.1f} PFLOP ({total / gpus / 1e15:.1f} per GPU; attention "

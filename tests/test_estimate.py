@@ -187,3 +187,23 @@ def test_the_estimate_says_what_it_leaves_out_and_counts_the_whole_feed_forward_
     assert chunked["dense_flops"] - whole["dense_flops"] == 2 * 3 * m.dim * m.hidden_dim * m.n_layers * tokens
     assert whole["memory"]["activations, checkpointing"] > chunked["memory"]["activations, checkpointing"]
     assert f"{whole['dense_flops'] / 1e15:.1f} PFLOP" in outs[1] and f"{chunked['dense_flops'] / 1e15:.1f} PFLOP" in outs[0]
+
+
+@pytest.mark.parametrize("size", ["7b", "70b"])
+def test_full_fine_tuning_counts_the_fp32_reduce_scatter_of_the_largest_fsdp_unit_and_a_saves_host_memory(size):
+    """Against LLaMA2's real modules (built on the meta device): the reduce-scatter staging is 4 bytes x (1 + 1/8) x
+    the largest FSDP unit (shard.shard_model: a block, the embeddings, the output); a checkpoint save holds one
+    rank's share of the largest tensor on the host (--full) or every trainable tensor with AdamW's two moments
+    whole (LoRA+, rank 0)."""
+    m = preset(f"llama2-{size}")
+    with torch.device("meta"):
+        model = Transformer(m)
+    numel = lambda module: sum(p.numel() for p in module.parameters())  # noqa: E731
+    units = [numel(b) for b in model.layers] + [numel(model.tok_embeddings), numel(model.output)]
+    full, lora = estimate(m, 8192, "s2", 8, 1, 8, full=True), estimate(m, 8192, "s2", 8, 1, 8)
+    assert full["memory"]["reduce-scatter staging (fp32)"] == 4 * max(units) * (1 + 1 / 8)
+    assert lora["memory"]["reduce-scatter staging (fp32)"] == 0
+    assert full["save_host"] == 4 * max(p.numel() for p in model.parameters()) / 8
+    apply_lora(model)
+    mark_trainable(model)
+    assert lora["save_host"] == 12 * sum(p.numel() for p in model.parameters() if p.requires_grad)

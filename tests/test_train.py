@@ -320,30 +320,54 @@ def hf_base(tmp_path_factory, sp_model):
     return str(d)
 
 
-def test_full_fine_tuning_two_ranks_equal_one_process_resumes_exactly_and_exports_an_hf_model(hf_base, corpus,
-                                                                                             token_cache, tmp_path):
-    """--full: every parameter trains under FSDP; HF in, HF out, RoPE scaling recorded, transformers agrees."""
+def dcp_weights(ckpt):
+    """{name: full tensor} of the weights in a --full checkpoint's DCP shards, read here in one process as any tool
+    would: empty tensors of the shapes .metadata records, filled by dcp.load."""
+    from torch.distributed.checkpoint import FileSystemReader, load
+
+    reader = FileSystemReader(os.path.join(ckpt, "dcp"))
+    wanted = {k: torch.empty(m.size, dtype=m.properties.dtype) for k, m in reader.read_metadata().state_dict_metadata.items()
+              if k.startswith("model.")}
+    load(wanted, storage_reader=reader, no_dist=True)
+    return {k.removeprefix("model."): v for k, v in wanted.items()}
+
+
+def test_full_fine_tuning_two_ranks_equal_one_process_resume_exactly_at_either_world_size_and_export_an_hf_model(
+        hf_base, corpus, token_cache, tmp_path):
+    """--full: every parameter trains under FSDP; HF in, HF out, RoPE scaling recorded, transformers agrees. Its
+    checkpoints are DCP shards, one set per rank; resumed from step 2 by 2 ranks, by 1 process from the 2 ranks'
+    checkpoint and by 2 ranks from the 1 process's (DCP reshards), step 3 repeats the uninterrupted runs."""
     from transformers import LlamaForCausalLM
 
-    one, two, resumed = (str(tmp_path / n) for n in ("one", "two", "resumed"))
+    one, two, resumed, two_to_one, one_to_two = (str(tmp_path / n) for n in ("one", "two", "resumed", "2to1", "1to2"))
+    step2 = lambda run: os.path.join(run, "checkpoints", "step-000002")  # noqa: E731
     assert train.main(common(hf_base, corpus, token_cache, grad_accum=2, out=one) + ["--full"]) == 0
     run_torchrun(common(hf_base, corpus, token_cache, grad_accum=1, out=two) + ["--full"])
-    run_torchrun(common(hf_base, corpus, token_cache, grad_accum=1, out=resumed,
-                        resume=os.path.join(two, "checkpoints", "step-000002")) + ["--full"])
-    (l1, _), (l2, _), (l3, _) = losses(one), losses(two), losses(resumed)
-    assert sorted(l1) == sorted(l2) == [1, 2, 3] and list(l3) == [3]
+    shards = sorted(os.listdir(os.path.join(step2(two), "dcp")))
+    assert ".metadata" in shards and {n[:3] for n in shards if n.endswith(".distcp")} == {"__0", "__1"}, shards
+    assert not os.path.exists(os.path.join(step2(two), "trainable.safetensors"))  # nothing gathered whole
+    run_torchrun(common(hf_base, corpus, token_cache, grad_accum=1, out=resumed, resume=step2(two)) + ["--full"])
+    assert train.main(common(hf_base, corpus, token_cache, grad_accum=2, out=two_to_one, resume=step2(two)) + ["--full"]) == 0
+    run_torchrun(common(hf_base, corpus, token_cache, grad_accum=1, out=one_to_two, resume=step2(one)) + ["--full"])
+    (l1, _), (l2, _) = losses(one), losses(two)
+    assert sorted(l1) == sorted(l2) == [1, 2, 3]
     for s in l1:
         assert abs(l1[s] - l2[s]) <= FSDP_LOSS_TOL, (s, l1[s], l2[s])
-    assert abs(l3[3] - l2[3]) <= RESUME_TOL
+    for run, uninterrupted in ((resumed, l2), (two_to_one, l2), (one_to_two, l1)):
+        l3, _ = losses(run)
+        assert list(l3) == [3] and abs(l3[3] - uninterrupted[3]) <= RESUME_TOL, (run, l3, uninterrupted[3])
     base = Transformer.from_pretrained(hf_base).state_dict()
     m1, m2, m3 = (Transformer.from_pretrained(d) for d in (one, two, resumed))  # strict: every tensor, no other
     for d in (one, two, resumed):
         assert os.path.exists(os.path.join(d, "config.json")) and not os.path.exists(os.path.join(d, "adapter.safetensors"))
     s1, s2, s3 = m1.state_dict(), m2.state_dict(), m3.state_dict()
+    s21, s12 = Transformer.from_pretrained(two_to_one).state_dict(), Transformer.from_pretrained(one_to_two).state_dict()
     for k in base:
         assert not torch.equal(s1[k], base[k]), k  # every parameter trained
         assert torch.allclose(s1[k], s2[k], atol=FSDP_WEIGHT_TOL, rtol=0), k
         assert torch.allclose(s2[k], s3[k], atol=RESUME_TOL, rtol=0), k
+        assert torch.allclose(s2[k], s21[k], atol=RESUME_TOL, rtol=0), k
+        assert torch.allclose(s1[k], s12[k], atol=RESUME_TOL, rtol=0), k
     assert (m1.args.rope_scaling, m1.args.max_seq_len) == (2.0, 128)
     # transformers reads the same model, RoPE scaling included, and computes the same logits
     hf = LlamaForCausalLM.from_pretrained(one).eval()
@@ -352,6 +376,93 @@ def test_full_fine_tuning_two_ranks_equal_one_process_resumes_exactly_and_export
         ours = m1.eval()(tokens)
         theirs = hf(tokens).logits
     assert (ours - theirs).abs().max() <= 1e-4
+
+
+# train.py --full under torchrun, watched: rank 1 writes its checkpoint shards a second late and then notes it;
+# rank 0 records, whenever a checkpoint gets its final name, whether rank 1 had written and state.json was there;
+# every rank records the sizes and dtype of FSDP2's reduce-scatters and how long each checkpoint save took
+FULL_SAVE_WATCH = """
+import json, os, sys, time, train
+import torch.distributed as dist
+from torch.distributed.checkpoint import FileSystemWriter
+rank, out = int(os.environ["RANK"]), sys.argv[sys.argv.index("--out") + 1]
+write, replace, reduce_scatter, save = FileSystemWriter.write_data, os.replace, dist.reduce_scatter_single, train.save_checkpoint
+seen = {"renames": [], "reduce_scatter": [], "save_s": []}
+def late_write(self, plan, planner):
+    if rank == 1:
+        time.sleep(1)
+    done = write(self, plan, planner)
+    if rank == 1:
+        with open(out + ".rank1-wrote", "a") as f:
+            f.write(str(self.path) + "\\n")
+    return done
+def watched_replace(src, dst):
+    if os.path.basename(dst).startswith("step-"):
+        wrote = open(out + ".rank1-wrote").read().split() if os.path.exists(out + ".rank1-wrote") else []
+        seen["renames"].append([os.path.basename(dst), os.path.join(src, "dcp") in wrote,
+                                os.path.exists(os.path.join(src, "state.json"))])
+    return replace(src, dst)
+def watched_reduce_scatter(output, input, *args, **kwargs):
+    seen["reduce_scatter"].append([input.numel() * input.element_size(), output.numel() * output.element_size(), str(input.dtype)])
+    return reduce_scatter(output, input, *args, **kwargs)
+def timed_save(*args, **kwargs):
+    t0 = time.perf_counter()
+    save(*args, **kwargs)
+    seen["save_s"].append(time.perf_counter() - t0)
+FileSystemWriter.write_data, os.replace, dist.reduce_scatter_single, train.save_checkpoint = (
+    late_write, watched_replace, watched_reduce_scatter, timed_save)
+code = train.main(sys.argv[1:])
+with open(f"{out}.rank{rank}.json", "w") as f:
+    json.dump(seen, f)
+os._exit(code)
+"""
+
+
+@pytest.fixture(scope="module")
+def full_run(hf_base, corpus, token_cache, tmp_path_factory):
+    """(run folder, what each rank saw) of 2 FSDP ranks training --full in bf16 (fp32 reduction) for 2 steps, a
+    checkpoint after each (FULL_SAVE_WATCH)."""
+    d = tmp_path_factory.mktemp("full_run")
+    (d / "watch.py").write_text(f"import sys\nsys.path.insert(0, {ROOT!r})\n" + FULL_SAVE_WATCH)
+    out = str(d / "run")
+    run_torchrun(common(hf_base, corpus, token_cache, grad_accum=1, steps=2, save_every=1, dtype="bf16", out=out)
+                 + ["--full"], script=str(d / "watch.py"))
+    return out, [json.load(open(f"{out}.rank{rank}.json")) for rank in (0, 1)]
+
+
+def test_each_rank_writes_its_own_shard_of_a_full_checkpoint_one_file_per_tensor_shard(full_run, hf_base):
+    """No rank gathers: each rank's files hold half of every fp32 weight and AdamW moment (12 bytes per parameter,
+    2 ranks, every dimension even), and no file more than one tensor's half (host memory: one shard at a time)."""
+    out, seen = full_run
+    params = Transformer.from_pretrained(hf_base).parameters()
+    sizes = [p.numel() for p in params]
+    dcp_dir = os.path.join(out, "checkpoints", "step-000002", "dcp")
+    files = {n: os.path.getsize(os.path.join(dcp_dir, n)) for n in os.listdir(dcp_dir) if n.endswith(".distcp")}
+    per_rank = [sum(v for n, v in files.items() if n.startswith(f"__{rank}_")) for rank in (0, 1)]
+    print(f"per-rank bytes {per_rank}, 12 bytes x {sum(sizes)} parameters = {12 * sum(sizes)}, {len(files)} files, "
+          f"largest {max(files.values())}, save times {[round(t, 3) for t in seen[0]['save_s']]} s")
+    for rank in (0, 1):
+        assert 6 * sum(sizes) <= per_rank[rank] <= 6 * sum(sizes) * 1.5, (rank, per_rank)
+    assert max(files.values()) <= 4 * max(sizes) / 2 + 2048  # half of the largest tensor, and torch.save's header
+
+
+def test_a_full_checkpoint_gets_its_name_only_after_every_rank_has_written_its_shards(full_run):
+    """Rank 1 writes a second late; rank 0 renames each checkpoint into place only after that, state.json there."""
+    _, seen = full_run
+    assert seen[0]["renames"] == [["step-000001", True, True], ["step-000002", True, True]], seen[0]["renames"]
+
+
+def test_the_estimated_reduce_scatter_staging_is_what_fsdp2_stages(full_run, hf_base):
+    """--full in bf16: FSDP2 reduce-scatters each unit's gradients through an fp32 buffer of the whole unit and one
+    of its half; the largest is the estimate's staging term for this model on 2 GPUs."""
+    from longlora.estimate import config_args, estimate
+
+    _, seen = full_run
+    for rank in (0, 1):
+        staged = seen[rank]["reduce_scatter"]
+        assert staged and {dtype for *_, dtype in staged} == {"torch.float32"}
+        largest = max(i + o for i, o, _ in staged)
+        assert largest == estimate(config_args(hf_base), 128, "s2", 2, 1, 1, full=True)["memory"]["reduce-scatter staging (fp32)"]
 
 
 @pytest.mark.parametrize("layout", ["meta", "own"])
@@ -366,7 +477,7 @@ def test_full_fine_tuning_writes_the_bases_layout(layout, hf_base, corpus, token
     assert checkpoint_layout(out) == layout
     tuned = Transformer.from_pretrained(out)  # strict
     assert (tuned.args.rope_scaling, tuned.args.max_seq_len, tuned.args.attn) == (2.0, 128, "full")
-    trained = load_file(os.path.join(out, "checkpoints", "step-000001", "trainable.safetensors"))
+    trained = dcp_weights(os.path.join(out, "checkpoints", "step-000001"))
     assert trained.keys() == tuned.state_dict().keys()
     for k, v in tuned.state_dict().items():  # the fp32 masters, written in the base's dtype
         assert v.dtype == base.state_dict()[k].dtype and torch.equal(v, trained[k].to(v.dtype)), k
@@ -416,6 +527,33 @@ def test_kill_during_a_save_keeps_the_previous_checkpoint_and_resume_repeats_the
     for s in (3, 4):
         assert abs(resumed[s] - uninterrupted[s]) <= RESUME_TOL, (s, resumed[s], uninterrupted[s])
     assert sorted(os.listdir(ckpts)) == ["step-000002", "step-000004"]  # the half-written one is gone
+
+
+@pytest.mark.parametrize("damage", ["truncated", "missing", "no metadata"])
+def test_resume_falls_back_from_a_full_checkpoint_with_a_damaged_shard_and_names_it(damage, hf_base, corpus, token_cache,
+                                                                                   tmp_path, capsys):
+    """--full (DCP shards): one shard file of the newest checkpoint cut short or gone, or its .metadata gone: resume
+    names the file and continues from the previous checkpoint, with the loss of the uninterrupted run."""
+    out = str(tmp_path / "run")
+    args = common(hf_base, corpus, token_cache, grad_accum=1, save_every=1, keep=3, out=out) + ["--full"]
+    assert train.main(args) == 0
+    uninterrupted, _ = losses(out)
+    shutil.rmtree(os.path.join(out, "checkpoints", "step-000003"))  # the run as if it had stopped after step 2
+    dcp_dir = os.path.join(out, "checkpoints", "step-000002", "dcp")
+    name = ".metadata" if damage == "no metadata" else max(
+        (n for n in os.listdir(dcp_dir) if n.endswith(".distcp")), key=lambda n: os.path.getsize(os.path.join(dcp_dir, n)))
+    if damage == "truncated":
+        os.truncate(os.path.join(dcp_dir, name), os.path.getsize(os.path.join(dcp_dir, name)) - 1)
+    else:
+        os.remove(os.path.join(dcp_dir, name))
+    capsys.readouterr()
+    assert train.main(args + ["--resume", out]) == 0
+    captured = capsys.readouterr()
+    assert f"step-000002/dcp/{name}" in captured.err and "previous checkpoint" in captured.err, captured.err
+    assert f"resumed from {os.path.join(out, 'checkpoints', 'step-000001')} at step 1" in captured.out
+    resumed, _ = losses(out)
+    for s in (2, 3):
+        assert abs(resumed[s] - uninterrupted[s]) <= RESUME_TOL, (s, resumed[s], uninterrupted[s])
 
 
 def test_old_checkpoints_are_deleted_only_after_the_new_one_is_complete(base_dir, corpus, token_cache, tmp_path, monkeypatch):
