@@ -30,14 +30,13 @@ the sink cache's logits are identical to the full cache's, H₂O's agree within 
 attention weights explicitly, for its scores; tests/test_sample.py checks both).
 """
 
-import json
 import os
 import sys
 import time
 
 import torch
 
-from longlora.adapter import load_model
+from longlora.adapter import DEMO_RESULTS, demo_model, load_model
 from longlora.caches import H2OCache, SinkCache, cache_bytes, resolve_size
 from longlora.cli import MAX_CTX, Parser, UsageError, entry, integer, number, read_prompt, resolve_device_dtype, size_or_ratio
 from model import KVCache
@@ -156,23 +155,6 @@ def chat_prompt(tokenizer, text: str) -> list:
 # CLI
 
 
-DEMO_RESULTS = os.path.join("out", "demo", "results.json")
-
-
-def demo_model():
-    """(base, adapter) of the best fine-tuned model of `python demo.py`, as its results.json names them: the model
-    sample.py uses when no --model is given (as nanoGPT's sample.py reads out/)."""
-    try:
-        with open(DEMO_RESULTS) as f:
-            best = json.load(f)["sample"]
-        root = os.path.dirname(DEMO_RESULTS)
-        # the adapter is null when the best model was fully fine-tuned (a whole model of its own)
-        return os.path.join(root, best["base"]), best["adapter"] and os.path.join(root, best["adapter"])
-    except (OSError, ValueError, KeyError, TypeError):
-        raise UsageError(f"no --model given and no demo model in {DEMO_RESULTS}: pass --model DIR (a checkpoint), "
-                         "or run `python demo.py` first") from None
-
-
 def parse_args(argv):
     p = Parser(description="Generate text from a LLaMA2 checkpoint (+ LoRA adapter), streaming to stdout.", examples=[
         "python sample.py --model out/llama-2-7b-longlora-32k --prompt paper.txt --max-new-tokens 256",
@@ -182,6 +164,8 @@ def parse_args(argv):
     p.add_argument("--model", help="checkpoint directory (Meta, HF or this project's layout; a merged export works). "
                    f"Default: after `python demo.py`, the demo's best fine-tuned model (base + adapter, from {DEMO_RESULTS})")
     p.add_argument("--adapter", help="LoRA adapter directory written by train.py (its RoPE scaling and context are applied)")
+    p.add_argument("--rope-scaling", type=number(1), help="linear RoPE factor for a model whose config states none "
+                   "(LongAlpaca's fully fine-tuned models); refused where it states another")
     p.add_argument("--prompt", required=True,
                    help="a text file, - for stdin, or the prompt itself (one word containing a slash or a file extension is taken as a path)")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in LLaMA2-chat's template: <s>[INST] prompt [/INST]")
@@ -220,7 +204,7 @@ def main(argv=None) -> int:
             raise UsageError("--adapter needs --model, the base model it was trained on")
         a.model, a.adapter = demo_model()
         print(f"note: sampling from the demo's best model: --model {a.model} --adapter {a.adapter}", file=sys.stderr)
-    model = load_model(a.model, a.adapter, dtype=dtype, device=device)
+    model = load_model(a.model, a.adapter, dtype=dtype, device=device, rope_scaling=a.rope_scaling)
     tok = model.tokenizer
     if tok is None:
         raise ValueError(f"{a.model}: no tokenizer.model next to the weights (or in the folder above)")

@@ -12,7 +12,7 @@ from conftest import ROOT, stdlib_text
 from longlora.adapter import load_model, save_adapter
 from longlora.caches import H2OCache, SinkCache, h2o_keep
 from longlora.tokenizer import Tokenizer
-from model import Transformer, apply_rope, preset, rope_angles
+from model import Transformer, apply_rope, preset, rope_angles, rope_frequencies
 from sample import chat_prompt, generate, make_cache, sample_next, stream_text
 
 TOL = 1e-4  # max abs logit difference between cached and uncached paths in fp32 (observed ~1e-5)
@@ -225,7 +225,7 @@ def test_sink_cache_equals_a_forward_over_the_kept_tokens_at_their_cache_positio
 def test_sink_cache_rotates_queries_by_their_position_in_the_cache():
     # The same rule checked on one attend call with hand-made tensors and an explicit reference.
     args = preset("tiny")
-    rotate = lambda x, pos: apply_rope(x, *rope_angles(pos, 16, 10000.0))
+    rotate = lambda x, pos: apply_rope(x, *rope_angles(pos, rope_frequencies(args)))
     cache = SinkCache(args, sink_tokens=2, recent=3)
     k, v = torch.randn(1, 20, 2, 16), torch.randn(1, 20, 2, 16)
     for t in range(20):
