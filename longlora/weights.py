@@ -514,7 +514,7 @@ def hf_config(args, dtype: torch.dtype, tokenizer=None) -> dict:
     """
     check_exportable(args, "hf")
     qwen2 = args.qkv_bias
-    rope, max_pos = None, args.max_seq_len
+    rope, max_pos = None, max(args.max_seq_len, args.original_max_seq_len)  # an adapter trained on less says less
     if args.llama3_factor != 1.0:
         rope = {"rope_type": "llama3", "factor": args.llama3_factor, "low_freq_factor": args.llama3_low_freq_factor,
                 "high_freq_factor": args.llama3_high_freq_factor, "original_max_position_embeddings": args.llama3_context}

@@ -615,3 +615,65 @@ def test_a_qwen2_window_that_is_off_is_ignored_as_transformers_ignores_it(tmp_pa
     cfg = json.loads((tmp_path / "qwen2" / "config.json").read_text())
     args = hf_config_to_args({**cfg, "sliding_window": 64})  # set, but off: Qwen2Config nulls it
     assert args.qkv_bias and args.max_seq_len == 512
+
+
+# ---- each family end to end: train.py (s2, sf), lora.py merge, sample.py and eval against transformers ----------
+
+
+E2E = {  # family -> (HF case, max_position_embeddings): mistral and qwen2 train at --ctx 128, twice their context
+    "llama3": ("llama3_rope_gqa_tied", 512),  # within its context: the llama3 rule alone, exported as read
+    "mistral": ("mistral_no_window", 64),
+    "qwen2": ("qwen2_qkv_bias_tied", 64),
+}
+
+
+@pytest.mark.parametrize("family", list(E2E))
+def test_each_family_trains_and_its_merged_export_computes_in_transformers_what_sample_and_eval_compute(
+        tmp_path, sp_model, family, request):
+    import numpy as np
+    import sample
+    import train
+    from longlora import eval as ev
+    from longlora import export
+    from longlora.adapter import load_model
+
+    case, max_pos = E2E[family]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a tiny model on a busy 2-core machine: a second thread only spins
+    request.addfinalizer(lambda: torch.set_num_threads(threads))
+    _, d = make_hf_model(tmp_path, case, vocab_size=512, max_position_embeddings=max_pos)  # 512: the test tokenizer's
+    shutil.copy(sp_model, d / "tokenizer.model")
+    (tmp_path / "corpus.txt").write_text(stdlib_text(("argparse.py",)))
+    runs = {}
+    for attn in ("s2", "sf"):
+        runs[attn] = str(tmp_path / f"run-{attn}")
+        assert train.main(["--model", str(d), "--data", str(tmp_path / "corpus.txt"), "--ctx", "128", "--steps", "1",
+                           "--attn", attn, "--eval-samples", "2", "--token-cache", str(tmp_path / "tok"),
+                           "--out", runs[attn]]) == 0
+    merged = str(tmp_path / "merged")
+    assert export.main(["merge", "--base", str(d), "--adapter", runs["s2"], "--out", merged]) == 0
+    cfg = json.loads(open(os.path.join(merged, "config.json")).read())
+    ours = load_model(str(d), runs["s2"])
+    assert ours.args.max_seq_len == 128 and ours.args.rope_scaling == (128 / max_pos if max_pos < 128 else 1.0)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(merged).eval()
+    assert cfg["model_type"] == ("qwen2" if family == "qwen2" else "llama") and hf.config.max_position_embeddings == max_pos
+    tokens = torch.randint(3, 512, (2, 128), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        assert (ours(tokens) - hf(tokens).logits).abs().max().item() <= TOL
+
+    # sample.py's greedy tokens are transformers' generate's
+    prompt = ours.tokenizer.encode("def parse_args(self, args=None):", bos=True)
+    hf.generation_config.eos_token_id = None
+    expected = hf.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False)[0, len(prompt):].tolist()
+    assert list(sample.generate(load_model(merged), prompt, 12, temperature=0.0)) == expected
+
+    # eval's perplexity (non-overlapping windows of 64) is transformers' mean cross-entropy over those windows
+    ids = torch.randint(3, 512, (4 * 64,), generator=torch.Generator().manual_seed(3))
+    np.asarray(ids, dtype="<u2").tofile(tmp_path / "test.bin")
+    assert ev.main(["ppl", "--model", merged, "--tokens", str(tmp_path / "test.bin"), "--seq-lens", "64", "--stride", "0",
+                    "--out", str(tmp_path / "ppl.json")]) == 0
+    windows = ids.view(4, 64)
+    with torch.no_grad():
+        logits = hf(windows).logits[:, :-1]
+    reference = torch.nn.functional.cross_entropy(logits.reshape(-1, 512), windows[:, 1:].reshape(-1)).item()
+    assert abs(json.loads((tmp_path / "ppl.json").read_text())["results"][0]["loss"] - reference) <= 1e-4
