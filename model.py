@@ -1,5 +1,5 @@
 """
-LLaMA2 in plain PyTorch, readable top to bottom, and able to load the official weights.
+LLaMA in plain PyTorch (LLaMA 2 and 3, Mistral, Qwen2: docs/models.md), readable top to bottom, loading official weights.
 
     tokens (B, T)
       -> tok_embeddings                                   (B, T, dim)
