@@ -382,9 +382,10 @@ def hf_config_fields(cfg, where="config.json") -> dict:
         if kind == "llama3":
             r.update(low=rget("low_freq_factor", float, above=0), high=rget("high_freq_factor", float, above=0))
         ropes[name] = r
-    said = [(n, {k: v for k, v in r.items() if k != "theta"}) for n, r in ropes.items()]
-    if len(said) == 2 and said[0][1] != said[1][1]:
-        raise CheckpointError(f"{where}: rope_scaling {said[0][1]} and rope_parameters {said[1][1]} disagree; keep one of them")
+    said = {n: " ".join([r["kind"]] + [f"{k} {v:g}" for k, v in r.items() if k not in ("kind", "theta") and v is not None
+                                       and (k, r["kind"]) != ("factor", "default")]) for n, r in ropes.items()}
+    if len(set(said.values())) > 1:  # e.g. "linear factor 8" and "linear factor 4"
+        raise CheckpointError(f"{where}: " + " and ".join(f"{n}'s {d}" for n, d in said.items()) + " disagree; keep one of them")
     thetas = [(f"{n}'s rope_theta", r["theta"]) for n, r in ropes.items() if r["theta"] is not None]
     thetas += [("rope_theta", theta)] if theta is not None else []
     if len({t for _, t in thetas}) > 1:
