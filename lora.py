@@ -57,7 +57,7 @@ class LoRALinear(nn.Module):
         └─► dropout ─► A (r, in) ─► B (out, r) ─► · α/r ──────────► (+) ──► y (..., out)
                          A·x (..., r)   B·A·x (..., out)
 
-        y = W·x + (α/r)·B·A·x
+        y = W·x + b + (α/r)·B·A·x         (b: the frozen bias, where the layer has one)
 
     Shapes for LLaMA2-7B's wq with r=8: W (4096, 4096) = 16.8M frozen numbers; A (8, 4096) and
     B (4096, 8) = 65.5k trainable ones.
@@ -76,12 +76,13 @@ class LoRALinear(nn.Module):
       `reset_lora_parameters()` on each layer (Transformer.init_weights would make B nonzero).
     """
 
-    def __init__(self, weight: nn.Parameter, r: int = 8, alpha: float = 16, dropout: float = 0.0):
+    def __init__(self, weight: nn.Parameter, r: int = 8, alpha: float = 16, dropout: float = 0.0, bias=None):
         super().__init__()
         if r < 1:
             raise ValueError(f"LoRA rank r must be >= 1, got {r}")
         out_features, in_features = weight.shape
         self.weight = weight  # the very same Parameter object: tied weights stay tied, devices stay put
+        self.bias = bias  # frozen with W (Qwen2's q, k, v); the update B·A has none, so a merge keeps it as it is
         self.r, self.alpha, self.scale = r, alpha, alpha / r
         # Created next to the base weight: after from_pretrained (meta device + assign=True) that is the
         # real device; on a model still on the meta device they stay on meta until reset_lora_parameters().
@@ -95,7 +96,7 @@ class LoRALinear(nn.Module):
         init_lora_(self.lora_a, self.lora_b)
 
     def forward(self, x):
-        y = F.linear(x, self.weight)  # (..., out), the frozen path
+        y = F.linear(x, self.weight, self.bias)  # (..., out), the frozen path
         h = self.dropout(x).to(self.lora_a.dtype)  # (..., in)
         lora = F.linear(F.linear(h, self.lora_a), self.lora_b)  # (..., r) -> (..., out); never forms B·A
         # y + (α/r)·lora, in place: at long context each (..., out) temporary is as large as a layer's input, and
@@ -131,7 +132,7 @@ def apply_lora(model: Transformer, r: int = 8, alpha: float = 16, dropout: float
     for name, module in list(model.named_modules()):
         for child_name, child in list(module.named_children()):
             if child_name in targets and isinstance(child, nn.Linear):
-                setattr(module, child_name, LoRALinear(child.weight, r, alpha, dropout))
+                setattr(module, child_name, LoRALinear(child.weight, r, alpha, dropout, child.bias))
     # What trains besides the LoRA matrices; mark_trainable sets it, save_adapter reads it.
     model.lora_config = dict(r=r, alpha=alpha, dropout=dropout, targets=list(targets), embed=False, norms=False)
     return model

@@ -1,5 +1,5 @@
 """
-LLaMA2 in plain PyTorch, readable top to bottom, and able to load the official weights.
+LLaMA in plain PyTorch (LLaMA 2 and 3, Mistral, Qwen2: docs/models.md), readable top to bottom, loading official weights.
 
     tokens (B, T)
       -> tok_embeddings                                   (B, T, dim)
@@ -56,10 +56,16 @@ class ModelArgs:
     ffn_hidden_dim: Optional[int] = None  # set explicitly by HF configs (`intermediate_size`)
     norm_eps: float = 1e-5
     rope_theta: float = 10000.0
+    # Llama 3.1's frequency rule (config.json's rope type "llama3", see rope_frequencies); factor 1.0 = off
+    llama3_factor: float = 1.0
+    llama3_low_freq_factor: float = 1.0
+    llama3_high_freq_factor: float = 4.0
+    llama3_context: int = 8192  # the context its wavelength bounds are counted in (original_max_position_embeddings)
     rope_scaling: float = 1.0  # linear position interpolation factor; 1.0 = none
     max_seq_len: int = 4096  # the context the weights are meant for (after scaling)
     original_max_seq_len: Optional[int] = None  # the pre-training context rope_scaling stretches; None = max_seq_len / rope_scaling
     tie_embeddings: bool = False  # output shares tok_embeddings.weight (some small HF models)
+    qkv_bias: bool = False  # wq, wk and wv add a bias (Qwen2); wo never does
     # Attention used by forward() without a KV cache; see attention.py.
     attn: str = "full"  # "full" | "s2" (LongLoRA) | "sf" (SinkLoRA)
     group_size: Optional[int] = None  # None = a quarter of the sequence, LongLoRA's ratio
@@ -81,8 +87,11 @@ class ModelArgs:
             raise ValueError(f"n_heads {self.n_heads} is not a multiple of n_kv_heads {self.n_kv_heads}")
         if (self.dim // self.n_heads) % 2:
             raise ValueError(f"head dim {self.dim // self.n_heads} must be even for RoPE")
-        if self.rope_scaling < 1.0:
-            raise ValueError(f"rope_scaling must be >= 1, got {self.rope_scaling}")
+        if self.rope_scaling < 1.0 or self.llama3_factor < 1.0:
+            raise ValueError(f"rope_scaling and llama3_factor must be >= 1, got {self.rope_scaling}, {self.llama3_factor}")
+        if self.llama3_high_freq_factor <= self.llama3_low_freq_factor:
+            raise ValueError(f"llama3_high_freq_factor {self.llama3_high_freq_factor:g} must exceed llama3_low_freq_factor "
+                             f"{self.llama3_low_freq_factor:g}")
         if self.original_max_seq_len is None:
             self.original_max_seq_len = round(self.max_seq_len / self.rope_scaling)
 
@@ -145,14 +154,31 @@ class RMSNorm(nn.Module):
         return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
 
 
-def rope_angles(positions: torch.Tensor, head_dim: int, theta: float, scaling: float = 1.0):
+def rope_frequencies(args: ModelArgs, device=None) -> torch.Tensor:
+    """inv_freq (head_dim/2,), fp32: pair i of a head (dimensions 2i and 2i+1) turns theta^(-2i/head_dim) radians
+    per position, so its wavelength is 2π/inv_freq[i] positions (from ~6 to millions).
+
+    Llama 3.1's rule (llama3_factor > 1) interpolates only the slow pairs. A pair whose wavelength exceeds
+    llama3_context / low_freq_factor positions never turned far within the pre-training context: its frequency
+    is divided by the factor (position interpolation for that pair alone). A pair shorter than
+    llama3_context / high_freq_factor turned many times and keeps its frequency: it encodes nearby order. In
+    between, a blend whose weight runs linearly in llama3_context / wavelength from 0 to 1.
+    """
+    a = args
+    inv_freq = 1.0 / (a.rope_theta ** (torch.arange(0, a.head_dim, 2, device=device).float() / a.head_dim))  # (D/2,)
+    if a.llama3_factor == 1.0:
+        return inv_freq
+    turns = a.llama3_context / (2 * math.pi / inv_freq)  # turns in the pre-training context (D/2,)
+    keep = ((turns - a.llama3_low_freq_factor) / (a.llama3_high_freq_factor - a.llama3_low_freq_factor)).clamp(0, 1)
+    return (1 - keep) * inv_freq / a.llama3_factor + keep * inv_freq  # keep 0: divided; 1: unchanged
+
+
+def rope_angles(positions: torch.Tensor, inv_freq: torch.Tensor, scaling: float = 1.0):
     """cos and sin of the rotation angles, each (T, head_dim/2), in fp32.
 
-    Pair i of a head (dimensions 2i and 2i+1) turns at frequency theta^(-2i/head_dim). Linear position
-    interpolation divides the positions by `scaling`, so every angle stays within what the model saw
-    during pre-training.
+    Linear position interpolation divides the positions by `scaling`, so every angle stays within what the model
+    saw during pre-training. On a Llama 3.1 frequency rule it composes: inv_freq_llama3 / scaling for every pair.
     """
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device).float() / head_dim))
     angles = torch.outer(positions.float() / scaling, inv_freq)  # (T, head_dim/2)
     return angles.cos(), angles.sin()
 
@@ -173,20 +199,18 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 def rope_rotate(args: ModelArgs, positions: torch.Tensor, apply=apply_rope):
     """rotate(x, p): RoPE of x (B, T, H, D) by positions p, for one forward pass, with `apply` (apply_rope).
 
-    The cos and sin of `positions` (the forward's own) are computed here, once, and every layer reuses
-    them, instead of recomputing the same angles for q and for k in every layer: a decoding step is a
-    few hundred small kernels, and those were a fifth of them. Other positions (the sink cache rotates
-    by index in the cache) are computed on demand.
+    The cos and sin of `positions` (the forward's own) are computed here, once, and every layer reuses them,
+    instead of recomputing the same angles for q and for k in every layer (a fifth of a decoding step's few
+    hundred small kernels). Other positions (the sink cache rotates by index in the cache) are computed on demand.
     """
-    cos, sin = rope_angles(positions, args.head_dim, args.rope_theta, args.rope_scaling)  # (T, D/2) each
+    inv_freq = rope_frequencies(args, positions.device)
+    cos, sin = rope_angles(positions, inv_freq, args.rope_scaling)  # (T, D/2) each
     on = {positions.device: (cos, sin)}  # and copied once to each further device of a split model (longlora/devices.py)
 
     def rotate(x, p):
         if p is positions:
-            if x.device not in on:
-                on[x.device] = (cos.to(x.device), sin.to(x.device))
-            return apply(x, *on[x.device])
-        return apply(x, *rope_angles(p, args.head_dim, args.rope_theta, args.rope_scaling))
+            return apply(x, *(on.get(x.device) or on.setdefault(x.device, (cos.to(x.device), sin.to(x.device)))))
+        return apply(x, *rope_angles(p, inv_freq.to(p.device), args.rope_scaling))
 
     return rotate
 
@@ -197,9 +221,10 @@ class Attention(nn.Module):
         self.args = args  # shared with the model, so switching args.attn switches every layer
         self.layer_id = layer_id
         self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
-        self.wq = nn.Linear(args.dim, args.n_heads * args.head_dim, bias=False)
-        self.wk = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
-        self.wv = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
+        # Qwen2 adds a bias to q, k and v (not to wo), before RoPE as in HF's Qwen2: it is rotated with the rest
+        self.wq = nn.Linear(args.dim, args.n_heads * args.head_dim, bias=args.qkv_bias)
+        self.wk = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=args.qkv_bias)
+        self.wv = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=args.qkv_bias)
         self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
 
     def forward(self, x, positions, lengths=None, cache=None, rotate=None):

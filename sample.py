@@ -23,12 +23,9 @@ Three KV caches, one interface (`attend(layer_id, q, k, v, positions, rotate)`, 
   sink  StreamingLLM (Xiao et al., 2023): the first `--sink-tokens` tokens plus the `--recent` newest, rotated
         by their place in the cache, so a stream can run past the trained context (longlora/caches.py).
 
-`--heavy` and `--recent` take a size (an integer: 256) or a ratio of the prompt length (0.1). The cache
-stores at most heavy + recent (h2o) or sink + recent (sink) tokens between forward passes; a chunk being
-processed attends to those plus itself, causally (`--prefill-chunk 1` gives the strict token-by-token
-policy). With a budget at least as long as the sequence both generate exactly the full cache's tokens;
-the sink cache's logits are identical to the full cache's, H₂O's agree within rounding (it computes the
-attention weights explicitly, for its scores; tests/test_sample.py checks both).
+`--heavy` and `--recent` take a size (256) or a ratio of the prompt (0.1). Between passes the cache holds at most
+heavy + recent (h2o) or sink + recent (sink) tokens; a chunk attends to those plus itself, causally. With a budget
+as long as the sequence both give the full cache's tokens (tests/test_sample.py).
 """
 
 import os
@@ -37,10 +34,10 @@ import time
 
 import torch
 
-from longlora.adapter import load_model
+from longlora.adapter import DEMO_RESULTS, demo_model, load_model
 from longlora.caches import H2OCache, SinkCache, cache_bytes, resolve_size
-from longlora.cli import (DEMO_RESULTS, MAX_CTX, Parser, UsageError, demo_model, device_list, entry, integer, number, read_prompt,
-                          resolve_device_dtype, size_or_ratio)
+from longlora.cli import (MAX_CTX, Parser, UsageError, device_list, entry, integer, number, read_prompt, resolve_device_dtype,
+                          size_or_ratio)
 from model import KVCache
 
 
@@ -166,6 +163,8 @@ def parse_args(argv):
     p.add_argument("--model", help="checkpoint directory (Meta, HF or this project's layout; a merged export works). "
                    f"Default: after `python demo.py`, the demo's best fine-tuned model (base + adapter, from {DEMO_RESULTS})")
     p.add_argument("--adapter", help="LoRA adapter directory written by train.py (its RoPE scaling and context are applied)")
+    p.add_argument("--rope-scaling", type=number(1), help="linear RoPE factor for a model whose config states none "
+                   "(LongAlpaca's fully fine-tuned models); refused where it states another")
     p.add_argument("--prompt", required=True,
                    help="a text file, - for stdin, or the prompt itself (one word containing a slash or a file extension is taken as a path)")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in LLaMA2-chat's template: <s>[INST] prompt [/INST]")
@@ -207,7 +206,7 @@ def main(argv=None) -> int:
             raise UsageError("--adapter needs --model, the base model it was trained on")
         a.model, a.adapter = demo_model()
         print(f"note: sampling from the demo's best model: --model {a.model} --adapter {a.adapter}", file=sys.stderr)
-    model = load_model(a.model, a.adapter, dtype=dtype, device=device)
+    model = load_model(a.model, a.adapter, dtype=dtype, device=device, rope_scaling=a.rope_scaling)
     tok = model.tokenizer
     if tok is None:
         raise ValueError(f"{a.model}: no tokenizer.model next to the weights (or in the folder above)")

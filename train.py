@@ -52,7 +52,6 @@ import json
 import math
 import os
 import signal
-import sys
 import time
 from contextlib import ExitStack, nullcontext
 
@@ -66,8 +65,9 @@ from longlora.cli import UsageError, entry
 from longlora.data import longlora_sft_group_size, sample_positions
 from longlora.estimate import run_estimate
 from longlora.output import write_text
-from longlora.run import (StopSignals, attention_backend, check_result, claim_run, find_start, fmt_time, load_data, log0,
-                          parse_args, peak_memory_gb, reset_peak_memory, sft_group_rule, trajectory_config, write_result)
+from longlora.run import (StopSignals, attention_backend, check_result, claim_run, exit_process, find_start, fmt_time, load_data,
+                          log0, log_metrics, parse_args, peak_memory_gb, reset_peak_memory, sft_group_rule, trajectory_config,
+                          write_result)
 from longlora.shard import all_sum, broadcast0, load_weights, lora_init_values, on_some_ranks, setup_distributed, shard_model
 from longlora.tokenizer import Tokenizer, find_tokenizer
 from longlora.weights import check_tokenizer_fits, read_checkpoint
@@ -211,12 +211,6 @@ def evaluate(model, data, a, step, metrics, rank, world, device, distributed, au
     log_metrics(metrics, rank, {"step": step, "heldout_loss": loss})
 
 
-def log_metrics(path, rank, record):
-    if rank == 0:
-        with open(path, "a") as f:
-            f.write(json.dumps(record) + "\n")
-
-
 def train(a, stop, held):
     rank, local_rank, world, device, distributed, wait_group = setup_distributed()
     # One run per --out at a time (rank 0 holds the lock until train.py ends; every rank learns if it is taken).
@@ -357,14 +351,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    code = main()
-    if "WORLD_SIZE" in os.environ:
-        # Under torchrun, leave without the interpreter's shutdown (the process group is destroyed, every file
-        # written). gloo's C++ threads outlive main() and free their finished collectives (Python tensors: they
-        # take the GIL) a moment after wait() returns; during shutdown Python 3.11 ends such a thread with
-        # pthread_exit, which unwinds through a C++ destructor: std::terminate aborts a rank whose run
-        # succeeded (exit -6, ~1 in 30 runs on 2 CPU ranks). os._exit skips that shutdown; nothing needs it.
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
-    sys.exit(code)
+    exit_process(main())  # under torchrun without the interpreter's shutdown (longlora/run.py says why)

@@ -22,6 +22,7 @@ import torch
 import torch.nn as nn
 
 from longlora.checkpoint import find_checkpoint, read_checkpoint_file, read_state
+from longlora.cli import UsageError
 from longlora.devices import pipeline
 from longlora.output import atomic_write, write_text
 from longlora.weights import json_field, read_checkpoint
@@ -36,7 +37,8 @@ ADAPTER_FIELDS = {"r": (int, dict(lo=1)), "alpha": (float, dict(above=0)), "drop
                   "rope_scaling": (float, dict(lo=1)), "max_seq_len": (int, dict(lo=1))}
 # The ModelArgs fields that decide the tensor shapes (and rope_theta, which decides what the weights mean):
 # an adapter only fits a base model that agrees on all of them.
-BASE_FIELDS = ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "hidden_dim", "tie_embeddings", "rope_theta")
+BASE_FIELDS = ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "hidden_dim", "tie_embeddings", "qkv_bias", "rope_theta",
+               "llama3_factor", "llama3_low_freq_factor", "llama3_high_freq_factor", "llama3_context")
 
 
 def base_shapes(args: ModelArgs) -> dict:
@@ -207,10 +209,14 @@ def load_adapter(model: Transformer, adapter_dir, fingerprint=None) -> Transform
     return model
 
 
-def load_model(model_dir, adapter_dir=None, dtype=None, device=None) -> Transformer:
+def load_model(model_dir, adapter_dir=None, dtype=None, device=None, rope_scaling=None) -> Transformer:
     """A base model, a merged export, or a base plus a LoRA adapter (load_adapter applies the adapter's RoPE scaling
     and context), in eval mode, on `device`, or split over a list of devices (longlora/devices.py). Raises
-    CheckpointError / ValueError / FileNotFoundError with one line."""
+    CheckpointError / ValueError / FileNotFoundError with one line.
+
+    rope_scaling: a linear factor for a model whose config states none (LongAlpaca's fully fine-tuned models ship
+    `rope_scaling: null`): the context becomes the pre-training context x the factor. Refused where the model
+    (or the adapter) states another factor."""
     if adapter_dir is not None and not os.path.isdir(adapter_dir):
         raise FileNotFoundError(f"{adapter_dir}: no such adapter directory")
     checkpoint = read_checkpoint(model_dir, ModelArgs)
@@ -221,4 +227,27 @@ def load_model(model_dir, adapter_dir=None, dtype=None, device=None) -> Transfor
         weights = checkpoint[1]
         fingerprint = base_fingerprint(lambda name: weights.read([name])[name], model.args.n_layers)
         load_adapter(model, adapter_dir, fingerprint)  # LoRA matrices stay fp32 next to bf16 weights, by design
+    args = model.args
+    if rope_scaling is not None and args.rope_scaling not in (1.0, rope_scaling):
+        raise UsageError(f"--rope-scaling {rope_scaling:g}: {adapter_dir or model_dir} states linear factor "
+                         f"{args.rope_scaling:g} already; leave --rope-scaling out")
+    if rope_scaling is not None and args.rope_scaling == 1.0:
+        args.rope_scaling, args.max_seq_len = float(rope_scaling), round(args.original_max_seq_len * rope_scaling)
     return model.eval()
+
+
+DEMO_RESULTS = os.path.join("out", "demo", "results.json")
+
+
+def demo_model():
+    """(base, adapter) of the best fine-tuned model of `python demo.py`, as its results.json names them: the model
+    sample.py uses when no --model is given (as nanoGPT's sample.py reads out/)."""
+    try:
+        with open(DEMO_RESULTS) as f:
+            best = json.load(f)["sample"]
+        root = os.path.dirname(DEMO_RESULTS)
+        # the adapter is null when the best model was fully fine-tuned (a whole model of its own)
+        return os.path.join(root, best["base"]), best["adapter"] and os.path.join(root, best["adapter"])
+    except (OSError, ValueError, KeyError, TypeError):
+        raise UsageError(f"no --model given and no demo model in {DEMO_RESULTS}: pass --model DIR (a checkpoint), "
+                         "or run `python demo.py` first") from None

@@ -211,23 +211,6 @@ def read_prompt(arg: str) -> str:
     return text
 
 
-DEMO_RESULTS = os.path.join("out", "demo", "results.json")
-
-
-def demo_model():
-    """(base, adapter) of the best fine-tuned model of `python demo.py`, as its results.json names them: the model
-    sample.py uses when no --model is given (as nanoGPT's sample.py reads out/)."""
-    try:
-        with open(DEMO_RESULTS) as f:
-            best = json.load(f)["sample"]
-        root = os.path.dirname(DEMO_RESULTS)
-        # the adapter is null when the best model was fully fine-tuned (a whole model of its own)
-        return os.path.join(root, best["base"]), best["adapter"] and os.path.join(root, best["adapter"])
-    except (OSError, ValueError, KeyError, TypeError):
-        raise UsageError(f"no --model given and no demo model in {DEMO_RESULTS}: pass --model DIR (a checkpoint), "
-                         "or run `python demo.py` first") from None
-
-
 def size_or_ratio(s: str):
     """argparse type: "256" -> 256 tokens, "0.1" -> 10% of the prompt."""
     try:

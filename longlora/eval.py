@@ -270,6 +270,8 @@ def parse_args(argv):
     common = Parser(add_help=False)
     common.add_argument("--model", required=True, help="checkpoint directory (Meta, HF, this project's layout or a merged export)")
     common.add_argument("--adapter", help="LoRA adapter directory written by train.py (its RoPE scaling and context are applied)")
+    common.add_argument("--rope-scaling", type=number(1), help="linear RoPE factor for a model whose config states none "
+                        "(LongAlpaca's fully fine-tuned models ship rope_scaling null); refused where it states another")
     common.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
                         help="auto = bfloat16 on CUDA, float32 on CPU")
     where = common.add_mutually_exclusive_group()
@@ -374,7 +376,7 @@ def main(argv=None) -> int:
         if path:
             check_output(path, flag, inputs=inputs, overwrite=a.overwrite)
     device, dtype = resolve_device_dtype(a.devices or a.device, a.dtype)
-    model = load_model(a.model, a.adapter, dtype=dtype, device=device)
+    model = load_model(a.model, a.adapter, dtype=dtype, device=device, rope_scaling=a.rope_scaling)
     result = run_ppl(a, model) if a.task == "ppl" else run_passkey(a, model)
     if a.out:
         text = json.dumps(result, indent=2)

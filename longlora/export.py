@@ -19,7 +19,7 @@ import torch
 from longlora.adapter import load_model, save_adapter
 from longlora.cli import MAX_CTX, Parser, UsageError, entry, integer
 from longlora.output import atomic_write, building, check_output
-from longlora.weights import (CheckpointError, check_state_dict, hf_config, hf_config_fields, hf_key_map,
+from longlora.weights import (CheckpointError, check_exportable, check_state_dict, hf_config, hf_config_fields, hf_key_map,
                               hf_to_meta_qk, json_field, meta_to_hf_qk, parse_size, read_json, write_json, write_model)
 from lora import TARGETS, adapter_state, apply_lora, mark_trainable, merge_lora
 from model import ModelArgs, Transformer
@@ -251,6 +251,7 @@ def import_peft(peft_dir, base, ctx=None) -> tuple:
 def merge_command(a):
     model = load_model(a.base, a.adapter)  # in the checkpoint's own dtype
     args = model.args
+    check_exportable(args, a.format)  # before the merge and the writing
     state = merge_lora(model.state_dict(), model.lora_config)
     with building(a.out, a.overwrite) as tmp:
         write_model(args, state, tmp, a.format, model.tokenizer.path if model.tokenizer else None, a.shard_size)

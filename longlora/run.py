@@ -27,7 +27,7 @@ from longlora.data import (SFT_TEMPLATES, PackedData, SFTData, open_tokens, prep
 from longlora.output import STAMP, check_output, install_files, lock_output, set_aside
 from longlora.shard import on_some_ranks
 from longlora.tokenizer import find_tokenizer
-from longlora.weights import MODEL_CONFIGS, MODEL_FILES, checkpoint_layout, write_model
+from longlora.weights import MODEL_CONFIGS, MODEL_FILES, check_exportable, checkpoint_layout, write_model
 from lora import TARGETS, apply_lora, mark_trainable
 from model import PRESETS, ModelArgs, Transformer
 
@@ -312,6 +312,25 @@ def log0(rank, msg):
         print(msg, flush=True)
 
 
+def log_metrics(path, rank, record):
+    if rank == 0:
+        with open(path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+def exit_process(code):
+    """train.py's exit. Under torchrun, leave without the interpreter's shutdown (the process group is destroyed,
+    every file written). gloo's C++ threads outlive main() and free their finished collectives (Python tensors: they
+    take the GIL) a moment after wait() returns; during shutdown Python 3.11 ends such a thread with pthread_exit,
+    which unwinds through a C++ destructor: std::terminate aborts a rank whose run succeeded (exit -6, ~1 in 30 runs
+    on 2 CPU ranks). os._exit skips that shutdown; nothing needs it."""
+    if "WORLD_SIZE" in os.environ:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
 def reset_peak_memory(device):
     """Count the peak from here on (after loading): CUDA's statistics, or the process's peak RSS (Linux's VmHWM)."""
     if device.type == "cuda":
@@ -440,7 +459,10 @@ def adapter_model(model, tensors):
 
 def check_result(a, model):
     """Before any training: the result can be written. For LoRA, the adapter is built as write_result builds it,
-    from stand-ins of the trained tensors, and it must store every tensor that trains."""
-    if not (a.full or a.from_scratch):
+    from stand-ins of the trained tensors, and it must store every tensor that trains; a whole model's layout must
+    be able to state its RoPE and biases."""
+    if a.full or a.from_scratch:  # a whole model in the base's layout, which must be able to state it
+        check_exportable(result_args(model), checkpoint_layout(a.model) if a.model else "own")
+    else:
         stand_ins = {n: torch.empty(p.shape, device="meta") for n, p in model.named_parameters() if p.requires_grad}
         check_storable(adapter_model(model, stand_ins))

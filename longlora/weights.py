@@ -108,6 +108,9 @@ def read_meta(path):
     if not isinstance(params, dict):
         raise CheckpointError(f"{params_path}: expected a JSON object, got {json.dumps(params)[:40]}")
     get = lambda name, kind, default=REQUIRED, **bounds: json_field(params, name, kind, params_path, default, **bounds)
+    if get("use_scaled_rope", bool, False):  # Meta's Llama 3.1 and 3.2: the llama3 rule with constants of its code
+        raise CheckpointError(f"{params_path}: use_scaled_rope (Llama 3.1's frequency rule) is not read from Meta's layout; "
+                              "use the model's HF checkpoint, whose config.json states the rule")
     args = dict(
         dim=get("dim", int, lo=1), n_layers=get("n_layers", int, lo=1), n_heads=get("n_heads", int, lo=1),
         n_kv_heads=get("n_kv_heads", int, None, lo=1), vocab_size=get("vocab_size", int, -1, lo=-1),
@@ -202,11 +205,8 @@ def read_hf(path):
             return None  # a derived buffer old HF checkpoints carry; a tied head is the embedding
         if k not in names:
             raise CheckpointError(f"{path}: unexpected tensor {k}")
-        meta = names[k]
-        if meta.endswith(("attention.wq.weight", "attention.wk.weight")):
-            heads = args["n_heads"] if meta.endswith("wq.weight") else args["n_kv_heads"]
-            return meta, lambda w: hf_to_meta_qk(w, heads)
-        return meta, None
+        meta, heads = names[k], qk_heads(names[k], args)
+        return meta, heads and (lambda w: hf_to_meta_qk(w, heads))
 
     return args, _read_safetensors(files, meta_name)
 
@@ -276,6 +276,9 @@ HF_KEYS = {
     "layers.{}.attention.wk.weight": "model.layers.{}.self_attn.k_proj.weight",
     "layers.{}.attention.wv.weight": "model.layers.{}.self_attn.v_proj.weight",
     "layers.{}.attention.wo.weight": "model.layers.{}.self_attn.o_proj.weight",
+    "layers.{}.attention.wq.bias": "model.layers.{}.self_attn.q_proj.bias",  # Qwen2's biases (q, k and v only)
+    "layers.{}.attention.wk.bias": "model.layers.{}.self_attn.k_proj.bias",
+    "layers.{}.attention.wv.bias": "model.layers.{}.self_attn.v_proj.bias",
     "layers.{}.feed_forward.w1.weight": "model.layers.{}.mlp.gate_proj.weight",
     "layers.{}.feed_forward.w2.weight": "model.layers.{}.mlp.down_proj.weight",
     "layers.{}.feed_forward.w3.weight": "model.layers.{}.mlp.up_proj.weight",
@@ -297,80 +300,125 @@ def hf_key_map(n_layers):
 
 def hf_to_meta_qk(w, n_heads):
     """Undo HF's q/k row permutation. HF's RoPE rotates halves (d, d + D/2) of each head where Meta rotates
-    adjacent pairs (2i, 2i+1); HF's converter reordered the rows of wq and wk so the two agree."""
-    out_dim, in_dim = w.shape
-    return w.view(n_heads, 2, out_dim // n_heads // 2, in_dim).transpose(1, 2).reshape(out_dim, in_dim)
+    adjacent pairs (2i, 2i+1); HF's converter reordered the rows of wq and wk so the two agree. w: a weight
+    (out, in) or a bias (out,), whose entries are rows too."""
+    return w.reshape(n_heads, 2, w.shape[0] // n_heads // 2, -1).transpose(1, 2).reshape(w.shape)
 
 
 def meta_to_hf_qk(w, n_heads):
     """The inverse of hf_to_meta_qk: Meta's rows in HF's rotate-half order (used by exports)."""
-    out_dim, in_dim = w.shape
-    return w.view(n_heads, out_dim // n_heads // 2, 2, in_dim).transpose(1, 2).reshape(out_dim, in_dim)
+    return w.reshape(n_heads, w.shape[0] // n_heads // 2, 2, -1).transpose(1, 2).reshape(w.shape)
+
+
+def qk_heads(meta_name, args):
+    """The head count whose rows hf_to_meta_qk permutes in this tensor (wq's or wk's weight or bias), else None."""
+    if ".attention." in meta_name:  # layers.N.attention.wq.weight
+        return {"wq": args["n_heads"], "wk": args["n_kv_heads"]}.get(meta_name.split(".")[-2])
+    return None
+
+
+# The model types this project runs, with the HF class that runs each. Every one is model.py's Transformer: LLaMA 2
+# and 3 (llama), Mistral without a sliding window (mistral), Qwen2 and 2.5 (qwen2: biases on q, k and v).
+FAMILIES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
 
 
 def hf_config_fields(cfg, where="config.json") -> dict:
-    """ModelArgs fields from an HF LlamaConfig dict (config.json).
+    """ModelArgs fields from an HF config.json of a model type of FAMILIES. Anything that would make the model
+    compute something else than model.py (another architecture, a bias on o_proj or in the MLP, a head_dim of its
+    own, a sliding window shorter than the context, a RoPE type other than linear or llama3) is refused, naming it.
 
     The context under linear RoPE scaling. transformers reads none off these fields for linear scaling (the
     factor only divides the positions), so two conventions are in use, told apart by one field:
-      * `original_max_position_embeddings` present (this project's exports; transformers' meaning for YaRN):
-        it is the pre-training context, and `max_position_embeddings` the extended one;
-      * absent: our rule, a heuristic that fits LongLoRA's configs, is that `max_position_embeddings` is the
-        pre-training context and the context is max_position_embeddings x factor. LongLoRA's fine-tune.py keeps
-        `max_position_embeddings` and adds the factor (its released -ft 32k models say 4096 + linear 8), and
-        reads a config back the same way (fine-tune.py @d4eb344, lines 121-131: orig_ctx_len =
-        max_position_embeddings x factor); transformers' default for YaRN is the same.
-    A model that raised max_position_embeddings to its extended context itself (togethercomputer/LLaMA-2-7B-32K:
-    32768 + linear 8) reads as 262,144 tokens by that rule: above LLaMA2's 4096 it is ambiguous, and loading
+      * absent `original_max_position_embeddings` (HF's convention, this project's exports, LongLoRA's released
+        models): `max_position_embeddings` is the pre-training context and the context is max_position_embeddings x
+        factor (what vLLM and SGLang derive). LongLoRA's fine-tune.py keeps `max_position_embeddings` and adds the
+        factor (its -ft 32k models say 4096 + linear 8), and reads a config back the same way (fine-tune.py
+        @d4eb344, lines 121-131: orig_ctx_len = max_position_embeddings x factor);
+      * present (this project's earlier exports): it is the pre-training context, and `max_position_embeddings`
+        the extended one.
+    A LLaMA2 that raised max_position_embeddings to its extended context itself (togethercomputer/LLaMA-2-7B-32K:
+    32768 + linear 8) reads as 262,144 tokens by the first rule: above LLaMA2's 4096 it is ambiguous, and loading
     says so in a warning that names the field to add.
+
+    Llama 3.1's rope type "llama3" reshapes the frequencies (model.rope_frequencies), not the positions: its context
+    is max_position_embeddings (131072), and its original_max_position_embeddings (8192) belongs to the rule.
     """
     if not isinstance(cfg, dict):
         raise CheckpointError(f"{where}: expected a JSON object, got {json.dumps(cfg)[:40]}")
     get = lambda name, kind, default=REQUIRED, **bounds: json_field(cfg, name, kind, where, default, **bounds)
-    if get("model_type", str, "llama") != "llama":
-        raise CheckpointError(f"{where}: model_type {cfg.get('model_type')!r} is not llama")
-    if get("hidden_act", str, "silu") != "silu" or get("attention_bias", bool, False) or get("mlp_bias", bool, False):
-        raise CheckpointError(f"{where}: only LLaMA's silu activation without biases is supported")
+    for arch in get("architectures", list, []):
+        if arch not in FAMILIES.values():
+            raise CheckpointError(f"{where}: architecture {arch!r} is not supported (this project runs "
+                                  f"{', '.join(FAMILIES.values())})")
+    family = get("model_type", str, "llama")
+    if family not in FAMILIES:
+        raise CheckpointError(f"{where}: model_type {family!r} is not supported (this project runs {', '.join(FAMILIES)})")
+    if get("hidden_act", str, "silu") != "silu":
+        raise CheckpointError(f"{where}: hidden_act {cfg['hidden_act']!r} is not supported (only SwiGLU's silu)")
+    for name, what in (("attention_bias", "a bias on o_proj as well as on q, k and v"), ("mlp_bias", "biases in the MLP")):
+        if get(name, bool, False):
+            raise CheckpointError(f"{where}: {name} true ({what}) is not supported")
     dim, n_heads = get("hidden_size", int, lo=1), get("num_attention_heads", int, lo=1)
     if get("head_dim", int, None, lo=1) not in (None, dim // n_heads):
-        raise CheckpointError(f"{where}: head_dim {cfg['head_dim']} != hidden_size / num_attention_heads")
+        raise CheckpointError(f"{where}: head_dim {cfg['head_dim']} != hidden_size / num_attention_heads is not supported")
     # transformers 4.x writes rope_theta + rope_scaling; 5.x writes rope_parameters holding both (and reads either).
     # One fact, two places: where both are given, they must agree.
     theta = get("rope_theta", float, None, above=0)
+    max_pos = get("max_position_embeddings", int, 4096, lo=1)
+    top_original = get("original_max_position_embeddings", int, None, lo=1)
     ropes = {}
     for name in ("rope_scaling", "rope_parameters"):
         rope = get(name, dict, None)
-        if rope is not None:
-            rget = lambda key, kind, default=REQUIRED, **bounds: json_field(rope, key, kind, f"{where}: {name}", default, **bounds)
-            kind = rget("rope_type", str, None) or rget("type", str, "default")
-            if kind not in ("default", "linear"):
-                raise CheckpointError(f"{where}: rope type {kind!r} is not supported (only linear interpolation)")
-            ropes[name] = dict(kind=kind, factor=rget("factor", float, lo=1) if kind == "linear" else 1.0,
-                               theta=rget("rope_theta", float, None, above=0),
-                               original=rget("original_max_position_embeddings", int, None, lo=1))
-    said = [(f"{n}'s", r["kind"], r["factor"]) for n, r in ropes.items()]
-    if len(said) == 2 and said[0][1:] != said[1][1:]:
-        raise CheckpointError(f"{where}: " + " and ".join(f"{n} {kind} factor {f:g}" for n, kind, f in said) + " disagree; keep one of them")
+        if rope is None:
+            continue
+        rget = lambda key, kind, default=REQUIRED, **bounds: json_field(rope, key, kind, f"{where}: {name}", default, **bounds)
+        kind = rget("rope_type", str, None) or rget("type", str, "default")
+        if kind not in ("default", "linear", "llama3") or any(isinstance(v, dict) for v in rope.values()):
+            raise CheckpointError(f"{where}: {name} of rope type {kind!r} is not supported (only linear and llama3)")
+        if rget("partial_rotary_factor", float, 1.0) != 1.0 or get("partial_rotary_factor", float, 1.0) != 1.0:
+            raise CheckpointError(f"{where}: partial_rotary_factor (RoPE on part of each head) is not supported")
+        r = dict(kind=kind, factor=rget("factor", float, lo=1) if kind in ("linear", "llama3") else 1.0,
+                 theta=rget("rope_theta", float, None, above=0), original=rget("original_max_position_embeddings", int, None, lo=1))
+        if kind == "llama3":
+            r.update(low=rget("low_freq_factor", float, above=0), high=rget("high_freq_factor", float, above=0))
+        ropes[name] = r
+    said = {n: " ".join([r["kind"]] + [f"{k} {v:g}" for k, v in r.items() if k not in ("kind", "theta") and v is not None
+                                       and (k, r["kind"]) != ("factor", "default")]) for n, r in ropes.items()}
+    if len(set(said.values())) > 1:  # e.g. "linear factor 8" and "linear factor 4"
+        raise CheckpointError(f"{where}: " + " and ".join(f"{n}'s {d}" for n, d in said.items()) + " disagree; keep one of them")
     thetas = [(f"{n}'s rope_theta", r["theta"]) for n, r in ropes.items() if r["theta"] is not None]
     thetas += [("rope_theta", theta)] if theta is not None else []
     if len({t for _, t in thetas}) > 1:
         raise CheckpointError(f"{where}: " + " and ".join(f"{n} {t:g}" for n, t in thetas) + " disagree; keep one of them")
     rope = next(iter(ropes.values()), dict(kind="default", factor=1.0, theta=None, original=None))
-    factor = rope["factor"]
-    max_pos = get("max_position_embeddings", int, 4096, lo=1)
-    original = get("original_max_position_embeddings", int, None, lo=1) or rope["original"]
-    if factor > 1 and not original and max_pos > 4096 and os.environ.get("LOCAL_RANK", "0") == "0":
-        print(f"warning: {where}: the context is read as max_position_embeddings {max_pos} x linear factor {factor:g} = "
-              f"{round(max_pos * factor)} tokens (this project's rule for a config without "
-              f"original_max_position_embeddings); if {max_pos} is already the extended context, add "
-              f'"original_max_position_embeddings": <the pre-training context> to it', file=sys.stderr)
+    theta = theta or rope["theta"] or 10000.0
+    args = dict(rope_theta=theta, rope_scaling=1.0, max_seq_len=max_pos, original_max_seq_len=top_original or max_pos)
+    if rope["kind"] == "llama3":  # transformers takes a top-level original_max_position_embeddings first
+        if top_original and rope["original"] and top_original != rope["original"]:
+            raise CheckpointError(f"{where}: original_max_position_embeddings {top_original} and rope_scaling's "
+                                  f"{rope['original']} disagree; keep one of them")
+        args.update(llama3_factor=rope["factor"], llama3_low_freq_factor=rope["low"], llama3_high_freq_factor=rope["high"],
+                    llama3_context=top_original or rope["original"] or max_pos, original_max_seq_len=max_pos)
+    elif rope["kind"] == "linear":
+        factor, original = rope["factor"], top_original or rope["original"]
+        if factor > 1 and not original and max_pos > 4096 and theta == 10000.0 and os.environ.get("LOCAL_RANK", "0") == "0":
+            print(f"warning: {where}: the context is read as max_position_embeddings {max_pos} x linear factor {factor:g} = "
+                  f"{round(max_pos * factor)} tokens (HF's convention for a config without original_max_position_"
+                  f"embeddings); if {max_pos} is already the extended context, add "
+                  f'"original_max_position_embeddings": <the pre-training context> to it', file=sys.stderr)
+        args.update(rope_scaling=factor, max_seq_len=max_pos if original else round(max_pos * factor),
+                    original_max_seq_len=original or max_pos)
+    # A sliding window shorter than the context hides keys that model.py attends to. (Qwen2 uses its window only
+    # with use_sliding_window; Mistral whenever it is set.)
+    window = get("sliding_window", int, None, lo=1) if family == "mistral" or get("use_sliding_window", bool, False) else None
+    if window is not None and window < args["max_seq_len"]:
+        raise CheckpointError(f"{where}: sliding_window {window} is shorter than the context {args['max_seq_len']}: "
+                              "attention within a sliding window is not supported (only attention to the whole context)")
     return dict(
         dim=dim, n_layers=get("num_hidden_layers", int, lo=1), n_heads=n_heads,
         n_kv_heads=get("num_key_value_heads", int, n_heads, lo=1), vocab_size=get("vocab_size", int, lo=1),
         ffn_hidden_dim=get("intermediate_size", int, lo=1), norm_eps=get("rms_norm_eps", float, 1e-6, above=0),
-        rope_theta=theta or rope["theta"] or 10000.0, rope_scaling=factor,
-        max_seq_len=max_pos if original else round(max_pos * factor), original_max_seq_len=original or max_pos,
-        tie_embeddings=get("tie_word_embeddings", bool, False),
+        tie_embeddings=get("tie_word_embeddings", bool, False), qkv_bias=family == "qwen2", **args,
     )
 
 
@@ -441,22 +489,43 @@ def load_tokenizer(path, vocab_size):
 # Writing: a whole model in HF, Meta or this project's layout
 
 
+def check_exportable(args, layout):
+    """Refuse, in one line, a model that the layout ("hf", "meta" or "own") cannot state exactly. Called before the
+    long work (lora.py merge, train.py --full) and again by the writers."""
+    if layout == "hf" and args.llama3_factor != 1.0 and args.rope_scaling != 1.0:
+        raise ValueError(f"linear position interpolation (factor {args.rope_scaling:g}) on top of Llama 3.1's rope type "
+                         "llama3 has no config.json form (transformers applies one rope type, and llama3 with a larger "
+                         "factor keeps the fast frequencies, which the interpolation slows): use --format own")
+    if layout == "meta" and (args.qkv_bias or args.llama3_factor != 1.0):
+        raise ValueError("Meta's params.json has no q/k/v biases and no llama3 rope type: use --format hf or own")
+    if layout == "meta":
+        meta_params(args)  # a SwiGLU width it cannot state
+
+
 def hf_config(args, dtype: torch.dtype, tokenizer=None) -> dict:
-    """LlamaConfig's fields for these args, written by hand (the product never imports transformers).
+    """The config.json of these args, written by hand (the product never imports transformers): a LlamaConfig, or a
+    Qwen2Config for a model with q/k/v biases (a Mistral without a sliding window is a LLaMA).
 
     The RoPE scaling is written once, as `rope_scaling` + `rope_theta`, which both generations of transformers
     read: 4.x as they are, 5.x by converting them to its `rope_parameters` (which it would write itself). Not
     both: a config that says one fact twice can be edited into two answers (hf_config_fields refuses a config
-    whose `rope_scaling` and `rope_parameters` disagree). `max_position_embeddings` is the extended context and
-    `original_max_position_embeddings` the pre-training one (see hf_config_fields for how both are read).
-    It sits at the top level: transformers ignores it there for linear scaling, and warns about it inside
-    `rope_scaling`.
+    whose `rope_scaling` and `rope_parameters` disagree). Linear scaling follows HF's convention:
+    `max_position_embeddings` is the pre-training context and max_position_embeddings x factor the context the
+    interpolation reaches, what vLLM and SGLang derive (the trained context rounded up to a multiple of the
+    pre-training one, as the factor is ceil(ctx / pre-training context)). Llama 3.1's llama3 rule is written as
+    it was read, with max_position_embeddings its context.
     """
-    linear = args.rope_scaling != 1.0
-    dtype_name = str(dtype).removeprefix("torch.")
-    return {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
+    check_exportable(args, "hf")
+    qwen2 = args.qkv_bias
+    rope, max_pos = None, max(args.max_seq_len, args.original_max_seq_len)  # an adapter trained on less says less
+    if args.llama3_factor != 1.0:
+        rope = {"rope_type": "llama3", "factor": args.llama3_factor, "low_freq_factor": args.llama3_low_freq_factor,
+                "high_freq_factor": args.llama3_high_freq_factor, "original_max_position_embeddings": args.llama3_context}
+    elif args.rope_scaling != 1.0:
+        rope, max_pos = {"type": "linear", "factor": args.rope_scaling}, args.original_max_seq_len
+    cfg = {
+        "architectures": ["Qwen2ForCausalLM" if qwen2 else "LlamaForCausalLM"],
+        "model_type": "qwen2" if qwen2 else "llama",
         "hidden_size": args.dim,
         "intermediate_size": args.hidden_dim,
         "num_hidden_layers": args.n_layers,
@@ -466,20 +535,20 @@ def hf_config(args, dtype: torch.dtype, tokenizer=None) -> dict:
         "vocab_size": args.vocab_size,
         "hidden_act": "silu",
         "rms_norm_eps": args.norm_eps,
-        "max_position_embeddings": args.max_seq_len,
-        "original_max_position_embeddings": args.original_max_seq_len,
+        "max_position_embeddings": max_pos,
         "rope_theta": args.rope_theta,
-        "rope_scaling": {"type": "linear", "factor": args.rope_scaling} if linear else None,
+        "rope_scaling": rope,
         "tie_word_embeddings": args.tie_embeddings,
-        "attention_bias": False,
-        "mlp_bias": False,
         "bos_token_id": tokenizer.bos_id if tokenizer else 1,
         "eos_token_id": tokenizer.eos_id if tokenizer else 2,
-        "pretraining_tp": 1,
         "use_cache": True,
-        "torch_dtype": dtype_name,  # 4.x's name
-        "dtype": dtype_name,  # 5.x's name
+        "torch_dtype": str(dtype).removeprefix("torch."),  # 4.x's name, which 5.x reads too (and writes as `dtype`)
     }
+    if qwen2:  # q, k and v biases are Qwen2's own; its window is off
+        cfg.update(use_sliding_window=False, sliding_window=None)
+    else:
+        cfg.update(attention_bias=False, mlp_bias=False, pretraining_tp=1)
+    return cfg
 
 
 def meta_to_hf_state(args, state: dict) -> dict:
@@ -491,11 +560,8 @@ def meta_to_hf_state(args, state: dict) -> dict:
             continue  # HF re-ties lm_head to embed_tokens
         if k not in names:
             raise ValueError(f"cannot export tensor {k}: no HF name for it")
-        if k.endswith("attention.wq.weight"):
-            v = meta_to_hf_qk(v, args.n_heads)
-        elif k.endswith("attention.wk.weight"):
-            v = meta_to_hf_qk(v, args.n_kv_heads)
-        out[names[k]] = v
+        heads = qk_heads(k, asdict(args))
+        out[names[k]] = meta_to_hf_qk(v, heads) if heads else v
     return out
 
 
@@ -614,6 +680,7 @@ def write_model(args, state: dict, out_dir, layout, tokenizer_path=None, shard_s
     """A whole model (a state dict in Meta's names, output.weight included) in the layout "hf", "meta" or
     "own", with the RoPE scaling and context of `args` in its config, into a new folder out_dir (lora.py merge
     and train.py --full build it beside their destination: longlora/output.py)."""
+    check_exportable(args, layout)
     if layout == "hf":
         write_hf(args, state, out_dir, tokenizer_path, shard_size)
     elif layout == "meta":

@@ -13,7 +13,7 @@ from attention import attention_pattern
 from longlora.estimate import estimate, layer_activations, param_counts, visible_pairs
 from lora import apply_lora, mark_trainable
 from longlora import memory
-from model import ModelArgs, Transformer, apply_rope, preset, rope_angles
+from model import ModelArgs, Transformer, apply_rope, preset, rope_angles, rope_frequencies
 
 
 
@@ -94,7 +94,7 @@ def test_estimated_activations_are_what_autograd_saves(monkeypatch, full, ffn_ch
         return t
 
     # RoPE's cos/sin are computed once per forward and shared by the layers, as Transformer.forward does
-    cos, sin = rope_angles(torch.arange(T), m.head_dim, m.rope_theta)
+    cos, sin = rope_angles(torch.arange(T), rope_frequencies(m))
     shared = {cos.untyped_storage().data_ptr(), sin.untyped_storage().data_ptr()}
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         for layer in model.layers:

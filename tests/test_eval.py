@@ -283,3 +283,33 @@ def test_defaults_are_longloras_evaluation_protocol():
     ppl = parse_args(["ppl", "--model", "m", "--data", "d"])
     assert (ppl.stride, ppl.attn) == (256, "full")
     assert parse_args(["passkey", "--model", "m"]).trials == 10
+
+
+def test_rope_scaling_gives_a_config_that_states_none_its_factor_and_is_refused_where_it_states_another(
+        tmp_path, capsys):
+    """LongAlpaca's fully fine-tuned models ship `rope_scaling: null`: --rope-scaling F evaluates (and sample.py
+    samples) them as Transformer.from_pretrained(rope_scaling=F) computes, with the context 256 x F."""
+    torch.manual_seed(0)
+    model = Transformer(preset("tiny", vocab_size=512, max_seq_len=256))
+    with torch.no_grad():  # weights large enough that the positions matter
+        for n, p in model.named_parameters():
+            p.copy_(1 + 0.3 * torch.randn_like(p) if "norm" in n else 0.2 * torch.randn_like(p))
+    model_dir = str(tmp_path / "model")
+    model.save_pretrained(model_dir)
+    tokens = np.random.default_rng(0).integers(3, 512, 4 * 128).astype("<u2")
+    tokens.tofile(tmp_path / "t.bin")
+    run = ["ppl", "--model", model_dir, "--tokens", str(tmp_path / "t.bin"), "--seq-lens", "128", "--stride", "0"]
+    losses = {}
+    for flags in ([], ["--rope-scaling", "4"]):
+        capsys.readouterr()
+        assert ev.main(run + flags + ["--out", str(tmp_path / f"{len(flags)}.json")]) == 0
+        losses[len(flags)] = json.loads((tmp_path / f"{len(flags)}.json").read_text())["results"][0]["loss"]
+    assert "model context 1024 (RoPE scaling 4)" in capsys.readouterr().out
+    scaled = Transformer.from_pretrained(model_dir, rope_scaling=4.0).eval()
+    reference = ev.perplexity(scaled, torch.from_numpy(tokens.astype(np.int64)), 128, None)["loss"]
+    assert abs(losses[2] - reference) <= 1e-5 and abs(losses[0] - reference) > 1e-3
+    stated = tmp_path / "stated"  # a model whose config says linear factor 2
+    Transformer.from_pretrained(model_dir, rope_scaling=2.0, max_seq_len=512).save_pretrained(str(stated))
+    assert ev.main(["ppl", "--model", str(stated), "--tokens", str(tmp_path / "t.bin"), "--seq-lens", "128", "--rope-scaling", "4"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--rope-scaling 4" in err and "linear factor 2" in err, err

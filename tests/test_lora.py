@@ -124,6 +124,35 @@ def test_lora_layer_computes_w_x_plus_scaled_b_a_x():
     assert torch.allclose(lin(x), expected, atol=1e-6)
 
 
+def test_lora_on_a_biased_projection_adds_the_update_to_the_frozen_bias_and_a_merge_keeps_the_bias():
+    """Qwen2's q, k and v: y = W·x + b + (α/r)·B·A·x; b stays frozen in the base and out of the adapter, and the
+    merged state dict (W + (α/r)·B·A, b unchanged) gives a plain biased model the same logits."""
+    torch.manual_seed(0)
+    w, bias = torch.nn.Parameter(torch.randn(6, 5)), torch.nn.Parameter(torch.randn(6))
+    lin = LoRALinear(w, r=2, alpha=6, bias=bias)
+    torch.nn.init.normal_(lin.lora_b)
+    x = torch.randn(3, 5)
+    assert torch.allclose(lin(x), x @ w.T + bias + 3.0 * (x @ lin.lora_a.T @ lin.lora_b.T), atol=1e-6)
+    model = Transformer(ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=100, multiple_of=32,
+                                  qkv_bias=True)).eval()
+    biases = {k: v.clone() for k, v in model.state_dict().items() if k.endswith("bias")}
+    assert len(biases) == 6  # wq, wk, wv of two layers; wo has none
+    apply_lora(model, r=2, alpha=4, targets=("wq", "wk", "wv", "wo"))
+    mark_trainable(model)
+    assert not any(p.requires_grad for n, p in model.named_parameters() if n.endswith("bias"))
+    from lora import adapter_state
+    assert not [k for k in adapter_state(model) if k.endswith("bias")]
+    for _, m in lora_modules(model):
+        torch.nn.init.normal_(m.lora_b)
+    merged = merge_lora(model.state_dict(), model.lora_config)
+    assert all(torch.equal(merged[k], v) for k, v in biases.items())
+    plain = Transformer(model.args).eval()
+    plain.load_state_dict(merged, strict=True)
+    tokens = torch.randint(0, 100, (2, 12))
+    with torch.no_grad():
+        assert (plain(tokens) - model(tokens)).abs().max().item() <= 1e-5
+
+
 def test_dropout_touches_only_the_lora_branch():
     torch.manual_seed(0)
     lin = LoRALinear(torch.nn.Parameter(torch.randn(6, 5)), r=2, alpha=4, dropout=0.9).train()
@@ -306,8 +335,9 @@ def test_hf_export_loads_in_transformers_with_equal_logits_and_rope_scaling(base
     out = tmp_path / "hf"
     assert main(["merge", "--base", base_dir, "--adapter", adapter, "--out", str(out), "--shard-size", "100KB"]) == 0
     cfg = json.load(open(out / "config.json"))
-    assert cfg["rope_scaling"] == {"type": "linear", "factor": FACTOR} and cfg["max_position_embeddings"] == CTX
-    assert cfg["original_max_position_embeddings"] == BASE["max_seq_len"]  # the pre-training context
+    # HF's convention: max_position_embeddings the pre-training context, x factor the context
+    assert cfg["rope_scaling"] == {"type": "linear", "factor": FACTOR} and cfg["max_position_embeddings"] == BASE["max_seq_len"]
+    assert "original_max_position_embeddings" not in cfg and BASE["max_seq_len"] * FACTOR == CTX
     back = Transformer.from_pretrained(str(out)).args  # our export reads back unchanged
     assert (back.rope_scaling, back.max_seq_len, back.original_max_seq_len) == (FACTOR, CTX, BASE["max_seq_len"])
     assert cfg["rope_theta"] == BASE["rope_theta"]

@@ -2,6 +2,7 @@
 and the model itself without a KV cache."""
 
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -16,28 +17,41 @@ from longlora import memory
 from longlora.inspect import main
 from longlora.tokenizer import Tokenizer
 from longlora.weights import CheckpointError, hf_config_fields
-from model import FeedForward, KVCache, ModelArgs, RMSNorm, Transformer, preset, rope_angles
+from model import FeedForward, KVCache, ModelArgs, RMSNorm, Transformer, preset, rope_angles, rope_frequencies
 
 import transformers  # a test requirement (requirements-test.txt), the independent reference
 
 TOL = 1e-4  # max abs logit difference vs HF in fp32 (observed ~1e-6; different op order)
+LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 8.0,
+          "original_max_position_embeddings": 256}
 
 HF_CASES = {
-    # name: (LlamaConfig kwargs, save kwargs)
-    "gqa_untied": (dict(num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False), {}),
-    "mha_tied": (dict(num_attention_heads=4, num_key_value_heads=4, tie_word_embeddings=True), {}),
-    "linear_rope_scaling_theta": (dict(num_attention_heads=8, num_key_value_heads=2, tie_word_embeddings=False,
-                                       rope_theta=50000.0, rope_scaling={"rope_type": "linear", "factor": 4.0}),
+    # name: (transformers config class, its kwargs, save kwargs)
+    "gqa_untied": ("LlamaConfig", dict(num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False), {}),
+    "mha_tied": ("LlamaConfig", dict(num_attention_heads=4, num_key_value_heads=4, tie_word_embeddings=True), {}),
+    "linear_rope_scaling_theta": ("LlamaConfig", dict(num_attention_heads=8, num_key_value_heads=2, tie_word_embeddings=False,
+                                                      rope_theta=50000.0, rope_scaling={"rope_type": "linear", "factor": 4.0}),
                                   {"max_shard_size": "40KB"}),  # a sharded save with an index
+    # Llama 3.2's shape: rope type llama3 with rope_theta 500000, GQA, tied embeddings. head_dim 16: 8 pairs with
+    # wavelengths 6, 32, 167, 863, ... positions; bounds 256 / 8 = 32 and 256 / 1: one pair kept, two blended, five divided
+    "llama3_rope_gqa_tied": ("LlamaConfig", dict(num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
+                                                 max_position_embeddings=512, rope_theta=500000.0, rope_scaling=LLAMA3), {}),
+    "mistral_no_window": ("MistralConfig", dict(num_attention_heads=4, num_key_value_heads=2, sliding_window=None,
+                                                rope_theta=1e6), {}),
+    "mistral_window_covers_the_context": ("MistralConfig", dict(num_attention_heads=4, num_key_value_heads=2,
+                                                                sliding_window=256), {}),  # = max_position_embeddings
+    "qwen2_qkv_bias_tied": ("Qwen2Config", dict(num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
+                                                rope_theta=1e6), {}),
 }
 
 
-def make_hf_model(tmp_path, name, seed=0):
-    cfg_kw, save_kw = HF_CASES[name]
+def make_hf_model(tmp_path, name, seed=0, **overrides):
+    """A random model of HF_CASES[name], built and saved by transformers itself."""
+    config_class, cfg_kw, save_kw = HF_CASES[name]
     torch.manual_seed(seed)
-    cfg = transformers.LlamaConfig(hidden_size=64, intermediate_size=192, num_hidden_layers=2, vocab_size=300,
-                                   max_position_embeddings=256, rms_norm_eps=1e-5, **cfg_kw)
-    hf = transformers.LlamaForCausalLM(cfg).eval()
+    cfg = getattr(transformers, config_class)(**{**dict(hidden_size=64, intermediate_size=192, num_hidden_layers=2, vocab_size=300,
+                                                        max_position_embeddings=256, rms_norm_eps=1e-5), **cfg_kw, **overrides})
+    hf = transformers.AutoModelForCausalLM.from_config(cfg).eval()
     with torch.no_grad():  # HF's init leaves norms at 1 and weights tiny: make every tensor matter
         for n, p in hf.named_parameters():
             p.copy_(1 + 0.3 * torch.randn_like(p) if "norm" in n else 0.2 * torch.randn_like(p))
@@ -57,10 +71,10 @@ def test_logits_equal_hf_transformers(tmp_path, name):
     if "max_shard_size" in HF_CASES[name][1]:
         assert (d / "model.safetensors.index.json").exists(), "the sharded case must really be sharded"
     model = Transformer.from_pretrained(str(d)).eval()
-    tokens = torch.randint(0, 300, (2, 40), generator=torch.Generator().manual_seed(1))
+    tokens = torch.randint(0, 300, (2, 80), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         ours = model(tokens)
-    assert ours.shape == (2, 40, 300)
+    assert ours.shape == (2, 80, 300)
     assert (ours - hf_logits(hf, tokens)).abs().max().item() <= TOL
 
 
@@ -190,7 +204,7 @@ def test_rope_in_pieces_equals_rope_whole(monkeypatch):
     backward, as model.apply_rope."""
     torch.manual_seed(0)
     x = torch.randn(2, 23, 4, 16, dtype=torch.bfloat16, requires_grad=True)
-    cos, sin = rope_angles(torch.arange(23), 16, 10000.0, scaling=2.0)
+    cos, sin = rope_angles(torch.arange(23), rope_frequencies(preset("tiny")), scaling=2.0)
     grad_out = torch.randn(2, 23, 4, 16, dtype=torch.bfloat16)
     results = []
     for rotate in (M.apply_rope, memory.rope_in_chunks(M.apply_rope)):  # whole; pieces of 5, 5, 5, 5 and 3 tokens
@@ -307,8 +321,9 @@ def test_tokenizer_round_trips_real_text(sp_model):
 
 def test_rope_scaling_divides_positions():
     """Linear interpolation: position p with factor s turns by the same angle as position p / s."""
-    c1, s1 = rope_angles(torch.arange(0, 64, 4), 16, 10000.0, scaling=4.0)
-    c2, s2 = rope_angles(torch.arange(0, 16), 16, 10000.0, scaling=1.0)
+    inv_freq = rope_frequencies(preset("tiny"))  # head_dim 16, theta 10000
+    c1, s1 = rope_angles(torch.arange(0, 64, 4), inv_freq, scaling=4.0)
+    c2, s2 = rope_angles(torch.arange(0, 16), inv_freq, scaling=1.0)
     assert torch.allclose(c1, c2) and torch.allclose(s1, s2)
 
 
@@ -434,9 +449,9 @@ def hf_config_to_args(cfg):
     return ModelArgs(**hf_config_fields(cfg))
 
 
-def saved_config(tmp_path, name, **kw):
+def saved_config(tmp_path, name, config_class=transformers.LlamaConfig, **kw):
     """config.json as transformers itself writes it, read back by longlora/weights.py."""
-    cfg = transformers.LlamaConfig(hidden_size=64, intermediate_size=192, num_hidden_layers=2, num_attention_heads=4, **kw)
+    cfg = config_class(hidden_size=64, intermediate_size=192, num_hidden_layers=2, num_attention_heads=4, **kw)
     cfg.save_pretrained(tmp_path / name)
     return hf_config_to_args(json.load(open(tmp_path / name / "config.json")))
 
@@ -457,8 +472,8 @@ def test_longlora_released_models_read_as_their_extended_context(tmp_path):
     assert args.rope_scaling == 25.0
 
 
-def test_our_convention_reads_the_context_from_max_position_embeddings(tmp_path):
-    # this project's exports: max_position_embeddings = the context, original_max_position_embeddings = pre-training
+def test_earlier_exports_read_the_context_from_max_position_embeddings(tmp_path):
+    # this project's earlier exports: max_position_embeddings = the context, original_max_position_embeddings = pre-training
     args = saved_config(tmp_path, "ours", max_position_embeddings=30000, original_max_position_embeddings=4096,
                         rope_scaling={"type": "linear", "factor": 8.0})
     assert (args.max_seq_len, args.rope_scaling, args.original_max_seq_len) == (30000, 8.0, 4096)
@@ -485,21 +500,180 @@ def test_a_raised_max_position_embeddings_with_a_factor_reads_by_our_rule_with_a
 
 
 @pytest.mark.parametrize("ctx", [32768, 30000, 100000])
-def test_hf_config_of_an_extended_model_reads_back_unchanged_in_transformers_and_here(tmp_path, ctx, caplog):
+def test_an_extended_models_config_follows_hfs_linear_convention_in_transformers_and_here(tmp_path, ctx, caplog):
+    """max_position_embeddings stays the pre-training context and x factor gives the context the interpolation
+    reaches (what vLLM and SGLang derive): the trained context rounded up to a multiple of 4096, as the factor is
+    ceil(ctx / 4096). No original_max_position_embeddings, one dtype field."""
     from longlora.weights import hf_config
 
     args = preset("llama2-7b")
-    args.extend_context(ctx)  # 100000: factor 25, and 100000 / 25 = 4000 is not the pre-training 4096
+    args.extend_context(ctx)  # 100000: factor 25, which reaches 102400
     cfg = hf_config(args, torch.bfloat16)
+    assert cfg["max_position_embeddings"] == 4096 and "original_max_position_embeddings" not in cfg
+    assert cfg["max_position_embeddings"] * cfg["rope_scaling"]["factor"] == 4096 * math.ceil(ctx / 4096) >= ctx
     back = hf_config_to_args(cfg)
-    assert (back.max_seq_len, back.rope_scaling, back.original_max_seq_len) == (ctx, args.rope_scaling, 4096)
-    # transformers takes the field at the top level silently (inside rope_scaling it warns for linear scaling)
+    assert (back.max_seq_len, back.rope_scaling, back.original_max_seq_len) == (4096 * math.ceil(ctx / 4096), args.rope_scaling, 4096)
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     with caplog.at_level("WARNING"):
         hf = transformers.AutoConfig.from_pretrained(str(tmp_path))
     assert not [r for r in caplog.records if "rope" in r.getMessage().lower()], caplog.text
-    # one field per fact: rope_scaling alone, which transformers 5.x converts to its rope_parameters
+    # one field per fact: rope_scaling alone, which transformers 5.x converts to its rope_parameters; one dtype field
     assert "rope_parameters" not in cfg and hf.rope_parameters["factor"] == args.rope_scaling
-    assert hf.rope_parameters["rope_theta"] == args.rope_theta
-    assert (hf.max_position_embeddings, hf.original_max_position_embeddings) == (ctx, 4096)
-    assert hf.rope_parameters["factor"] == args.rope_scaling
+    assert hf.rope_parameters["rope_theta"] == args.rope_theta and hf.max_position_embeddings == 4096
+    assert [k for k in cfg if "dtype" in k] == ["torch_dtype"] and hf.dtype == torch.bfloat16
+
+
+# ---- LLaMA 3, Mistral, Qwen2: what is read, what is refused ------------------------------------------
+
+
+def test_llama3_frequencies_equal_transformers_and_linear_interpolation_divides_them(tmp_path):
+    """The llama3 rule against transformers' own computation, and our composition: --ctx beyond the model's context
+    (max_position_embeddings, 512: the llama3 rule already stretched 256 to it) divides every llama3 frequency by
+    ceil(ctx / 512)."""
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    cfg = transformers.LlamaConfig(hidden_size=64, intermediate_size=192, num_hidden_layers=2, num_attention_heads=4,
+                                   max_position_embeddings=512, rope_theta=500000.0, rope_scaling=dict(LLAMA3))
+    reference, _ = ROPE_INIT_FUNCTIONS["llama3"](cfg, "cpu")
+    args = hf_config_to_args(cfg.to_dict())
+    assert (args.max_seq_len, args.original_max_seq_len, args.rope_scaling, args.llama3_context) == (512, 512, 1.0, 256)
+    torch.testing.assert_close(rope_frequencies(args), reference, rtol=1e-6, atol=0)
+    args.extend_context(1500)
+    assert (args.rope_scaling, args.max_seq_len, args.llama3_factor) == (3.0, 1500, 8.0)
+    positions = torch.arange(1500)
+    cos, sin = rope_angles(positions, rope_frequencies(args), args.rope_scaling)
+    angles = torch.outer(positions.double(), reference.double() / 3)
+    torch.testing.assert_close(cos.double(), angles.cos(), rtol=0, atol=1e-4)
+    torch.testing.assert_close(sin.double(), angles.sin(), rtol=0, atol=1e-4)
+
+
+def test_llama3_with_linear_interpolation_is_refused_for_hf_and_meta_and_kept_by_the_own_layout(tmp_path):
+    """transformers applies one rope type: llama3 followed by a division of every frequency has no config.json form
+    (a llama3 factor multiplied instead would keep the fast pairs that the interpolation slows)."""
+    from longlora.weights import hf_config
+
+    hf, d = make_hf_model(tmp_path, "llama3_rope_gqa_tied")
+    model = Transformer.from_pretrained(str(d)).eval()
+    hf_config(model.args, torch.float32)  # within its context: exported as it was read
+    model.args.extend_context(1024)
+    for fmt in ("hf", "meta"):
+        with pytest.raises(ValueError, match="--format own" if fmt == "hf" else "--format hf or own"):
+            M.write_model(model.args, model.state_dict(), str(tmp_path / fmt), fmt)
+    assert not (tmp_path / "hf").exists()
+    model.save_pretrained(str(tmp_path / "own"))
+    back = Transformer.from_pretrained(str(tmp_path / "own")).eval()
+    assert back.args == model.args
+    tokens = torch.randint(0, 300, (1, 50))
+    with torch.no_grad():
+        assert torch.equal(back(tokens), model(tokens))
+
+
+def edit_config(d, **fields):
+    cfg = json.loads((d / "config.json").read_text())
+    (d / "config.json").write_text(json.dumps({**cfg, **fields}))
+    return d
+
+
+REFUSED = {  # config.json fields -> what the one error line names
+    "gemma": (dict(model_type="gemma", architectures=["GemmaForCausalLM"]), "architecture 'GemmaForCausalLM'"),
+    "phi3_model_type": (dict(model_type="phi3", architectures=None), "model_type 'phi3'"),
+    "gpt2_architecture": (dict(architectures=["GPT2LMHeadModel"]), "architecture 'GPT2LMHeadModel'"),
+    "attention_bias": (dict(attention_bias=True), "attention_bias true"),
+    "mlp_bias": (dict(mlp_bias=True), "mlp_bias true"),
+    "head_dim": (dict(head_dim=32), "head_dim 32"),
+    "yarn": (dict(rope_parameters={"rope_type": "yarn", "factor": 4.0, "rope_theta": 500000.0}), "'yarn'"),
+    "dynamic": (dict(rope_parameters={"rope_type": "dynamic", "factor": 4.0, "rope_theta": 500000.0}), "'dynamic'"),
+    "longrope": (dict(rope_parameters={"rope_type": "longrope", "factor": 4.0, "rope_theta": 500000.0}), "'longrope'"),
+    "partial_rotary_factor": (dict(partial_rotary_factor=0.5), "partial_rotary_factor"),
+    "llama3_two_original_contexts": (dict(original_max_position_embeddings=128), "original_max_position_embeddings 128"),
+    "mistral_window": (dict(model_type="mistral", architectures=["MistralForCausalLM"], sliding_window=64),
+                       "sliding_window 64 is shorter than the context 512"),
+    "qwen2_window": (dict(model_type="qwen2", architectures=["Qwen2ForCausalLM"], use_sliding_window=True, sliding_window=64),
+                     "sliding_window 64"),
+}
+
+
+@pytest.mark.parametrize("case", list(REFUSED))
+def test_a_model_or_feature_that_would_compute_something_else_is_refused_in_one_line_naming_it(tmp_path, capsys, case):
+    fields, named = REFUSED[case]
+    _, d = make_hf_model(tmp_path, "llama3_rope_gqa_tied")
+    code, err = run_cli(edit_config(d, **fields), capsys)
+    assert code == 2 and len(err.splitlines()) == 1 and err.startswith("error:") and named in err, err
+
+
+def test_metas_use_scaled_rope_is_refused_in_one_line(tmp_path, capsys):
+    write_meta_shards(Transformer(preset("tiny")), tmp_path / "meta", n_shards=1)
+    params = json.loads((tmp_path / "meta" / "params.json").read_text())
+    (tmp_path / "meta" / "params.json").write_text(json.dumps({**params, "use_scaled_rope": True}))
+    code, err = run_cli(tmp_path / "meta", capsys)
+    assert code == 2 and len(err.splitlines()) == 1 and "use_scaled_rope" in err, err
+
+
+def test_a_qwen2_window_that_is_off_is_ignored_as_transformers_ignores_it(tmp_path):
+    saved_config(tmp_path, "qwen2", config_class=transformers.Qwen2Config, num_key_value_heads=2, max_position_embeddings=512,
+                 use_sliding_window=False)
+    cfg = json.loads((tmp_path / "qwen2" / "config.json").read_text())
+    args = hf_config_to_args({**cfg, "sliding_window": 64})  # set, but off: Qwen2Config nulls it
+    assert args.qkv_bias and args.max_seq_len == 512
+
+
+# ---- each family end to end: train.py (s2, sf), lora.py merge, sample.py and eval against transformers ----------
+
+
+E2E = {  # family -> (HF case, max_position_embeddings): mistral and qwen2 train at --ctx 128, twice their context
+    "llama3": ("llama3_rope_gqa_tied", 512),  # within its context: the llama3 rule alone, exported as read
+    "mistral": ("mistral_no_window", 64),
+    "qwen2": ("qwen2_qkv_bias_tied", 64),
+}
+
+
+@pytest.mark.parametrize("family", list(E2E))
+def test_each_family_trains_and_its_merged_export_computes_in_transformers_what_sample_and_eval_compute(
+        tmp_path, sp_model, family, request):
+    import numpy as np
+    import sample
+    import train
+    from longlora import eval as ev
+    from longlora import export
+    from longlora.adapter import load_model
+
+    case, max_pos = E2E[family]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a tiny model on a busy 2-core machine: a second thread only spins
+    request.addfinalizer(lambda: torch.set_num_threads(threads))
+    _, d = make_hf_model(tmp_path, case, vocab_size=512, max_position_embeddings=max_pos)  # 512: the test tokenizer's
+    shutil.copy(sp_model, d / "tokenizer.model")
+    (tmp_path / "corpus.txt").write_text(stdlib_text(("argparse.py",)))
+    runs = {}
+    for attn in ("s2", "sf"):
+        runs[attn] = str(tmp_path / f"run-{attn}")
+        assert train.main(["--model", str(d), "--data", str(tmp_path / "corpus.txt"), "--ctx", "128", "--steps", "1",
+                           "--attn", attn, "--eval-samples", "2", "--token-cache", str(tmp_path / "tok"),
+                           "--out", runs[attn]]) == 0
+    merged = str(tmp_path / "merged")
+    assert export.main(["merge", "--base", str(d), "--adapter", runs["s2"], "--out", merged]) == 0
+    cfg = json.loads(open(os.path.join(merged, "config.json")).read())
+    ours = load_model(str(d), runs["s2"])
+    assert ours.args.max_seq_len == 128 and ours.args.rope_scaling == (128 / max_pos if max_pos < 128 else 1.0)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(merged).eval()
+    assert cfg["model_type"] == ("qwen2" if family == "qwen2" else "llama") and hf.config.max_position_embeddings == max_pos
+    tokens = torch.randint(3, 512, (2, 128), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        assert (ours(tokens) - hf(tokens).logits).abs().max().item() <= TOL
+
+    # sample.py's greedy tokens are transformers' generate's
+    prompt = ours.tokenizer.encode("def parse_args(self, args=None):", bos=True)
+    hf.generation_config.eos_token_id = None
+    expected = hf.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False)[0, len(prompt):].tolist()
+    assert list(sample.generate(load_model(merged), prompt, 12, temperature=0.0)) == expected
+
+    # eval's perplexity (non-overlapping windows of 64) is transformers' mean cross-entropy over those windows
+    ids = torch.randint(3, 512, (4 * 64,), generator=torch.Generator().manual_seed(3))
+    np.asarray(ids, dtype="<u2").tofile(tmp_path / "test.bin")
+    assert ev.main(["ppl", "--model", merged, "--tokens", str(tmp_path / "test.bin"), "--seq-lens", "64", "--stride", "0",
+                    "--out", str(tmp_path / "ppl.json")]) == 0
+    windows = ids.view(4, 64)
+    with torch.no_grad():
+        logits = hf(windows).logits[:, :-1]
+    reference = torch.nn.functional.cross_entropy(logits.reshape(-1, 512), windows[:, 1:].reshape(-1)).item()
+    assert abs(json.loads((tmp_path / "ppl.json").read_text())["results"][0]["loss"] - reference) <= 1e-4

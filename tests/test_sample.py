@@ -12,7 +12,7 @@ from conftest import ROOT, stdlib_text
 from longlora.adapter import load_model, save_adapter
 from longlora.caches import H2OCache, SinkCache, h2o_keep, resolve_size
 from longlora.tokenizer import Tokenizer
-from model import Transformer, apply_rope, preset, rope_angles
+from model import Transformer, apply_rope, preset, rope_angles, rope_frequencies
 from sample import chat_prompt, generate, make_cache, sample_next, stream_text
 
 TOL = 1e-4  # max abs logit difference between cached and uncached paths in fp32 (observed ~1e-5)
@@ -252,7 +252,7 @@ def test_sink_cache_equals_a_forward_over_the_kept_tokens_at_their_cache_positio
 def test_sink_cache_rotates_queries_by_their_position_in_the_cache():
     # The same rule checked on one attend call with hand-made tensors and an explicit reference.
     args = preset("tiny")
-    rotate = lambda x, pos: apply_rope(x, *rope_angles(pos, 16, 10000.0))
+    rotate = lambda x, pos: apply_rope(x, *rope_angles(pos, rope_frequencies(args)))
     cache = SinkCache(args, sink_tokens=2, recent=3)
     k, v = torch.randn(1, 20, 2, 16), torch.randn(1, 20, 2, 16)
     for t in range(20):
@@ -519,3 +519,23 @@ def test_a_tiny_temperature_samples_the_most_likely_token_without_overflow():
     g = torch.Generator().manual_seed(0)
     assert {sample_next(logits, 1e-300, 1.0, 0, g) for _ in range(50)} == {1}
     assert {sample_next(logits, 5e-324, 0.9, 3, g) for _ in range(50)} == {1}
+
+
+def test_rope_scaling_stretches_the_context_of_a_config_without_one_and_is_refused_against_another(model_dir, tmp_path,
+                                                                                                    capsys):
+    """model_dir states no scaling (context 128): --rope-scaling 2 gives 256 positions, so a prompt of ~120 tokens
+    and 20 new ones need no note; a model that states factor 2 refuses --rope-scaling 4 in one line."""
+    import sample
+
+    (tmp_path / "p.txt").write_text("def main(argv=None):\n" + " x = 1\n" * 17)
+    prompt = ["--prompt", str(tmp_path / "p.txt"), "--temperature", "0", "--max-new-tokens", "20"]
+    assert sample.main(["--model", model_dir, *prompt]) == 0
+    assert "generating at most" in capsys.readouterr().err
+    assert sample.main(["--model", model_dir, "--rope-scaling", "2", *prompt]) == 0
+    assert "generating at most" not in capsys.readouterr().err
+    stated = tmp_path / "stated"
+    Transformer.from_pretrained(model_dir, rope_scaling=2.0, max_seq_len=256).save_pretrained(str(stated),
+                                                                                               os.path.join(model_dir, "tokenizer.model"))
+    assert sample.main(["--model", str(stated), "--rope-scaling", "4", *prompt]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "states linear factor 2" in err, err

@@ -105,7 +105,7 @@ SMALL_CHUNKS = """
 import os, sys, train
 from longlora import memory
 memory.CHUNK_SIZE = 32
-os._exit(train.main(sys.argv[1:]))  # as train.py does under torchrun (see its end)
+os._exit(train.main(sys.argv[1:]))  # as train.py does under torchrun (longlora.run.exit_process)
 """
 
 
@@ -242,7 +242,7 @@ end = {n: p.to_local() for n, p in start.pop("model").named_parameters() if not 
 out = sys.argv[sys.argv.index("--out") + 1]
 with open(f"{out}.frozen-rank{os.environ['RANK']}.txt", "w") as f:
     f.write(f"{len(start)} frozen parameters, changed: {[n for n in start if not torch.equal(end[n], start[n])]}")
-os._exit(code)  # as train.py does under torchrun (see its end)
+os._exit(code)  # as train.py does under torchrun (longlora.run.exit_process)
 """
 
 
