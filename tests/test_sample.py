@@ -317,7 +317,7 @@ def test_cli_streams_the_greedy_continuation(model_dir, tmp_path):
     assert r.returncode == 0, r.stderr
     model = Transformer.from_pretrained(model_dir).eval()
     ids = model.tokenizer.encode(prompt.read_text(), bos=True)
-    expected = list(generate(model, ids, 24, eos_id=model.tokenizer.eos_id))
+    expected = list(generate(model, ids, 24, eos_ids=model.tokenizer.eos_ids))
     assert r.stdout == "".join(stream_text(model.tokenizer, expected, ids)) + "\n"
     assert len(r.stdout.strip()) > 0
     assert "prefill: " in r.stderr and "tok/s" in r.stderr
@@ -342,7 +342,7 @@ def test_cli_chat_from_stdin_with_sink_cache(model_dir):
     assert r.returncode == 0, r.stderr
     model = Transformer.from_pretrained(model_dir).eval()
     ids = chat_prompt(model.tokenizer, "Explain dataclasses.")
-    expected = list(generate(model, ids, 16, cache="sink", recent=8, eos_id=model.tokenizer.eos_id))
+    expected = list(generate(model, ids, 16, cache="sink", recent=8, eos_ids=model.tokenizer.eos_ids))
     assert r.stdout == "".join(stream_text(model.tokenizer, expected, ids)) + "\n"
 
 
