@@ -117,12 +117,11 @@ class Tokenizer:
                                if _content(special.get(k)) is not None}
         token_id = lambda name: vocab.get(self.special_tokens.get(name), -1)
         self.bos_id, self.eos_id, self.pad_id = token_id("bos_token"), token_id("eos_token"), token_id("pad_token")
-        if "add_bos_token" in config or "add_eos_token" in config:
-            # transformers then builds the post-processor from these flags (BOS in front only when asked)
-            self.add_bos = bool(config.get("add_bos_token")) and self.bos_id >= 0
-        else:  # else tokenizer.json's post-processor decides: does it put the BOS in front of a text?
-            bare, full = self.hf.encode("a", add_special_tokens=False).ids, self.hf.encode("a").ids
-            self.add_bos = self.bos_id >= 0 and full[:1] == [self.bos_id] != bare[:1]
+        # Whether a text starts with BOS is tokenizer.json's post-processor's to say (as for Llama 3's
+        # "<|begin_of_text|> $A"). transformers 5 ignores tokenizer_config.json's add_bos_token and add_eos_token
+        # when there is a tokenizer.json (saving bakes them into its post-processor), and so do we.
+        bare, full = self.hf.encode("a", add_special_tokens=False).ids, self.hf.encode("a").ids
+        self.add_bos = self.bos_id >= 0 and full[:1] == [self.bos_id] != bare[:1]
         generation = _read_json(os.path.join(folder, "generation_config.json")).get("eos_token_id")
         generation = generation if isinstance(generation, list) else [] if generation is None else [generation]
         self.eos_ids = ({self.eos_id} | set(generation)) - {-1}

@@ -1,5 +1,6 @@
 """sample.py: KV caches (full, H₂O, attention sinks) against recomputation, the eviction policies on
-hand-made attention, sampling, streaming text, and the CLI as a user runs it."""
+hand-made attention, sampling, streaming text (sentencepiece and byte-level BPE), chat prompts (the model's
+template, or LLaMA2's), and the CLI as a user runs it. (A real model against transformers: test_smollm2.py.)"""
 
 import os
 import subprocess
@@ -285,6 +286,34 @@ def test_stream_text_pieces_join_to_the_decoded_text_and_never_show_half_a_chara
     joined = "".join(pieces)
     assert tok.decode(context) + joined == tok.decode(context + ids)  # leading space kept
     assert joined.strip() == text
+
+
+def test_stream_text_of_byte_level_bpe_never_shows_half_a_character(hf_tokenizer):
+    """Byte-level BPE splits a character's UTF-8 bytes over tokens (🙂 is four): no piece may hold U+FFFD."""
+    tok = Tokenizer(hf_tokenizer)
+    text = " naïve café: 日本語の文章 🙂🙂 and ünïcödé, then plain words."
+    ids = tok.encode(text, bos=False)
+    assert any("\ufffd" in tok.decode([i]) for i in ids), "the test needs tokens holding part of a character"
+    context = tok.apply_chat_template([{"role": "user", "content": "Say it."}])
+    pieces = list(stream_text(tok, iter(ids), context))
+    assert len(pieces) > 5 and not any("\ufffd" in p for p in pieces)
+    assert "".join(pieces) == text
+
+
+def test_generation_stops_at_any_of_the_eos_ids():
+    model = make_model()
+    prompt = torch.randint(0, 256, (9,), generator=torch.Generator().manual_seed(3)).tolist()
+    free = list(generate(model, prompt, 12))
+    stop = next(t for t in free[2:] if t not in free[:2])  # a token first generated third or later
+    assert list(generate(model, prompt, 12, eos_ids={999, stop})) == free[:free.index(stop)]
+
+
+def test_chat_prompt_is_the_models_template_as_transformers_renders_it(hf_tokenizer):
+    from transformers import AutoTokenizer
+
+    turn = [{"role": "user", "content": "What is RoPE?"}]
+    expected = AutoTokenizer.from_pretrained(hf_tokenizer).apply_chat_template(turn, add_generation_prompt=True, return_dict=False)
+    assert chat_prompt(Tokenizer(hf_tokenizer), "  What is RoPE?\n") == expected
 
 
 def test_chat_prompt_is_llama2s_inst_template(sp_model):
