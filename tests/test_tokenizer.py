@@ -121,3 +121,15 @@ def test_a_file_that_is_not_a_tokenizer_is_one_line(tmp_path):
     (tmp_path / "tokenizer.json").write_text('{"not": "a tokenizer"}')
     with pytest.raises(ValueError, match=r"tokenizer\.json: not a tokenizers tokenizer\.json"):
         Tokenizer(str(tmp_path))
+
+
+def test_a_tokenizer_fits_an_embedding_with_padding_rows_but_not_another_models():
+    from types import SimpleNamespace
+
+    from longlora.weights import CheckpointError, check_tokenizer_fits
+
+    check_tokenizer_fits(SimpleNamespace(vocab_size=151665, path="qwen"), 151936)  # Qwen2.5 pads 271 rows
+    check_tokenizer_fits(SimpleNamespace(vocab_size=32000, path="llama"), 32001)  # LongLoRA's added [PAD]
+    for ours, theirs in ((512, 2048), (49153, 49152), (32000, 128256)):
+        with pytest.raises(CheckpointError, match="does not fit"):
+            check_tokenizer_fits(SimpleNamespace(vocab_size=ours, path="t"), theirs)
