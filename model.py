@@ -334,7 +334,7 @@ class Transformer(nn.Module):
         self.lean = False
         self.gradient_checkpointing = False  # with lean: recompute each block in backward
         self.offload_activations = False  # with checkpointing: keep the blocks' inputs in host memory
-        self.tokenizer = None  # set by from_pretrained when a tokenizer.model sits next to the weights
+        self.tokenizer = None  # set by from_pretrained when a tokenizer sits next to the weights
         self.init_weights()
 
     def init_weights(self):
@@ -401,7 +401,7 @@ class Transformer(nn.Module):
         with torch.device("meta"):
             model = cls(ModelArgs(**{**asdict(args), **overrides}))
         load_into(model, weights, path, dtype, device)
-        model.tokenizer = load_tokenizer(path, args.vocab_size)  # None without a tokenizer.model
+        model.tokenizer = load_tokenizer(path, args.vocab_size)  # None without a tokenizer
         return model
 
     def save_pretrained(self, out_dir, tokenizer_path=None):

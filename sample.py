@@ -82,8 +82,8 @@ def sample_next(logits: torch.Tensor, temperature=0.0, top_p=1.0, top_k=0, gener
 
 @torch.inference_mode()  # on a generator function this applies around each step, not to the caller
 def generate(model, prompt_ids, max_new_tokens, temperature=0.0, top_p=1.0, top_k=0, cache="full", *,
-             heavy=0.1, recent=0.1, sink_tokens=4, prefill_chunk=512, eos_id=None, seed=None, stats=None):
-    """Yield up to max_new_tokens token ids that continue prompt_ids (a list of ints); stop at eos_id.
+             heavy=0.1, recent=0.1, sink_tokens=4, prefill_chunk=512, eos_ids=(), seed=None, stats=None):
+    """Yield up to max_new_tokens token ids that continue prompt_ids (a list of ints); stop at any of eos_ids.
 
     cache: "full", "h2o" (budget heavy + recent) or "sink" (budget sink_tokens + recent); heavy and
     recent are counts (int) or ratios of the prompt length (float). The prompt is prefilled in chunks
@@ -109,7 +109,7 @@ def generate(model, prompt_ids, max_new_tokens, temperature=0.0, top_p=1.0, top_
         token = sample_next(logits, temperature, top_p, top_k, generator)  # int(): waits for the device
         elapsed = time.perf_counter() - t0
         stats["prefill_seconds" if i == 0 else "decode_seconds"] += elapsed
-        if token == eos_id:
+        if token in eos_ids:
             return
         yield token
         if i + 1 == max_new_tokens:
@@ -124,8 +124,8 @@ def stream_text(tokenizer, token_ids, context_ids=()):
     """Yield the text of token_ids piece by piece as the ids arrive (for printing while generating).
 
     Decoding one token at a time goes wrong twice: sentencepiece drops the leading space of the first
-    piece ("▁The" -> "The"), and a character split over byte-fallback pieces (<0xE6><0x97><0xA5> = 日)
-    decodes to U+FFFD until its last byte arrives. So decode everything generated so far, after one
+    piece ("▁The" -> "The"), and a character split over byte-fallback pieces (<0xE6><0x97><0xA5> = 日), or
+    over byte-level BPE tokens (🙂 in two), decodes to U+FFFD until its last byte arrives. So decode everything generated so far, after one
     context token whose text is cut off again, hold back while the text ends in an incomplete
     character, and yield only the new suffix.
     """
@@ -146,7 +146,10 @@ def stream_text(tokenizer, token_ids, context_ids=()):
 
 
 def chat_prompt(tokenizer, text: str) -> list:
-    """LLaMA2-chat's template for one user turn: BOS [INST] {text} [/INST]."""
+    """One user turn in the model's own chat template (rendered as transformers does: longlora/tokenizer.py),
+    up to the start of the assistant's answer; without a template, LLaMA2-chat's: BOS [INST] {text} [/INST]."""
+    if tokenizer.chat_template is not None:
+        return tokenizer.apply_chat_template([{"role": "user", "content": text.strip()}], add_generation_prompt=True)
     return tokenizer.encode(f"[INST] {text.strip()} [/INST]", bos=True)
 
 
@@ -158,8 +161,7 @@ def parse_args(argv):
     p = Parser(description="Generate text from a LLaMA2 checkpoint (+ LoRA adapter), streaming to stdout.", examples=[
         "python sample.py --model out/llama-2-7b-longlora-32k --prompt paper.txt --max-new-tokens 256",
         "python sample.py --model /ckpt/llama-2-7b-hf --adapter out/adapter --chat --prompt 'Summarise the paper.'",
-        "cat book.txt | python sample.py --model DIR --prompt - --kv-cache h2o --heavy 0.1 --recent 0.1",
-        "python sample.py --prompt file.txt    # after `python demo.py`: its best fine-tuned model"])
+        "cat book.txt | python sample.py --model DIR --prompt - --kv-cache h2o --heavy 0.1 --recent 0.1"])
     p.add_argument("--model", help="checkpoint directory (Meta, HF or this project's layout; a merged export works). "
                    f"Default: after `python demo.py`, the demo's best fine-tuned model (base + adapter, from {DEMO_RESULTS})")
     p.add_argument("--adapter", help="LoRA adapter directory written by train.py (its RoPE scaling and context are applied)")
@@ -167,7 +169,8 @@ def parse_args(argv):
                    "(LongAlpaca's fully fine-tuned models); refused where it states another")
     p.add_argument("--prompt", required=True,
                    help="a text file, - for stdin, or the prompt itself (one word containing a slash or a file extension is taken as a path)")
-    p.add_argument("--chat", action="store_true", help="wrap the prompt in LLaMA2-chat's template: <s>[INST] prompt [/INST]")
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template (tokenizer_config.json's "
+                   "or chat_template.jinja), or LLaMA2-chat's <s>[INST] prompt [/INST] for a model without one")
     p.add_argument("--max-new-tokens", type=integer(1, MAX_CTX), default=256, help="stop after this many new tokens (or at EOS) (default 256)")
     p.add_argument("--temperature", type=number(0), default=0.6, help="sampling temperature; 0 = greedy, and a tiny one tends to greedy (default 0.6, Meta's)")
     p.add_argument("--top-p", type=number(0, 1, lo_open=True), default=0.9, help="nucleus sampling: sample from the smallest set of tokens holding this probability (default 0.9)")
@@ -209,7 +212,7 @@ def main(argv=None) -> int:
     model = load_model(a.model, a.adapter, dtype=dtype, device=device, rope_scaling=a.rope_scaling)
     tok = model.tokenizer
     if tok is None:
-        raise ValueError(f"{a.model}: no tokenizer.model next to the weights (or in the folder above)")
+        raise ValueError(f"{a.model}: no tokenizer (tokenizer.json or tokenizer.model) next to the weights (or in the folder above)")
     ids = chat_prompt(tok, text) if a.chat else tok.encode(text, bos=True)
     limit = model.args.max_seq_len
     max_new = a.max_new_tokens
@@ -229,13 +232,12 @@ def main(argv=None) -> int:
     stats = {}
     tokens = generate(model, ids, max_new, a.temperature, a.top_p, a.top_k, a.kv_cache, heavy=a.heavy,
                       recent=a.recent, sink_tokens=a.sink_tokens, prefill_chunk=a.prefill_chunk,
-                      eos_id=tok.eos_id, seed=a.seed, stats=stats)
+                      eos_ids=tok.eos_ids, seed=a.seed, stats=stats)
     try:
         for piece in stream_text(tok, tokens, context_ids=ids):
             sys.stdout.write(piece)
             sys.stdout.flush()
-        sys.stdout.write("\n")
-        sys.stdout.flush()
+        print(flush=True)
     except BrokenPipeError:  # the reader went away (`| head`): stop quietly, as other Unix tools do
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0

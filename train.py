@@ -32,8 +32,7 @@ Launch:
     python train.py --sft --sft-template longalpaca --model 7b-32k-merged --data LongAlpaca-12k.json --ctx 32768 --out sft
     # full fine-tuning: every parameter trains; writes a whole model in the base's layout
     torchrun --standalone --nproc_per_node=8 train.py --full --model llama-2-7b-hf --data redpajama.jsonl --ctx 8192 --out 7b-full
-    # pre-train a small model from scratch (full parameters, no LoRA; the CPU demo does this)
-    python train.py --from-scratch demo --tokenizer tok.model --data corpus/ --ctx 256 --lr 2e-3 --out out/base
+    # (--from-scratch PRESET pre-trains a small model, every parameter, as the CPU demo does)
     python train.py --estimate --preset llama2-7b --ctx 32768 --gpus 8   # memory and FLOPs, no weights loaded
 
 Decisions a reader should know about (packing, the held-out split and the sample order are in longlora/data.py;
@@ -41,11 +40,10 @@ what a checkpoint holds and why a kill cannot break it, in longlora/checkpoint.p
   * The loss of a step is the mean over all target tokens of the global batch (all micro-batches of all
     ranks), not a mean of per-micro-batch means as in LongLoRA's HF Trainer scripts; so SFT batches with
     few answer tokens weigh less, and the result does not depend on how the batch is split across ranks.
-  * Mixed precision (GPU): the frozen base stays bf16; the trainable tensors (LoRA, embeddings, norms; all
-    of them with --full) are fp32 and are what AdamW sees, so optimizer state exists only for them (140M
-    numbers of LLaMA2-7B with LoRA+, not 6.7B). FSDP2 computes in bf16 (MixedPrecisionPolicy(param_dtype=
-    bf16, reduce_dtype=fp32)): its one requirement, a single dtype over the *trainable* parameters of each
-    fully_shard group, holds because all of them are fp32. A single process uses torch.autocast(bf16).
+  * Mixed precision (GPU): the frozen base stays bf16; the trainable tensors (LoRA, embeddings, norms; all of
+    them with --full) are fp32 masters, the only ones AdamW keeps state for (140M numbers of LLaMA2-7B with
+    LoRA+, not 6.7B). FSDP2 (param_dtype bf16, reduce_dtype fp32; from torch 2.8 it takes frozen bf16 and trainable
+    fp32 parameters in one unit) or, in one process, torch.autocast computes in bf16, the LoRA branch too.
 """
 
 import json

@@ -3,17 +3,17 @@ Data preparation: documents -> one memory-mapped token file, tokenized once; win
 held-out split and the sample order. train.py trains on it, longlora/eval.py and demo.py evaluate on it.
 
     text files, folders, JSONL/JSON ({"text": ...})         JSON/JSONL records {instruction, input?, output}
-        │ prepare_tokens: [BOS] text [EOS] per document         │ prepare_sft: [BOS] prompt answer [EOS] (llama2 | longalpaca)
+        │ prepare_tokens: [BOS] text [EOS] per document         │ prepare_sft: [BOS] prompt answer [EOS] (llama2 | longalpaca | chat)
         ▼                                                       ▼
     tokens.bin (uint16 when the vocabulary fits, else uint32) + tokens.bin.json (+ tokens.bin.index.npy for SFT)
         │ PackedData: windows of ctx + 1 tokens                 │ SFTData: one example per row, right-padded
         ▼                                                       ▼
     (x, y, lengths) batches; split_heldout picks the held-out ones; sample_positions the order
 
-  * Continued pre-training. Each non-empty document is tokenized once as [BOS] text [EOS] (BOS as LLaMA's
-    tokenizer puts it at a text's start, EOS to mark its end) and the documents are concatenated in file
+  * Continued pre-training. Each non-empty document is tokenized once as [BOS] text [EOS] (BOS where the
+    tokenizer puts one at a text's start, as LLaMA's does, EOS to mark its end) and the documents are concatenated in file
     order into one memory-mapped token file. Its JSON sidecar records the dtype, vocabulary size, tokenizer
-    path and SHA-256, document count, and the input files' sizes and modification times; the next run with
+    path and its files' SHA-256, document count, and the input files' sizes and modification times; the next run with
     the same inputs and tokenizer reuses the file (train.py --token-cache DIR shares it between runs;
     `python -m longlora.eval --tokens` reads it).
   * Packing. Window i is tokens[i*ctx : i*ctx + ctx + 1]: input = window[:-1], target = window[1:].
@@ -25,11 +25,13 @@ held-out split and the sample order. train.py trains on it, longlora/eval.py and
     overlap; the [PAD] positions get no loss (DataCollatorForLanguageModeling).
   * Held-out split: round(n * fraction) windows (train.py --heldout 0.01: every ~100th), spread evenly over
     the whole corpus (not the tail of the last file), deterministically.
-  * SFT (train.py --sft): records {instruction, input?, output} in one of two prompt formats (sft_prompt):
+  * SFT (train.py --sft): records {instruction, input?, output} in one of three prompt formats (sft_prompt):
     "llama2" (the default), LLaMA2-chat's user turn "[INST] instruction\n\ninput [/INST]", the format
-    sample.py --chat prompts in, so a model tuned on it answers there; or "longalpaca", the exact strings
-    of LongLoRA's supervised-fine-tune.py, which LongAlpaca models were trained on (LLaMA2-chat's system
-    prompt when there is an input, "[INST]instruction[/INST]" without). Prompt tokens get target -100.
+    sample.py --chat prompts in for a model without a chat template, so a model tuned on it answers there;
+    "longalpaca", the exact strings of LongLoRA's supervised-fine-tune.py, which LongAlpaca models were
+    trained on (LLaMA2-chat's system prompt when there is an input, "[INST]instruction[/INST]" without);
+    or "chat", the model's own chat template with the user turn "instruction\n\ninput", as sample.py --chat
+    renders it for such a model. Prompt tokens get target -100.
     Each micro-batch is right-padded to a multiple of `multiple` (8, or train.py's --group-size); padded
     positions get target -100 and the model gets `lengths`, so padded keys are never attended.
   * SFT attention groups. LongLoRA's SFT pads a batch to its longest example (T tokens) and uses groups
@@ -156,10 +158,12 @@ def file_sha256(path):
 
 
 def data_key(files, tokenizer, kind):
-    """What the token file depends on: the input files (path, size, modification time), the tokenizer's
-    bytes and the kind of preparation. Equal keys mean the cached tokens can be reused."""
+    """What the token file depends on: the input files (path, size, modification time), the bytes of every
+    tokenizer file (tokenizer.json and its configs: another BOS, EOS or chat template is another tokenization)
+    and the kind of preparation. Equal keys mean the cached tokens can be reused."""
     stats = [[os.path.abspath(f), os.path.getsize(f), os.stat(f).st_mtime_ns] for f in files]  # lists: as JSON reads them back
-    return dict(format=TOKENS_FORMAT, kind=kind, files=stats, tokenizer_sha256=file_sha256(tokenizer.path))
+    return dict(format=TOKENS_FORMAT, kind=kind, files=stats,
+                tokenizer_sha256={name: file_sha256(path) for name, path in sorted(tokenizer.files.items())})
 
 
 def _cached(out_path, key):
@@ -237,7 +241,7 @@ def prepare_tokens(paths, tokenizer, out_path):
                 for text in read_documents(files):
                     if text.strip():  # an empty document would only add a BOS/EOS pair
                         n_docs += 1
-                        yield tokenizer.encode(text, bos=tokenizer.bos_id >= 0, eos=True)
+                        yield tokenizer.encode(text, bos=True, eos=True)
 
             n_tokens = _write_tokens(out_path, dtype, docs())
             if n_docs == 0:
@@ -295,7 +299,7 @@ LONGALPACA_SYSTEM = (
     "If a question does not make any sense, or is not factually coherent, explain why instead of answering something "
     "not correct. If you don't know the answer to a question, please don't share false information.\n"
     "<</SYS>> \n\n ")
-SFT_TEMPLATES = ("llama2", "longalpaca")
+SFT_TEMPLATES = ("llama2", "longalpaca", "chat")
 
 
 def check_sft_record(where, rec):
@@ -316,13 +320,16 @@ def sft_prompt(rec, template="llama2"):
       llama2      "[INST] instruction\n\ninput [/INST]" (or "[INST] instruction [/INST]"), fields stripped:
                   LLaMA2-chat's user turn, the format sample.py --chat prompts in
       longalpaca  supervised-fine-tune.py's exact strings, fields as they are (see LONGALPACA_SYSTEM)
+      chat        the user turn "instruction\n\ninput" (or "instruction"), fields stripped: sft_example renders
+                  the model's chat template around it
     """
     inp = rec.get("input") or ""
     if template == "longalpaca":
         return (LONGALPACA_SYSTEM + f"{rec['instruction']} \n{inp} [/INST]" if inp != ""
                 else f"[INST]{rec['instruction']}[/INST]")
     instruction, inp = rec["instruction"].strip(), inp.strip()
-    return f"[INST] {instruction}\n\n{inp} [/INST]" if inp else f"[INST] {instruction} [/INST]"
+    user = f"{instruction}\n\n{inp}" if inp else instruction
+    return user if template == "chat" else f"[INST] {user} [/INST]"
 
 
 def sft_example(tokenizer, rec, template="llama2"):
@@ -330,13 +337,24 @@ def sft_example(tokenizer, rec, template="llama2"):
 
     llama2: prompt and (stripped) answer are encoded separately, then concatenated, so that the border is
     exact. longalpaca, as supervised-fine-tune.py: prompt + answer encoded as one text (the answer follows
-    "[/INST]" without a space), n_prompt = the length of the prompt encoded alone.
+    "[/INST]" without a space), n_prompt = the length of the prompt encoded alone. chat: the prompt is the
+    template rendered with the user turn and the generation prompt (sample.py --chat's prompt); the answer is
+    what the template adds for the assistant's turn (the stripped answer and the template's end of turn,
+    e.g. "<|im_end|>\n"), encoded separately: the template writes the special tokens, so none are added.
     """
-    bos = tokenizer.bos_id >= 0
     prompt = sft_prompt(rec, template)
-    prompt_ids = tokenizer.encode(prompt, bos=bos, eos=False)
+    if template == "chat":
+        messages = [{"role": "user", "content": prompt}]
+        prompt_text = tokenizer.render_chat(messages, add_generation_prompt=True)
+        whole = tokenizer.render_chat(messages + [{"role": "assistant", "content": rec["output"].strip()}], False)
+        if not whole.startswith(prompt_text):
+            raise ValueError(f"{tokenizer.path}: the chat template renders a conversation that does not start "
+                             "with its prompt; use --sft-template llama2")
+        prompt_ids = tokenizer.encode(prompt_text, bos=False)
+        return prompt_ids + tokenizer.encode(whole[len(prompt_text):], bos=False), len(prompt_ids)
+    prompt_ids = tokenizer.encode(prompt, bos=True, eos=False)
     if template == "longalpaca":
-        return tokenizer.encode(prompt + rec["output"], bos=bos, eos=True), len(prompt_ids)
+        return tokenizer.encode(prompt + rec["output"], bos=True, eos=True), len(prompt_ids)
     answer_ids = tokenizer.encode(rec["output"].strip(), bos=False, eos=True)
     return prompt_ids + answer_ids, len(prompt_ids)
 
@@ -361,6 +379,9 @@ def prepare_sft(paths, tokenizer, out_path, template="llama2"):
         if _cached(out_path, key) is None or not os.path.exists(index_path):
             if tokenizer.eos_id < 0:
                 raise ValueError(f"{tokenizer.path}: the tokenizer has no EOS token to end answers with")
+            if template == "chat" and tokenizer.chat_template is None:
+                raise ValueError(f"{tokenizer.path}: no chat template (tokenizer_config.json's chat_template or "
+                                 "chat_template.jinja) for --sft-template chat; use llama2")
             index = []
 
             def examples():

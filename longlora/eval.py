@@ -144,12 +144,17 @@ FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. Th
 QUESTION = "What is the pass key? The pass key is"
 
 
-def _after_newline(tokenizer, text: str) -> list:
-    """text's tokens as they come after a newline in a document: sentencepiece puts a "▁" (space) in front
-    of every string it encodes, which a line in the middle of a text does not have."""
-    lead = tokenizer.encode("\n", bos=False)  # e.g. ["▁", "<0x0A>"]
-    ids = tokenizer.encode("\n" + text, bos=False)
+def _after(tokenizer, before: str, text: str) -> list:
+    """text's tokens as they come after `before` in a document: sentencepiece puts a "▁" (space) in front of
+    every string it encodes, which a line in the middle of a text does not have, and a byte-level BPE
+    tokenizer encodes " 12345" after "is" differently from "12345" alone."""
+    lead = tokenizer.encode(before, bos=False)  # e.g. ["▁", "<0x0A>"] for "\n"
+    ids = tokenizer.encode(before + text, bos=False)
     return ids[len(lead):] if ids[:len(lead)] == lead else tokenizer.encode(text, bos=False)
+
+
+def _after_newline(tokenizer, text: str) -> list:
+    return _after(tokenizer, "\n", text)
 
 
 def _newline(tokenizer) -> list:
@@ -191,7 +196,7 @@ def passkey_prompt(tokenizer, n_tokens: int, depth=None, key=None, seed=0):
 def passkey_trial(model, tokenizer, n_tokens, depth=None, key=None, seed=0, cache="full", **cache_kwargs) -> dict:
     """One passkey prompt, greedy decoding of as many tokens as the key has, exact match of the tokens."""
     ids, key, depth = passkey_prompt(tokenizer, n_tokens, depth, key, seed)
-    answer = tokenizer.encode(key, bos=False)  # e.g. ["▁", "1", "2", "3", "4", "5"]: what follows "is"
+    answer = _after(tokenizer, QUESTION, " " + key)  # e.g. ["▁", "1", "2", "3", "4", "5"]: what follows "is"
     out = list(generate(model, ids, len(answer), temperature=0.0, cache=cache, **cache_kwargs))
     return dict(length=n_tokens, depth=depth, key=key, output=tokenizer.decode(out), correct=out == answer)
 
@@ -314,7 +319,7 @@ def run_ppl(a, model) -> dict:
         tokens = read_token_file(a.tokens, model.args.vocab_size)
     else:
         if model.tokenizer is None:
-            raise ValueError(f"{a.model}: no tokenizer.model next to the weights to tokenize --data with")
+            raise ValueError(f"{a.model}: no tokenizer (tokenizer.json or tokenizer.model) next to the weights to tokenize --data with")
         tokens = tokenize_documents(a.data, model.tokenizer)
     if a.max_tokens:
         tokens = tokens[:a.max_tokens]
@@ -340,7 +345,7 @@ def run_ppl(a, model) -> dict:
 def run_passkey(a, model) -> dict:
     tok = model.tokenizer
     if tok is None:
-        raise ValueError(f"{a.model}: no tokenizer.model next to the weights")
+        raise ValueError(f"{a.model}: no tokenizer (tokenizer.json or tokenizer.model) next to the weights")
     if a.png:  # asked for explicitly: say so before the trials run, not after
         try:
             import matplotlib  # noqa: F401

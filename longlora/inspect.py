@@ -21,7 +21,7 @@ def main(argv=None):
     src = p.add_mutually_exclusive_group()
     src.add_argument("--model", help="checkpoint directory: Meta, HF or this project's layout")
     src.add_argument("--preset", default="tiny", choices=sorted(PRESETS), help="random-weight model of a named shape")
-    p.add_argument("--prompt", default="Hello", help="text to run through the model (needs a tokenizer.model for --model)")
+    p.add_argument("--prompt", default="Hello", help="text to run through the model (needs a tokenizer next to --model)")
     p.add_argument("--seed", type=integer(0, 2**63 - 1), default=0, help="seed for the random preset weights and tokens")
     a = p.parse_args(argv)
     torch.manual_seed(a.seed)

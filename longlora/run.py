@@ -75,13 +75,15 @@ def build_parser(recipe):
                           "from --tokenizer); the result is a whole model in model.py's layout")
     src.add_argument("--full", action="store_true", help="full fine-tuning of --model (or --preset): every parameter trains, "
                      "no LoRA (LongLoRA's --low_rank_training False); the result is a whole model in --model's layout")
-    src.add_argument("--tokenizer", help="sentencepiece tokenizer.model (default: the one next to --model)")
+    src.add_argument("--tokenizer", help="a sentencepiece tokenizer.model, an HF tokenizer.json, or a folder holding "
+                     "one (default: the one next to --model)")
     d = p.add_argument_group("data")
     d.add_argument("--data", nargs="+", help="(required, except with --estimate) training text: files, folders (all "
                    "files inside) or JSONL/JSON with a 'text' field; with --sft, JSON/JSONL records {instruction, input?, output}")
     d.add_argument("--sft", action="store_true", help="supervised fine-tuning: instruction records, loss on answers only")
     d.add_argument("--sft-template", choices=SFT_TEMPLATES, default="llama2", help="--sft prompt format: LLaMA2-chat's "
-                   "[INST] turn (as sample.py --chat), or LongAlpaca's exact one (LongLoRA's supervised-fine-tune.py)")
+                   "[INST] turn, LongAlpaca's exact one (LongLoRA's supervised-fine-tune.py), or chat: the model's own "
+                   "chat template (as sample.py --chat for a model that has one)")
     d.add_argument("--sft-group-size", choices=("official", "quarter"), help="--sft groups: LongLoRA's SFT rule (default; "
                    "see longlora/data.py) or T/4 of the padded batch (the default with --shift-wrap, as LongLoRA's non-flash path)")
     d.add_argument("--ctx", type=integer(1, MAX_CTX), help="training sequence length; sets the RoPE interpolation factor "
@@ -192,12 +194,12 @@ def check_args(a, argv):
             raise UsageError(f"--data {path}: no such file or directory")
     if a.model and not os.path.isdir(a.model):
         raise UsageError(f"--model {a.model}: no such directory")
-    if a.tokenizer and not os.path.isfile(a.tokenizer):
-        raise UsageError(f"--tokenizer {a.tokenizer}: no such file")
+    if a.tokenizer and not os.path.exists(a.tokenizer):
+        raise UsageError(f"--tokenizer {a.tokenizer}: no such file or directory")
     if (a.preset or a.from_scratch) and not a.tokenizer:
         raise UsageError(f"--{'preset' if a.preset else 'from-scratch'} needs --tokenizer (a random model comes without one)")
     if a.model and not a.tokenizer and not find_tokenizer(a.model):
-        raise UsageError(f"no tokenizer.model next to --model {a.model}; pass --tokenizer PATH")
+        raise UsageError(f"no tokenizer (tokenizer.json or tokenizer.model) next to --model {a.model}; pass --tokenizer PATH")
     inputs = [(f"--{f.replace('_', '-')}", p) for f in ("model", "tokenizer", "data", "eval_data")
               for p in ([getattr(a, f)] if isinstance(getattr(a, f), str) else getattr(a, f) or [])]
     if a.overwrite and a.resume:

@@ -468,14 +468,15 @@ def load_into(model, weights, where, dtype=None, device=None):
 
 
 def check_tokenizer_fits(tokenizer, vocab_size):
-    """Its ids must index the embedding, which may hold a few padding rows more, not thousands."""
-    if not vocab_size - 256 <= tokenizer.vocab_size <= vocab_size:
+    """Its ids must index the embedding, which may hold some padding rows more (256, or 2% of a large vocabulary:
+    Qwen2.5 pads 151,665 tokens to 151,936 rows), not thousands."""
+    if not vocab_size - max(256, vocab_size // 50) <= tokenizer.vocab_size <= vocab_size:
         raise CheckpointError(f"{tokenizer.path}: a {tokenizer.vocab_size}-token tokenizer does not fit the model's "
                               f"{vocab_size}-token embedding (another model's tokenizer?)")
 
 
 def load_tokenizer(path, vocab_size):
-    """The tokenizer.model beside the checkpoint `path` (or in its parent folder), checked against the model's
+    """The tokenizer beside the checkpoint `path` (or in its parent folder), checked against the model's
     vocabulary; None when there is none."""
     found = find_tokenizer(path)
     if found is None:
@@ -539,7 +540,7 @@ def hf_config(args, dtype: torch.dtype, tokenizer=None) -> dict:
         "rope_theta": args.rope_theta,
         "rope_scaling": rope,
         "tie_word_embeddings": args.tie_embeddings,
-        "bos_token_id": tokenizer.bos_id if tokenizer else 1,
+        "bos_token_id": (tokenizer.bos_id if tokenizer.bos_id >= 0 else None) if tokenizer else 1,
         "eos_token_id": tokenizer.eos_id if tokenizer else 2,
         "use_cache": True,
         "torch_dtype": str(dtype).removeprefix("torch."),  # 4.x's name, which 5.x reads too (and writes as `dtype`)
@@ -592,8 +593,14 @@ def _copy_file(src, dst):
     atomic_write(dst, lambda f: shutil.copyfile(src, f))
 
 
+def copy_tokenizer(tokenizer, out_dir):
+    """The tokenizer's files next to the weights: tokenizer.model or tokenizer.json, and the configs beside it."""
+    for name, src in tokenizer.files.items():
+        _copy_file(src, os.path.join(out_dir, name))
+
+
 def write_hf(args, state: dict, out_dir, tokenizer_path=None, shard_size="5GB"):
-    """HF layout: config.json, model.safetensors (or model-0000i-of-0000n.safetensors + index), tokenizer.model."""
+    """HF layout: config.json, model.safetensors (or model-0000i-of-0000n.safetensors + index), the tokenizer's files."""
     from safetensors.torch import save_file
 
     hf_state = {k: v.detach().contiguous().cpu() for k, v in meta_to_hf_state(args, state).items()}
@@ -620,8 +627,8 @@ def write_hf(args, state: dict, out_dir, tokenizer_path=None, shard_size="5GB"):
     dtype = next(iter(hf_state.values())).dtype
     tok = Tokenizer(tokenizer_path) if tokenizer_path else None
     write_json(os.path.join(out_dir, "config.json"), hf_config(args, dtype, tok))
-    if tokenizer_path:
-        _copy_file(tokenizer_path, os.path.join(out_dir, "tokenizer.model"))
+    if tok:
+        copy_tokenizer(tok, out_dir)
     return files
 
 
@@ -645,7 +652,7 @@ def meta_params(args) -> dict:
 
 
 def write_meta(args, state: dict, out_dir, tokenizer_path=None):
-    """Meta layout: params.json + one consolidated.00.pth (torch.save of the state dict) + tokenizer.model."""
+    """Meta layout: params.json + one consolidated.00.pth (torch.save of the state dict) + the tokenizer's files."""
     state = {k: v.detach().contiguous().cpu() for k, v in state.items()}
     if args.tie_embeddings:  # Meta has no tied embeddings: store the (identical) output matrix explicitly
         state["output.weight"] = state["tok_embeddings.weight"]
@@ -654,11 +661,11 @@ def write_meta(args, state: dict, out_dir, tokenizer_path=None):
     atomic_write(os.path.join(out_dir, "consolidated.00.pth"), lambda f: torch.save(state, f))
     write_json(os.path.join(out_dir, "params.json"), params)
     if tokenizer_path:
-        _copy_file(tokenizer_path, os.path.join(out_dir, "tokenizer.model"))
+        copy_tokenizer(Tokenizer(tokenizer_path), out_dir)
 
 
 def write_own(args, state: dict, out_dir, tokenizer_path=None):
-    """This project's layout: params.json (every ModelArgs field) + model.safetensors + tokenizer.model."""
+    """This project's layout: params.json (every ModelArgs field) + model.safetensors + the tokenizer's files."""
     from safetensors.torch import save_file
 
     state = {k: v.detach().contiguous().cpu() for k, v in state.items()}
@@ -668,7 +675,7 @@ def write_own(args, state: dict, out_dir, tokenizer_path=None):
     atomic_write(os.path.join(out_dir, "model.safetensors"), lambda f: save_file(state, f, metadata={"format": "pt"}))
     write_text(os.path.join(out_dir, "params.json"), json.dumps(asdict(args), indent=2))
     if tokenizer_path:
-        _copy_file(tokenizer_path, os.path.join(out_dir, "tokenizer.model"))
+        copy_tokenizer(Tokenizer(tokenizer_path), out_dir)
 
 
 # A model's files (the glob patterns write_model's layouts use), and those without which none loads: its configs.

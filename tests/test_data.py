@@ -211,3 +211,48 @@ def test_record_files_are_recognised_in_any_case_of_their_extension(sp_model, tm
     tokens = prepare_tokens([str(path)], tok, str(tmp_path / "tokens.bin"))
     want = [i for t in texts for i in tok.encode(t, bos=True, eos=True)]
     assert tokens.tolist() == want
+
+
+def test_chat_template_sft_is_transformers_conversation_with_the_loss_on_the_assistants_turn(hf_tokenizer, tmp_path):
+    """--sft-template chat: the example is the conversation [user, assistant] as transformers' apply_chat_template
+    tokenizes it, and the prompt (no loss) is the user turn with the generation prompt, sample.py --chat's prompt."""
+    from transformers import AutoTokenizer
+
+    hf, tok = AutoTokenizer.from_pretrained(hf_tokenizer), Tokenizer(hf_tokenizer)
+    recs = [{"instruction": " Summarize this module. ", "input": "def f(): pass\n", "output": " It defines f.\n"},
+            {"instruction": "Name a function.", "output": "bisect_left"}]
+    path = tmp_path / "sft.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    tokens, index = prepare_sft([str(path)], tok, str(tmp_path / "sft.bin"), "chat")
+    for rec, (start, n_prompt, n) in zip(recs, index):
+        user = rec["instruction"].strip() + (f"\n\n{rec['input'].strip()}" if rec.get("input") else "")
+        turn = [{"role": "user", "content": user}]
+        chat = turn + [{"role": "assistant", "content": rec["output"].strip()}]
+        assert tokens[start:start + n].tolist() == hf.apply_chat_template(chat, return_dict=False)
+        assert tokens[start:start + n_prompt].tolist() == hf.apply_chat_template(turn, add_generation_prompt=True, return_dict=False)
+        assert tok.decode(tokens[start + n_prompt:start + n]) == rec["output"].strip() + "<|im_end|>\n"
+
+
+def test_a_template_sft_without_a_chat_template_is_refused(sp_model, tmp_path):
+    path = tmp_path / "sft.jsonl"
+    path.write_text(json.dumps({"instruction": "Hi", "output": "Hello"}) + "\n")
+    with pytest.raises(ValueError, match="no chat template .* for --sft-template chat"):
+        prepare_sft([str(path)], Tokenizer(sp_model), str(tmp_path / "sft.bin"), "chat")
+
+
+def test_another_tokenizer_config_is_another_token_file(hf_tokenizer, tmp_path):
+    """The cache key holds every tokenizer file: the same tokenizer.json with another BOS in tokenizer_config.json
+    tokenizes the same documents again, into other tokens."""
+    import shutil
+
+    doc = tmp_path / "doc.txt"
+    doc.write_text(stdlib_text(("bisect.py",)))
+    shutil.copytree(hf_tokenizer, tmp_path / "tok")
+    first = np.asarray(prepare_tokens([str(doc)], Tokenizer(str(tmp_path / "tok")), str(tmp_path / "t.bin"))).copy()
+    config = json.load(open(tmp_path / "tok" / "tokenizer_config.json"))
+    config["eos_token"] = "<|endoftext|>"
+    (tmp_path / "tok" / "tokenizer_config.json").write_text(json.dumps(config))
+    tok = Tokenizer(str(tmp_path / "tok"))
+    again = np.asarray(prepare_tokens([str(doc)], tok, str(tmp_path / "t.bin")))
+    assert again[-1] == tok.eos_id != first[-1]
+    assert np.array_equal(again, tok.encode(doc.read_text(), bos=True, eos=True))

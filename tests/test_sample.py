@@ -1,5 +1,6 @@
 """sample.py: KV caches (full, H₂O, attention sinks) against recomputation, the eviction policies on
-hand-made attention, sampling, streaming text, and the CLI as a user runs it."""
+hand-made attention, sampling, streaming text (sentencepiece and byte-level BPE), chat prompts (the model's
+template, or LLaMA2's), and the CLI as a user runs it. (A real model against transformers: test_smollm2.py.)"""
 
 import os
 import subprocess
@@ -314,6 +315,34 @@ def test_stream_text_pieces_join_to_the_decoded_text_and_never_show_half_a_chara
     assert joined.strip() == text
 
 
+def test_stream_text_of_byte_level_bpe_never_shows_half_a_character(hf_tokenizer):
+    """Byte-level BPE splits a character's UTF-8 bytes over tokens (🙂 is four): no piece may hold U+FFFD."""
+    tok = Tokenizer(hf_tokenizer)
+    text = " naïve café: 日本語の文章 🙂🙂 and ünïcödé, then plain words."
+    ids = tok.encode(text, bos=False)
+    assert any("\ufffd" in tok.decode([i]) for i in ids), "the test needs tokens holding part of a character"
+    context = tok.apply_chat_template([{"role": "user", "content": "Say it."}])
+    pieces = list(stream_text(tok, iter(ids), context))
+    assert len(pieces) > 5 and not any("\ufffd" in p for p in pieces)
+    assert "".join(pieces) == text
+
+
+def test_generation_stops_at_any_of_the_eos_ids():
+    model = make_model()
+    prompt = torch.randint(0, 256, (9,), generator=torch.Generator().manual_seed(3)).tolist()
+    free = list(generate(model, prompt, 12))
+    stop = next(t for t in free[2:] if t not in free[:2])  # a token first generated third or later
+    assert list(generate(model, prompt, 12, eos_ids={999, stop})) == free[:free.index(stop)]
+
+
+def test_chat_prompt_is_the_models_template_as_transformers_renders_it(hf_tokenizer):
+    from transformers import AutoTokenizer
+
+    turn = [{"role": "user", "content": "What is RoPE?"}]
+    expected = AutoTokenizer.from_pretrained(hf_tokenizer).apply_chat_template(turn, add_generation_prompt=True, return_dict=False)
+    assert chat_prompt(Tokenizer(hf_tokenizer), "  What is RoPE?\n") == expected
+
+
 def test_chat_prompt_is_llama2s_inst_template(sp_model):
     tok = Tokenizer(sp_model)
     ids = chat_prompt(tok, "  What is RoPE?\n")
@@ -344,7 +373,7 @@ def test_cli_streams_the_greedy_continuation(model_dir, tmp_path):
     assert r.returncode == 0, r.stderr
     model = Transformer.from_pretrained(model_dir).eval()
     ids = model.tokenizer.encode(prompt.read_text(), bos=True)
-    expected = list(generate(model, ids, 24, eos_id=model.tokenizer.eos_id))
+    expected = list(generate(model, ids, 24, eos_ids=model.tokenizer.eos_ids))
     assert r.stdout == "".join(stream_text(model.tokenizer, expected, ids)) + "\n"
     assert len(r.stdout.strip()) > 0
     assert "prefill: " in r.stderr and "tok/s" in r.stderr
@@ -399,7 +428,7 @@ def test_cli_chat_from_stdin_with_sink_cache(model_dir):
     assert r.returncode == 0, r.stderr
     model = Transformer.from_pretrained(model_dir).eval()
     ids = chat_prompt(model.tokenizer, "Explain dataclasses.")
-    expected = list(generate(model, ids, 16, cache="sink", recent=8, eos_id=model.tokenizer.eos_id))
+    expected = list(generate(model, ids, 16, cache="sink", recent=8, eos_ids=model.tokenizer.eos_ids))
     assert r.stdout == "".join(stream_text(model.tokenizer, expected, ids)) + "\n"
 
 

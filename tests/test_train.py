@@ -613,6 +613,23 @@ def test_training_from_scratch_lowers_heldout_loss_measured_with_full_attention_
     assert abs(heldout_loss("s2") - held[40]) > 1e-3  # so the line above can tell the two attentions apart
 
 
+def test_a_tokenizer_folder_trains_and_its_files_go_with_the_model(corpus, hf_tokenizer, tmp_path):
+    """--tokenizer DIR with an HF tokenizer.json: the data is tokenized with it and the saved model carries every
+    tokenizer file, so it loads with the same tokenizer and chat template."""
+    out = str(tmp_path / "run")
+    assert train.main(["--from-scratch", "tiny", "--tokenizer", hf_tokenizer, "--data", corpus, "--ctx", "64",
+                       "--steps", "1", "--heldout", "0", "--out", out]) == 0
+    for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+        assert open(os.path.join(out, name), "rb").read() == open(os.path.join(hf_tokenizer, name), "rb").read()
+    model, tok = Transformer.from_pretrained(out), Tokenizer(hf_tokenizer)
+    assert model.args.vocab_size == tok.vocab_size and model.tokenizer.eos_ids == tok.eos_ids
+    chat = [{"role": "user", "content": "Hi"}]
+    assert model.tokenizer.apply_chat_template(chat) == tok.apply_chat_template(chat)
+    tokens = open_tokens(next(str(p) for p in (tmp_path / "run" / "tokens").glob("*.bin")))
+    first = sorted(os.listdir(corpus))[0]
+    assert tokens[:50].tolist() == tok.encode(open(os.path.join(corpus, first), encoding="utf-8").read(), eos=True)[:50]
+
+
 # ----------------------------------------------------------------------------------------------------
 # The recipe: train.py's defaults are LongLoRA's, and a run uses them
 
