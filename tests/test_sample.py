@@ -68,8 +68,8 @@ def test_generation_stops_before_the_first_eos_and_never_yields_it():
     prompt = torch.randint(0, 256, (9,), generator=torch.Generator().manual_seed(4)).tolist()
     greedy = greedy_by_recomputation(model, prompt, 12)
     eos = greedy[5]
-    assert list(generate(model, prompt, 12, eos_id=eos)) == greedy[:greedy.index(eos)]
-    assert list(generate(model, prompt, 12, eos_id=-1)) == greedy  # an id never drawn: all max_new_tokens
+    assert list(generate(model, prompt, 12, eos_ids=(eos,))) == greedy[:greedy.index(eos)]
+    assert list(generate(model, prompt, 12, eos_ids=())) == greedy  # no EOS: all max_new_tokens
 
 
 def test_the_full_cache_holds_exactly_the_prompt_and_the_new_tokens():
