@@ -509,7 +509,8 @@ def bench_sample(args):
               f"{ratios[name]:.2f}x | {out_o == out_h} |")
     print("\ntargets:")
     for name, r in ratios.items():
-        print(f"  {name}: ours / HF generate tokens/s {r:.2f} (target >= 1) -> {'met' if r >= 1 else 'MISSED'}")
+        target = 1.3 if name == "demo" else 1.0  # the demo preset: what a user decodes with after `python demo.py`
+        print(f"  {name}: ours / HF generate tokens/s {r:.2f} (target >= {target:g}) -> {'met' if r >= target else 'MISSED'}")
 
 
 # ----------------------------------------------------------------------------- command line
