@@ -18,6 +18,19 @@ def stdlib_text(names=("argparse.py", "dataclasses.py", "pathlib.py", "typing.py
     return "\n".join(open(os.path.join(STDLIB, n), encoding="utf-8").read() for n in names)
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """For a module's tests (pytestmark = pytest.mark.usefixtures("one_thread")): small models gain nothing from a
+    second thread, and two spinning threads on a busy 2-core machine made in-process steps up to 50x slower;
+    torchrun's ranks already run one thread each."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def sp_model(tmp_path_factory) -> str:
     """A sentencepiece BPE model trained with LLaMA's settings (byte fallback, split digits) on stdlib text."""

@@ -20,13 +20,7 @@ import train
 LOGITS_TOL = 1e-4  # max abs logit difference, fp32, 64 tokens, 30 layers (observed ~8e-5 on logits of size ~20)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """As in test_train.py: on a busy 2-core machine a second spinning thread slows small matrices many times over."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -52,14 +52,7 @@ def losses(run_dir):
     return {r["step"]: r["loss"] for r in recs if "loss" in r}, {r["step"]: r["heldout_loss"] for r in recs if "heldout_loss" in r}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from a second thread, and two spinning threads on a busy 2-core machine
-    made in-process steps up to 50x slower; torchrun's ranks already run one thread each."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
