@@ -47,19 +47,16 @@ held-out split and the sample order. train.py trains on it, longlora/eval.py and
     step alone and a resumed run reads exactly the batches the uninterrupted one would have.
 """
 
-import contextlib
-import fcntl
 import functools
 import hashlib
 import json
 import os
-import sys
 import tempfile
 
 import numpy as np
 import torch
 
-from longlora.output import atomic_write, write_text
+from longlora.output import atomic_write, one_writer, write_text
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -177,20 +174,6 @@ def _cached(out_path, key):
         return None
 
 
-@contextlib.contextmanager
-def _one_writer(out_path):
-    """Hold an exclusive lock on out_path + ".lock" while preparing out_path. Runs that share a --token-cache
-    and start together tokenize the same data once: the second waits here for the first (however long it
-    takes), then finds the finished file. The lock file stays, and marks the folder as a token cache."""
-    with open(out_path + ".lock", "a") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            print(f"waiting for another run that is tokenizing into {out_path}", file=sys.stderr, flush=True)
-            fcntl.flock(f, fcntl.LOCK_EX)
-        yield  # (closing the file releases the lock, also when the process dies)
-
-
 def _write_tokens(out_path, dtype, sequences):
     """Stream lists of token ids into out_path, atomically (a temporary file, then a rename). Returns the count."""
     n_tokens = 0
@@ -230,7 +213,7 @@ def prepare_tokens(paths, tokenizer, out_path):
     """
     files = source_files(paths)
     key = data_key(files, tokenizer, "text")
-    with _one_writer(out_path):  # a second run preparing the same file waits, then reuses it
+    with one_writer(out_path, "tokenizing"):  # a second run preparing the same file waits, then reuses it
         if _cached(out_path, key) is None:
             if tokenizer.eos_id < 0:
                 raise ValueError(f"{tokenizer.path}: the tokenizer has no EOS token to join documents with")
@@ -375,7 +358,7 @@ def prepare_sft(paths, tokenizer, out_path, template="llama2"):
     files = source_files(paths)
     key = data_key(files, tokenizer, f"sft-{template}")
     index_path = out_path + ".index.npy"
-    with _one_writer(out_path):  # a second run preparing the same file waits, then reuses it
+    with one_writer(out_path, "tokenizing"):  # a second run preparing the same file waits, then reuses it
         if _cached(out_path, key) is None or not os.path.exists(index_path):
             if tokenizer.eos_id < 0:
                 raise ValueError(f"{tokenizer.path}: the tokenizer has no EOS token to end answers with")

@@ -159,6 +159,24 @@ def _alive(pid):
     return True
 
 
+@contextlib.contextmanager
+def one_writer(path, doing):
+    """Hold an exclusive lock on path + ".lock" while making `path`, a file that several runs may make at once (a
+    shared --token-cache): the second waits for the first (however long it takes), then finds the finished file.
+    The lock file stays, and marks its folder as ours. Without flock, each makes it, into its own temporary file
+    renamed into place (atomic_write): the same result, done twice."""
+    with open(path + ".lock", "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"waiting for another run that is {doing} into {path}", file=sys.stderr, flush=True)
+            fcntl.flock(f, fcntl.LOCK_EX)
+        except OSError as e:  # ENOLCK, EOPNOTSUPP, ENOSYS: no flock here
+            print(f"warning: {path}: this file system does not lock files ({e.strerror or e}); not waiting for "
+                  "another run that may be making it too", file=sys.stderr)
+        yield  # (closing the file releases the lock, also when the process dies)
+
+
 def _aside(path, kind):
     """A hidden name beside `path` for this process: .NAME.partial-PID (a result being built) or .NAME.old-PID."""
     parent, name = os.path.split(os.path.abspath(path))

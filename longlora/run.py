@@ -204,8 +204,9 @@ def check_args(a, argv):
               for p in ([getattr(a, f)] if isinstance(getattr(a, f), str) else getattr(a, f) or [])]
     if a.overwrite and a.resume:
         raise UsageError("--resume continues a run, --overwrite deletes it first: give one of them")
-    check_output(a.out, "--out", is_dir=True, inputs=inputs, ours=["metrics.jsonl"] + (["tokens"] * is_run(a.out)),
-                 overwrite=a.overwrite, grows=is_run(a.out))  # continued with --resume (find_start refuses it otherwise)
+    run = is_run(a.out)  # continued with --resume (find_start refuses it otherwise)
+    check_output(a.out, "--out", is_dir=True, inputs=inputs, ours=["metrics.jsonl", "tokens"] if run else ["metrics.jsonl"],
+                 overwrite=a.overwrite, grows=run)
     if a.token_cache:  # a cache holds the token files of many runs: one with our token files (or their locks) is ours
         tc = a.token_cache
         check_output(tc, "--token-cache", is_dir=True, inputs=inputs, grows=True,

@@ -1,6 +1,7 @@
 """Nothing a user has is lost (longlora/output.py): a result appears whole or not at all, even when the command is
 killed; an existing result is replaced only with --overwrite, and only if this project wrote it."""
 
+import errno
 import json
 import os
 import shutil
@@ -329,8 +330,6 @@ def test_an_export_killed_while_writing_leaves_nothing_that_loads(base, tmp_path
 
 
 def test_without_flock_an_owner_file_locks_the_folder_and_a_killed_owner_is_taken_over(tmp_path, monkeypatch, capsys):
-    import errno
-
     def no_flock(f, how):
         raise OSError(errno.ENOLCK, "No locks available")
 
@@ -351,6 +350,24 @@ def test_without_flock_an_owner_file_locks_the_folder_and_a_killed_owner_is_take
     open(owner, "w").write(f"another-host {os.getpid()}")  # its process cannot be seen from here: never taken over
     with pytest.raises(output.UsageError, match="another-host pid"):
         output.lock_output(out, "--out")
+
+
+def test_without_flock_a_shared_token_file_is_made_without_waiting_and_with_a_warning(sp_model, tmp_path, monkeypatch,
+                                                                                      capsys):
+    from conftest import stdlib_text
+    from longlora.data import prepare_tokens
+    from longlora.tokenizer import Tokenizer
+
+    tok, doc = Tokenizer(sp_model), tmp_path / "doc.txt"
+    doc.write_text(stdlib_text(("bisect.py",)))
+    want = tok.encode(doc.read_text(), bos=True, eos=True)
+
+    def no_flock(f, how):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(output.fcntl, "flock", no_flock)
+    assert prepare_tokens([str(doc)], tok, str(tmp_path / "t.bin")).tolist() == want
+    assert "does not lock files (No locks available)" in capsys.readouterr().err
 
 
 def test_a_run_folder_holding_only_another_machines_token_cache_is_accepted_and_nothing_more(base, tmp_path, capsys):
